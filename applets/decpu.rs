@@ -1,0 +1,21 @@
+//! `decpu [flags] [host|dnssd://...|.] [command...]`: flags, then [`cpu_all::client::run`]
+//! with the server chosen by DNS-SD.
+
+use std::ffi::OsString;
+
+use cpu_all::options::{decpu_flags, CpuOptions};
+
+pub fn main(args: Vec<OsString>) -> i32 {
+    let opts = match CpuOptions::from_decpu_args(args) {
+        Ok(o) => o,
+        Err(e) => return crate::flag_failure("decpu", &decpu_flags().usage(), &e),
+    };
+    cpu_all::logger::init("decpu", opts.debug, false);
+    match cpu_all::client::run_discovered(opts) {
+        Ok(status) => status,
+        Err(e) => {
+            cpu_all::error::report("decpu", &e);
+            e.exit_code()
+        }
+    }
+}

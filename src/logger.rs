@@ -1,0 +1,75 @@
+//! A small logger for the `log` facade: stderr, or the kernel log (`-klog`).
+//!
+//! `-d` turns on debug messages; `RUST_LOG` (error, warn, info, debug, trace) overrides the
+//! level. Lines are `applet: message`, and end in `\r\n` when stderr is a raw terminal so
+//! they stay readable during a pty session.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+struct Logger {
+    applet: &'static str,
+    kmsg: Option<std::sync::Mutex<std::fs::File>>,
+}
+
+static LOGGER: OnceLock<Logger> = OnceLock::new();
+static RAW_TERMINAL: AtomicBool = AtomicBool::new(false);
+
+/// Tell the logger that the local terminal is in raw mode (lines need `\r\n`).
+pub fn set_raw_terminal(raw: bool) {
+    RAW_TERMINAL.store(raw, Ordering::Relaxed);
+}
+
+/// Installs the logger once; later calls only change the level.
+pub fn init(applet: &'static str, debug: bool, klog: bool) {
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<LevelFilter>().ok())
+        .unwrap_or(if debug { LevelFilter::Debug } else { LevelFilter::Info });
+    let kmsg = if klog {
+        std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok().map(std::sync::Mutex::new)
+    } else {
+        None
+    };
+    let logger = LOGGER.get_or_init(|| Logger { applet, kmsg });
+    let _ = log::set_logger(logger);
+    log::set_max_level(level);
+}
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let prefix = match record.level() {
+            Level::Error => "error: ",
+            Level::Warn => "warning: ",
+            _ => "",
+        };
+        if let Some(k) = &self.kmsg {
+            // Kernel log priorities: 3 err, 4 warning, 6 info, 7 debug.
+            let prio = match record.level() {
+                Level::Error => 3,
+                Level::Warn => 4,
+                Level::Info => 6,
+                _ => 7,
+            };
+            if let Ok(mut f) = k.lock() {
+                let _ = writeln!(f, "<{prio}>{}: {prefix}{}", self.applet, record.args());
+                return;
+            }
+        }
+        let end = if RAW_TERMINAL.load(Ordering::Relaxed) { "\r\n" } else { "\n" };
+        let line = format!("{}: {prefix}{}{end}", self.applet, record.args());
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {}
+}

@@ -1,0 +1,1 @@
+//! Namespace strings, fstab text, and the mount/bind/unshare calls behind a trait.

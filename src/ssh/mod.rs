@@ -1,0 +1,1 @@
+//! Our layer over russh: keys, authorized keys, known_hosts, ssh_config, client and server.

@@ -1,0 +1,1 @@
+//! Streams and listeners for every transport: tcp, vsock, unix and unix-vsock.
