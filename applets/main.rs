@@ -28,7 +28,9 @@ fn find(name: &str) -> Option<&'static Applet> {
 }
 
 fn overview() -> String {
-    let mut s = String::from("Usage: cpu-all APPLET [args...]   (or call it through a link named after the applet)\n\nApplets:\n");
+    let mut s = String::from(
+        "Usage: cpu-all APPLET [args...]   (or call it through a link named after the applet)\n\nApplets:\n",
+    );
     for a in APPLETS {
         s.push_str(&format!("  {:<8} {}\n", a.name, a.about));
     }
@@ -39,10 +41,7 @@ fn overview() -> String {
 fn main() {
     let mut args: Vec<OsString> = std::env::args_os().collect();
     let argv0 = if args.is_empty() { OsString::from("cpu-all") } else { args.remove(0) };
-    let base = Path::new(&argv0)
-        .file_name()
-        .map(|b| b.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let base = Path::new(&argv0).file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
     let code = match find(&base) {
         Some(applet) => (applet.main)(args),
         None => multicall(args),
@@ -67,13 +66,15 @@ fn multicall(mut args: Vec<OsString>) -> i32 {
             println!("{}", cpu_all::version_line());
             0
         }
-        name => match find(name) {
-            Some(applet) => (applet.main)(args),
-            None => {
-                eprintln!("cpu-all: unknown applet {name:?}; applets: cpu, cpud, decpu, decpud (cpu-all --help)");
-                2
+        name => {
+            match find(name) {
+                Some(applet) => (applet.main)(args),
+                None => {
+                    eprintln!("cpu-all: unknown applet {name:?}; applets: cpu, cpud, decpu, decpud (cpu-all --help)");
+                    2
+                }
             }
-        },
+        }
     }
 }
 

@@ -328,7 +328,7 @@ impl Parsed {
 
     /// Whether the flag appeared on the command line (not just its default).
     pub fn was_given(&self, name: &str) -> bool {
-        self.given.iter().any(|g| *g == name)
+        self.given.contains(&name)
     }
 }
 
@@ -352,12 +352,9 @@ mod tests {
 
     #[test]
     fn forms_of_a_value() {
-        for args in [
-            &["-key", "k", "host"][..],
-            &["-key=k", "host"],
-            &["--key", "k", "host"],
-            &["--key=k", "host"],
-        ] {
+        for args in
+            [&["-key", "k", "host"][..], &["-key=k", "host"], &["--key", "k", "host"], &["--key=k", "host"]]
+        {
             let p = parse(args).unwrap();
             assert_eq!(p.string("key"), "k", "{args:?}");
             assert_eq!(p.rest, vec![OsString::from("host")]);

@@ -66,7 +66,11 @@ fn client_flags(name: &'static str, synopsis: &'static str, decpu: bool) -> Flag
         .bool("dump", false, "Dump debug output and 9p trace to a file named cpu* in $TMPDIR")
         .string("fstab", "", "pass an fstab to the cpud")
         .string("hk", "", "file for host key (pinned; default: ~/.ssh/known_hosts)")
-        .string("key", "", "key file (default: ssh_config IdentityFile, then ~/.ssh/cpu_rsa, id_ed25519, id_ecdsa, id_rsa)")
+        .string(
+            "key",
+            "",
+            "key file (default: ssh_config IdentityFile, then ~/.ssh/cpu_rsa, id_ed25519, id_ecdsa, id_rsa)",
+        )
         .string(
             "namespace",
             DEFAULT_NAMESPACE,
@@ -82,9 +86,11 @@ fn client_flags(name: &'static str, synopsis: &'static str, decpu: bool) -> Flag
     if decpu {
         f = f.int("n", 1, "number of cpu servers to use");
     } else {
-        f = f
-            .bool("useKey", true, "use ssh public key auth")
-            .bool("ssh", false, "plain ssh: no 9p, no namespace");
+        f = f.bool("useKey", true, "use ssh public key auth").bool(
+            "ssh",
+            false,
+            "plain ssh: no 9p, no namespace",
+        );
     }
     f
 }
@@ -130,7 +136,7 @@ impl CpuOptions {
             });
         }
         let servers = if decpu { p.int("n") } else { 1 };
-        if servers < 1 || servers > 1000 {
+        if !(1..=1000).contains(&servers) {
             return Err(FlagError::BadValue {
                 flag: "n".into(),
                 value: servers.to_string(),
@@ -229,13 +235,21 @@ fn daemon_flags(name: &'static str, synopsis: &'static str, decpud: bool) -> Fla
         .string("listen", "", "address to listen on for tcp (default: all addresses)")
         .string("net", "tcp", "network type (tcp, tcp4, tcp6, vsock, unix)")
         .bool("d", false, "enable debug prints")
-        .bool("init", false, "run as init (Debug only; normal cpud should not be run as init); implied as PID 1")
+        .bool(
+            "init",
+            false,
+            "run as init (Debug only; normal cpud should not be run as init); implied as PID 1",
+        )
         .bool("klog", false, "Log cpud messages in kernel log, not stdout")
         .bool("remote", false, "indicates we are the remote side of the cpu session")
         .string("port9p", "", "port9p # on remote machine for 9p mount")
         .string("register", "", "address to dial, sending \"ok\", once listening")
         .duration("registerTO", "5s", "time to wait for the -register dial")
-        .duration("sleepBeforeServing", "0s", "add a sleep before serving -- usually only needed if cpud runs as init with uinitcmd")
+        .duration(
+            "sleepBeforeServing",
+            "0s",
+            "add a sleep before serving -- usually only needed if cpud runs as init with uinitcmd",
+        )
         .string("statedir", "", "directory where a generated host key is kept across restarts")
         .bool("poweroff", false, "as PID 1, power off when the server stops instead of restarting it");
     if decpud {
@@ -406,7 +420,8 @@ mod tests {
 
     #[test]
     fn cpu_remote_command_keeps_its_flags() {
-        let o = CpuOptions::from_cpu_args(["-9p=false", "-sp", "22", "camera", "flashrom", "-r", "rom.img"]).unwrap();
+        let o = CpuOptions::from_cpu_args(["-9p=false", "-sp", "22", "camera", "flashrom", "-r", "rom.img"])
+            .unwrap();
         assert!(!o.ninep);
         assert_eq!(o.port, "22");
         assert_eq!(o.command, ["flashrom", "-r", "rom.img"].map(OsString::from).to_vec());
@@ -423,10 +438,7 @@ mod tests {
     fn decpu_has_n_and_no_usekey() {
         let o = CpuOptions::from_decpu_args(["-n", "3", "dnssd://?arch=arm64", "date"]).unwrap();
         assert_eq!(o.servers, 3);
-        assert!(matches!(
-            CpuOptions::from_decpu_args(["-useKey=false"]),
-            Err(FlagError::Unknown(_))
-        ));
+        assert!(matches!(CpuOptions::from_decpu_args(["-useKey=false"]), Err(FlagError::Unknown(_))));
         assert!(CpuOptions::from_decpu_args(["-n", "0"]).is_err());
     }
 
