@@ -1,5 +1,4 @@
-//! `decpu [flags] [host|dnssd://...|.] [command...]`: flags, then [`cpu_all::client::run`]
-//! with the server chosen by DNS-SD.
+//! `decpu [flags] [host|dnssd://...|.] [command...]`: flags, then [`cpu_all::discovery::run_decpu`].
 
 use std::ffi::OsString;
 
@@ -11,7 +10,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Err(e) => return crate::flag_failure("decpu", &decpu_flags().usage(), &e),
     };
     cpu_all::logger::init("decpu", opts.debug, false);
-    match cpu_all::client::run_discovered(opts) {
+    match cpu_all::discovery::run_decpu(opts) {
         Ok(status) => status,
         Err(e) => {
             cpu_all::error::report("decpu", &e);

@@ -9,9 +9,3 @@ pub fn run(opts: CpuOptions) -> Result<i32> {
     let _ = opts;
     Err(Error::Usage("cpu: not implemented yet".into()))
 }
-
-/// Runs `decpu`: picks the server(s) by DNS-SD, then behaves like [`run`].
-pub fn run_discovered(opts: CpuOptions) -> Result<i32> {
-    let _ = opts;
-    Err(Error::Usage("decpu: not implemented yet".into()))
-}
