@@ -9,7 +9,7 @@ APPLETS := cpu cpud decpu decpud
 # ring builds C for musl: plain gcc works when musl-gcc is absent (no libc headers needed).
 export CC_x86_64_unknown_linux_musl ?= $(shell command -v musl-gcc >/dev/null 2>&1 && echo musl-gcc || echo gcc)
 
-.PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs
+.PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs setup
 
 all: build
 
@@ -30,6 +30,9 @@ install: static ## install cpu-all and the applet links into $(PREFIX)/bin
 size: static ## print the static binary's size in bytes
 	@stat -c %s $(STATIC_BIN)
 
+setup: ## install what a fresh Debian machine lacks (apt packages, the musl target)
+	tools/setup-host
+
 fmt:
 	$(CARGO) fmt --all
 
@@ -40,12 +43,12 @@ lint: ## rustfmt check and clippy -D warnings
 unit: ## every cargo test (unit, in-process and black-box)
 	$(CARGO) test
 
-test: lint unit vmtest ## the full test suite (what CI runs)
+test: setup lint unit vmtest ## the full test suite (what CI runs)
 
 vmtest: static ## system tests in a qemu VM (skipped with a reason when qemu is missing)
 	@if [ -x tests/vm/run-vm-tests ]; then tests/vm/run-vm-tests $(STATIC_BIN); else echo "vmtest: no VM tests yet"; fi
 
-demo: static ## boot a VM running cpud and run cpu against it
+demo: setup static ## boot a VM running cpud and run cpu against it
 	@if [ -x vm/demo ]; then vm/demo $(STATIC_BIN); else echo "demo: not available yet"; exit 1; fi
 
 bench: static ## figures for speed and size, compared with bench/baseline.txt
