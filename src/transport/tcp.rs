@@ -63,6 +63,23 @@ async fn resolve(net: Net, host: &str, port: u16) -> Result<Vec<SocketAddr>> {
 pub(super) async fn dial(net: Net, host: &str, port: &str, deadline: Option<Instant>) -> Result<BoxStream> {
     let port_num = parse_port(port)?;
     let addrs = resolve(net, host, port_num).await?;
+    let s = dial_addrs(&addrs, deadline).await.map_err(|errors| {
+        let target = join_host_port(host, port);
+        Error::Connect(if errors.len() == 1 && errors[0].starts_with(&target) {
+            format!("cannot connect to {}", errors[0])
+        } else {
+            format!("cannot connect to {target}: {}", errors.join("; "))
+        })
+    })?;
+    Ok(Box::new(s))
+}
+
+/// Tries `addrs` in order; the first that connects wins. On failure, one `addr: error`
+/// per address.
+async fn dial_addrs(
+    addrs: &[SocketAddr],
+    deadline: Option<Instant>,
+) -> std::result::Result<TcpStream, Vec<String>> {
     let mut errors = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let attempt = async {
@@ -84,16 +101,11 @@ pub(super) async fn dial(net: Net, host: &str, port: &str, deadline: Option<Inst
             }
         };
         match result {
-            Ok(s) => return Ok(Box::new(s)),
+            Ok(s) => return Ok(s),
             Err(e) => errors.push(format!("{addr}: {e}")),
         }
     }
-    let target = join_host_port(host, port);
-    Err(Error::Connect(if errors.len() == 1 && errors[0].starts_with(&target) {
-        format!("cannot connect to {}", errors[0])
-    } else {
-        format!("cannot connect to {target}: {}", errors.join("; "))
-    }))
+    Err(errors)
 }
 
 pub(super) async fn bind(net: Net, addr: &str, port: &str) -> Result<TcpListener> {
@@ -151,5 +163,19 @@ mod tests {
         assert!(parse_port("x").is_err());
         assert!(parse_port("65536").is_err());
         assert_eq!(parse_port("17010").unwrap(), 17010);
+    }
+
+    /// A refused first address does not stop the dial; every failure is reported.
+    #[tokio::test]
+    async fn every_address_is_tried() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_addr = open.local_addr().unwrap();
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        let s = dial_addrs(&[closed, open_addr], deadline).await.unwrap();
+        assert_eq!(s.peer_addr().unwrap(), open_addr);
+        let errors = dial_addrs(&[closed, closed], deadline).await.unwrap_err();
+        assert_eq!(errors.len(), 2);
+        assert!(errors[0].starts_with(&format!("{closed}: ")) && errors[0].contains("refused"), "{errors:?}");
     }
 }
