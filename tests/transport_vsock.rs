@@ -99,7 +99,8 @@ async fn unix_vsock_no_device() {
     assert_eq!(
         e,
         format!(
-            "cannot connect to unix socket {path}: no such socket (is `the VM's hybrid vsock device at {path}` running?)"
+            "cannot connect to unix socket {path}: no such socket (is the VM running, with its hybrid \
+             vsock device's socket here?)"
         )
     );
 }

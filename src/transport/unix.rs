@@ -60,14 +60,19 @@ fn socket_name(path: &str) -> Result<String> {
 }
 
 pub(super) async fn dial(path: &str) -> Result<BoxStream> {
-    Ok(Box::new(connect(path, "cpud -net unix -sp").await?))
+    Ok(Box::new(connect(path, false).await?))
 }
 
-async fn connect(path: &str, server_hint: &str) -> Result<UnixStream> {
+/// Connects to a Unix socket; `device` says it should be a hybrid vsock device's socket
+/// (for the hint when it is missing).
+async fn connect(path: &str, device: bool) -> Result<UnixStream> {
     let name = socket_name(path)?;
     UnixStream::connect(&name).await.map_err(|e| {
         let why = match e.kind() {
-            io::ErrorKind::NotFound => format!("no such socket (is `{server_hint} {path}` running?)"),
+            io::ErrorKind::NotFound if device => {
+                "no such socket (is the VM running, with its hybrid vsock device's socket here?)".into()
+            }
+            io::ErrorKind::NotFound => format!("no such socket (is `cpud -net unix -sp {path}` running?)"),
             io::ErrorKind::ConnectionRefused => {
                 "connection refused: nothing listens there (a stale socket, or not a socket)".into()
             }
@@ -84,7 +89,7 @@ pub(super) async fn dial_hybrid_vsock(
     deadline: Option<Instant>,
 ) -> Result<BoxStream> {
     let port = parse_vsock_port(port)?;
-    let mut stream = connect(path, "the VM's hybrid vsock device at").await?;
+    let mut stream = connect(path, true).await?;
     let limit = deadline.unwrap_or_else(|| Instant::now() + VSOCK_HANDSHAKE_TIMEOUT);
     let started = Instant::now();
     match tokio::time::timeout_at(limit, connect_handshake(&mut stream, path, port)).await {

@@ -70,8 +70,15 @@ pub(super) fn dial_error(cid: u32, port: u32, e: &io::Error) -> Error {
             "connection refused: nothing listens on vsock port {port} at CID {cid} \
              (is cpud running there with -net vsock -sp {port}?)"
         ),
-        x if x == ETIMEDOUT => "timed out: nothing answered (is a VM with this CID running? old host \
-                                  kernels, e.g. Linux 5.8, time out instead of refusing)"
+        x if x == ETIMEDOUT && cid == VMADDR_CID_HOST => format!(
+            "timed out: nothing answered (is anything listening on the host's vsock port {port}? with \
+             a hybrid vsock device (Firecracker, vhost-device-vsock) the host must listen on the \
+             device's Unix socket path followed by _{port}; old host kernels, e.g. Linux 5.8, time \
+             out instead of refusing)"
+        ),
+        x if x == ETIMEDOUT => "timed out: nothing answered (is a VM with this CID running, and is \
+                                  anything listening on the port? old host kernels, e.g. Linux 5.8, \
+                                  time out instead of refusing)"
             .to_string(),
         _ => e.to_string(),
     };
@@ -146,6 +153,8 @@ mod tests {
         assert!(m(rustix::io::Errno::CONNREFUSED)
             .contains("connection refused: nothing listens on vsock port 17010"));
         assert!(m(rustix::io::Errno::TIMEDOUT).contains("old host kernels"));
+        let to_host = dial_error(VMADDR_CID_HOST, 5000, &os(rustix::io::Errno::TIMEDOUT)).to_string();
+        assert!(to_host.contains("the device's Unix socket path followed by _5000"), "{to_host}");
         assert_eq!(dial_error(3, 1, &os(rustix::io::Errno::CONNREFUSED)).exit_code(), 255);
     }
 }
