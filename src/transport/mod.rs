@@ -113,7 +113,7 @@ pub async fn dial(net: Net, host: &str, port: &str, timeout: Duration) -> Result
     let fut = async {
         match net {
             Net::Tcp | Net::Tcp4 | Net::Tcp6 => tcp::dial(net, host, port, deadline).await,
-            Net::Vsock => vsock::dial(host, port).await,
+            Net::Vsock => vsock::dial(host, port, deadline).await,
             Net::Unix => unix::dial(host).await,
             Net::UnixVsock => unix::dial_hybrid_vsock(host, port, deadline).await,
         }
@@ -128,10 +128,12 @@ pub async fn dial(net: Net, host: &str, port: &str, timeout: Duration) -> Result
 fn timeout_message(net: Net, host: &str, port: &str, timeout: Duration) -> String {
     let what = describe(net, host, port);
     match net {
-        Net::Vsock => format!(
-            "connecting to {what} timed out after {timeout:?}: nothing answered (is a VM with \
-             this CID running? old host kernels, e.g. Linux 5.8, time out instead of refusing)"
-        ),
+        Net::Vsock => match (parse_vsock_cid(host), parse_vsock_port(port)) {
+            (Ok(cid), Ok(p)) => {
+                format!("connecting to {what} timed out after {timeout:?}: {}", vsock::timeout_hint(cid, p))
+            }
+            _ => format!("connecting to {what} timed out after {timeout:?}"),
+        },
         Net::UnixVsock => format!(
             "connecting to {what} timed out after {timeout:?}: no reply to CONNECT {port} (is the \
              VM running and its vsock device up, and is cpud listening on guest vsock port {port}?)"

@@ -5,6 +5,9 @@
 //! nothing listening, or a silent peer (old host kernels time out, spec P32).
 
 use std::io;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 
@@ -38,7 +41,7 @@ pub fn parse_vsock_port(s: &str) -> Result<u32> {
     parse_u32("port", s)
 }
 
-pub(super) async fn dial(host: &str, port: &str) -> Result<BoxStream> {
+pub(super) async fn dial(host: &str, port: &str, deadline: Option<Instant>) -> Result<BoxStream> {
     let cid = parse_vsock_cid(host)?;
     let port = parse_vsock_port(port)?;
     if cid == VMADDR_CID_ANY {
@@ -46,11 +49,24 @@ pub(super) async fn dial(host: &str, port: &str) -> Result<BoxStream> {
             "vsock CID {host} is VMADDR_CID_ANY, which is only for listening; give the peer's CID"
         )));
     }
-    match VsockStream::connect(VsockAddr::new(cid, port)).await {
-        Ok(s) => Ok(Box::new(s)),
-        Err(e) => Err(dial_error(cid, port, &e)),
+    loop {
+        match VsockStream::connect(VsockAddr::new(cid, port)).await {
+            Ok(s) => return Ok(Box::new(s)),
+            // The kernel gives up on an unanswered connect after 2 s whatever our deadline
+            // is; a peer that is still booting gets the rest of the deadline.
+            Err(e)
+                if e.raw_os_error() == Some(ETIMEDOUT)
+                    && deadline.is_some_and(|d| d > Instant::now() + RETRY_PAUSE) =>
+            {
+                tokio::time::sleep(RETRY_PAUSE).await
+            }
+            Err(e) => return Err(dial_error(cid, port, &e)),
+        }
     }
 }
+
+/// Pause between connects that timed out in the kernel.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// Explains a failed vsock connect to `cid`/`port`.
 pub(super) fn dial_error(cid: u32, port: u32, e: &io::Error) -> Error {
@@ -70,19 +86,27 @@ pub(super) fn dial_error(cid: u32, port: u32, e: &io::Error) -> Error {
             "connection refused: nothing listens on vsock port {port} at CID {cid} \
              (is cpud running there with -net vsock -sp {port}?)"
         ),
-        x if x == ETIMEDOUT && cid == VMADDR_CID_HOST => format!(
-            "timed out: nothing answered (is anything listening on the host's vsock port {port}? with \
-             a hybrid vsock device (Firecracker, vhost-device-vsock) the host must listen on the \
-             device's Unix socket path followed by _{port}; old host kernels, e.g. Linux 5.8, time \
-             out instead of refusing)"
-        ),
-        x if x == ETIMEDOUT => "timed out: nothing answered (is a VM with this CID running, and is \
-                                  anything listening on the port? old host kernels, e.g. Linux 5.8, \
-                                  time out instead of refusing)"
-            .to_string(),
+        x if x == ETIMEDOUT => format!("timed out: {}", timeout_hint(cid, port)),
         _ => e.to_string(),
     };
     Error::Connect(format!("cannot connect to {target}: {why}"))
+}
+
+/// Why a vsock connect may go unanswered, for timeout messages.
+pub(super) fn timeout_hint(cid: u32, port: u32) -> String {
+    let old_kernels = "old host kernels, e.g. Linux 5.8, time out instead of refusing";
+    if cid == VMADDR_CID_HOST {
+        format!(
+            "nothing answered (is anything listening on the host's vsock port {port}? with a hybrid \
+             vsock device (Firecracker, vhost-device-vsock) the host must listen on the device's Unix \
+             socket path followed by _{port}; {old_kernels})"
+        )
+    } else {
+        format!(
+            "nothing answered (is a VM with CID {cid} running, and is anything listening on its port \
+             {port}? {old_kernels})"
+        )
+    }
 }
 
 pub(super) fn bind(addr: &str, port: &str) -> Result<VsockListener> {

@@ -2,18 +2,22 @@
 # transport-vsock.sh — vsock for real: host <-> qemu guest through rust-vmm's
 # vhost-device-vsock (the host kernel here has no vhost-vsock), hybrid Unix socket on the host.
 #
-#   tests/vm/transport-vsock.sh STATIC_BIN [ECHO_BIN]
+#   tests/vm/transport-vsock.sh STATIC_BIN [ECHO_BIN [TEST_BIN...]]
 #
 #   STATIC_BIN  static cpu-all (x86_64 musl), booted as the guest's binary
 #   ECHO_BIN    static examples/transport_echo (default: next to STATIC_BIN under examples/)
 #               build: cargo build --release --target x86_64-unknown-linux-musl --example transport_echo
+#   TEST_BIN    static integration-test binaries (e.g. tests/transport_vsock.rs built with
+#               cargo test --target x86_64-unknown-linux-musl --test transport_vsock --no-run),
+#               run inside the guest, where vsock_loopback gives their vsock tests a real peer
 #
 # Part 1, the transport layer (transport_echo, no SSH): in the guest, an echo server listens
 #   with Listener::bind(Net::Vsock, "", "0x4272") (= port 17010 on VMADDR_CID_ANY); the host
 #   dials it with Net::UnixVsock (CONNECT handshake), sends text and 4 MB, checks the echo;
 #   a CONNECT to a port nobody listens on gives the clear error; the guest dials the host
 #   (CID 2) with Net::Vsock, once to a listener (Net::Unix on the host side) and once to a
-#   port without one (connection refused).
+#   port without one (an error naming the cause), and itself over vsock_loopback (CID 1);
+#   the TEST_BINs run in the guest.
 # Part 2, cpu over unix-vsock (needs the real cpu/cpud; skipped while they are stubs): the
 #   guest runs `cpud -net vsock -sp 17010` as PID 1 and the host runs
 #   `cpu -net unix-vsock -sp 17010 HOSTSOCK CMD`: exit codes, output, and a host file read
@@ -29,6 +33,8 @@ export LC_ALL=C
 BIN=${1:?usage: $0 STATIC_BIN [ECHO_BIN]}
 BIN=$(realpath "$BIN")
 ECHO=${2:-$(dirname "$BIN")/examples/transport_echo}
+shift; [ $# -gt 0 ] && shift
+TEST_BINS=("$@")
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 PASS=0 FAIL=0 SKIP=0
@@ -86,10 +92,24 @@ else
 /bin/transport_echo listen vsock "" 0x4272 &
 sleep 1
 if out=$(/bin/transport_echo dial vsock 2 5000 guest-to-host 60 2>&1); then echo "@@G2H-OK $out@@"; else echo "@@G2H-FAIL $out@@"; fi
-out=$(/bin/transport_echo dial vsock 0x2 5001 nobody 20 2>&1); echo "@@G2H-REFUSED rc=$? $out@@"
+out=$(/bin/transport_echo dial vsock 0x2 5001 nobody 5 2>&1); echo "@@G2H-REFUSED rc=$? $out@@"
+out=$(/bin/transport_echo dial vsock 1 17010 loopback 20 2>&1); echo "@@LOOP rc=$? $out@@"
+for t in /bin/transport-test-*; do
+	[ -x "$t" ] || continue
+	(cd /tmp && "$t" --test-threads=1 --nocapture >/tmp/test.log 2>&1); rc=$?
+	sed "s|^|@@T ${t##*/}: |" /tmp/test.log; echo "@@TEST-DONE ${t##*/} rc=$rc@@"
+done
+echo "@@GUEST-TESTS-DONE@@"
 sleep 900'
+	FILES=(-f "$ECHO:/bin/transport_echo")
+	for t in "${TEST_BINS[@]}"; do
+		n=$(basename "$t"); n=${n%-*}    # cargo's hash suffix off
+		strip -o "$W/transport-test-$n" "$t" 2>/dev/null || cp "$t" "$W/transport-test-$n"
+		FILES+=(-f "$W/transport-test-$n:/bin/transport-test-$n")
+	done
 	T0=$(date +%s.%N)
-	if out=$("$VM" --no-wait-port --vsock-uds "$SOCK" -f "$ECHO:/bin/transport_echo" -c "$GUEST" "$BIN" 2>"$W/boot.log"); then
+	if out=$(VM_EXTRA_MODULES="vsock_loopback ${VM_EXTRA_MODULES:-}" "$VM" --no-wait-port --vsock-uds "$SOCK" \
+		"${FILES[@]}" -c "$GUEST" "$BIN" 2>"$W/boot.log"); then
 		eval "$out"
 		if wait_console 'listening on vsock CID any port 17010' 240; then
 			ok "guest: Listener::bind(Net::Vsock, \"\", \"0x4272\") -> $(console_line 'listening on vsock' | sed 's/.*listening/listening/')"
@@ -127,14 +147,35 @@ sleep 900'
 					line=$(console_line '@@G2H-REFUSED')
 					# vhost-device-vsock 0.3 does not reset a connection to a missing ${SOCK}_P:
 					# the guest kernel times out (2 s); a real vhost-vsock host refuses.
-					case $line in *"rc=1 "*"cannot connect to vsock CID 2 port 5001: "*"connection refused"* | \
-						*"rc=1 "*"cannot connect to vsock CID 2 port 5001: timed out"*"_5001"*) ok "guest vsock dial to a closed host port: ${line#*rc=1 }" ;;
+					case $line in *"rc=1 "*"vsock CID "*" port 5001"*"connection refused"* | \
+						*"rc=1 "*"vsock CID 0x2 port 5001 timed out after 5s"*"_5001"*) ok "guest vsock dial to a closed host port: ${line#*rc=1 }" ;;
 					*) ko "guest vsock dial to a closed host port: '$line'" ;; esac
 				else
 					ko "guest vsock dial to a closed host port: no result on the console"
 				fi
 			else
 				ko "guest vsock dial to host: no result on the console"
+			fi
+			if wait_console '@@LOOP' 60; then
+				line=$(console_line '@@LOOP')
+				case $line in *"@@LOOP rc=0 loopback@@"*) ok "guest Net::Vsock dial CID 1 (vsock_loopback) -> guest listener: echo" ;;
+				*) ko "guest vsock loopback: '$line'" ;; esac
+			else
+				ko "guest vsock loopback: no result on the console"
+			fi
+			if [ ${#TEST_BINS[@]} -gt 0 ]; then
+				if wait_console '@@GUEST-TESTS-DONE@@' 300; then
+					while read -r done_line; do
+						name=${done_line#*@@TEST-DONE }; name=${name%% rc=*}; rc=${done_line##*rc=}; rc=${rc%%@@*}
+						summary=$(grep -a "^@@T $name: test result:" "$VM_CONSOLE" | tail -1 | tr -d '\r' | sed "s/^@@T $name: //")
+						skips=$(grep -a "^@@T $name: .*SKIP" "$VM_CONSOLE" | tr -d '\r' | sed "s/^.*SKIP/SKIP/" | paste -sd';' -)
+						if [ "$rc" = 0 ]; then ok "in the guest: $name: $summary${skips:+ ($skips)}"; else
+							ko "in the guest: $name rc=$rc: $summary"; grep -a "^@@T $name: " "$VM_CONSOLE" | grep -a -i "panicked\|FAILED\|assert" | head -20
+						fi
+					done < <(grep -a '@@TEST-DONE' "$VM_CONSOLE" | tr -d '\r')
+				else
+					ko "guest test binaries did not finish; console tail:"; tail -20 "$VM_CONSOLE"
+				fi
 			fi
 			if grep -q "accepted unix peer" "$W/host-echo.log"; then ok "host Net::Unix listener saw the guest: $(head -2 "$W/host-echo.log" | tail -1)"; fi
 		else
