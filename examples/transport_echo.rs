@@ -46,15 +46,20 @@ async fn run(args: &[String]) -> Result<(), String> {
             };
             let listener = Listener::bind(net, arg(2)?, arg(3)?).await.map_err(|e| e.to_string())?;
             println!("listening on {}", listener.local_addr());
+            // One task per connection: a peer that never closes must not block the others.
+            let mut sessions = tokio::task::JoinSet::new();
             for _ in 0..count {
                 let (s, peer) = listener.accept().await.map_err(|e| format!("accept: {e}"))?;
                 println!("accepted {peer}");
-                let (n, r) = echo(s).await;
-                match r {
-                    Ok(()) => println!("echoed {n} bytes to {peer}"),
-                    Err(e) => println!("echo to {peer} ended after {n} bytes: {e}"),
-                }
+                sessions.spawn(async move {
+                    let (n, r) = echo(s).await;
+                    match r {
+                        Ok(()) => println!("echoed {n} bytes to {peer}"),
+                        Err(e) => println!("echo to {peer} ended after {n} bytes: {e}"),
+                    }
+                });
             }
+            while sessions.join_next().await.is_some() {}
             Ok(())
         }
         "dial" => {

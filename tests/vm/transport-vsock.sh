@@ -129,6 +129,12 @@ sleep 900'
 			else
 				ko "host unix-vsock 4 MB echo: '$got'"
 			fi
+			# The host closing its end must reach the guest as EOF (else sessions would leak).
+			if wait_console 'echoed 4000000 bytes to vsock CID 2' 30 && wait_console 'echoed 16 bytes to vsock CID 2' 5; then
+				ok "guest saw EOF after each host close: $(console_line 'echoed 4000000 bytes' | sed 's/.*echoed/echoed/')"
+			else
+				ko "guest never saw the host close: $(grep -a 'accepted\|echo' "$VM_CONSOLE" | tr -d '\r' | tail -5 | paste -sd'|' -)"
+			fi
 			got=$(timeout 60 "$ECHO" dial unix-vsock "$SOCK" 17011 x 20 2>&1); rc=$?
 			case $rc:$got in
 			1:*"CONNECT 17011"*) ok "host unix-vsock to a guest port nobody listens on: $got" ;;
@@ -181,6 +187,7 @@ sleep 900'
 		else
 			ko "guest vsock echo server did not start; console tail:"; tail -20 "$VM_CONSOLE"
 		fi
+		if [ "$FAIL" != 0 ]; then echo "--- guest console (tail) ---"; tail -40 "$VM_CONSOLE" | tr -d '\r'; echo "---"; fi
 		"$VM" stop "$VM_STATE" >/dev/null 2>&1; VM_STATE=""
 	else
 		ko "part 1: VM did not boot"; tail -20 "$W/boot.log"
@@ -204,7 +211,10 @@ if out=$("$VM" --no-wait-port --vsock-uds "$SOCK" -f "$W/key.pub:/key.pub" -f "$
 	"$BIN" -net vsock -sp 17010 -pk /key.pub -hk /hostkey 2>"$W/boot2.log"); then
 	eval "$out"
 	export HOME="$W"    # keep the user's ~/.ssh out of it
-	cpu() { timeout 120 "$BIN" cpu -key "$W/key" -hk "$W/hostkey.pub" -net unix-vsock -sp 17010 "$SOCK" "$@"; }
+	cd /                # a $PWD that exists in the remote namespace
+	# stdout only; stderr goes to $W/cpu.err (shown on failure)
+	cpu() { timeout 120 "$BIN" cpu -key "$W/key" -hk "$W/hostkey.pub" -net unix-vsock -sp 17010 "$SOCK" "$@" 2>"$W/cpu.err"; }
+	cpu_err() { tr '\n' ' ' <"$W/cpu.err"; }
 	# cpud is PID 1 on vsock; boot-test-vm only watches TCP ports, so poll with cpu (bounded).
 	up=0
 	for _ in $(seq 60); do
@@ -213,13 +223,19 @@ if out=$("$VM" --no-wait-port --vsock-uds "$SOCK" -f "$W/key.pub:/key.pub" -f "$
 		sleep 4
 	done
 	if [ $up = 1 ]; then
+		T1=$(date +%s.%N)
+		cpu true; rc=$?
+		echo "  (one 'cpu true' over unix-vsock: $(awk -v a="$T1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}') s, rc $rc)"
 		ok "cpu -net unix-vsock true: exit 0 ($(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s after boot start)"
-		got=$(cpu echo hello vsock 2>&1); rc=$?
-		[ "$rc:$got" = "0:hello vsock" ] && ok "cpu -net unix-vsock echo: '$got'" || ko "cpu echo: rc=$rc '$got'"
-		cpu sh -c 'exit 7' >/dev/null 2>&1; rc=$?
-		[ $rc = 7 ] && ok "cpu -net unix-vsock exit status 7 passed through" || ko "exit status: want 7, got $rc"
-		got=$(cpu cat "/tmp/cpu$W/marker" 2>&1); rc=$?
-		[ "$rc:$got" = "0:read through 9p over vsock" ] && ok "9P back-channel over vsock: guest read the host file" || ko "9P over vsock: rc=$rc '$got'"
+		got=$(cpu echo hello vsock); rc=$?
+		[ "$rc:$got" = "0:hello vsock" ] && ok "cpu -net unix-vsock echo: '$got'" || ko "cpu echo: rc=$rc '$got' stderr: $(cpu_err)"
+		cpu sh -c 'exit 7' >/dev/null; rc=$?
+		[ $rc = 7 ] && ok "cpu -net unix-vsock exit status 7 passed through" || ko "exit status: want 7, got $rc; stderr: $(cpu_err)"
+		got=$(cpu cat "/tmp/cpu$W/marker"); rc=$?
+		[ "$rc:$got" = "0:read through 9p over vsock" ] && ok "9P back-channel over vsock: guest read the host file" || ko "9P over vsock: rc=$rc '$got' stderr: $(cpu_err)"
+		t=$(date +%s.%N)
+		got=$(cpu sh -c 'head -c 4000000 /dev/zero | wc -c'); rc=$?
+		[ "$rc:$got" = "0:4000000" ] && ok "4 MB of output over SSH over vsock in $(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s" || ko "4 MB output: rc=$rc '$got' stderr: $(cpu_err)"
 		got=$(timeout 60 "$BIN" cpu -key "$W/key" -hk "$W/hostkey.pub" -net unix-vsock -sp 17011 "$SOCK" true 2>&1); rc=$?
 		case $rc:$got in 255:*"CONNECT 17011"*) ok "cpu to a guest vsock port without cpud: exit 255, $got" ;; *) ko "cpu to port 17011: rc=$rc '$got'" ;; esac
 	else
