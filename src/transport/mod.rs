@@ -241,7 +241,8 @@ impl Listener {
         Ok(Listener { inner: ListenerKind::Unix(unix::UnixSocketListener::bind(path, mode).await?) })
     }
 
-    /// The transport kind of this listener (unix for `bind_unix`).
+    /// The transport kind of this listener: vsock, unix, or for TCP `Tcp4` when bound to an
+    /// IPv4 address and `Tcp` otherwise.
     pub fn net(&self) -> Net {
         match &self.inner {
             ListenerKind::Tcp(l) => match l.local_addr() {
