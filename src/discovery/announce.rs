@@ -124,14 +124,12 @@ impl Announcer {
         let for_thread = Arc::clone(&shared);
         let refresher = std::thread::Builder::new()
             .name("dnssd-refresh".into())
-            .spawn(move || loop {
-                match stopped.recv_timeout(refresh) {
-                    Err(RecvTimeoutError::Timeout) => {
-                        if let Err(e) = for_thread.announce() {
-                            log::warn!("{e}");
-                        }
+            .spawn(move || {
+                // Ends when the sender is dropped by stop().
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(refresh) {
+                    if let Err(e) = for_thread.announce() {
+                        log::warn!("{e}");
                     }
-                    _ => break,
                 }
             })
             .map_err(|e| Error::io("dnssd: starting the refresh thread", e))?;

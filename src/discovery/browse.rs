@@ -117,7 +117,7 @@ pub fn usable_addresses(addrs: impl Iterator<Item = IpAddr>) -> (Vec<IpAddr>, Ve
 
 /// Browses `browse_name` (e.g. `_ncpu._tcp.local.`) for `duration` and returns every resolved
 /// instance in the order first seen. With `stop_at` (a full instance name), returns as soon
-/// as that instance has been resolved.
+/// as that instance has been resolved to an address that can be dialed.
 pub fn browse(browse_name: &str, duration: Duration, stop_at: Option<&str>) -> Result<Vec<Candidate>> {
     let daemon =
         ServiceDaemon::new().map_err(|e| Error::Connect(format!("dnssd: cannot start mDNS: {e}")))?;
@@ -146,7 +146,9 @@ fn collect(
                 let candidate = Candidate::from_service(&info);
                 let key = candidate.fullname.to_ascii_lowercase();
                 removed.remove(&key);
-                let done = stop_at.is_some_and(|s| s.eq_ignore_ascii_case(&candidate.fullname));
+                // Stop early only once it can be dialed: the A record may come after the AAAA.
+                let done = !candidate.addresses.is_empty()
+                    && stop_at.is_some_and(|s| s.eq_ignore_ascii_case(&candidate.fullname));
                 match found.iter_mut().find(|c| c.fullname.eq_ignore_ascii_case(&candidate.fullname)) {
                     Some(old) => *old = candidate,
                     None => found.push(candidate),
