@@ -33,6 +33,7 @@ fn helper() {
         }
         "odd" => odd_helper(&env("DS_ADDR")),
         "decpu" => decpu_helper(&env("DECPU_ARGS"), &env("DS_CONNECT")),
+        "decpud" => decpud_helper(),
         other => panic!("unknown helper mode {other}"),
     }
 }
@@ -275,6 +276,28 @@ fn discovery_ignores_malformed_txt_from_another_responder() {
     assert_eq!(lines, vec![connected(1), "status 0".to_string()]);
 }
 
+/// Checks one `avahi-browse -p -r` resolved line for node 1's announcement.
+fn check_avahi_line(line: &str, tenants: &str) {
+    let fields: Vec<&str> = line.splitn(10, ';').collect();
+    assert_eq!(fields.len(), 10, "{line}");
+    assert_eq!(fields[6], "node1.local");
+    assert_eq!(fields[7], Lab::addr(1));
+    assert_eq!(fields[8], "17010");
+    let txt = fields[9];
+    for pair in [
+        format!("\"arch={}\"", go_arch()),
+        format!("\"os={}\"", go_os()),
+        "\"near=gpu\"".to_string(),
+        "\"secure=true\"".to_string(),
+        format!("\"tenants={tenants}\""),
+    ] {
+        assert!(txt.contains(&pair), "{pair} missing from {txt}");
+    }
+    for key in ["cores=", "mem.avail=", "mem.total=", "cpu.pcnt="] {
+        assert!(txt.contains(&format!("\"{key}")), "{key} missing from {txt}");
+    }
+}
+
 #[test]
 fn discovery_announcement_is_seen_by_avahi_browse() {
     let missing: Vec<&str> = ["avahi-browse", "avahi-daemon", "dbus-daemon"]
@@ -289,7 +312,7 @@ fn discovery_announcement_is_seen_by_avahi_browse() {
         return;
     }
     let Some(lab) = lab_or_skip("avahi", 2) else { return };
-    let _a = announce(&lab, 1, "", "near=gpu,secure", false);
+    let mut announcer = announce(&lab, 1, "", "near=gpu,secure", false);
     let dir = std::env::temp_dir().join(format!("discovery-avahi-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -321,44 +344,100 @@ fn discovery_announcement_is_seen_by_avahi_browse() {
         "[server]\nuse-ipv4=yes\nuse-ipv6=no\nallow-interfaces=eth0\nenable-dbus=yes\n[publish]\ndisable-publishing=yes\n",
     )
     .expect("avahi.conf");
-    // `ip netns exec` gives the script its own mount namespace: the tmpfs over avahi's
-    // runtime directory and both daemons stay private to it; the script kills what it started.
+    // `ip netns exec` gives the script its own mount namespace, so the tmpfs over avahi's
+    // runtime directory stays private. A background avahi-browse reports additions and
+    // removals; each `browse` line on stdin runs a resolving avahi-browse once. When stdin
+    // closes, the script kills and reaps exactly the processes it started.
     let d = dir.display();
     let script = format!(
         "set -e
 mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon
-dbus-daemon --config-file={d}/bus.conf --fork --print-pid > {d}/dbus.pid
+BROWSE= AVAHI= DBUS=
+trap 'kill $BROWSE $AVAHI $DBUS 2>/dev/null; wait' EXIT
+dbus-daemon --config-file={d}/bus.conf --nofork &
+DBUS=$!
 export DBUS_SYSTEM_BUS_ADDRESS=unix:path={bus}
+i=0; while [ $i -lt 100 ] && [ ! -S {bus} ]; do i=$((i+1)); sleep 0.1; done
 avahi-daemon --no-drop-root --no-chroot --no-rlimits -f {d}/avahi.conf > {d}/avahi.log 2>&1 &
 AVAHI=$!
-trap 'kill $AVAHI $(cat {d}/dbus.pid)' EXIT
-i=0; while [ $i -lt 50 ] && ! avahi-browse -at -p >/dev/null 2>&1; do i=$((i+1)); sleep 0.1; done
-sleep 1
-timeout 10 avahi-browse -r -p -t _ncpu._tcp",
+i=0; while [ $i -lt 100 ] && ! avahi-browse -at -p >/dev/null 2>&1; do i=$((i+1)); sleep 0.1; done
+echo avahi-up
+avahi-browse -p _ncpu._tcp &
+BROWSE=$!
+while read cmd; do timeout 10 avahi-browse -r -p -t _ncpu._tcp || true; echo browse-done; done",
         bus = bus.display()
     );
-    let (status, out, err) = lab.sh(2, &script, Duration::from_secs(30));
+    let mut avahi = lab.sh(2, &script);
+    let up = avahi.wait_line("avahi-up", Duration::from_secs(20));
+    assert!(up.is_some(), "avahi did not start: {}", avahi.stderr_text(Duration::from_secs(1)));
+    let resolved_prefix = "=;eth0;IPv4;node1-cpud;_ncpu._tcp;local;";
+    // One resolving browse; the resolved line for node1, if any.
+    let browse_once = |avahi: &mut Helper| -> Option<String> {
+        avahi.send("browse");
+        let mut found = None;
+        while let Some(line) = avahi.wait_line("", Duration::from_secs(15)) {
+            if line == "browse-done" {
+                break;
+            }
+            if line.starts_with(resolved_prefix) {
+                found = Some(line);
+            }
+        }
+        found
+    };
+    let resolved = (0..3).find_map(|_| browse_once(&mut avahi));
+    let Some(resolved) = resolved else {
+        panic!("avahi-browse did not resolve node1-cpud:\n{}", avahi.stdout_text(Duration::from_secs(1)))
+    };
+    check_avahi_line(&resolved, "0");
+    // A session count change is re-announced and updates avahi's cache.
+    announcer.send("tenants 1");
+    assert!(announcer.wait_line("tenants-set 1", READY).is_some());
+    let updated = (0..5).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        browse_once(&mut avahi).filter(|l| l.contains("\"tenants=1\""))
+    });
+    let updated =
+        updated.unwrap_or_else(|| panic!("no update with tenants=1:\n{}", avahi.stdout_text(Duration::ZERO)));
+    check_avahi_line(&updated, "1");
+    // Stopping the announcer sends a goodbye: avahi drops the service at once.
+    announcer.close_stdin();
+    assert!(announcer.wait_line("stopped", Duration::from_secs(10)).is_some());
+    let removed = avahi.wait_line("-;eth0;IPv4;node1-cpud;_ncpu._tcp;local", Duration::from_secs(10));
+    assert!(removed.is_some(), "no removal seen:\n{}", avahi.stdout_text(Duration::ZERO));
+    avahi.close_stdin();
+    let status = avahi.wait(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(status, Some(0), "avahi script failed:\n{out}\n{err}");
-    let resolved = out
-        .lines()
-        .find(|l| l.starts_with("=;eth0;IPv4;node1-cpud;_ncpu._tcp;local;"))
-        .unwrap_or_else(|| panic!("avahi-browse did not resolve node1-cpud:\n{out}\n{err}"));
-    let fields: Vec<&str> = resolved.splitn(10, ';').collect();
-    assert_eq!(fields[6], "node1.local");
-    assert_eq!(fields[7], Lab::addr(1));
-    assert_eq!(fields[8], "17010");
-    let txt = fields[9];
-    for pair in [
-        format!("\"arch={}\"", go_arch()),
-        format!("\"os={}\"", go_os()),
-        "\"near=gpu\"".to_string(),
-        "\"secure=true\"".to_string(),
-        "\"tenants=0\"".to_string(),
-    ] {
-        assert!(txt.contains(&pair), "{pair} missing from {txt}");
-    }
-    for key in ["cores=", "mem.avail=", "mem.total=", "cpu.pcnt="] {
-        assert!(txt.contains(&format!("\"{key}")), "{key} missing from {txt}");
-    }
+    assert_eq!(status, Some(0), "{}", avahi.stderr_text(Duration::from_secs(1)));
+}
+
+/// decpud glue: announce while `serve` runs, follow the tenants hook, withdraw afterwards.
+fn decpud_helper() {
+    let opts = cpu_all::options::CpudOptions::from_args(["-sp", "17010", "-dsTxt", "role=glue"], true)
+        .expect("decpud options");
+    let result = cpu_all::discovery::run_decpud(opts, |_, hook| {
+        let hook = hook.expect("an announcing decpud passes a tenants hook");
+        hook(1);
+        hook(2);
+        println!("serving");
+        for _ in std::io::stdin().lock().lines() {}
+        Ok(())
+    });
+    println!("served {}", result.is_ok());
+}
+
+#[test]
+fn discovery_decpud_announces_while_serving() {
+    let Some(lab) = lab_or_skip("glue", 2) else { return };
+    let mut server = lab.helper(1, "decpud", &[]);
+    assert!(server.wait_line("serving", READY).is_some(), "{}", server.stderr_text(Duration::from_secs(1)));
+    let (lines, err) = decpu(&lab, 2, &["-d", "dnssd://?role=glue", "date"], "record");
+    assert_eq!(lines, vec![connected(1), "status 0".to_string()], "{err}");
+    assert!(err.contains("node1-cpud._ncpu._tcp.local. port 17010"), "{err}");
+    assert!(err.contains(" tenants=2]"), "{err}");
+    server.close_stdin();
+    assert_eq!(server.wait_line("served", READY).as_deref(), Some("served true"));
+    let (lines, _) = decpu(&lab, 2, &["dnssd://?role=glue", "date"], "record");
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].starts_with("error 255 dnssd: no server"), "{lines:?}");
 }

@@ -112,16 +112,14 @@ impl Lab {
         Helper::spawn(cmd, &format!("{mode}@{n}"))
     }
 
-    /// Runs a shell script inside node `n` and returns (status, stdout, stderr); killed after `limit`.
-    pub fn sh(&self, n: usize, script: &str, limit: Duration) -> (Option<i32>, String, String) {
+    /// Starts a shell script inside node `n` with stdin, stdout and stderr piped.
+    pub fn sh(&self, n: usize, script: &str) -> Helper {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns(n), "sh", "-c", script])
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut h = Helper::spawn(cmd, &format!("sh@{n}"));
-        let status = h.wait(limit);
-        (status, h.stdout_text(Duration::from_secs(1)), h.stderr_text(Duration::from_secs(1)))
+        Helper::spawn(cmd, &format!("sh@{n}"))
     }
 }
 
@@ -234,8 +232,9 @@ impl Drop for Helper {
     fn drop(&mut self) {
         self.stdin = None;
         if let Ok(None) = self.child.try_wait() {
-            // Give a helper a moment to say goodbye after stdin closed, then kill it.
-            let deadline = Instant::now() + Duration::from_secs(3);
+            // Give a helper time to say goodbye and reap its children after stdin closed
+            // (a running `timeout 10 avahi-browse` included), then kill it.
+            let deadline = Instant::now() + Duration::from_secs(12);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {
                     return;
