@@ -34,6 +34,7 @@ fn helper() {
         "odd" => odd_helper(&env("DS_ADDR")),
         "decpu" => decpu_helper(&env("DECPU_ARGS"), &env("DS_CONNECT")),
         "decpud" => decpud_helper(),
+        "refresh" => refresh_helper(),
         other => panic!("unknown helper mode {other}"),
     }
 }
@@ -65,6 +66,32 @@ fn announce_helper(instance: &str, txt: &str, port: &str, listen: bool) {
     }
     announcer.stop();
     println!("stopped");
+}
+
+/// Announces with a 100 ms refresh; reports once three refreshes have happened.
+fn refresh_helper() {
+    let opts = DnssdOptions {
+        enabled: true,
+        instance: "refresh-cpud".into(),
+        domain: "local".into(),
+        service: "_ncpu._tcp".into(),
+        interface: String::new(),
+        txt: String::new(),
+    };
+    let announcer =
+        Announcer::start_with_interval(&opts, 17010, Duration::from_millis(100)).expect("announce");
+    let first = announcer.announcements();
+    for _ in 0..200 {
+        if announcer.announcements() >= first + 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("refreshed {} {}", first, announcer.announcements());
+    announcer.stop();
+    let after = announcer.announcements();
+    announcer.set_tenants(5);
+    println!("after-stop {}", announcer.announcements() - after);
 }
 
 /// Another responder publishing a TXT record with malformed entries, until stdin closes.
@@ -435,9 +462,33 @@ fn discovery_decpud_announces_while_serving() {
     assert_eq!(lines, vec![connected(1), "status 0".to_string()], "{err}");
     assert!(err.contains("node1-cpud._ncpu._tcp.local. port 17010"), "{err}");
     assert!(err.contains(" tenants=2]"), "{err}");
+    // The real applet in the same lab: a query nobody meets is a connection error (255).
+    let mut cli =
+        lab.sh(2, &format!("exec {} decpu -d 'dnssd://?role=nothing' date", env!("CARGO_BIN_EXE_cpu-all")));
+    assert_eq!(cli.wait(Duration::from_secs(30)), Some(255));
+    let err = cli.stderr_text(Duration::from_secs(1));
+    assert!(err.contains("decpu: dnssd:   dropped: role=nothing: has glue"), "{err}");
+    assert!(
+        err.ends_with(
+            "decpu: dnssd: no server for \"_ncpu._tcp.local.\" meets the query (decpu -d shows why)"
+        ),
+        "{err}"
+    );
     server.close_stdin();
     assert_eq!(server.wait_line("served", READY).as_deref(), Some("served true"));
     let (lines, _) = decpu(&lab, 2, &["dnssd://?role=glue", "date"], "record");
     assert_eq!(lines.len(), 1);
     assert!(lines[0].starts_with("error 255 dnssd: no server"), "{lines:?}");
+}
+
+#[test]
+fn discovery_refreshes_on_its_interval_and_not_after_stop() {
+    let Some(lab) = lab_or_skip("refresh", 1) else { return };
+    let mut h = lab.helper(1, "refresh", &[]);
+    let line = h.wait_line("refreshed ", Duration::from_secs(20)).unwrap_or_default();
+    let counts: Vec<u64> = line.split_whitespace().skip(1).filter_map(|n| n.parse().ok()).collect();
+    assert_eq!(counts.len(), 2, "{line:?} {}", h.stderr_text(Duration::from_secs(1)));
+    assert_eq!(counts[0], 1, "one announcement at start");
+    assert!(counts[1] >= 4, "{line}");
+    assert_eq!(h.wait_line("after-stop ", Duration::from_secs(10)).as_deref(), Some("after-stop 0"));
 }

@@ -6,7 +6,7 @@
 //! about SSH: the server reports sessions through [`Announcer::set_tenants`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -56,6 +56,8 @@ struct Shared {
     state: Mutex<State>,
     /// Set by [`Announcer::stop`]: no more (re-)registrations.
     stopped: AtomicBool,
+    /// Successful (re-)registrations so far.
+    announcements: AtomicU64,
 }
 
 struct State {
@@ -115,6 +117,7 @@ impl Announcer {
             port,
             state: Mutex::new(State { metadata, tenants: 0, txt: BTreeMap::new() }),
             stopped: AtomicBool::new(false),
+            announcements: AtomicU64::new(0),
         });
         if let Err(e) = shared.announce() {
             let _ = shared.daemon.shutdown();
@@ -151,6 +154,11 @@ impl Announcer {
     /// `<instance>.<type>.<domain>.`
     pub fn fullname(&self) -> String {
         self.shared.fullname()
+    }
+
+    /// How many times the record has been (re-)announced: start, refreshes, tenant changes.
+    pub fn announcements(&self) -> u64 {
+        self.shared.announcements.load(Ordering::SeqCst)
     }
 
     /// The TXT record last announced.
@@ -211,6 +219,7 @@ impl Shared {
             .register(info)
             .map_err(|e| Error::Daemon(format!("dnssd: cannot announce {}: {e}", self.fullname())))?;
         state.txt = txt;
+        self.announcements.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
