@@ -61,6 +61,14 @@ fn announce_helper(instance: &str, txt: &str, port: &str, listen: bool) {
     for line in std::io::stdin().lock().lines().map_while(Result::ok) {
         if let Some(n) = line.strip_prefix("tenants ").and_then(|n| n.parse().ok()) {
             announcer.set_tenants(n);
+            // The refresh thread announces it; wait (bounded) until it has.
+            let want = n.to_string();
+            for _ in 0..200 {
+                if announcer.txt().get("tenants") == Some(&want) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
             println!("tenants-set {n} {:?}", announcer.txt());
         }
     }

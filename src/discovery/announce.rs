@@ -43,7 +43,8 @@ pub struct Announcer {
 
 /// What [`Announcer::stop`] has to end; both None once stopped.
 struct Control {
-    stop: Option<mpsc::Sender<()>>,
+    /// Wakes the refresh thread to announce now; dropping it ends the thread.
+    kick: Option<mpsc::Sender<()>>,
     refresher: Option<JoinHandle<()>>,
 }
 
@@ -123,31 +124,37 @@ impl Announcer {
             let _ = shared.daemon.shutdown();
             return Err(e);
         }
-        let (stop, stopped) = mpsc::channel::<()>();
+        let (kick, kicks) = mpsc::channel::<()>();
         let for_thread = Arc::clone(&shared);
         let refresher = std::thread::Builder::new()
             .name("dnssd-refresh".into())
-            .spawn(move || {
-                // Ends when the sender is dropped by stop().
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(refresh) {
-                    if let Err(e) = for_thread.announce() {
-                        log::warn!("{e}");
-                    }
+            .spawn(move || loop {
+                match kicks.recv_timeout(refresh) {
+                    // A burst of session changes becomes one announcement.
+                    Ok(()) => while kicks.try_recv().is_ok() {},
+                    Err(RecvTimeoutError::Timeout) => {}
+                    // stop() dropped the sender.
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+                if let Err(e) = for_thread.announce() {
+                    log::warn!("{e}");
                 }
             })
             .map_err(|e| Error::io("dnssd: starting the refresh thread", e))?;
         log::debug!("dnssd: announced {} on port {port}", shared.fullname());
         Ok(Announcer {
             shared,
-            control: Mutex::new(Control { stop: Some(stop), refresher: Some(refresher) }),
+            control: Mutex::new(Control { kick: Some(kick), refresher: Some(refresher) }),
         })
     }
 
-    /// Records the number of sessions and announces the new TXT record at once.
+    /// Records the number of sessions; the refresh thread announces the new TXT record at
+    /// once. Never blocks on I/O, so the server may call it from async code.
     pub fn set_tenants(&self, tenants: usize) {
         self.shared.state.lock().unwrap_or_else(PoisonError::into_inner).tenants = tenants;
-        if let Err(e) = self.shared.announce() {
-            log::warn!("{e}");
+        let control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(kick) = &control.kick {
+            let _ = kick.send(());
         }
     }
 
@@ -169,13 +176,13 @@ impl Announcer {
     /// Unregisters (sends goodbye packets) and stops the responder. Later calls, and
     /// [`Announcer::set_tenants`] after it, do nothing.
     pub fn stop(&self) {
-        let (stop, refresher) = {
+        let (kick, refresher) = {
             let mut control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
-            (control.stop.take(), control.refresher.take())
+            (control.kick.take(), control.refresher.take())
         };
-        let Some(stop) = stop else { return };
+        let Some(kick) = kick else { return };
         self.shared.stopped.store(true, Ordering::SeqCst);
-        drop(stop);
+        drop(kick);
         if let Some(t) = refresher {
             let _ = t.join();
         }
