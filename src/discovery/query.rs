@@ -599,6 +599,28 @@ mod tests {
         assert_eq!(v.reasons, vec!["tenants<=1: \"many\" is not a number".to_string()]);
     }
 
+    #[test]
+    fn no_input_panics() {
+        // A deterministic walk over strings made of the characters the parser cares about.
+        let alphabet: Vec<char> = "dnssd:/?&=%<>!*._@#+a1fé\u{0}".chars().collect();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            let mut uri = String::from("dnssd://");
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 24) as usize;
+            for i in 0..len {
+                let pick = (seed >> (i % 32)) as usize % alphabet.len();
+                uri.push(alphabet[pick]);
+            }
+            if let Ok(query) = Query::parse(&uri) {
+                let _ = query.browse_name();
+                let _ = query.check("x._ncpu._tcp.local.", &txt(&[("tenants", "1")]));
+            }
+        }
+    }
+
     fn sorted(uri: &str, servers: &[(&str, &[(&str, &str)])]) -> Vec<String> {
         let mut list: Vec<(String, BTreeMap<String, String>)> =
             servers.iter().map(|(n, p)| (n.to_string(), txt(p))).collect();

@@ -87,8 +87,8 @@ pub fn parse_proc_stat(text: &str) -> Option<CpuTimes> {
     if fields.len() < 4 {
         return None;
     }
-    let total: u64 = fields.iter().take(8).sum();
-    let idle = fields[3] + fields.get(4).copied().unwrap_or(0);
+    let total = fields.iter().take(8).fold(0u64, |sum, f| sum.saturating_add(*f));
+    let idle = fields[3].saturating_add(fields.get(4).copied().unwrap_or(0));
     Some(CpuTimes { busy: total.saturating_sub(idle), total })
 }
 
