@@ -220,6 +220,9 @@ pub fn setup_pid1(opts: &CpudOptions) {
         Ok(false) => log::debug!("init: lo was already up"),
         Err(e) => log::warn!("init: cannot bring lo up: {e}"),
     }
+    if pid1 {
+        configure_ip_from_cmdline();
+    }
     if opts.klog {
         log::debug!("init: logging to /dev/kmsg");
     }
@@ -435,40 +438,184 @@ pub fn load_modules(list: &Path) -> (usize, usize) {
 
 /// Sets IFF_UP on interface `name`. Returns whether it was down before.
 pub fn set_interface_up(name: &str) -> std::io::Result<bool> {
-    // SAFETY: plain socket(2); the result is checked and closed below.
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if sock < 0 {
-        return Err(std::io::Error::last_os_error());
+    let sock = IoctlSocket::new()?;
+    let mut req = IoctlSocket::request(name)?;
+    sock.call(libc::SIOCGIFFLAGS as _, &mut req)?;
+    // SAFETY: after SIOCGIFFLAGS the union holds ifru_flags.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(false);
     }
-    let result = (|| {
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    sock.call(libc::SIOCSIFFLAGS as _, &mut req)?;
+    Ok(true)
+}
+
+/// A static `ip=` kernel argument: `client:server:gateway:netmask:hostname:device:autoconf`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticIp {
+    pub address: std::net::Ipv4Addr,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub netmask: std::net::Ipv4Addr,
+    pub hostname: String,
+    /// Empty: the first interface other than lo.
+    pub device: String,
+}
+
+/// The static configuration of an `ip=` word on the kernel command line, if there is one.
+/// Only the static form is taken (autoconf empty, `off`, `none` or `static`); `ip=dhcp` and
+/// friends need the kernel's own IP autoconfiguration or a DHCP client in the image. An
+/// empty netmask means /24.
+pub fn parse_ip_arg(cmdline: &str) -> Option<StaticIp> {
+    let value = cmdline.split_whitespace().filter_map(|w| w.strip_prefix("ip=")).next_back()?;
+    let f: Vec<&str> = value.split(':').collect();
+    let address = f.first()?.parse().ok()?;
+    let field = |i: usize| f.get(i).copied().unwrap_or("");
+    if !matches!(field(6), "" | "off" | "none" | "static") {
+        return None;
+    }
+    Some(StaticIp {
+        address,
+        gateway: field(2).parse().ok(),
+        netmask: field(3).parse().unwrap_or(std::net::Ipv4Addr::new(255, 255, 255, 0)),
+        hostname: field(4).to_string(),
+        device: field(5).to_string(),
+    })
+}
+
+/// Applies a static `ip=` that the kernel did not (Debian-style kernels have no
+/// CONFIG_IP_PNP, and a NIC driver that is a module loads only now).
+fn configure_ip_from_cmdline() {
+    let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") else { return };
+    if !cmdline.split_whitespace().any(|w| w.starts_with("ip=")) {
+        return;
+    }
+    let Some(ip) = parse_ip_arg(&cmdline) else {
+        log::info!("init: ip= is not a static address: left to the kernel or the image");
+        return;
+    };
+    // The NIC may appear a little after its driver module loaded: wait up to 3 s.
+    let mut device = ip.device.clone();
+    for _ in 0..60 {
+        if device.is_empty() {
+            device = first_network_interface().unwrap_or_default();
+        }
+        if !device.is_empty() && Path::new("/sys/class/net").join(&device).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if device.is_empty() || !Path::new("/sys/class/net").join(&device).exists() {
+        log::warn!("init: ip=: no network interface {device:?} found");
+        return;
+    }
+    if !ip.hostname.is_empty() {
+        let _ = rustix::system::sethostname(ip.hostname.as_bytes());
+    }
+    match configure_ipv4(&device, &ip) {
+        Ok(AddressState::AlreadySet) => log::debug!("init: {device} already has an address"),
+        Ok(AddressState::Configured) => log::info!(
+            "init: {device} is {}/{} via {}",
+            ip.address,
+            u32::from(ip.netmask).count_ones(),
+            ip.gateway.map(|g| g.to_string()).unwrap_or_else(|| "no gateway".into())
+        ),
+        Err(e) => log::warn!("init: cannot configure {device}: {e}"),
+    }
+}
+
+fn first_network_interface() -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
+enum AddressState {
+    AlreadySet,
+    Configured,
+}
+
+/// A socket for interface ioctls, closed on drop.
+struct IoctlSocket(i32);
+
+impl IoctlSocket {
+    fn new() -> std::io::Result<Self> {
+        // SAFETY: plain socket(2); the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(IoctlSocket(fd))
+    }
+
+    /// An ifreq naming `name` (all other fields zero).
+    fn request(name: &str) -> std::io::Result<libc::ifreq> {
         // SAFETY: ifreq is plain old data; all zeroes is a valid value.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
         let bytes = name.as_bytes();
-        if bytes.len() >= req.ifr_name.len() {
+        if bytes.is_empty() || bytes.len() >= req.ifr_name.len() {
             return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
         }
         for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
             *dst = *src as libc::c_char;
         }
-        // SAFETY: SIOCGIFFLAGS reads the flags into req, a valid ifreq with a NUL-terminated name.
-        if unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        Ok(req)
+    }
+
+    /// ioctl(2) on the socket with a pointer argument.
+    fn call<T>(&self, request: libc::c_ulong, arg: &mut T) -> std::io::Result<()> {
+        // SAFETY: every caller passes the structure type that `request` reads or writes.
+        if unsafe { libc::ioctl(self.0, request as _, arg as *mut T) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: after SIOCGIFFLAGS the union holds ifru_flags.
-        let flags = unsafe { req.ifr_ifru.ifru_flags };
-        if flags & libc::IFF_UP as libc::c_short != 0 {
-            return Ok(false);
-        }
-        req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-        // SAFETY: SIOCSIFFLAGS with the same valid ifreq, flags field set.
-        if unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(true)
-    })();
-    // SAFETY: sock is our descriptor, closed once.
-    unsafe { libc::close(sock) };
-    result
+        Ok(())
+    }
+}
+
+impl Drop for IoctlSocket {
+    fn drop(&mut self) {
+        // SAFETY: our descriptor, closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn sockaddr_v4(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    // SAFETY: sockaddr_in is plain old data; all zeroes is valid.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_addr.s_addr = u32::from_ne_bytes(addr.octets());
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) on Linux.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn configure_ipv4(device: &str, ip: &StaticIp) -> std::io::Result<AddressState> {
+    let sock = IoctlSocket::new()?;
+    let mut req = IoctlSocket::request(device)?;
+    if sock.call(libc::SIOCGIFADDR as _, &mut req).is_ok() {
+        return Ok(AddressState::AlreadySet);
+    }
+    let mut req = IoctlSocket::request(device)?;
+    req.ifr_ifru.ifru_addr = sockaddr_v4(ip.address);
+    sock.call(libc::SIOCSIFADDR as _, &mut req)?;
+    let mut req = IoctlSocket::request(device)?;
+    req.ifr_ifru.ifru_netmask = sockaddr_v4(ip.netmask);
+    sock.call(libc::SIOCSIFNETMASK as _, &mut req)?;
+    set_interface_up(device)?;
+    if let Some(gw) = ip.gateway {
+        // SAFETY: rtentry is plain old data; all zeroes is valid.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_v4(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        sock.call(libc::SIOCADDRT as _, &mut rt)?;
+    }
+    Ok(AddressState::Configured)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -653,10 +800,10 @@ fn supervisor_sigset() -> libc::sigset_t {
 
 /// Waits at most `timeout` for one of the supervisor's signals; None on timeout.
 fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
+    // SAFETY: timespec is plain old data; all zeroes is valid.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    ts.tv_sec = timeout.as_secs().min(i32::MAX as u64) as _;
+    ts.tv_nsec = timeout.subsec_nanos() as _;
     // SAFETY: valid set and timespec pointers; a null siginfo is allowed.
     let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
     (sig > 0).then_some(sig)
@@ -1013,6 +1160,20 @@ mod tests {
             ]
         );
         assert_eq!(module_file("/abs/x.ko", "6.1.0"), PathBuf::from("/abs/x.ko"));
+    }
+
+    #[test]
+    fn static_ip_argument() {
+        let ip = parse_ip_arg("console=ttyS0 ip=10.0.2.15::10.0.2.2:255.255.255.0:board:eth0:off quiet").unwrap();
+        assert_eq!(ip.address, std::net::Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(ip.gateway, Some(std::net::Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(ip.netmask, std::net::Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!((ip.hostname.as_str(), ip.device.as_str()), ("board", "eth0"));
+        let ip = parse_ip_arg("ip=192.168.1.9").unwrap();
+        assert_eq!((ip.gateway, ip.netmask.octets(), ip.device.as_str()), (None, [255, 255, 255, 0], ""));
+        assert_eq!(parse_ip_arg("ip=dhcp"), None);
+        assert_eq!(parse_ip_arg("ip=10.0.0.2:::::eth0:dhcp"), None);
+        assert_eq!(parse_ip_arg("quiet"), None);
     }
 
     #[test]
