@@ -350,7 +350,7 @@ fn set_default_env() {
         ("LOGNAME", if root { "root" } else { "" }),
     ];
     for (name, value) in defaults {
-        if !value.is_empty() && std::env::var_os(name).is_none_or(|v| v.is_empty()) {
+        if !value.is_empty() && !std::env::var_os(name).is_some_and(|v| !v.is_empty()) {
             std::env::set_var(name, value);
         }
     }
@@ -1164,7 +1164,8 @@ mod tests {
 
     #[test]
     fn static_ip_argument() {
-        let ip = parse_ip_arg("console=ttyS0 ip=10.0.2.15::10.0.2.2:255.255.255.0:board:eth0:off quiet").unwrap();
+        let ip =
+            parse_ip_arg("console=ttyS0 ip=10.0.2.15::10.0.2.2:255.255.255.0:board:eth0:off quiet").unwrap();
         assert_eq!(ip.address, std::net::Ipv4Addr::new(10, 0, 2, 15));
         assert_eq!(ip.gateway, Some(std::net::Ipv4Addr::new(10, 0, 2, 2)));
         assert_eq!(ip.netmask, std::net::Ipv4Addr::new(255, 255, 255, 0));
