@@ -223,8 +223,11 @@ pub fn setup_pid1(opts: &CpudOptions) {
     if pid1 {
         configure_ip_from_cmdline();
     }
-    if opts.klog {
-        log::debug!("init: logging to /dev/kmsg");
+    if opts.klog && pid1 {
+        // Lines written to /dev/kmsg are rate-limited by default (10 per 5 s): lift that.
+        if std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n").is_err() {
+            log::debug!("init: cannot set kernel.printk_devkmsg=on");
+        }
     }
 }
 
@@ -861,8 +864,8 @@ impl<F: Fn(CpudOptions) -> Result<()>> Supervisor<F> {
                 _ => IDLE_WAKE,
             };
             let sig = wait_signal(&self.sigset, timeout);
-            self.reap();
-            let finish = match sig {
+            let server_finished = self.reap();
+            let finish = server_finished.or(match sig {
                 Some(libc::SIGTERM) | Some(libc::SIGINT) => {
                     log::info!("init: {} received: stopping", signal_name(sig.unwrap_or(0)));
                     Some(self.requested_finish())
@@ -878,7 +881,7 @@ impl<F: Fn(CpudOptions) -> Result<()>> Supervisor<F> {
                     None
                 }
                 _ => None,
-            };
+            });
             if let Some(finish) = finish {
                 if self.shutdown(finish) {
                     return Ok(());
@@ -955,8 +958,10 @@ impl<F: Fn(CpudOptions) -> Result<()>> Supervisor<F> {
         }
     }
 
-    /// Reaps every exited child; notices the server's end.
-    fn reap(&mut self) {
+    /// Reaps every exited child; notices the server's end. Returns what to do when the server
+    /// stopped for good (status 0) and `-poweroff`/`-reboot` says what follows.
+    fn reap(&mut self) -> Option<Finish> {
+        let mut finish = None;
         for (pid, exit) in reap_children(is_session_child) {
             match self.server {
                 Some((server, started)) if server == pid => {
@@ -969,11 +974,7 @@ impl<F: Fn(CpudOptions) -> Result<()>> Supervisor<F> {
                         // The server stopped for good and a flag says what to do then.
                         log::info!("init: server finished");
                         self.restart_at = None;
-                        let finish = self.requested_finish();
-                        if self.shutdown(finish) && !self.pid1 {
-                            // Not PID 1: power requests only end the supervisor.
-                            std::process::exit(0);
-                        }
+                        finish = Some(self.requested_finish());
                         continue;
                     }
                     self.schedule_restart(&format!(
@@ -984,6 +985,7 @@ impl<F: Fn(CpudOptions) -> Result<()>> Supervisor<F> {
                 _ => log::debug!("init: reaped {pid}: {exit}"),
             }
         }
+        finish
     }
 
     /// Waits up to `limit` (in short sigtimedwait naps, reaping) until `done` holds.

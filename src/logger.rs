@@ -64,7 +64,9 @@ impl Log for Logger {
                     *k = std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok();
                 }
                 if let Some(f) = k.as_mut() {
-                    let _ = writeln!(f, "<{prio}>{}: {prefix}{}", self.applet, record.args());
+                    // One write(2) per record: /dev/kmsg makes a log entry of each write.
+                    let line = format!("<{prio}>{}: {prefix}{}\n", self.applet, record.args());
+                    let _ = f.write_all(line.as_bytes());
                     return;
                 }
             }

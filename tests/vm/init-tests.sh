@@ -8,7 +8,8 @@
 #   that fails is restarted with a growing pause, PID 1 never exits (no kernel panic).
 #   Ctrl-Alt-Del (sent through the qemu monitor) reaches PID 1 as SIGINT: without -poweroff
 #   it stops everything and restarts the server.
-# Boot 2: with -poweroff in /etc/cpud/flags, Ctrl-Alt-Del powers the guest off cleanly.
+# Boot 2: with -poweroff -klog in /etc/cpud/flags, Ctrl-Alt-Del powers the guest off cleanly,
+#   and cpud's log lines go through the kernel log.
 # With a working SSH server (the stub fails on purpose), boot 1 also runs cpu against it:
 #   a double-forking command leaves no zombie, a crashing session does not take PID 1 down,
 #   and a killed server is restarted.
@@ -73,7 +74,17 @@ free_port() {
 # boot NAME IMAGE PORT: qemu in the background (TCG), console in $WORK/NAME.log,
 # monitor commands through the fifo $WORK/NAME.mon.in
 boot() {
+	local try
+	for try in 1 2 3; do
+		boot_once "$@" && return 0
+		# most likely the host port was taken meanwhile: pick another one
+		PORT=$(free_port); set -- "$1" "$2" "$PORT"
+	done
+	return 1
+}
+boot_once() {
 	local name=$1 image=$2 port=$3
+	rm -f "$WORK/$name.mon.in" "$WORK/$name.mon.out"
 	mkfifo "$WORK/$name.mon.in" "$WORK/$name.mon.out"
 	# keep the monitor fifos open so qemu never blocks on them
 	exec {mon_out}<>"$WORK/$name.mon.out"
@@ -177,20 +188,32 @@ fi
 check "no kernel panic, PID 1 never exited" "! grep -qaE 'Kernel panic|Attempted to kill init' '$WORK/a.log'"
 kill -KILL "$(cat "$WORK/a.pid")" 2>/dev/null
 
-# ------------------------------------------------------------------ boot 2: -poweroff
-if build_image "$WORK/b.cpio.gz" -poweroff; then
+# ------------------------------------------------------------------ boot 2: -poweroff -klog
+# Appended to another initramfs (as onto a u-root one): a base image whose /init is a
+# busybox script; ours, concatenated after it, must win.
+BASE=$WORK/base
+mkdir -p "$BASE/bin"
+BB=$(command -v busybox || true)
+[ -n "$BB" ] && cp "$BB" "$BASE/bin/busybox"
+printf '#!/bin/busybox sh\necho WRONG-INIT-RAN\n/bin/busybox poweroff -f\n' >"$BASE/init"
+chmod 755 "$BASE/init"
+(cd "$BASE" && find . | sort | cpio -o -H newc -R 0:0 --quiet) | gzip -1 >"$WORK/base.cpio.gz"
+if build_image "$WORK/b-own.cpio.gz" -poweroff -klog; then
+	cat "$WORK/base.cpio.gz" "$WORK/b-own.cpio.gz" >"$WORK/b.cpio.gz"
 	PORT=$(free_port)
-	boot b "$WORK/b.cpio.gz" "$PORT" || fail "qemu (boot 2) did not start"
+	boot b "$WORK/b.cpio.gz" "$PORT" || fail "qemu (boot 2) did not start: $(cat "$WORK/b.qemu.err" 2>/dev/null)"
 	if wait_log b 'init: server started' 180; then
 		monitor b "sendkey ctrl-alt-delete"
 		QP=$(cat "$WORK/b.pid")
 		for _ in $(seq 300); do alive "$QP" || break; sleep 0.1; done
 		check "with -poweroff, Ctrl-Alt-Del powers the guest off" "! alive $QP && grep -qa 'init: poweroff' '$WORK/b.log'"
 		check "power-off went through the kernel (reboot: Power down)" "grep -qa 'reboot: Power down' '$WORK/b.log'"
+		check "-klog: cpud's lines went through /dev/kmsg" "grep -qaE '^\[ *[0-9.]+\] cpud: init: server started' '$WORK/b.log'"
 	else
 		fail "boot 2: server never started"
 	fi
 	check "boot 2: no kernel panic" "! grep -qaE 'Kernel panic|Attempted to kill init' '$WORK/b.log'"
+	check "appended to another initramfs, our /init wins" "grep -qa 'cpud: init: cpud .* as PID 1' '$WORK/b.log' && ! grep -qa WRONG-INIT-RAN '$WORK/b.log'"
 fi
 if [ "$FAILED" != 0 ] && [ -n "${INIT_TESTS_KEEP_LOG:-}" ]; then cp "$WORK"/*.log "$INIT_TESTS_KEEP_LOG"/ 2>/dev/null; fi
 finish
