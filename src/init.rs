@@ -950,8 +950,12 @@ impl<F: Fn(CpudOptions) -> Result<()>> Supervisor<F> {
 
     fn schedule_restart(&mut self, why: &str) {
         let pause = if self.restart_now { Duration::ZERO } else { self.backoff };
+        if self.restart_now {
+            log::info!("init: {why}; restarting it now (SIGHUP)");
+        } else {
+            log::error!("init: {why}; restarting it in {}s", pause.as_secs());
+        }
         self.restart_now = false;
-        log::error!("init: {why}; restarting it in {}s", pause.as_secs());
         self.restart_at = Some(Instant::now() + pause);
         if !pause.is_zero() {
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
