@@ -1,6 +1,7 @@
 //! PID 1 duties for `cpud -init` (and any cpud that finds itself PID 1): the basic mounts,
-//! the console, a sane environment, kernel modules, the loopback interface, and a supervisor
-//! that reaps every orphan and keeps the SSH server running.
+//! the console, a sane environment, kernel modules (/etc/cpud/modules), the loopback
+//! interface, a static `ip=` the kernel could not apply, and a supervisor that reaps every
+//! orphan and keeps the SSH server running.
 //!
 //! Design: the supervisor (PID 1, or a child subreaper when `-init` is given to a cpud that is
 //! not PID 1) stays single-threaded and never runs the server itself. It forks a child that
