@@ -5,6 +5,9 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 MUSL := x86_64-unknown-linux-musl
 STATIC_BIN := $(TARGET_DIR)/$(MUSL)/release/cpu-all
 PREFIX ?= /usr/local
+SYSTEMD_UNIT_DIR_SET := $(SYSTEMD_UNIT_DIR)
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+INITRAMFS ?= $(TARGET_DIR)/cpu-all-initramfs.cpio.gz
 APPLETS := cpu cpud decpu decpud
 # ring builds C for musl: plain gcc works when musl-gcc is absent (no libc headers needed).
 export CC_x86_64_unknown_linux_musl ?= $(shell command -v musl-gcc >/dev/null 2>&1 && echo musl-gcc || echo gcc)
@@ -22,10 +25,25 @@ static: ## fully static x86_64 musl release binary
 	@file $(STATIC_BIN) 2>/dev/null | grep -Eq 'static(-pie)? linked' || { echo "error: $(STATIC_BIN) is not statically linked"; file $(STATIC_BIN); exit 1; }
 	@echo "$(STATIC_BIN): $$(stat -c %s $(STATIC_BIN)) bytes"
 
-install: static ## install cpu-all and the applet links into $(PREFIX)/bin
+install: static ## install cpu-all and the applet links into $(PREFIX)/bin (INSTALL_SERVICES=1: also enable-able service files)
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 0755 $(STATIC_BIN) $(DESTDIR)$(PREFIX)/bin/cpu-all
 	for a in $(APPLETS); do ln -sf cpu-all $(DESTDIR)$(PREFIX)/bin/$$a; done
+	install -d $(DESTDIR)$(PREFIX)/share/cpu-all/service
+	install -m 0644 service/cpud.service $(DESTDIR)$(PREFIX)/share/cpu-all/service/cpud.service
+	install -m 0755 service/cpud.init $(DESTDIR)$(PREFIX)/share/cpu-all/service/cpud.init
+	@if [ "$(INSTALL_SERVICES)" = 1 ]; then \
+		if [ -d /run/systemd/system ] || [ -n "$(SYSTEMD_UNIT_DIR_SET)" ]; then \
+			install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR); \
+			sed 's|/usr/local/bin/|$(PREFIX)/bin/|' service/cpud.service >$(DESTDIR)$(SYSTEMD_UNIT_DIR)/cpud.service; \
+			echo "installed $(DESTDIR)$(SYSTEMD_UNIT_DIR)/cpud.service (systemctl enable --now cpud)"; \
+		else \
+			install -d $(DESTDIR)/etc/init.d; \
+			sed 's|^CPUD=/usr/local/bin/cpud|CPUD=$(PREFIX)/bin/cpud|' service/cpud.init >$(DESTDIR)/etc/init.d/cpud; \
+			chmod 0755 $(DESTDIR)/etc/init.d/cpud; \
+			echo "installed $(DESTDIR)/etc/init.d/cpud"; \
+		fi; \
+	fi
 
 size: static ## print the static binary's size in bytes
 	@stat -c %s $(STATIC_BIN)
@@ -53,6 +71,12 @@ demo: setup static ## boot a VM running cpud and run cpu against it
 
 bench: static ## figures for speed and size, compared with bench/baseline.txt
 	bench/run $(STATIC_BIN)
+
+initramfs: static ## initramfs with cpud as /init: make initramfs KEY=key.pub [EXTRA="src:/dst ..."] [MODDIR=/lib/modules/V MODULES="9p virtio_net"] [FLAGS="-d -poweroff"] [INITRAMFS=out]
+	@[ -n "$(KEY)" ] || { echo "usage: make initramfs KEY=path/to/key.pub [EXTRA=src:/dst ...] [MODDIR=... MODULES=...] [FLAGS=...]"; exit 2; }
+	vm/mkinitramfs -b $(STATIC_BIN) -k "$(KEY)" -o "$(INITRAMFS)" $(if $(STATE),-s "$(STATE)") \
+		$(foreach e,$(EXTRA),-e "$(e)") $(if $(MODDIR),-M "$(MODDIR)") $(foreach m,$(MODULES),-m "$(m)") \
+		$(foreach f,$(FLAGS),-f "$(f)")
 
 help:
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'

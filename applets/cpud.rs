@@ -17,13 +17,52 @@ pub fn daemon_main(applet: &'static str, args: Vec<OsString>, decpud: bool) -> i
     let usage = if decpud { cpu_all::options::decpud_flags().usage() } else { cpud_flags().usage() };
     let opts = match CpudOptions::from_args(args, decpud) {
         Ok(o) => o,
+        // PID 1 must not exit (the kernel would panic): serve with the boot defaults instead.
+        Err(e) if cpu_all::init::is_pid1() => {
+            eprintln!("{applet}: {e}; running as init with the default flags");
+            match cpu_all::init::fallback_options() {
+                Ok(o) => o,
+                Err(e) => {
+                    cpu_all::error::report(applet, &e);
+                    cpu_all::init::hang()
+                }
+            }
+        }
         Err(e) => return crate::flag_failure(applet, &usage, &e),
     };
+    serve(applet, opts)
+}
+
+/// `/init`, a link to cpu-all named `init`: `cpud -init` with the boot files of
+/// `make initramfs` (see `cpu_all::init::boot_args`). The words the kernel passes to init
+/// are not cpud flags and are ignored.
+pub fn init_main(_kernel_args: Vec<OsString>) -> i32 {
+    let opts = match cpu_all::init::boot_options(std::path::Path::new(cpu_all::init::BOOT_FLAGS_FILE)) {
+        Ok(o) => o,
+        Err(e) => {
+            cpu_all::error::report("init", &e);
+            cpu_all::init::hang()
+        }
+    };
+    serve("cpud", opts)
+}
+
+/// The daemon, supervised by `cpu_all::init` when `-init` is given or we are PID 1.
+fn serve(applet: &'static str, opts: CpudOptions) -> i32 {
     cpu_all::logger::init(applet, opts.debug, opts.klog);
-    match cpu_all::server::run(opts) {
+    let as_init = opts.init || cpu_all::init::is_pid1();
+    let result = if as_init {
+        cpu_all::init::run_as_init(opts, cpu_all::server::run)
+    } else {
+        cpu_all::server::run(opts)
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
             cpu_all::error::report(applet, &e);
+            if cpu_all::init::is_pid1() {
+                cpu_all::init::hang()
+            }
             e.exit_code()
         }
     }

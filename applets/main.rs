@@ -44,6 +44,8 @@ fn main() {
     let base = Path::new(&argv0).file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
     let code = match find(&base) {
         Some(applet) => (applet.main)(args),
+        // An initramfs's /init links to cpu-all: run cpud -init with the boot files.
+        None if base == "init" => cpud::init_main(args),
         None => multicall(args),
     };
     std::process::exit(code);

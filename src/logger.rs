@@ -12,7 +12,10 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct Logger {
     applet: &'static str,
-    kmsg: Option<std::sync::Mutex<std::fs::File>>,
+    /// `-klog`: write to /dev/kmsg. It is opened on first use, because a cpud that is PID 1
+    /// initialises the logger before it has mounted /dev.
+    klog: bool,
+    kmsg: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
@@ -29,12 +32,7 @@ pub fn init(applet: &'static str, debug: bool, klog: bool) {
         .ok()
         .and_then(|v| v.parse::<LevelFilter>().ok())
         .unwrap_or(if debug { LevelFilter::Debug } else { LevelFilter::Info });
-    let kmsg = if klog {
-        std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok().map(std::sync::Mutex::new)
-    } else {
-        None
-    };
-    let logger = LOGGER.get_or_init(|| Logger { applet, kmsg });
+    let logger = LOGGER.get_or_init(|| Logger { applet, klog, kmsg: std::sync::Mutex::new(None) });
     let _ = log::set_logger(logger);
     log::set_max_level(level);
 }
@@ -53,7 +51,7 @@ impl Log for Logger {
             Level::Warn => "warning: ",
             _ => "",
         };
-        if let Some(k) = &self.kmsg {
+        if self.klog {
             // Kernel log priorities: 3 err, 4 warning, 6 info, 7 debug.
             let prio = match record.level() {
                 Level::Error => 3,
@@ -61,9 +59,16 @@ impl Log for Logger {
                 Level::Info => 6,
                 _ => 7,
             };
-            if let Ok(mut f) = k.lock() {
-                let _ = writeln!(f, "<{prio}>{}: {prefix}{}", self.applet, record.args());
-                return;
+            if let Ok(mut k) = self.kmsg.lock() {
+                if k.is_none() {
+                    *k = std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok();
+                }
+                if let Some(f) = k.as_mut() {
+                    // One write(2) per record: /dev/kmsg makes a log entry of each write.
+                    let line = format!("<{prio}>{}: {prefix}{}\n", self.applet, record.args());
+                    let _ = f.write_all(line.as_bytes());
+                    return;
+                }
             }
         }
         let end = if RAW_TERMINAL.load(Ordering::Relaxed) { "\r\n" } else { "\n" };

@@ -211,6 +211,8 @@ pub struct CpudOptions {
     pub state_dir: String,
     /// As PID 1: power off when the server stops for good (`-poweroff`, extension).
     pub poweroff: bool,
+    /// As PID 1: reboot on SIGTERM/SIGINT or when the server stops (`-reboot`, extension).
+    pub reboot: bool,
     /// decpud: DNS-SD registration settings.
     pub dnssd: DnssdOptions,
 }
@@ -251,7 +253,8 @@ fn daemon_flags(name: &'static str, synopsis: &'static str, decpud: bool) -> Fla
             "add a sleep before serving -- usually only needed if cpud runs as init with uinitcmd",
         )
         .string("statedir", "", "directory where a generated host key is kept across restarts")
-        .bool("poweroff", false, "as PID 1, power off when the server stops instead of restarting it");
+        .bool("poweroff", false, "as PID 1, power off when the server stops instead of restarting it")
+        .bool("reboot", false, "as PID 1, reboot when the server stops instead of restarting it");
     if decpud {
         f = f
             .bool("dnssd", true, "advertise service using DNSSD")
@@ -322,6 +325,7 @@ impl CpudOptions {
             sleep_before_serving: p.duration("sleepBeforeServing"),
             state_dir: p.string("statedir"),
             poweroff: p.bool("poweroff"),
+            reboot: p.bool("reboot"),
             dnssd,
         })
     }
