@@ -1,0 +1,219 @@
+//! Pseudo-terminals for `pty-req` sessions: open a pair, size it, and do async I/O on the
+//! master side.
+//!
+//! The daemon keeps only the master; the slave is handed to the child (as its stdin, stdout,
+//! stderr and controlling terminal) and closed here right after the spawn, so a master read
+//! ends (EIO) once the child and everything it left holding the terminal have gone.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustix::pty::OpenptFlags;
+use rustix::termios::Winsize;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A terminal size as SSH sends it (characters and pixels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowSize {
+    pub cols: u32,
+    pub rows: u32,
+    pub width_px: u32,
+    pub height_px: u32,
+}
+
+impl WindowSize {
+    fn to_winsize(self) -> Winsize {
+        let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
+        Winsize {
+            ws_col: clamp(self.cols),
+            ws_row: clamp(self.rows),
+            ws_xpixel: clamp(self.width_px),
+            ws_ypixel: clamp(self.height_px),
+        }
+    }
+}
+
+/// A freshly opened pseudo-terminal pair.
+pub struct PtyPair {
+    pub master: OwnedFd,
+    pub slave: OwnedFd,
+}
+
+/// Opens a pty pair of the given size. Both ends are close-on-exec; the child gets the slave
+/// through dup2, which clears the flag on its stdio copies.
+pub fn open(size: WindowSize) -> io::Result<PtyPair> {
+    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let slave = match rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC) {
+        Ok(fd) => fd,
+        // Kernels before 4.13: open the slave by name.
+        Err(_) => {
+            let name = rustix::pty::ptsname(&master, Vec::new())?;
+            rustix::fs::open(
+                name.as_c_str(),
+                rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?
+        }
+    };
+    set_size(&master, size)?;
+    Ok(PtyPair { master, slave })
+}
+
+/// TIOCSWINSZ: the kernel sends SIGWINCH to the terminal's foreground process group.
+pub fn set_size(fd: impl AsFd, size: WindowSize) -> io::Result<()> {
+    Ok(rustix::termios::tcsetwinsize(fd, size.to_winsize())?)
+}
+
+/// The master side, non-blocking, registered with the tokio reactor.
+pub struct PtyMaster {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PtyMaster {
+    /// Takes the master fd; must be called inside a tokio runtime.
+    pub fn new(master: OwnedFd) -> io::Result<PtyMaster> {
+        rustix::io::ioctl_fionbio(&master, true)?;
+        // SAFETY: an OwnedFd stays open for as long as the AsyncFd owns it and always returns
+        // the same descriptor from as_raw_fd.
+        let fd = unsafe { AsyncFd::register(master) }.map_err(|e| e.into_parts().1)?;
+        Ok(PtyMaster { fd })
+    }
+
+    /// Reads what the child wrote; Ok(0) once the slave side is closed for good (EIO).
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|inner| rustix::io::read(inner.get_ref(), &mut *buf).map_err(io::Error::from)) {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => return Ok(0),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes all of `data` to the terminal (the child's input).
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|inner| rustix::io::write(inner.get_ref(), data).map_err(io::Error::from)) {
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn set_size(&self, size: WindowSize) -> io::Result<()> {
+        set_size(self.fd.get_ref(), size)
+    }
+
+    /// The terminal's foreground process group (where a typed ^C would go), if any.
+    pub fn foreground_group(&self) -> Option<i32> {
+        rustix::termios::tcgetpgrp(self.fd.get_ref()).ok().map(|p| p.as_raw_nonzero().get())
+    }
+}
+
+/// A shared master as an `AsyncRead` + `AsyncWrite` (output pump and input writer each hold
+/// one; the terminal closes when the last copy is dropped).
+#[derive(Clone)]
+pub struct PtyIo(pub Arc<PtyMaster>);
+
+impl AsyncRead for PtyIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.0.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|inner| rustix::io::read(inner.get_ref(), &mut *unfilled).map_err(io::Error::from)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // EIO: every slave holder is gone, the terminal's end of file.
+                Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
+                    return Poll::Ready(Ok(()))
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PtyIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.0.fd.poll_write_ready(cx))?;
+            match guard.try_io(|inner| rustix::io::write(inner.get_ref(), data).map_err(io::Error::from)) {
+                Ok(Ok(n)) => return Poll::Ready(Ok(n)),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A terminal has no half-close; the client's EOF is not passed on.
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_sets_the_size_on_both_ends() {
+        let size = WindowSize { cols: 91, rows: 27, width_px: 0, height_px: 0 };
+        let pair = open(size).unwrap();
+        let ws = rustix::termios::tcgetwinsize(&pair.slave).unwrap();
+        assert_eq!((ws.ws_col, ws.ws_row), (91, 27));
+        set_size(&pair.master, WindowSize { cols: 100, rows: 40, ..size }).unwrap();
+        let ws = rustix::termios::tcgetwinsize(&pair.slave).unwrap();
+        assert_eq!((ws.ws_col, ws.ws_row), (100, 40));
+        // Huge values from the wire are clamped, not wrapped.
+        set_size(&pair.master, WindowSize { cols: 70000, rows: 1, ..size }).unwrap();
+        assert_eq!(rustix::termios::tcgetwinsize(&pair.slave).unwrap().ws_col, u16::MAX);
+    }
+
+    #[test]
+    fn master_read_ends_when_the_slave_closes() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let pair = open(WindowSize { cols: 80, rows: 24, ..Default::default() }).unwrap();
+            let master = PtyMaster::new(pair.master).unwrap();
+            rustix::io::write(&pair.slave, b"hi\n").unwrap();
+            drop(pair.slave);
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = tokio::time::timeout(std::time::Duration::from_secs(5), master.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            // The line discipline turns \n into \r\n.
+            assert_eq!(got, b"hi\r\n");
+        });
+    }
+}
