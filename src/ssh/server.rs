@@ -28,7 +28,7 @@ use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Sessi
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, SshId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::error::{Error, Result};
 use crate::ssh::authorized_keys::{AuthorizedKeys, Permissions, Verdict};
@@ -282,7 +282,7 @@ struct ConnHandler {
     authenticated: Option<oneshot::Sender<()>>,
     permissions: Permissions,
     channels: HashMap<ChannelId, ChannelState>,
-    forwards: HashMap<(String, u32), AbortHandle>,
+    forwards: HashMap<(String, u32), JoinHandle<()>>,
 }
 
 impl ConnHandler {
@@ -541,7 +541,7 @@ impl Handler for ConnHandler {
         *port = actual;
         log::debug!("{}: forwarding {address}:{actual}", self.peer);
         let task = tokio::spawn(forward_accept_loop(listener, session.handle(), address.to_string(), actual));
-        if let Some(old) = self.forwards.insert((address.to_string(), actual), task.abort_handle()) {
+        if let Some(old) = self.forwards.insert((address.to_string(), actual), task) {
             old.abort();
         }
         Ok(true)
@@ -550,7 +550,9 @@ impl Handler for ConnHandler {
     async fn cancel_tcpip_forward(&mut self, address: &str, port: u32, _session: &mut Session) -> Result<bool, Self::Error> {
         match self.forwards.remove(&(address.to_string(), port)) {
             Some(task) => {
-                task.abort(); // drops the listener: the port is closed
+                // Wait for the task to be gone so the port is closed before the reply.
+                task.abort();
+                let _ = task.await;
                 log::debug!("{}: cancelled forward {address}:{port}", self.peer);
                 Ok(true)
             }
