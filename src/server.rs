@@ -24,7 +24,10 @@ pub fn run(opts: CpudOptions) -> Result<()> {
 
 /// [`run`], calling `on_tenants` with the number of running sessions whenever it changes
 /// (decpud announces it).
-pub fn run_with_tenants(opts: CpudOptions, on_tenants: Option<Arc<dyn Fn(usize) + Send + Sync>>) -> Result<()> {
+pub fn run_with_tenants(
+    opts: CpudOptions,
+    on_tenants: Option<Arc<dyn Fn(usize) + Send + Sync>>,
+) -> Result<()> {
     let config = server_config(&opts, on_tenants)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -46,7 +49,10 @@ pub fn run_with_tenants(opts: CpudOptions, on_tenants: Option<Arc<dyn Fn(usize) 
 
 /// Builds the server configuration from the flags; fails (exit 1) on an unusable host key or
 /// authorized keys file.
-pub fn server_config(opts: &CpudOptions, on_tenants: Option<Arc<dyn Fn(usize) + Send + Sync>>) -> Result<ServerConfig> {
+pub fn server_config(
+    opts: &CpudOptions,
+    on_tenants: Option<Arc<dyn Fn(usize) + Send + Sync>>,
+) -> Result<ServerConfig> {
     let (key, source) = hostkey::load_or_create(&opts.host_key, &opts.state_dir)?;
     let fp = hostkey::fingerprint(key.public_key());
     let alg = key.algorithm().as_str().to_string();
@@ -54,22 +60,31 @@ pub fn server_config(opts: &CpudOptions, on_tenants: Option<Arc<dyn Fn(usize) + 
         HostKeySource::File(p) => log::info!("host key {alg} {fp} from {}", p.display()),
         HostKeySource::StateLoaded(p) => log::info!("host key {alg} {fp} from {}", p.display()),
         HostKeySource::StateCreated(p) => log::info!("host key {alg} {fp} created in {}", p.display()),
-        HostKeySource::Ephemeral => log::info!("host key {alg} {fp} (generated for this run; use -hk or -statedir to keep one)"),
+        HostKeySource::Ephemeral => {
+            log::info!("host key {alg} {fp} (generated for this run; use -hk or -statedir to keep one)")
+        }
     }
     let authorized = if opts.authorized_keys.is_empty() {
-        log::warn!("-pk \"\": NO AUTHENTICATION. Anyone who can reach this port can run commands as this user.");
+        log::warn!(
+            "-pk \"\": NO AUTHENTICATION. Anyone who can reach this port can run commands as this user."
+        );
         None
     } else {
         let path = PathBuf::from(&opts.authorized_keys);
         let keys = AuthorizedKeys::load(&path).map_err(|e| match e {
-            Error::Daemon(m) => Error::Daemon(format!("{m} (-pk names the authorized keys; -pk \"\" turns authentication off)")),
+            Error::Daemon(m) => Error::Daemon(format!(
+                "{m} (-pk names the authorized keys; -pk \"\" turns authentication off)"
+            )),
             other => other,
         })?;
         for w in &keys.warnings {
             log::warn!("{}: {w}", path.display());
         }
         if keys.keys.is_empty() {
-            log::warn!("{} has no usable key: every login will be refused until one is added", path.display());
+            log::warn!(
+                "{} has no usable key: every login will be refused until one is added",
+                path.display()
+            );
         } else {
             log::info!("{} key(s) authorized by {}", keys.keys.len(), path.display());
         }

@@ -85,8 +85,9 @@ fn exit_status_does_not_wait_for_stdin_eof() {
 #[test]
 fn pty_session_has_the_clients_size_and_term() {
     let (_dir, key, server) = setup("pty");
-    let pair = cpu_all::ssh::pty::open(cpu_all::ssh::pty::WindowSize { cols: 101, rows: 33, ..Default::default() })
-        .expect("open a pty for ssh");
+    let pair =
+        cpu_all::ssh::pty::open(cpu_all::ssh::pty::WindowSize { cols: 101, rows: 33, ..Default::default() })
+            .expect("open a pty for ssh");
     let mut cmd = ssh_command(server.port, &key);
     cmd.args(["-tt", "127.0.0.1", "stty size; echo TERM=$TERM"])
         .env("TERM", "vt100")
@@ -204,7 +205,10 @@ fn fifty_concurrent_sessions_all_succeed() {
 fn a_vanished_client_leaves_no_process_behind() {
     let (_dir, key, server) = setup("vanish");
     let mut cmd = ssh_command(server.port, &key);
-    cmd.args(["127.0.0.1", "echo $$; exec sleep 1000"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.args(["127.0.0.1", "echo $$; exec sleep 1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let mut child = cmd.spawn().expect("spawn ssh");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut line = Vec::new();
@@ -219,5 +223,8 @@ fn a_vanished_client_leaves_no_process_behind() {
     assert!(process_exists(pid));
     let _ = child.kill();
     let _ = child.wait();
-    assert!(wait_until(Duration::from_secs(10), || !process_exists(pid)), "process {pid} outlived its client");
+    assert!(
+        wait_until(Duration::from_secs(10), || !process_exists(pid)),
+        "process {pid} outlived its client"
+    );
 }

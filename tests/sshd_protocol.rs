@@ -151,7 +151,10 @@ async fn server_sends_ext_info_with_rsa_sha2() {
 struct NullHandler;
 impl russh::client::Handler for NullHandler {
     type Error = russh::Error;
-    async fn check_server_key(&mut self, _k: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        _k: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         Ok(true)
     }
 }
@@ -175,9 +178,11 @@ async fn tcpip_forward_round_trip_echoes_address_and_originator() {
     for address in ["127.0.0.1", "localhost"] {
         let port = client.handle.tcpip_forward(address, 0).await.expect("forward");
         assert!(port > 0);
-        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port as u16)).await.expect("connect forwarded");
+        let mut sock =
+            tokio::net::TcpStream::connect(("127.0.0.1", port as u16)).await.expect("connect forwarded");
         let local = sock.local_addr().expect("addr");
-        let mut fwd = tokio::time::timeout(TIMEOUT, client.forwarded.recv()).await.expect("timeout").expect("channel");
+        let mut fwd =
+            tokio::time::timeout(TIMEOUT, client.forwarded.recv()).await.expect("timeout").expect("channel");
         assert_eq!(fwd.connected_address, address);
         assert_eq!(fwd.connected_port, port);
         assert_eq!(fwd.originator_address, "127.0.0.1");
@@ -214,9 +219,10 @@ async fn hung_up_pty_session_is_killed_even_if_it_ignores_sighup() {
     let _ = client.handle.disconnect(russh::Disconnect::ByApplication, "bye", "").await;
     drop(ch);
     drop(client);
-    let gone = tokio::task::spawn_blocking(move || wait_until(Duration::from_secs(10), || !process_exists(pid)))
-        .await
-        .unwrap_or(false);
+    let gone =
+        tokio::task::spawn_blocking(move || wait_until(Duration::from_secs(10), || !process_exists(pid)))
+            .await
+            .unwrap_or(false);
     assert!(gone, "process {pid} survived its client");
 }
 
@@ -240,9 +246,11 @@ async fn tenants_count_running_sessions() {
     let _ = collect(&mut a).await;
     let _ = collect(&mut b).await;
     let t = server.tenants.clone();
-    let done = tokio::task::spawn_blocking(move || wait_until(TIMEOUT, || t.lock().map(|v| v.last() == Some(&0)).unwrap_or(false)))
-        .await
-        .unwrap_or(false);
+    let done = tokio::task::spawn_blocking(move || {
+        wait_until(TIMEOUT, || t.lock().map(|v| v.last() == Some(&0)).unwrap_or(false))
+    })
+    .await
+    .unwrap_or(false);
     assert!(done);
     assert_eq!(*server.tenants.lock().expect("lock"), vec![1, 2, 1, 0]);
 }
@@ -264,7 +272,12 @@ fn garbage_and_silent_connections_are_dropped_without_disturbing_others() {
             match s.read(&mut buf) {
                 Ok(0) => break true,
                 Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => break false,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    break false
+                }
                 Err(_) => break true,
             }
         };

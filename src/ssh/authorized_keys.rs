@@ -64,7 +64,10 @@ pub struct AuthorizedKeys {
 /// The decision for one offered key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Accepted { line: usize, permissions: Permissions },
+    Accepted {
+        line: usize,
+        permissions: Permissions,
+    },
     /// Not in the file at all.
     Unknown,
     /// In the file but not usable from here or now; the text says why.
@@ -145,7 +148,10 @@ fn parse_line(line: &str, number: usize) -> std::result::Result<AuthorizedKey, S
     }
     let key = russh::keys::parse_public_key_base64(b64).map_err(|e| format!("bad {key_type} key: {e}"))?;
     if key.algorithm().as_str() != key_type {
-        return Err(format!("key type {key_type} does not match the key data ({})", key.algorithm().as_str()));
+        return Err(format!(
+            "key type {key_type} does not match the key data ({})",
+            key.algorithm().as_str()
+        ));
     }
     let mut k = AuthorizedKey {
         key,
@@ -263,9 +269,19 @@ fn apply_options(k: &mut AuthorizedKey, options: &str) -> std::result::Result<()
             "no-port-forwarding" => no_fwd = true,
             "command" => k.refused = Some("forced commands (command=) are not supported".into()),
             "cert-authority" => k.refused = Some("cert-authority keys are not supported".into()),
-            "agent-forwarding" | "no-agent-forwarding" | "x11-forwarding" | "no-x11-forwarding"
-            | "user-rc" | "no-user-rc" | "environment" | "principals" | "permitopen" | "permitlisten"
-            | "tunnel" | "no-touch-required" | "verify-required" => {}
+            "agent-forwarding"
+            | "no-agent-forwarding"
+            | "x11-forwarding"
+            | "no-x11-forwarding"
+            | "user-rc"
+            | "no-user-rc"
+            | "environment"
+            | "principals"
+            | "permitopen"
+            | "permitlisten"
+            | "tunnel"
+            | "no-touch-required"
+            | "verify-required" => {}
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -283,7 +299,13 @@ fn parse_expiry(v: &str) -> std::result::Result<u64, String> {
     let num = |r: std::ops::Range<usize>| v.get(r).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
     let (y, m, d) = (num(0..4), num(4..6), num(6..8));
     let (hh, mm, ss) = (num(8..10), num(10..12), num(12..14));
-    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+    if !(1970..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&d)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+    {
         return Err(bad());
     }
     Ok(days_from_civil(y, m, d) * 86400 + hh * 3600 + mm * 60 + ss)
@@ -310,7 +332,8 @@ fn from_allows(patterns: &[String], ip: IpAddr) -> bool {
             Some(rest) => (true, rest),
             None => (false, p.as_str()),
         };
-        let hit = if pat.contains('/') { cidr_contains(pat, ip) } else { glob(pat.as_bytes(), text.as_bytes()) };
+        let hit =
+            if pat.contains('/') { cidr_contains(pat, ip) } else { glob(pat.as_bytes(), text.as_bytes()) };
         if hit && negated {
             return false;
         }
@@ -435,7 +458,9 @@ mod tests {
 
     #[test]
     fn bad_options_skip_only_their_line() {
-        let text = format!("bogus-option ssh-ed25519 {ED1}\nfrom=\"unterminated ssh-ed25519 {ED1}\nssh-ed25519 {ED2}\n");
+        let text = format!(
+            "bogus-option ssh-ed25519 {ED1}\nfrom=\"unterminated ssh-ed25519 {ED1}\nssh-ed25519 {ED2}\n"
+        );
         let ak = AuthorizedKeys::parse(&text);
         assert_eq!(ak.keys.len(), 1);
         assert_eq!(ak.warnings.len(), 2, "{:?}", ak.warnings);

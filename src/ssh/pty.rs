@@ -50,7 +50,10 @@ pub fn open(size: WindowSize) -> io::Result<PtyPair> {
     let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
     rustix::pty::grantpt(&master)?;
     rustix::pty::unlockpt(&master)?;
-    let slave = match rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC) {
+    let slave = match rustix::pty::ioctl_tiocgptpeer(
+        &master,
+        OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC,
+    ) {
         Ok(fd) => fd,
         // Kernels before 4.13: open the slave by name.
         Err(_) => {
@@ -90,7 +93,8 @@ impl PtyMaster {
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|inner| rustix::io::read(inner.get_ref(), &mut *buf).map_err(io::Error::from)) {
+            match guard.try_io(|inner| rustix::io::read(inner.get_ref(), &mut *buf).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => return Ok(n),
                 Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => return Ok(0),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -134,7 +138,9 @@ impl AsyncRead for PtyIo {
         loop {
             let mut guard = ready!(self.0.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|inner| rustix::io::read(inner.get_ref(), &mut *unfilled).map_err(io::Error::from)) {
+            match guard
+                .try_io(|inner| rustix::io::read(inner.get_ref(), &mut *unfilled).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));

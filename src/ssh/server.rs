@@ -94,7 +94,11 @@ struct Shared {
 
 /// Serves connections from `listener` until `shutdown` completes; then stops accepting and
 /// waits for the open connections to end (sessions in progress are not cut).
-pub async fn serve(listener: Listener, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn serve(
+    listener: Listener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let mut methods = MethodSet::empty();
     if config.authorized_keys.is_some() {
         methods.push(MethodKind::PublicKey);
@@ -246,14 +250,22 @@ impl Killable {
 }
 
 impl AsyncRead for Killable {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         self.check(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Killable {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.check(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -363,7 +375,11 @@ impl Handler for ConnHandler {
         Ok(Auth::Reject { proceed_with_methods: None, partial_success: false })
     }
 
-    async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
         Ok(match self.judge(offer.public_key, true) {
             Some(_) => Auth::Accept,
             None => Auth::reject(),
@@ -458,7 +474,13 @@ impl Handler for ConnHandler {
         }
     }
 
-    async fn env_request(&mut self, channel: ChannelId, _name: &str, _value: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if self.state(channel).started {
             session.channel_failure(channel)
         } else {
@@ -466,7 +488,12 @@ impl Handler for ConnHandler {
         }
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, _data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.start(channel, session)
     }
 
@@ -474,7 +501,12 @@ impl Handler for ConnHandler {
         self.start(channel, session)
     }
 
-    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         log::info!("{}: refused subsystem {name:?}", self.peer);
         session.channel_failure(channel)
     }
@@ -491,7 +523,11 @@ impl Handler for ConnHandler {
         session.channel_failure(channel)
     }
 
-    async fn agent_request(&mut self, _channel: ChannelId, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         Ok(false)
     }
 
@@ -511,7 +547,12 @@ impl Handler for ConnHandler {
         }
     }
 
-    async fn tcpip_forward(&mut self, address: &str, port: &mut u32, session: &mut Session) -> Result<bool, Self::Error> {
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         if !self.permissions.port_forwarding {
             log::info!("{}: refused tcpip-forward {address}:{port}: no-port-forwarding key", self.peer);
             return Ok(false);
@@ -547,7 +588,12 @@ impl Handler for ConnHandler {
         Ok(true)
     }
 
-    async fn cancel_tcpip_forward(&mut self, address: &str, port: u32, _session: &mut Session) -> Result<bool, Self::Error> {
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
         match self.forwards.remove(&(address.to_string(), port)) {
             Some(task) => {
                 // Wait for the task to be gone so the port is closed before the reply.
@@ -575,7 +621,12 @@ impl ConnHandler {
 
 /// Accepts connections on a forwarded port and opens a `forwarded-tcpip` channel for each,
 /// naming the bind address exactly as the client sent it and the real peer as originator.
-async fn forward_accept_loop(listener: tokio::net::TcpListener, handle: russh::server::Handle, address: String, port: u32) {
+async fn forward_accept_loop(
+    listener: tokio::net::TcpListener,
+    handle: russh::server::Handle,
+    address: String,
+    port: u32,
+) {
     loop {
         let (mut socket, peer) = match listener.accept().await {
             Ok(x) => x,

@@ -150,12 +150,14 @@ fn home_dir() -> String {
 /// - other exec strings: `$SHELL -c STRING` (SHELL from the client's environment, else
 ///   /bin/sh), in $HOME; PATH, HOME and SHELL default when the client did not send them.
 /// - shell (or an empty exec string): a login shell (argv[0] `-sh`), same environment.
-pub fn plan(launch: &Launch, received_env: &[(String, String)], pty: Option<&PtyRequest>, remote_program: &Path) -> Plan {
-    let defaults = [
-        ("PATH", DEFAULT_PATH.to_string()),
-        ("HOME", home_dir()),
-        ("SHELL", "/bin/sh".to_string()),
-    ];
+pub fn plan(
+    launch: &Launch,
+    received_env: &[(String, String)],
+    pty: Option<&PtyRequest>,
+    remote_program: &Path,
+) -> Plan {
+    let defaults =
+        [("PATH", DEFAULT_PATH.to_string()), ("HOME", home_dir()), ("SHELL", "/bin/sh".to_string())];
     let cpu_command = match launch {
         Launch::Exec(cmd) if crate::cmdline::is_cpu_form(cmd) => Some(cmd),
         _ => None,
@@ -187,7 +189,8 @@ pub fn plan(launch: &Launch, received_env: &[(String, String)], pty: Option<&Pty
     }
     let shell = lookup("SHELL").filter(|s| !s.is_empty()).unwrap_or_else(|| "/bin/sh".into());
     let home = lookup("HOME").unwrap_or_default();
-    let cwd = if !home.is_empty() && Path::new(&home).is_dir() { PathBuf::from(home) } else { PathBuf::from("/") };
+    let cwd =
+        if !home.is_empty() && Path::new(&home).is_dir() { PathBuf::from(home) } else { PathBuf::from("/") };
     let (arg0, args) = match launch {
         Launch::Exec(cmd) if !cmd.is_empty() => {
             (OsString::from(&shell), vec![OsString::from("-c"), OsString::from_vec(cmd.clone())])
@@ -309,7 +312,12 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             None | Some(ChannelMsg::Close) => return,
             Some(ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, .. }) => {
                 if setup.pty.is_none() && ctx.allow_pty {
-                    let size = WindowSize { cols: col_width, rows: row_height, width_px: pix_width, height_px: pix_height };
+                    let size = WindowSize {
+                        cols: col_width,
+                        rows: row_height,
+                        width_px: pix_width,
+                        height_px: pix_height,
+                    };
                     setup.pty = Some(PtyRequest { term, size });
                 }
             }
@@ -318,7 +326,12 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             }
             Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
                 if let Some(p) = setup.pty.as_mut() {
-                    p.size = WindowSize { cols: col_width, rows: row_height, width_px: pix_width, height_px: pix_height };
+                    p.size = WindowSize {
+                        cols: col_width,
+                        rows: row_height,
+                        width_px: pix_width,
+                        height_px: pix_height,
+                    };
                 }
             }
             Some(ChannelMsg::Signal { signal }) => {
@@ -344,7 +357,9 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
             log::warn!("session {id}: cannot run {}: {e}", plan.program.display());
             let mut err = tx.make_writer_ext(Some(1));
-            let _ = err.write_all(format!("cpud: cannot run {}: {e}\r\n", plan.program.display()).as_bytes()).await;
+            let _ = err
+                .write_all(format!("cpud: cannot run {}: {e}\r\n", plan.program.display()).as_bytes())
+                .await;
             drop(err);
             let _ = tx.exit_status(code).await;
             let _ = tx.eof().await;
@@ -388,9 +403,17 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             }
             Step::Message(Some(ChannelMsg::Eof)) => running.stdin = None,
             Step::Message(Some(ChannelMsg::Signal { signal })) => running.signal(&sig_text(&signal)),
-            Step::Message(Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height })) => {
-                running.resize(WindowSize { cols: col_width, rows: row_height, width_px: pix_width, height_px: pix_height })
-            }
+            Step::Message(Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            })) => running.resize(WindowSize {
+                cols: col_width,
+                rows: row_height,
+                width_px: pix_width,
+                height_px: pix_height,
+            }),
             Step::Message(None | Some(ChannelMsg::Close)) => {
                 running.hang_up(&mut child, ctx.hangup_grace).await;
                 log::info!("session {id}: client went away; command stopped");
@@ -439,7 +462,10 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             let _ = tx.exit_status(code).await;
         }
         Ending::Signal { name, core_dumped } => {
-            let _ = ctx.handle.exit_signal_request(id, Sig::Custom(name), core_dumped, String::new(), String::new()).await;
+            let _ = ctx
+                .handle
+                .exit_signal_request(id, Sig::Custom(name), core_dumped, String::new(), String::new())
+                .await;
         }
     }
     let _ = tx.eof().await;
@@ -461,7 +487,11 @@ async fn reserve(q: Option<mpsc::Sender<Chunk>>) -> Option<mpsc::OwnedPermit<Chu
 }
 
 enum ChildIo {
-    Pipes { stdin: tokio::process::ChildStdin, stdout: tokio::process::ChildStdout, stderr: tokio::process::ChildStderr },
+    Pipes {
+        stdin: tokio::process::ChildStdin,
+        stdout: tokio::process::ChildStdout,
+        stderr: tokio::process::ChildStderr,
+    },
     Pty(Arc<PtyMaster>),
 }
 
@@ -493,7 +523,8 @@ fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::proce
         None => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
             let mut child = cmd.spawn()?;
-            let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+            let (Some(stdin), Some(stdout), Some(stderr)) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take())
             else {
                 return Err(std::io::Error::other("child stdio missing"));
             };
@@ -528,7 +559,8 @@ impl Running {
         let (pty, input_task, pumps) = match io {
             ChildIo::Pipes { stdin, stdout, stderr } => {
                 let out = tokio::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
-                let err = tokio::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
+                let err =
+                    tokio::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
                 (None, tokio::spawn(feed(stdin, early, stdin_rx)), vec![out, err])
             }
             ChildIo::Pty(master) => {
@@ -721,7 +753,13 @@ mod tests {
     fn endings() {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(ending(ExitStatus::from_raw(7 << 8)), Ending::Status(7));
-        assert_eq!(ending(ExitStatus::from_raw(15)), Ending::Signal { name: "TERM".into(), core_dumped: false });
-        assert_eq!(ending(ExitStatus::from_raw(11 | 0x80)), Ending::Signal { name: "SEGV".into(), core_dumped: true });
+        assert_eq!(
+            ending(ExitStatus::from_raw(15)),
+            Ending::Signal { name: "TERM".into(), core_dumped: false }
+        );
+        assert_eq!(
+            ending(ExitStatus::from_raw(11 | 0x80)),
+            Ending::Signal { name: "SEGV".into(), core_dumped: true }
+        );
     }
 }

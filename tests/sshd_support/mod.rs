@@ -26,7 +26,10 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let p = std::env::temp_dir().join(format!("sshd-test-{tag}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&p).expect("create temp dir");
         TempDir(p)
@@ -229,7 +232,10 @@ pub struct ClientHandler {
 impl client::Handler for ClientHandler {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         Ok(true)
     }
 
@@ -261,7 +267,9 @@ pub async fn connect(port: u16, key: &Path) -> Result<TestClient, String> {
     let (tx, rx) = mpsc::unbounded_channel();
     let config = Arc::new(client::Config::default());
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
-    let mut handle = client::connect_stream(config, stream, ClientHandler { forwarded: tx }).await.map_err(|e| e.to_string())?;
+    let mut handle = client::connect_stream(config, stream, ClientHandler { forwarded: tx })
+        .await
+        .map_err(|e| e.to_string())?;
     let hash = handle.best_supported_rsa_hash().await.map_err(|e| e.to_string())?.flatten();
     let auth = handle
         .authenticate_publickey("tester", PrivateKeyWithHashAlg::new(Arc::new(key), hash))
