@@ -92,7 +92,23 @@ pub fn server_config(
     };
     let mut config = ServerConfig::new(key, authorized);
     config.on_tenants = on_tenants;
+    if !config.remote_program.exists() {
+        // No /proc (an initramfs before init mounted it): fall back to how we were started.
+        if let Some(p) = own_path() {
+            config.remote_program = p;
+        }
+    }
     Ok(config)
+}
+
+/// This binary's path from argv[0] (searched in PATH when it has no slash).
+fn own_path() -> Option<PathBuf> {
+    let argv0 = PathBuf::from(std::env::args_os().next()?);
+    if argv0.components().count() > 1 {
+        return std::fs::canonicalize(&argv0).ok().or(Some(argv0));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(&argv0)).find(|p| p.is_file())
 }
 
 /// `-register host:port`: tell a waiting harness we are up (sends `ok`); errors are logged.

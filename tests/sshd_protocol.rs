@@ -295,3 +295,19 @@ async fn no_authentication_only_when_asked() {
     ch.exec(true, "echo open").await.expect("exec");
     assert_eq!(text(&collect(&mut ch).await.stdout), "open\n");
 }
+
+#[tokio::test]
+async fn shell_request_runs_a_login_shell_in_home() {
+    let (_dir, key, server) = setup("shell");
+    let client = connect(server.port, &key).await.expect("connect");
+    let mut ch = client.handle.channel_open_session().await.expect("session");
+    ch.set_env(true, "SHELL", "/bin/sh").await.expect("env");
+    ch.set_env(true, "HOME", "/tmp").await.expect("env");
+    ch.request_pty(true, "dumb", 80, 24, 0, 0, &[]).await.expect("pty");
+    ch.request_shell(true).await.expect("shell");
+    ch.data(&b"echo \"[$0] [$(pwd)] [$TERM]\"; exit 3\n"[..]).await.expect("data");
+    let o = collect(&mut ch).await;
+    let out = text(&o.stdout);
+    assert!(out.contains("[-sh] [/tmp] [dumb]"), "{out:?}");
+    assert_eq!(o.status, Some(3));
+}

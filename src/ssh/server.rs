@@ -180,7 +180,7 @@ async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
     shared.startups.fetch_add(1, Ordering::SeqCst);
     let mut slot = StartupSlot(Some(&shared.startups));
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
-    let stream = Killable { inner: stream, kill: kill_rx, dead: false };
+    let stream = Killable { inner: stream, kill: kill_rx, dead: false, disarmed: false };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
     let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx);
     let deadline = tokio::time::sleep(shared.handshake_timeout);
@@ -232,13 +232,17 @@ struct Killable {
     inner: BoxStream,
     kill: oneshot::Receiver<()>,
     dead: bool,
+    disarmed: bool,
 }
 
 impl Killable {
     fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        if !self.dead {
-            if let Poll::Ready(Ok(())) = Pin::new(&mut self.kill).poll(cx) {
-                self.dead = true;
+        if !self.dead && !self.disarmed {
+            match Pin::new(&mut self.kill).poll(cx) {
+                Poll::Ready(Ok(())) => self.dead = true,
+                // The switch's owner is gone: nothing can fire it any more.
+                Poll::Ready(Err(_)) => self.disarmed = true,
+                Poll::Pending => {}
             }
         }
         if self.dead {
