@@ -311,3 +311,15 @@ async fn shell_request_runs_a_login_shell_in_home() {
     assert!(out.contains("[-sh] [/tmp] [dumb]"), "{out:?}");
     assert_eq!(o.status, Some(3));
 }
+
+#[tokio::test]
+async fn one_connection_runs_many_sessions_one_after_another() {
+    let (_dir, key, server) = setup("seq");
+    let client = connect(server.port, &key).await.expect("connect");
+    for i in 0..80 {
+        let mut ch = client.handle.channel_open_session().await.unwrap_or_else(|e| panic!("session {i}: {e}"));
+        ch.exec(true, format!("echo {i}")).await.expect("exec");
+        let o = collect(&mut ch).await;
+        assert_eq!(text(&o.stdout), format!("{i}\n"));
+    }
+}

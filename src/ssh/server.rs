@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -33,7 +33,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::error::{Error, Result};
 use crate::ssh::authorized_keys::{AuthorizedKeys, Permissions, Verdict};
 use crate::ssh::hostkey::fingerprint;
-use crate::ssh::session::{self, SessionContext, Tenants};
+use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
 use crate::transport::{BoxStream, Listener};
 
 /// Connections allowed to be mid-handshake at once; more are dropped on accept (sshd's
@@ -297,7 +297,7 @@ struct ConnHandler {
     peer_ip: Option<IpAddr>,
     authenticated: Option<oneshot::Sender<()>>,
     permissions: Permissions,
-    channels: HashMap<ChannelId, ChannelState>,
+    channels: Arc<Mutex<HashMap<ChannelId, ChannelState>>>,
     forwards: HashMap<(String, u32), JoinHandle<()>>,
 }
 
@@ -310,7 +310,7 @@ impl ConnHandler {
             peer_ip,
             authenticated: Some(authenticated),
             permissions: Permissions::default(),
-            channels: HashMap::new(),
+            channels: Arc::new(Mutex::new(HashMap::new())),
             forwards: HashMap::new(),
         }
     }
@@ -347,8 +347,10 @@ impl ConnHandler {
         }
     }
 
-    fn state(&mut self, channel: ChannelId) -> &mut ChannelState {
-        self.channels.entry(channel).or_default()
+    /// Reads or updates the request state of `channel`.
+    fn with_state<T>(&self, channel: ChannelId, f: impl FnOnce(&mut ChannelState) -> T) -> T {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(channel).or_default())
     }
 }
 
@@ -419,18 +421,30 @@ impl Handler for ConnHandler {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION {
+        let id = channel.id();
+        let admitted = {
+            let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            let room = map.len() < MAX_CHANNELS_PER_CONNECTION;
+            if room {
+                map.insert(id, ChannelState::default());
+            }
+            room
+        };
+        if !admitted {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
-        self.channels.insert(channel.id(), ChannelState::default());
         reply.accept().await;
+        let channels = self.channels.clone();
         let ctx = SessionContext {
             remote_program: self.shared.remote_program.clone(),
             hangup_grace: self.shared.hangup_grace,
             allow_pty: self.permissions.pty,
             handle: session.handle(),
             tenants: self.shared.tenants.clone(),
+            on_end: OnEnd::new(move || {
+                channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            }),
         };
         tokio::spawn(session::run(channel, ctx));
         Ok(())
@@ -451,11 +465,6 @@ impl Handler for ConnHandler {
         Ok(())
     }
 
-    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
-        self.channels.remove(&channel);
-        Ok(())
-    }
-
     #[allow(clippy::too_many_arguments)]
     async fn pty_request(
         &mut self,
@@ -469,9 +478,12 @@ impl Handler for ConnHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let allow = self.permissions.pty;
-        let st = self.state(channel);
-        if allow && !st.started && !st.pty {
-            st.pty = true;
+        let granted = self.with_state(channel, |st| {
+            let ok = allow && !st.started && !st.pty;
+            st.pty |= ok;
+            ok
+        });
+        if granted {
             session.channel_success(channel)
         } else {
             session.channel_failure(channel)
@@ -485,7 +497,7 @@ impl Handler for ConnHandler {
         _value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.state(channel).started {
+        if self.with_state(channel, |st| st.started) {
             session.channel_failure(channel)
         } else {
             session.channel_success(channel)
@@ -544,7 +556,7 @@ impl Handler for ConnHandler {
         _h: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.state(channel).pty {
+        if self.with_state(channel, |st| st.pty) {
             session.channel_success(channel)
         } else {
             session.channel_failure(channel)
@@ -613,12 +625,11 @@ impl Handler for ConnHandler {
 
 impl ConnHandler {
     fn start(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), russh::Error> {
-        let st = self.state(channel);
-        if st.started {
-            session.channel_failure(channel)
-        } else {
-            st.started = true;
+        let first = self.with_state(channel, |st| !std::mem::replace(&mut st.started, true));
+        if first {
             session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
         }
     }
 }

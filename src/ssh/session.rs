@@ -62,6 +62,25 @@ pub struct SessionContext {
     pub handle: russh::server::Handle,
     /// The live-session count (decpud's tenants), entered while the command runs.
     pub tenants: Arc<Tenants>,
+    /// Dropped when the session ends (the connection forgets the channel).
+    pub on_end: OnEnd,
+}
+
+/// Runs a closure once, when dropped.
+pub struct OnEnd(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl OnEnd {
+    pub fn new(f: impl FnOnce() + Send + Sync + 'static) -> OnEnd {
+        OnEnd(Some(Box::new(f)))
+    }
+}
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
 
 /// Counts sessions whose command is running and reports every change.
@@ -306,12 +325,14 @@ struct Setup {
 pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
     let id = channel.id();
     let (mut rx, tx) = channel.split();
+    let SessionContext { remote_program, hangup_grace, allow_pty, handle, tenants, on_end } = ctx;
+    let _on_end = on_end;
     let mut setup = Setup::default();
     let launch = loop {
         match rx.wait().await {
             None | Some(ChannelMsg::Close) => return,
             Some(ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, .. }) => {
-                if setup.pty.is_none() && ctx.allow_pty {
+                if setup.pty.is_none() && allow_pty {
                     let size = WindowSize {
                         cols: col_width,
                         rows: row_height,
@@ -349,7 +370,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             Some(_) => {}
         }
     };
-    let plan = plan(&launch, &setup.env, setup.pty.as_ref(), &ctx.remote_program);
+    let plan = plan(&launch, &setup.env, setup.pty.as_ref(), &remote_program);
     log::debug!("session {id}: running {:?} {:?} (pty: {})", plan.program, plan.args, setup.pty.is_some());
     let (child, io) = match spawn(&plan, setup.pty.as_ref()) {
         Ok(x) => x,
@@ -367,7 +388,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             return;
         }
     };
-    let _tenant = ctx.tenants.enter();
+    let _tenant = tenants.enter();
     let mut child = child;
     let mut running = Running::new(&child, io, &tx, setup.input, setup.input_eof);
     for s in &setup.signals {
@@ -415,7 +436,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
                 height_px: pix_height,
             }),
             Step::Message(None | Some(ChannelMsg::Close)) => {
-                running.hang_up(&mut child, ctx.hangup_grace).await;
+                running.hang_up(&mut child, hangup_grace).await;
                 log::info!("session {id}: client went away; command stopped");
                 return;
             }
@@ -462,9 +483,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             let _ = tx.exit_status(code).await;
         }
         Ending::Signal { name, core_dumped } => {
-            let _ = ctx
-                .handle
-                .exit_signal_request(id, Sig::Custom(name), core_dumped, String::new(), String::new())
+            let _ = handle.exit_signal_request(id, Sig::Custom(name), core_dumped, String::new(), String::new())
                 .await;
         }
     }
