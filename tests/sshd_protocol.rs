@@ -317,9 +317,22 @@ async fn one_connection_runs_many_sessions_one_after_another() {
     let (_dir, key, server) = setup("seq");
     let client = connect(server.port, &key).await.expect("connect");
     for i in 0..80 {
-        let mut ch = client.handle.channel_open_session().await.unwrap_or_else(|e| panic!("session {i}: {e}"));
+        let mut ch =
+            client.handle.channel_open_session().await.unwrap_or_else(|e| panic!("session {i}: {e}"));
         ch.exec(true, format!("echo {i}")).await.expect("exec");
         let o = collect(&mut ch).await;
         assert_eq!(text(&o.stdout), format!("{i}\n"));
     }
+}
+
+#[tokio::test]
+async fn a_missing_shell_is_reported_with_status_127() {
+    let (_dir, key, server) = setup("noshell");
+    let client = connect(server.port, &key).await.expect("connect");
+    let mut ch = client.handle.channel_open_session().await.expect("session");
+    ch.set_env(true, "SHELL", "/nonexistent/shell").await.expect("env");
+    ch.exec(true, "echo hi").await.expect("exec");
+    let o = collect(&mut ch).await;
+    assert_eq!(o.status, Some(127));
+    assert!(text(&o.stderr).contains("cannot run /nonexistent/shell"), "{}", text(&o.stderr));
 }

@@ -14,6 +14,11 @@
 //! client goes away first, the terminal is hung up, the group gets SIGHUP and, after a grace
 //! period, SIGKILL, and the child is reaped: nothing is left behind.
 //!
+//! Input flow control: russh re-opens the SSH window as data arrives, not as it is consumed,
+//! so this task queues up to [`STDIN_QUEUE`] chunks for the child's stdin and then stops
+//! reading the channel, which backs up the connection's reader. Terminal modes in `pty-req`
+//! are ignored (as in Go); the kernel's defaults apply.
+//!
 //! The server's request replies (success/failure) are given by the connection handler in
 //! `ssh::server`, which applies the same rules as this task (first pty only, env only before
 //! exec, one exec); this task sees every request in the same order through the channel.
@@ -148,6 +153,11 @@ pub struct Plan {
 /// Records an `env` request: every name accepted, the last value of a duplicate wins (in
 /// the place of the first).
 pub fn set_env(env: &mut Vec<(String, String)>, name: &str, value: &str) {
+    // A name the kernel's environ cannot carry is dropped rather than failing the command.
+    if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+        log::debug!("ignoring unusable environment variable {name:?}");
+        return;
+    }
     match env.iter_mut().find(|(n, _)| n == name) {
         Some(slot) => slot.1 = value.to_string(),
         None => env.push((name.to_string(), value.to_string())),
@@ -376,11 +386,10 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
         Ok(x) => x,
         Err(e) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
-            log::warn!("session {id}: cannot run {}: {e}", plan.program.display());
+            let what = format!("cannot run {}: {e}", plan.program.display());
+            log::warn!("session {id}: {what}");
             let mut err = tx.make_writer_ext(Some(1));
-            let _ = err
-                .write_all(format!("cpud: cannot run {}: {e}\r\n", plan.program.display()).as_bytes())
-                .await;
+            let _ = err.write_all(format!("cpud: {what}\r\n").as_bytes()).await;
             drop(err);
             let _ = tx.exit_status(code).await;
             let _ = tx.eof().await;
@@ -483,7 +492,8 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             let _ = tx.exit_status(code).await;
         }
         Ending::Signal { name, core_dumped } => {
-            let _ = handle.exit_signal_request(id, Sig::Custom(name), core_dumped, String::new(), String::new())
+            let _ = handle
+                .exit_signal_request(id, Sig::Custom(name), core_dumped, String::new(), String::new())
                 .await;
         }
     }
@@ -522,7 +532,8 @@ fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::proce
     }
     match pty {
         Some(p) => {
-            let pair = pty::open(p.size)?;
+            let pair = pty::open(p.size)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot allocate a terminal: {e}")))?;
             cmd.stdin(Stdio::from(pair.slave.try_clone()?))
                 .stdout(Stdio::from(pair.slave.try_clone()?))
                 .stderr(Stdio::from(pair.slave));
@@ -723,6 +734,9 @@ mod tests {
         set_env(&mut e, "A", "1");
         set_env(&mut e, "B", "2");
         set_env(&mut e, "A", "3");
+        set_env(&mut e, "C=D", "x");
+        set_env(&mut e, "", "x");
+        set_env(&mut e, "E", "nul\0");
         assert_eq!(e, env(&[("A", "3"), ("B", "2")]));
     }
 
