@@ -237,3 +237,27 @@ fn cpu_form_reexecs_the_binary_and_keeps_the_status() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(d.terminate(), Some(0));
 }
+
+#[test]
+fn register_dials_and_says_ok_once_listening() {
+    let dir = TempDir::new("register");
+    let key = keygen(&dir, "id", "ed25519");
+    let ak = authorized(&dir, &public_line(&key));
+    let waiter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let target = format!("127.0.0.1:{}", waiter.local_addr().expect("addr").port());
+    let d = Daemon::start(&["-pk", ak.to_str().unwrap_or_default(), "-register", &target]);
+    waiter.set_nonblocking(false).expect("blocking");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let got = waiter.accept().map(|(mut s, _)| {
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            buf
+        });
+        let _ = tx.send(got.ok());
+    });
+    let got = rx.recv_timeout(TIMEOUT).expect("cpud never registered");
+    assert_eq!(got.as_deref(), Some(&b"ok"[..]));
+    assert!(d.port > 0);
+}

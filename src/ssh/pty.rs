@@ -89,35 +89,6 @@ impl PtyMaster {
         Ok(PtyMaster { fd })
     }
 
-    /// Reads what the child wrote; Ok(0) once the slave side is closed for good (EIO).
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|inner| rustix::io::read(inner.get_ref(), &mut *buf).map_err(io::Error::from))
-            {
-                Ok(Ok(n)) => return Ok(n),
-                Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => return Ok(0),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    /// Writes all of `data` to the terminal (the child's input).
-    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let mut guard = self.fd.writable().await?;
-            match guard.try_io(|inner| rustix::io::write(inner.get_ref(), data).map_err(io::Error::from)) {
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
-        Ok(())
-    }
-
     pub fn set_size(&self, size: WindowSize) -> io::Result<()> {
         set_size(self.fd.get_ref(), size)
     }
@@ -203,16 +174,19 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let pair = open(WindowSize { cols: 80, rows: 24, ..Default::default() }).unwrap();
-            let master = PtyMaster::new(pair.master).unwrap();
+            let mut master = PtyIo(Arc::new(PtyMaster::new(pair.master).unwrap()));
             rustix::io::write(&pair.slave, b"hi\n").unwrap();
             drop(pair.slave);
             let mut got = Vec::new();
             let mut buf = [0u8; 64];
             loop {
-                let n = tokio::time::timeout(std::time::Duration::from_secs(5), master.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
+                let n = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    tokio::io::AsyncReadExt::read(&mut master, &mut buf),
+                )
+                .await
+                .unwrap()
+                .unwrap();
                 if n == 0 {
                     break;
                 }
