@@ -143,6 +143,8 @@ pub async fn serve(
                         log::warn!("dropping connection from {peer}: {MAX_STARTUPS} handshakes already in progress");
                         continue;
                     }
+                    // Counted here, not in the task, so a burst of accepts cannot overshoot.
+                    shared.startups.fetch_add(1, Ordering::SeqCst);
                     connections.spawn(connection(stream, peer, shared.clone()));
                 }
                 Err(e) => {
@@ -177,7 +179,6 @@ impl Drop for StartupSlot<'_> {
 }
 
 async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
-    shared.startups.fetch_add(1, Ordering::SeqCst);
     let mut slot = StartupSlot(Some(&shared.startups));
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let stream = Killable { inner: stream, kill: kill_rx, dead: false, disarmed: false };
