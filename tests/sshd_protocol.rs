@@ -354,3 +354,20 @@ fn too_many_unfinished_handshakes_are_shed_until_they_time_out() {
     assert!(ok);
     drop(hogs);
 }
+
+#[tokio::test]
+async fn pty_req_terminal_modes_are_applied() {
+    let (_dir, key, server) = setup("modes");
+    let client = connect(server.port, &key).await.expect("connect");
+    for (modes, expected) in
+        [(vec![(russh::Pty::ECHO, 0)], "got secret\r\n"), (vec![], "secret\r\ngot secret\r\n")]
+    {
+        let mut ch = client.handle.channel_open_session().await.expect("session");
+        ch.request_pty(true, "xterm", 80, 24, 0, 0, &modes).await.expect("pty");
+        ch.exec(true, "echo ready; read x; echo got $x").await.expect("exec");
+        read_until(&mut ch, b"ready\r\n").await;
+        ch.data(&b"secret\n"[..]).await.expect("data");
+        let o = collect(&mut ch).await;
+        assert_eq!(text(&o.stdout), expected, "modes {modes:?}");
+    }
+}

@@ -69,6 +69,95 @@ pub fn open(size: WindowSize) -> io::Result<PtyPair> {
     Ok(PtyPair { master, slave })
 }
 
+/// Applies the terminal modes of a `pty-req` (RFC 4254 section 8) to a fresh terminal, as
+/// sshd does, so the remote line discipline matches the client's (erase key, ^C, echo...).
+/// Unknown opcodes and the line speeds are ignored; an empty list leaves the kernel defaults.
+pub fn apply_modes(fd: impl AsFd, modes: &[(russh::Pty, u32)]) -> io::Result<()> {
+    use russh::Pty as P;
+    use rustix::termios::{
+        ControlModes as C, InputModes as I, LocalModes as L, OutputModes as O, SpecialCodeIndex as X,
+    };
+    if modes.is_empty() {
+        return Ok(());
+    }
+    let mut t = rustix::termios::tcgetattr(&fd)?;
+    for &(op, value) in modes {
+        let on = value != 0;
+        // SSH sends 255 for "disabled"; Linux's _POSIX_VDISABLE is 0.
+        let cc = if value >= 255 { 0 } else { value as u8 };
+        let special = match op {
+            P::VINTR => Some(X::VINTR),
+            P::VQUIT => Some(X::VQUIT),
+            P::VERASE => Some(X::VERASE),
+            P::VKILL => Some(X::VKILL),
+            P::VEOF => Some(X::VEOF),
+            P::VEOL => Some(X::VEOL),
+            P::VEOL2 => Some(X::VEOL2),
+            P::VSTART => Some(X::VSTART),
+            P::VSTOP => Some(X::VSTOP),
+            P::VSUSP => Some(X::VSUSP),
+            P::VREPRINT => Some(X::VREPRINT),
+            P::VWERASE => Some(X::VWERASE),
+            P::VLNEXT => Some(X::VLNEXT),
+            P::VDISCARD => Some(X::VDISCARD),
+            _ => None,
+        };
+        if let Some(index) = special {
+            t.special_codes[index] = cc;
+            continue;
+        }
+        let input = match op {
+            P::IGNPAR => I::IGNPAR,
+            P::PARMRK => I::PARMRK,
+            P::INPCK => I::INPCK,
+            P::ISTRIP => I::ISTRIP,
+            P::INLCR => I::INLCR,
+            P::IGNCR => I::IGNCR,
+            P::ICRNL => I::ICRNL,
+            P::IXON => I::IXON,
+            P::IXANY => I::IXANY,
+            P::IXOFF => I::IXOFF,
+            P::IMAXBEL => I::IMAXBEL,
+            P::IUTF8 => I::IUTF8,
+            _ => I::empty(),
+        };
+        t.input_modes.set(input, on);
+        let local = match op {
+            P::ISIG => L::ISIG,
+            P::ICANON => L::ICANON,
+            P::ECHO => L::ECHO,
+            P::ECHOE => L::ECHOE,
+            P::ECHOK => L::ECHOK,
+            P::ECHONL => L::ECHONL,
+            P::NOFLSH => L::NOFLSH,
+            P::TOSTOP => L::TOSTOP,
+            P::IEXTEN => L::IEXTEN,
+            P::ECHOCTL => L::ECHOCTL,
+            P::ECHOKE => L::ECHOKE,
+            P::PENDIN => L::PENDIN,
+            _ => L::empty(),
+        };
+        t.local_modes.set(local, on);
+        let output = match op {
+            P::OPOST => O::OPOST,
+            P::ONLCR => O::ONLCR,
+            P::OCRNL => O::OCRNL,
+            P::ONOCR => O::ONOCR,
+            P::ONLRET => O::ONLRET,
+            _ => O::empty(),
+        };
+        t.output_modes.set(output, on);
+        match op {
+            P::CS7 if on => t.control_modes = (t.control_modes - C::CSIZE) | C::CS7,
+            P::CS8 if on => t.control_modes = (t.control_modes - C::CSIZE) | C::CS8,
+            P::PARENB => t.control_modes.set(C::PARENB, on),
+            P::PARODD => t.control_modes.set(C::PARODD, on),
+            _ => {}
+        }
+    }
+    Ok(rustix::termios::tcsetattr(&fd, rustix::termios::OptionalActions::Now, &t)?)
+}
+
 /// TIOCSWINSZ: the kernel sends SIGWINCH to the terminal's foreground process group.
 pub fn set_size(fd: impl AsFd, size: WindowSize) -> io::Result<()> {
     Ok(rustix::termios::tcsetwinsize(fd, size.to_winsize())?)
@@ -167,6 +256,29 @@ mod tests {
         // Huge values from the wire are clamped, not wrapped.
         set_size(&pair.master, WindowSize { cols: 70000, rows: 1, ..size }).unwrap();
         assert_eq!(rustix::termios::tcgetwinsize(&pair.slave).unwrap().ws_col, u16::MAX);
+    }
+
+    #[test]
+    fn modes_from_pty_req_are_applied() {
+        use russh::Pty as P;
+        let pair = open(WindowSize { cols: 80, rows: 24, ..Default::default() }).unwrap();
+        apply_modes(
+            &pair.slave,
+            &[(P::VERASE, 8), (P::VINTR, 255), (P::ECHO, 0), (P::ONLCR, 1), (P::TTY_OP_ISPEED, 38400)],
+        )
+        .unwrap();
+        let t = rustix::termios::tcgetattr(&pair.slave).unwrap();
+        assert_eq!(t.special_codes[rustix::termios::SpecialCodeIndex::VERASE], 8);
+        assert_eq!(t.special_codes[rustix::termios::SpecialCodeIndex::VINTR], 0);
+        assert!(!t.local_modes.contains(rustix::termios::LocalModes::ECHO));
+        assert!(t.output_modes.contains(rustix::termios::OutputModes::ONLCR));
+        // No modes: the defaults stay (echo on).
+        let pair = open(WindowSize::default()).unwrap();
+        apply_modes(&pair.slave, &[]).unwrap();
+        assert!(rustix::termios::tcgetattr(&pair.slave)
+            .unwrap()
+            .local_modes
+            .contains(rustix::termios::LocalModes::ECHO));
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! Input flow control: russh re-opens the SSH window as data arrives, not as it is consumed,
 //! so this task queues up to [`STDIN_QUEUE`] chunks for the child's stdin and then stops
 //! reading the channel, which backs up the connection's reader. Terminal modes in `pty-req`
-//! are ignored (as in Go); the kernel's defaults apply.
+//! are applied to the new terminal (Go ignores them).
 //!
 //! The server's request replies (success/failure) are given by the connection handler in
 //! `ssh::server`, which applies the same rules as this task (first pty only, env only before
@@ -131,6 +131,8 @@ impl Drop for TenantGuard {
 pub struct PtyRequest {
     pub term: String,
     pub size: WindowSize,
+    /// Terminal modes (RFC 4254 section 8), applied to the new terminal.
+    pub modes: Vec<(russh::Pty, u32)>,
 }
 
 /// What the client asked to start.
@@ -341,7 +343,15 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
     let launch = loop {
         match rx.wait().await {
             None | Some(ChannelMsg::Close) => return,
-            Some(ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, .. }) => {
+            Some(ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                terminal_modes,
+                ..
+            }) => {
                 if setup.pty.is_none() && allow_pty {
                     let size = WindowSize {
                         cols: col_width,
@@ -349,7 +359,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
                         width_px: pix_width,
                         height_px: pix_height,
                     };
-                    setup.pty = Some(PtyRequest { term, size });
+                    setup.pty = Some(PtyRequest { term, size, modes: terminal_modes });
                 }
             }
             Some(ChannelMsg::SetEnv { variable_name, variable_value, .. }) => {
@@ -534,6 +544,9 @@ fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::proce
         Some(p) => {
             let pair = pty::open(p.size)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot allocate a terminal: {e}")))?;
+            if let Err(e) = pty::apply_modes(&pair.slave, &p.modes) {
+                log::debug!("pty-req modes not applied: {e}");
+            }
             cmd.stdin(Stdio::from(pair.slave.try_clone()?))
                 .stdout(Stdio::from(pair.slave.try_clone()?))
                 .stderr(Stdio::from(pair.slave));
@@ -744,7 +757,7 @@ mod tests {
     fn cpu_form_reexecs_the_daemon_with_exactly_the_client_env() {
         let exe = Path::new("/proc/self/exe");
         let received = env(&[("PWD", "/home/u"), ("TERM", "xterm"), ("CPUNONCE", "abc")]);
-        let pty = PtyRequest { term: "ansi".into(), size: WindowSize::default() };
+        let pty = PtyRequest { term: "ansi".into(), size: WindowSize::default(), modes: Vec::new() };
         let p = plan(&Launch::Exec(b"-port9p=40123 'ls' '-l' ''".to_vec()), &received, Some(&pty), exe);
         assert_eq!(p.program, exe);
         assert_eq!(p.arg0, "cpud");
