@@ -1,0 +1,686 @@
+//! cpud's SSH server: accept connections, authenticate keys, and serve session channels and
+//! loopback remote forwards.
+//!
+//! [`serve`] takes the listener and a shutdown future (mini-redis style), so tests bind
+//! 127.0.0.1:0 and drive the real server in-process. Per connection, a russh [`Handler`]
+//! answers authentication (every key of the authorized_keys file, re-read on each attempt),
+//! channel requests (the replies; the work happens in `ssh::session`), and the global
+//! `tcpip-forward` / `cancel-tcpip-forward` requests (loopback only, port 0 allowed, the
+//! allocated port returned, the bind address echoed verbatim in `forwarded-tcpip`).
+//!
+//! Robustness: a connection that has not authenticated within the handshake timeout is cut
+//! (its stream starts failing, which ends russh's loop); at most [`MAX_STARTUPS`] connections
+//! may be unauthenticated at once; nothing read from the network can panic this module.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use russh::keys::{PrivateKey, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, SshId};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::error::{Error, Result};
+use crate::ssh::authorized_keys::{AuthorizedKeys, Permissions, Verdict};
+use crate::ssh::hostkey::fingerprint;
+use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
+use crate::transport::{BoxStream, Listener};
+
+/// Connections allowed to be mid-handshake at once; more are dropped on accept (sshd's
+/// MaxStartups idea: garbage and slow clients cannot starve real ones of memory).
+pub const MAX_STARTUPS: usize = 64;
+/// Session channels open at once on one connection.
+const MAX_CHANNELS_PER_CONNECTION: usize = 64;
+/// Remote forwards at once on one connection (cpu uses one).
+const MAX_FORWARDS_PER_CONNECTION: usize = 16;
+
+/// Everything the server needs; build with [`ServerConfig::new`] and adjust fields.
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub host_key: PrivateKey,
+    /// The authorized_keys file, re-read on every attempt; None: no authentication at all
+    /// (`-pk ""`, Go compatibility).
+    pub authorized_keys: Option<PathBuf>,
+    /// A connection must finish key exchange and authentication within this time.
+    pub handshake_timeout: Duration,
+    /// Between SIGHUP and SIGKILL for the command of a client that went away.
+    pub hangup_grace: Duration,
+    /// The program run for cpu-form exec strings as `cpud -remote ...`.
+    pub remote_program: PathBuf,
+    /// The SSH identification string (without `\r\n`).
+    pub server_id: String,
+    /// Keepalive probe interval for established connections (dead clients are dropped after
+    /// three unanswered probes).
+    pub keepalive_interval: Duration,
+    /// Called with the number of running sessions whenever it changes (decpud's tenants).
+    pub on_tenants: Option<Arc<dyn Fn(usize) + Send + Sync>>,
+}
+
+impl ServerConfig {
+    pub fn new(host_key: PrivateKey, authorized_keys: Option<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            host_key,
+            authorized_keys,
+            handshake_timeout: Duration::from_secs(30),
+            hangup_grace: Duration::from_secs(2),
+            remote_program: PathBuf::from("/proc/self/exe"),
+            server_id: format!("SSH-2.0-cpu-all_{}", env!("CARGO_PKG_VERSION")),
+            keepalive_interval: Duration::from_secs(30),
+            on_tenants: None,
+        }
+    }
+}
+
+/// What every connection shares.
+struct Shared {
+    russh: Arc<russh::server::Config>,
+    authorized_keys: Option<PathBuf>,
+    handshake_timeout: Duration,
+    hangup_grace: Duration,
+    remote_program: PathBuf,
+    tenants: Arc<Tenants>,
+    startups: AtomicUsize,
+}
+
+/// Serves connections from `listener` until `shutdown` completes; then stops accepting and
+/// waits for the open connections to end (sessions in progress are not cut).
+pub async fn serve(
+    listener: Listener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let mut methods = MethodSet::empty();
+    if config.authorized_keys.is_some() {
+        methods.push(MethodKind::PublicKey);
+    } else {
+        methods.push(MethodKind::None);
+    }
+    if !config.server_id.starts_with("SSH-2.0-") || config.server_id.contains(['\r', '\n']) {
+        return Err(Error::Daemon(format!("bad SSH identification string {:?}", config.server_id)));
+    }
+    let russh_config = russh::server::Config {
+        server_id: SshId::Standard(Cow::Owned(config.server_id.clone())),
+        methods,
+        // Keys are public and the user name is ignored: a slow rejection protects nothing,
+        // and OpenSSH's first "none" probe would cost every login a second.
+        auth_rejection_time: Duration::from_millis(50),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![config.host_key.clone()],
+        inactivity_timeout: Some(Duration::from_secs(15 * 60)),
+        keepalive_interval: Some(config.keepalive_interval),
+        keepalive_max: 3,
+        nodelay: true,
+        ..Default::default()
+    };
+    let shared = Arc::new(Shared {
+        russh: Arc::new(russh_config),
+        authorized_keys: config.authorized_keys.clone(),
+        handshake_timeout: config.handshake_timeout,
+        hangup_grace: config.hangup_grace,
+        remote_program: config.remote_program.clone(),
+        tenants: Tenants::new(config.on_tenants.clone()),
+        startups: AtomicUsize::new(0),
+    });
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if shared.startups.load(Ordering::SeqCst) >= MAX_STARTUPS {
+                        log::warn!("dropping connection from {peer}: {MAX_STARTUPS} handshakes already in progress");
+                        continue;
+                    }
+                    // Counted here, not in the task, so a burst of accepts cannot overshoot.
+                    shared.startups.fetch_add(1, Ordering::SeqCst);
+                    connections.spawn(connection(stream, peer, shared.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    log::info!("no longer accepting connections; waiting for {} to end", connections.len());
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Counts a connection as "in handshake" until authenticated or gone.
+struct StartupSlot<'a>(Option<&'a AtomicUsize>);
+
+impl StartupSlot<'_> {
+    fn release(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for StartupSlot<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
+    let mut slot = StartupSlot(Some(&shared.startups));
+    let (kill_tx, kill_rx) = oneshot::channel::<()>();
+    let stream = Killable { inner: stream, kill: kill_rx, dead: false, disarmed: false };
+    let (auth_tx, auth_rx) = oneshot::channel::<()>();
+    let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx);
+    let deadline = tokio::time::sleep(shared.handshake_timeout);
+    tokio::pin!(deadline);
+    let start = russh::server::run_stream(shared.russh.clone(), stream, handler);
+    let running = tokio::select! {
+        r = start => match r {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("{peer}: no SSH session: {e}");
+                return;
+            }
+        },
+        () = &mut deadline => {
+            log::info!("{peer}: dropped, no SSH identification within {:?}", shared.handshake_timeout);
+            return;
+        }
+    };
+    tokio::pin!(running);
+    let mut auth_rx = Some(auth_rx);
+    let mut kill_tx = Some(kill_tx);
+    let result = loop {
+        tokio::select! {
+            r = &mut running => break r,
+            ok = async { match auth_rx.as_mut() { Some(rx) => rx.await.is_ok(), None => std::future::pending().await } } => {
+                auth_rx = None;
+                if ok {
+                    slot.release();
+                }
+            }
+            () = &mut deadline, if slot.0.is_some() => {
+                log::info!("{peer}: dropped, handshake not finished within {:?}", shared.handshake_timeout);
+                if let Some(k) = kill_tx.take() {
+                    let _ = k.send(());
+                }
+                slot.release();
+            }
+        }
+    };
+    if let Err(e) = result {
+        log::debug!("{peer}: connection ended: {e}");
+    }
+    drop(kill_tx);
+}
+
+/// A stream that can be made to fail from outside, which ends russh's session loop (the
+/// running session has no other off switch).
+struct Killable {
+    inner: BoxStream,
+    kill: oneshot::Receiver<()>,
+    dead: bool,
+    disarmed: bool,
+}
+
+impl Killable {
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if !self.dead && !self.disarmed {
+            match Pin::new(&mut self.kill).poll(cx) {
+                Poll::Ready(Ok(())) => self.dead = true,
+                // The switch's owner is gone: nothing can fire it any more.
+                Poll::Ready(Err(_)) => self.disarmed = true,
+                Poll::Pending => {}
+            }
+        }
+        if self.dead {
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "handshake timeout"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl AsyncRead for Killable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Killable {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Per-channel request state, for the replies (see `ssh::session` for the same rules).
+#[derive(Default)]
+struct ChannelState {
+    started: bool,
+    pty: bool,
+}
+
+/// One connection's russh handler.
+struct ConnHandler {
+    shared: Arc<Shared>,
+    peer: String,
+    peer_ip: Option<IpAddr>,
+    authenticated: Option<oneshot::Sender<()>>,
+    permissions: Permissions,
+    channels: Arc<Mutex<HashMap<ChannelId, ChannelState>>>,
+    forwards: HashMap<(String, u32), JoinHandle<()>>,
+}
+
+impl ConnHandler {
+    fn new(peer: String, shared: Arc<Shared>, authenticated: oneshot::Sender<()>) -> ConnHandler {
+        let peer_ip = peer.parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical());
+        ConnHandler {
+            shared,
+            peer,
+            peer_ip,
+            authenticated: Some(authenticated),
+            permissions: Permissions::default(),
+            channels: Arc::new(Mutex::new(HashMap::new())),
+            forwards: HashMap::new(),
+        }
+    }
+
+    /// Re-reads the authorized keys and judges `key`; logs rejections when `log_reject`.
+    fn judge(&self, key: &PublicKey, log_reject: bool) -> Option<Permissions> {
+        let Some(path) = &self.shared.authorized_keys else { return Some(Permissions::default()) };
+        let keys = match AuthorizedKeys::load(path) {
+            Ok(k) => k,
+            Err(e) => {
+                log::error!("{e}; rejecting every key");
+                return None;
+            }
+        };
+        for w in &keys.warnings {
+            log::debug!("{}: {w}", path.display());
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let describe = || format!("{} key {}", key.algorithm().as_str(), fingerprint(key));
+        match keys.check(key, self.peer_ip, now) {
+            Verdict::Accepted { permissions, .. } => Some(permissions),
+            Verdict::Unknown => {
+                if log_reject {
+                    log::info!("{}: rejected {}: not in {}", self.peer, describe(), path.display());
+                }
+                None
+            }
+            Verdict::Denied(why) => {
+                if log_reject {
+                    log::info!("{}: rejected {}: {}: {why}", self.peer, describe(), path.display());
+                }
+                None
+            }
+        }
+    }
+
+    /// Reads or updates the request state of `channel`.
+    fn with_state<T>(&self, channel: ChannelId, f: impl FnOnce(&mut ChannelState) -> T) -> T {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(channel).or_default())
+    }
+}
+
+impl Drop for ConnHandler {
+    fn drop(&mut self) {
+        for (_, f) in self.forwards.drain() {
+            f.abort();
+        }
+    }
+}
+
+/// The address a `tcpip-forward` may bind: loopback only (127.0.0.0/8, ::1, localhost).
+pub fn loopback_bind_address(requested: &str) -> Option<IpAddr> {
+    if requested.eq_ignore_ascii_case("localhost") {
+        return Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let bare = requested.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(requested);
+    bare.parse::<IpAddr>().ok().filter(|ip| ip.is_loopback())
+}
+
+impl Handler for ConnHandler {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        if self.shared.authorized_keys.is_none() {
+            return Ok(Auth::Accept);
+        }
+        Ok(Auth::Reject { proceed_with_methods: None, partial_success: false })
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(match self.judge(offer.public_key, true) {
+            Some(_) => Auth::Accept,
+            None => Auth::reject(),
+        })
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        match self.judge(key.public_key, false) {
+            Some(p) => {
+                self.permissions = p;
+                log::info!(
+                    "{}: accepted {} key {} (user {user:?})",
+                    self.peer,
+                    key.public_key.algorithm().as_str(),
+                    fingerprint(key.public_key)
+                );
+                Ok(Auth::Accept)
+            }
+            None => Ok(Auth::reject()),
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(tx) = self.authenticated.take() {
+            let _ = tx.send(());
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let id = channel.id();
+        let admitted = {
+            let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            let room = map.len() < MAX_CHANNELS_PER_CONNECTION;
+            if room {
+                map.insert(id, ChannelState::default());
+            }
+            room
+        };
+        if !admitted {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        reply.accept().await;
+        let channels = self.channels.clone();
+        let ctx = SessionContext {
+            remote_program: self.shared.remote_program.clone(),
+            hangup_grace: self.shared.hangup_grace,
+            allow_pty: self.permissions.pty,
+            handle: session.handle(),
+            tenants: self.shared.tenants.clone(),
+            on_end: OnEnd::new(move || {
+                channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            }),
+        };
+        tokio::spawn(session::run(channel, ctx));
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        log::info!("{}: refused direct-tcpip to {host}:{port} (local forwarding is not offered)", self.peer);
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _cols: u32,
+        _rows: u32,
+        _w: u32,
+        _h: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let allow = self.permissions.pty;
+        let granted = self.with_state(channel, |st| {
+            let ok = allow && !st.started && !st.pty;
+            st.pty |= ok;
+            ok
+        });
+        if granted {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.with_state(channel, |st| st.started) {
+            session.channel_failure(channel)
+        } else {
+            session.channel_success(channel)
+        }
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(channel, session)
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.start(channel, session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        log::info!("{}: refused subsystem {name:?}", self.peer);
+        session.channel_failure(channel)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single: bool,
+        _proto: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        _cols: u32,
+        _rows: u32,
+        _w: u32,
+        _h: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.with_state(channel, |st| st.pty) {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if !self.permissions.port_forwarding {
+            log::info!("{}: refused tcpip-forward {address}:{port}: no-port-forwarding key", self.peer);
+            return Ok(false);
+        }
+        let Some(ip) = loopback_bind_address(address) else {
+            log::warn!("{}: refused tcpip-forward to non-loopback address {address:?}", self.peer);
+            return Ok(false);
+        };
+        let Ok(requested) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        if self.forwards.len() >= MAX_FORWARDS_PER_CONNECTION {
+            log::warn!("{}: refused tcpip-forward: {MAX_FORWARDS_PER_CONNECTION} already open", self.peer);
+            return Ok(false);
+        }
+        let listener = match tokio::net::TcpListener::bind(SocketAddr::new(ip, requested)).await {
+            Ok(l) => l,
+            Err(e) => {
+                log::info!("{}: tcpip-forward {address}:{requested}: {e}", self.peer);
+                return Ok(false);
+            }
+        };
+        let actual = match listener.local_addr() {
+            Ok(a) => u32::from(a.port()),
+            Err(_) => return Ok(false),
+        };
+        *port = actual;
+        log::debug!("{}: forwarding {address}:{actual}", self.peer);
+        let task = tokio::spawn(forward_accept_loop(listener, session.handle(), address.to_string(), actual));
+        if let Some(old) = self.forwards.insert((address.to_string(), actual), task) {
+            old.abort();
+        }
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.forwards.remove(&(address.to_string(), port)) {
+            Some(task) => {
+                // Wait for the task to be gone so the port is closed before the reply.
+                task.abort();
+                let _ = task.await;
+                log::debug!("{}: cancelled forward {address}:{port}", self.peer);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+impl ConnHandler {
+    fn start(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), russh::Error> {
+        let first = self.with_state(channel, |st| !std::mem::replace(&mut st.started, true));
+        if first {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+}
+
+/// Accepts connections on a forwarded port and opens a `forwarded-tcpip` channel for each,
+/// naming the bind address exactly as the client sent it and the real peer as originator.
+async fn forward_accept_loop(
+    listener: tokio::net::TcpListener,
+    handle: russh::server::Handle,
+    address: String,
+    port: u32,
+) {
+    loop {
+        let (mut socket, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                log::debug!("forward {address}:{port}: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let handle = handle.clone();
+        let address = address.clone();
+        tokio::spawn(async move {
+            let origin = peer.ip().to_canonical().to_string();
+            match handle.channel_open_forwarded_tcpip(address, port, origin, u32::from(peer.port())).await {
+                Ok(channel) => {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut socket, &mut stream).await;
+                }
+                Err(e) => log::debug!("forwarded-tcpip from {peer}: {e}"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_binds() {
+        assert_eq!(loopback_bind_address("127.0.0.1"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(loopback_bind_address("::1"), Some("::1".parse().unwrap()));
+        assert_eq!(loopback_bind_address("[::1]"), Some("::1".parse().unwrap()));
+        assert_eq!(loopback_bind_address("LocalHost"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(loopback_bind_address("127.1.2.3"), Some("127.1.2.3".parse().unwrap()));
+        for bad in ["0.0.0.0", "", "::", "10.0.0.1", "example.com", "localhost.evil"] {
+            assert_eq!(loopback_bind_address(bad), None, "{bad}");
+        }
+    }
+}

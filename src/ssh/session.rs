@@ -1,0 +1,811 @@
+//! One `session` channel of cpud: gather its requests, run its command, pump its I/O, and
+//! report how the command ended.
+//!
+//! Requests before `exec`/`shell` are recorded: `pty-req` (one), `env` (every variable, last
+//! duplicate wins), `window-change`, and `signal` (buffered until the child exists; the Go
+//! cpud crashes there). The exec string decides what runs ([`plan`]): the cpu form re-executes
+//! the daemon as `cpud -remote WORDS...`, anything else (OpenSSH `ssh host cmd`) goes to the
+//! user's shell with `-c`, and `shell` starts a login shell. The child gets its own session
+//! (pty, with the terminal as controlling tty) or process group (pipes), and signals go to
+//! that group.
+//!
+//! When the child exits, its output is drained, `exit-status` (or `exit-signal` for a
+//! signal death) is sent, then EOF and close; stdin is not waited for (pitfall P33). When the
+//! client goes away first, the terminal is hung up, the group gets SIGHUP and, after a grace
+//! period, SIGKILL, and the child is reaped: nothing is left behind.
+//!
+//! Input flow control: russh re-opens the SSH window as data arrives, not as it is consumed,
+//! so this task queues up to [`STDIN_QUEUE`] chunks for the child's stdin and then stops
+//! reading the channel, which backs up the connection's reader. Terminal modes in `pty-req`
+//! are applied to the new terminal (Go ignores them).
+//!
+//! The server's request replies (success/failure) are given by the connection handler in
+//! `ssh::server`, which applies the same rules as this task (first pty only, env only before
+//! exec, one exec); this task sees every request in the same order through the channel.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::Msg;
+use russh::{Channel, ChannelMsg, Sig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::ssh::pty::{self, PtyIo, PtyMaster, WindowSize};
+
+/// A piece of client input on its way to the child.
+type Chunk = Vec<u8>;
+
+/// PATH of a session that brought no environment (and the default for plain ssh).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Signals buffered before the child exists (Go queues 128 too).
+const MAX_EARLY_SIGNALS: usize = 128;
+/// Input that arrives before exec is kept up to this much.
+const MAX_EARLY_INPUT: usize = 1 << 20;
+/// Input chunks queued for the child's stdin before we stop reading the channel.
+const STDIN_QUEUE: usize = 128;
+/// After the child exits, output still arriving is forwarded until it pauses this long (a
+/// background process may keep the pipe or terminal open forever).
+const DRAIN_IDLE_PIPES: Duration = Duration::from_millis(500);
+const DRAIN_IDLE_PTY: Duration = Duration::from_millis(100);
+
+/// What a session needs from its connection.
+pub struct SessionContext {
+    /// The binary run as `cpud -remote` (normally /proc/self/exe).
+    pub remote_program: PathBuf,
+    /// How long a hung-up command gets between SIGHUP and SIGKILL.
+    pub hangup_grace: Duration,
+    /// Whether this key may have a pty (authorized_keys `no-pty`/`restrict`).
+    pub allow_pty: bool,
+    /// For `exit-signal`, which the channel half cannot send.
+    pub handle: russh::server::Handle,
+    /// The live-session count (decpud's tenants), entered while the command runs.
+    pub tenants: Arc<Tenants>,
+    /// Dropped when the session ends (the connection forgets the channel).
+    pub on_end: OnEnd,
+}
+
+/// Runs a closure once, when dropped.
+pub struct OnEnd(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl OnEnd {
+    pub fn new(f: impl FnOnce() + Send + Sync + 'static) -> OnEnd {
+        OnEnd(Some(Box::new(f)))
+    }
+}
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// Counts sessions whose command is running and reports every change.
+pub struct Tenants {
+    live: AtomicUsize,
+    notify: Option<Arc<dyn Fn(usize) + Send + Sync>>,
+}
+
+impl Tenants {
+    pub fn new(notify: Option<Arc<dyn Fn(usize) + Send + Sync>>) -> Arc<Tenants> {
+        Arc::new(Tenants { live: AtomicUsize::new(0), notify })
+    }
+
+    /// Sessions running a command now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Counts one session until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> TenantGuard {
+        let n = self.live.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(f) = &self.notify {
+            f(n);
+        }
+        TenantGuard(self.clone())
+    }
+}
+
+/// One counted session; see [`Tenants::enter`].
+pub struct TenantGuard(Arc<Tenants>);
+
+impl Drop for TenantGuard {
+    fn drop(&mut self) {
+        let n = self.0.live.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        if let Some(f) = &self.0.notify {
+            f(n);
+        }
+    }
+}
+
+/// A `pty-req` as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtyRequest {
+    pub term: String,
+    pub size: WindowSize,
+    /// Terminal modes (RFC 4254 section 8), applied to the new terminal.
+    pub modes: Vec<(russh::Pty, u32)>,
+}
+
+/// What the client asked to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launch {
+    Exec(Vec<u8>),
+    Shell,
+}
+
+/// The process to start for a session, decided from the requests alone (unit-tested).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub program: PathBuf,
+    pub arg0: OsString,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+}
+
+/// Records an `env` request: every name accepted, the last value of a duplicate wins (in
+/// the place of the first).
+pub fn set_env(env: &mut Vec<(String, String)>, name: &str, value: &str) {
+    // A name the kernel's environ cannot carry is dropped rather than failing the command.
+    if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+        log::debug!("ignoring unusable environment variable {name:?}");
+        return;
+    }
+    match env.iter_mut().find(|(n, _)| n == name) {
+        Some(slot) => slot.1 = value.to_string(),
+        None => env.push((name.to_string(), value.to_string())),
+    }
+}
+
+fn home_dir() -> String {
+    if rustix::process::getuid().is_root() {
+        return "/root".into();
+    }
+    std::env::var("HOME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "/".into())
+}
+
+/// Decides the program, arguments, environment and directory of a session.
+///
+/// - cpu form (`-port9p...` or a leading space): `remote_program` with argv[0] `cpud` and
+///   `-remote` followed by the exec string's words; the environment is exactly what the
+///   client sent (plus TERM from the pty request), or PATH/HOME/SHELL if it sent nothing.
+/// - other exec strings: `$SHELL -c STRING` (SHELL from the client's environment, else
+///   /bin/sh), in $HOME; PATH, HOME and SHELL default when the client did not send them.
+/// - shell (or an empty exec string): a login shell (argv[0] `-sh`), same environment.
+pub fn plan(
+    launch: &Launch,
+    received_env: &[(String, String)],
+    pty: Option<&PtyRequest>,
+    remote_program: &Path,
+) -> Plan {
+    let defaults =
+        [("PATH", DEFAULT_PATH.to_string()), ("HOME", home_dir()), ("SHELL", "/bin/sh".to_string())];
+    let cpu_command = match launch {
+        Launch::Exec(cmd) if crate::cmdline::is_cpu_form(cmd) => Some(cmd),
+        _ => None,
+    };
+    let cpu_form = cpu_command.is_some();
+    let mut env: Vec<(String, String)> = Vec::new();
+    if !cpu_form || received_env.is_empty() {
+        for (n, v) in &defaults {
+            env.push((n.to_string(), v.clone()));
+        }
+    }
+    for (n, v) in received_env {
+        set_env(&mut env, n, v);
+    }
+    if let Some(p) = pty {
+        set_env(&mut env, "TERM", &p.term);
+    }
+    let lookup = |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    if let Some(cmd) = cpu_command {
+        let mut args = vec![OsString::from("-remote")];
+        args.extend(crate::cmdline::split_words(cmd));
+        return Plan {
+            program: remote_program.to_path_buf(),
+            arg0: OsString::from("cpud"),
+            args,
+            env,
+            cwd: PathBuf::from("/"),
+        };
+    }
+    let shell = lookup("SHELL").filter(|s| !s.is_empty()).unwrap_or_else(|| "/bin/sh".into());
+    let home = lookup("HOME").unwrap_or_default();
+    let cwd =
+        if !home.is_empty() && Path::new(&home).is_dir() { PathBuf::from(home) } else { PathBuf::from("/") };
+    let (arg0, args) = match launch {
+        Launch::Exec(cmd) if !cmd.is_empty() => {
+            (OsString::from(&shell), vec![OsString::from("-c"), OsString::from_vec(cmd.clone())])
+        }
+        _ => {
+            let base = Path::new(&shell).file_name().map(|b| b.as_bytes().to_vec()).unwrap_or_default();
+            let mut login = b"-".to_vec();
+            login.extend_from_slice(&base);
+            (OsString::from_vec(login), Vec::new())
+        }
+    };
+    Plan { program: PathBuf::from(shell), arg0, args, env, cwd }
+}
+
+/// The SSH name (without `SIG`) of a signal number, as exit-signal carries it.
+pub fn signal_name(sig: i32) -> Option<&'static str> {
+    use rustix::process::Signal as S;
+    let table = [
+        (S::ABORT, "ABRT"),
+        (S::ALARM, "ALRM"),
+        (S::FPE, "FPE"),
+        (S::HUP, "HUP"),
+        (S::ILL, "ILL"),
+        (S::INT, "INT"),
+        (S::KILL, "KILL"),
+        (S::PIPE, "PIPE"),
+        (S::QUIT, "QUIT"),
+        (S::SEGV, "SEGV"),
+        (S::TERM, "TERM"),
+        (S::USR1, "USR1"),
+        (S::USR2, "USR2"),
+        (S::BUS, "BUS"),
+        (S::TRAP, "TRAP"),
+        (S::SYS, "SYS"),
+        (S::XCPU, "XCPU"),
+        (S::XFSZ, "XFSZ"),
+        (S::VTALARM, "VTALRM"),
+        (S::PROF, "PROF"),
+        (S::CHILD, "CHLD"),
+        (S::CONT, "CONT"),
+        (S::STOP, "STOP"),
+        (S::TSTP, "TSTP"),
+        (S::TTIN, "TTIN"),
+        (S::TTOU, "TTOU"),
+        (S::URG, "URG"),
+        (S::WINCH, "WINCH"),
+        (S::IO, "IO"),
+        (S::POWER, "PWR"),
+        (S::STKFLT, "STKFLT"),
+    ];
+    table.iter().find(|(s, _)| s.as_raw() == sig).map(|(_, n)| *n)
+}
+
+/// The signal a `signal` request names (with or without `SIG`), if we know it.
+pub fn signal_from_name(name: &str) -> Option<rustix::process::Signal> {
+    let bare = name.strip_prefix("SIG").unwrap_or(name);
+    (1..=31).find_map(|n| {
+        (signal_name(n) == Some(bare)).then(|| rustix::process::Signal::from_named_raw(n)).flatten()
+    })
+}
+
+fn sig_text(sig: &Sig) -> String {
+    match sig {
+        Sig::ABRT => "ABRT".into(),
+        Sig::ALRM => "ALRM".into(),
+        Sig::FPE => "FPE".into(),
+        Sig::HUP => "HUP".into(),
+        Sig::ILL => "ILL".into(),
+        Sig::INT => "INT".into(),
+        Sig::KILL => "KILL".into(),
+        Sig::PIPE => "PIPE".into(),
+        Sig::QUIT => "QUIT".into(),
+        Sig::SEGV => "SEGV".into(),
+        Sig::TERM => "TERM".into(),
+        Sig::USR1 => "USR1".into(),
+        Sig::Custom(s) => s.clone(),
+    }
+}
+
+/// How a command ended, as the client is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Status(u32),
+    Signal { name: String, core_dumped: bool },
+}
+
+pub fn ending(status: ExitStatus) -> Ending {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        return Ending::Status(code as u32);
+    }
+    match status.signal() {
+        Some(sig) => match signal_name(sig) {
+            Some(name) => Ending::Signal { name: name.into(), core_dumped: status.core_dumped() },
+            None => Ending::Status(128 + sig as u32),
+        },
+        None => Ending::Status(1),
+    }
+}
+
+/// Requests gathered before exec.
+#[derive(Default)]
+struct Setup {
+    env: Vec<(String, String)>,
+    pty: Option<PtyRequest>,
+    signals: Vec<String>,
+    input: Vec<u8>,
+    input_eof: bool,
+}
+
+/// Runs one session channel to its end. Never fails: problems are reported to the client
+/// (stderr text and exit status 126/127) or logged.
+pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
+    let id = channel.id();
+    let (mut rx, tx) = channel.split();
+    let SessionContext { remote_program, hangup_grace, allow_pty, handle, tenants, on_end } = ctx;
+    let _on_end = on_end;
+    let mut setup = Setup::default();
+    let launch = loop {
+        match rx.wait().await {
+            None | Some(ChannelMsg::Close) => return,
+            Some(ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                terminal_modes,
+                ..
+            }) => {
+                if setup.pty.is_none() && allow_pty {
+                    let size = WindowSize {
+                        cols: col_width,
+                        rows: row_height,
+                        width_px: pix_width,
+                        height_px: pix_height,
+                    };
+                    setup.pty = Some(PtyRequest { term, size, modes: terminal_modes });
+                }
+            }
+            Some(ChannelMsg::SetEnv { variable_name, variable_value, .. }) => {
+                set_env(&mut setup.env, &variable_name, &variable_value)
+            }
+            Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
+                if let Some(p) = setup.pty.as_mut() {
+                    p.size = WindowSize {
+                        cols: col_width,
+                        rows: row_height,
+                        width_px: pix_width,
+                        height_px: pix_height,
+                    };
+                }
+            }
+            Some(ChannelMsg::Signal { signal }) => {
+                if setup.signals.len() < MAX_EARLY_SIGNALS {
+                    setup.signals.push(sig_text(&signal));
+                }
+            }
+            Some(ChannelMsg::Data { data }) => {
+                let room = MAX_EARLY_INPUT.saturating_sub(setup.input.len());
+                setup.input.extend_from_slice(&data[..data.len().min(room)]);
+            }
+            Some(ChannelMsg::Eof) => setup.input_eof = true,
+            Some(ChannelMsg::Exec { command, .. }) => break Launch::Exec(command),
+            Some(ChannelMsg::RequestShell { .. }) => break Launch::Shell,
+            Some(_) => {}
+        }
+    };
+    let plan = plan(&launch, &setup.env, setup.pty.as_ref(), &remote_program);
+    log::debug!("session {id}: running {:?} {:?} (pty: {})", plan.program, plan.args, setup.pty.is_some());
+    let (child, io) = match spawn(&plan, setup.pty.as_ref()) {
+        Ok(x) => x,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            let what = format!("cannot run {}: {e}", plan.program.display());
+            log::warn!("session {id}: {what}");
+            let mut err = tx.make_writer_ext(Some(1));
+            let _ = err.write_all(format!("cpud: {what}\r\n").as_bytes()).await;
+            drop(err);
+            let _ = tx.exit_status(code).await;
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+            return;
+        }
+    };
+    let _tenant = tenants.enter();
+    let mut child = child;
+    let mut running = Running::new(&child, io, &tx, setup.input, setup.input_eof);
+    for s in &setup.signals {
+        running.signal(s);
+    }
+    // The command runs: forward input, signals and resizes until it exits or the client goes.
+    let mut pending: Option<Chunk> = None;
+    let status = loop {
+        let step = tokio::select! {
+            st = child.wait() => Step::Exited(st),
+            permit = reserve(running.stdin.clone()), if pending.is_some() => Step::Room(permit),
+            msg = rx.wait(), if pending.is_none() => Step::Message(msg),
+        };
+        match step {
+            Step::Exited(st) => break st,
+            Step::Room(Some(permit)) => {
+                if let Some(d) = pending.take() {
+                    permit.send(d);
+                }
+            }
+            Step::Room(None) => {
+                pending = None;
+                running.stdin = None;
+            }
+            Step::Message(Some(ChannelMsg::Data { data })) => {
+                if let Some(q) = &running.stdin {
+                    match q.try_send(data.to_vec()) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(d)) => pending = Some(d),
+                        Err(mpsc::error::TrySendError::Closed(_)) => running.stdin = None,
+                    }
+                }
+            }
+            Step::Message(Some(ChannelMsg::Eof)) => running.stdin = None,
+            Step::Message(Some(ChannelMsg::Signal { signal })) => running.signal(&sig_text(&signal)),
+            Step::Message(Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            })) => running.resize(WindowSize {
+                cols: col_width,
+                rows: row_height,
+                width_px: pix_width,
+                height_px: pix_height,
+            }),
+            Step::Message(None | Some(ChannelMsg::Close)) => {
+                running.hang_up(&mut child, hangup_grace).await;
+                log::info!("session {id}: client went away; command stopped");
+                return;
+            }
+            Step::Message(Some(_)) => {}
+        }
+    };
+    crate::init::forget_session_child(running.pid);
+    // Stop forwarding input at once (P33), drain the output, then report.
+    running.stdin = None;
+    let _ = running.exited.send(true);
+    let pumps = std::mem::take(&mut running.pumps);
+    let drain = async {
+        for p in pumps {
+            let _ = p.await;
+        }
+    };
+    tokio::pin!(drain);
+    let mut client_gone = false;
+    loop {
+        tokio::select! {
+            () = &mut drain => break,
+            msg = rx.wait(), if !client_gone => {
+                // Keep reading so russh's loop never blocks on this channel while we drain.
+                if matches!(msg, None | Some(ChannelMsg::Close)) {
+                    client_gone = true;
+                }
+            }
+        }
+    }
+    running.abort_input();
+    let end = match status {
+        Ok(st) => ending(st),
+        Err(e) => {
+            log::warn!("session {id}: waiting for the command failed: {e}");
+            Ending::Status(1)
+        }
+    };
+    log::debug!("session {id}: command ended: {end:?}");
+    if client_gone {
+        return;
+    }
+    match end {
+        Ending::Status(code) => {
+            let _ = tx.exit_status(code).await;
+        }
+        Ending::Signal { name, core_dumped } => {
+            let _ = handle
+                .exit_signal_request(id, Sig::Custom(name), core_dumped, String::new(), String::new())
+                .await;
+        }
+    }
+    let _ = tx.eof().await;
+    let _ = tx.close().await;
+}
+
+/// One thing that happened while the command runs.
+enum Step {
+    Exited(std::io::Result<ExitStatus>),
+    Room(Option<mpsc::OwnedPermit<Chunk>>),
+    Message(Option<ChannelMsg>),
+}
+
+async fn reserve(q: Option<mpsc::Sender<Chunk>>) -> Option<mpsc::OwnedPermit<Chunk>> {
+    match q {
+        Some(q) => q.reserve_owned().await.ok(),
+        None => None,
+    }
+}
+
+enum ChildIo {
+    Pipes {
+        stdin: tokio::process::ChildStdin,
+        stdout: tokio::process::ChildStdout,
+        stderr: tokio::process::ChildStderr,
+    },
+    Pty(Arc<PtyMaster>),
+}
+
+fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::process::Child, ChildIo)> {
+    let mut cmd = tokio::process::Command::new(&plan.program);
+    cmd.arg0(&plan.arg0).args(&plan.args).env_clear().current_dir(&plan.cwd).kill_on_drop(false);
+    for (n, v) in &plan.env {
+        cmd.env(n, v);
+    }
+    match pty {
+        Some(p) => {
+            let pair = pty::open(p.size)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot allocate a terminal: {e}")))?;
+            if let Err(e) = pty::apply_modes(&pair.slave, &p.modes) {
+                log::debug!("pty-req modes not applied: {e}");
+            }
+            cmd.stdin(Stdio::from(pair.slave.try_clone()?))
+                .stdout(Stdio::from(pair.slave.try_clone()?))
+                .stderr(Stdio::from(pair.slave));
+            // SAFETY: the closure runs in the forked child before exec and only makes two
+            // async-signal-safe system calls (setsid, ioctl); it touches no locks or heap.
+            unsafe {
+                cmd.pre_exec(|| {
+                    rustix::process::setsid()?;
+                    rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn()?;
+            drop(cmd); // closes our copies of the slave
+            Ok((child, ChildIo::Pty(Arc::new(PtyMaster::new(pair.master)?))))
+        }
+        None => {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+            let mut child = cmd.spawn()?;
+            let (Some(stdin), Some(stdout), Some(stderr)) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take())
+            else {
+                return Err(std::io::Error::other("child stdio missing"));
+            };
+            Ok((child, ChildIo::Pipes { stdin, stdout, stderr }))
+        }
+    }
+}
+
+/// A started command and the tasks that move its bytes.
+struct Running {
+    pid: i32,
+    pty: Option<Arc<PtyMaster>>,
+    stdin: Option<mpsc::Sender<Chunk>>,
+    input_task: Option<JoinHandle<()>>,
+    pumps: Vec<JoinHandle<()>>,
+    exited: watch::Sender<bool>,
+}
+
+impl Running {
+    fn new(
+        child: &tokio::process::Child,
+        io: ChildIo,
+        tx: &russh::ChannelWriteHalf<Msg>,
+        early_input: Vec<u8>,
+        early_eof: bool,
+    ) -> Running {
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        crate::init::note_session_child(pid);
+        let (exited, exited_rx) = watch::channel(false);
+        let (stdin_tx, stdin_rx) = mpsc::channel::<Chunk>(STDIN_QUEUE);
+        let early = (!early_input.is_empty()).then_some(early_input);
+        let (pty, input_task, pumps) = match io {
+            ChildIo::Pipes { stdin, stdout, stderr } => {
+                let out = tokio::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
+                let err =
+                    tokio::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
+                (None, tokio::spawn(feed(stdin, early, stdin_rx)), vec![out, err])
+            }
+            ChildIo::Pty(master) => {
+                let io = PtyIo(master.clone());
+                let out = tokio::spawn(pump(io.clone(), tx.make_writer(), exited_rx, DRAIN_IDLE_PTY));
+                (Some(master), tokio::spawn(feed(io, early, stdin_rx)), vec![out])
+            }
+        };
+        Running {
+            pid,
+            pty,
+            stdin: (!early_eof).then_some(stdin_tx),
+            input_task: Some(input_task),
+            pumps,
+            exited,
+        }
+    }
+
+    /// Delivers a `signal` request: to the terminal's foreground group with a pty (where ^C
+    /// would go), else to the command's process group.
+    fn signal(&self, name: &str) {
+        let Some(sig) = signal_from_name(name) else {
+            log::info!("ignoring unknown signal {name:?}");
+            return;
+        };
+        let group = self.pty.as_ref().and_then(|m| m.foreground_group()).unwrap_or(self.pid);
+        if let Some(g) = rustix::process::Pid::from_raw(group) {
+            if let Err(e) = rustix::process::kill_process_group(g, sig) {
+                log::debug!("signal {name} to group {group}: {e}");
+            }
+        }
+    }
+
+    fn resize(&self, size: WindowSize) {
+        if let Some(m) = &self.pty {
+            if let Err(e) = m.set_size(size) {
+                log::debug!("window-change: {e}");
+            }
+        }
+    }
+
+    fn abort_input(&mut self) {
+        self.stdin = None;
+        if let Some(t) = self.input_task.take() {
+            t.abort();
+        }
+    }
+
+    /// The client is gone: close the terminal and stdin, SIGHUP the group, SIGKILL it after
+    /// `grace`, and reap the child.
+    async fn hang_up(&mut self, child: &mut tokio::process::Child, grace: Duration) {
+        self.abort_input();
+        for p in self.pumps.drain(..) {
+            p.abort();
+            let _ = p.await;
+        }
+        self.pty = None; // last reference: the master closes and the kernel hangs up the tty
+        let group = rustix::process::Pid::from_raw(self.pid);
+        if let Some(g) = group {
+            let _ = rustix::process::kill_process_group(g, rustix::process::Signal::HUP);
+            let _ = rustix::process::kill_process_group(g, rustix::process::Signal::CONT);
+        }
+        let status = match tokio::time::timeout(grace, child.wait()).await {
+            Ok(st) => st,
+            Err(_) => {
+                // Not reaped yet, so the group id cannot have been reused.
+                if let Some(g) = group {
+                    let _ = rustix::process::kill_process_group(g, rustix::process::Signal::KILL);
+                }
+                child.wait().await
+            }
+        };
+        crate::init::forget_session_child(self.pid);
+        log::debug!("hung-up command {} ended: {status:?}", self.pid);
+    }
+}
+
+/// Copies the child's output to the channel. Once the child has exited, a read that waits
+/// longer than `idle` ends the copy (a background process may hold the pipe or tty).
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut from: R,
+    mut to: W,
+    mut exited: watch::Receiver<bool>,
+    idle: Duration,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let read = if *exited.borrow() {
+            match tokio::time::timeout(idle, from.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                r = from.read(&mut buf) => r,
+                _ = exited.changed() => continue,
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Writes the client's input to the child: first what came before exec, then the queue.
+/// Dropping the writer at the end closes a stdin pipe (the child sees EOF).
+async fn feed<W: AsyncWrite + Unpin>(mut to: W, early: Option<Chunk>, mut queue: mpsc::Receiver<Chunk>) {
+    if let Some(d) = early {
+        if to.write_all(&d).await.is_err() {
+            return;
+        }
+    }
+    while let Some(d) = queue.recv().await {
+        if to.write_all(&d).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn env_last_duplicate_wins() {
+        let mut e = Vec::new();
+        set_env(&mut e, "A", "1");
+        set_env(&mut e, "B", "2");
+        set_env(&mut e, "A", "3");
+        set_env(&mut e, "C=D", "x");
+        set_env(&mut e, "", "x");
+        set_env(&mut e, "E", "nul\0");
+        assert_eq!(e, env(&[("A", "3"), ("B", "2")]));
+    }
+
+    #[test]
+    fn cpu_form_reexecs_the_daemon_with_exactly_the_client_env() {
+        let exe = Path::new("/proc/self/exe");
+        let received = env(&[("PWD", "/home/u"), ("TERM", "xterm"), ("CPUNONCE", "abc")]);
+        let pty = PtyRequest { term: "ansi".into(), size: WindowSize::default(), modes: Vec::new() };
+        let p = plan(&Launch::Exec(b"-port9p=40123 'ls' '-l' ''".to_vec()), &received, Some(&pty), exe);
+        assert_eq!(p.program, exe);
+        assert_eq!(p.arg0, "cpud");
+        assert_eq!(p.args, os(&["-remote", "-port9p=40123", "ls", "-l", ""]));
+        // pty-req's TERM wins over the env value (Go appends it last).
+        assert_eq!(p.env, env(&[("PWD", "/home/u"), ("TERM", "ansi"), ("CPUNONCE", "abc")]));
+        let p = plan(&Launch::Exec(b" 'sh' '-c' 'exit 7'".to_vec()), &[], None, exe);
+        assert_eq!(p.args, os(&["-remote", "sh", "-c", "exit 7"]));
+        let names: Vec<&str> = p.env.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["PATH", "HOME", "SHELL"]);
+    }
+
+    #[test]
+    fn plain_ssh_exec_and_shell_use_the_users_shell() {
+        let exe = Path::new("/proc/self/exe");
+        let p = plan(&Launch::Exec(b"echo $HOME; exit 3".to_vec()), &env(&[("LANG", "C.UTF-8")]), None, exe);
+        assert_eq!(p.program, Path::new("/bin/sh"));
+        assert_eq!(p.args, os(&["-c", "echo $HOME; exit 3"]));
+        assert!(p.env.contains(&("LANG".into(), "C.UTF-8".into())));
+        assert!(p.env.contains(&("PATH".into(), DEFAULT_PATH.into())));
+        let p = plan(&Launch::Shell, &env(&[("SHELL", "/bin/bash")]), None, exe);
+        assert_eq!(p.program, Path::new("/bin/bash"));
+        assert_eq!(p.arg0, "-bash");
+        assert!(p.args.is_empty());
+        let p = plan(&Launch::Exec(Vec::new()), &[], None, exe);
+        assert_eq!(p.arg0, "-sh");
+    }
+
+    #[test]
+    fn signal_names_round_trip() {
+        assert_eq!(signal_name(15), Some("TERM"));
+        assert_eq!(signal_name(9), Some("KILL"));
+        assert_eq!(signal_from_name("INT").map(|s| s.as_raw()), Some(2));
+        assert_eq!(signal_from_name("SIGUSR2").map(|s| s.as_raw()), Some(12));
+        assert!(signal_from_name("NOPE").is_none());
+    }
+
+    #[test]
+    fn endings() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(ending(ExitStatus::from_raw(7 << 8)), Ending::Status(7));
+        assert_eq!(
+            ending(ExitStatus::from_raw(15)),
+            Ending::Signal { name: "TERM".into(), core_dumped: false }
+        );
+        assert_eq!(
+            ending(ExitStatus::from_raw(11 | 0x80)),
+            Ending::Signal { name: "SEGV".into(), core_dumped: true }
+        );
+    }
+}
