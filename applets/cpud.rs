@@ -51,11 +51,7 @@ pub fn init_main(_kernel_args: Vec<OsString>) -> i32 {
 fn serve(applet: &'static str, opts: CpudOptions) -> i32 {
     cpu_all::logger::init(applet, opts.debug, opts.klog);
     let as_init = opts.init || cpu_all::init::is_pid1();
-    let result = if as_init {
-        cpu_all::init::run_as_init(opts, cpu_all::server::run)
-    } else {
-        cpu_all::server::run(opts)
-    };
+    let result = if as_init { cpu_all::init::run_as_init(opts, run_daemon) } else { run_daemon(opts) };
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -65,6 +61,15 @@ fn serve(applet: &'static str, opts: CpudOptions) -> i32 {
             }
             e.exit_code()
         }
+    }
+}
+
+/// cpud, or decpud announcing itself by DNS-SD (unless `-dnssd=false`) with its tenant count.
+fn run_daemon(opts: CpudOptions) -> cpu_all::Result<()> {
+    if opts.dnssd.enabled {
+        cpu_all::discovery::run_decpud(opts, cpu_all::server::run_with_tenants)
+    } else {
+        cpu_all::server::run(opts)
     }
 }
 
