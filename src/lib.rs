@@ -31,6 +31,7 @@ pub mod protocol;
 pub mod remote;
 pub mod server;
 pub mod ssh;
+pub mod terminal;
 pub mod transport;
 
 pub use error::{Error, Result};
