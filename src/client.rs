@@ -61,7 +61,10 @@ pub struct LocalEnv {
 impl LocalEnv {
     /// From the process environment.
     pub fn from_process() -> LocalEnv {
-        let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from).unwrap_or_else(|| "/".into());
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/".into());
         let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(uid_name);
         LocalEnv { home, user }
     }
@@ -116,13 +119,16 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
     let cfg = if path_like { HostConfig::default() } else { config::lookup(&alias, cfg_files, &local.home) };
     let user = at_user.or(cfg.user.clone()).unwrap_or_else(|| local.user.clone());
     let host = match &cfg.host_name {
-        Some(h) => config::expand_path(h, &Tokens {
-            home: &local.home,
-            local_user: &local.user,
-            host: &alias,
-            remote_user: &user,
-            port: "",
-        }),
+        Some(h) => config::expand_path(
+            h,
+            &Tokens {
+                home: &local.home,
+                local_user: &local.user,
+                host: &alias,
+                remote_user: &user,
+                port: "",
+            },
+        ),
         None => alias.clone(),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
@@ -131,7 +137,8 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
     } else {
         cfg.port.clone().unwrap_or_else(|| DEFAULT_PORT.to_string())
     };
-    let tokens = Tokens { home: &local.home, local_user: &local.user, host: &host, remote_user: &user, port: &port };
+    let tokens =
+        Tokens { home: &local.home, local_user: &local.user, host: &host, remote_user: &user, port: &port };
     let mut explicit_keys = Vec::new();
     let mut other_keys: Vec<PathBuf> = Vec::new();
     if !opts.key.is_empty() {
@@ -344,9 +351,13 @@ where
                     let _ = done_tx.send(()).await;
                 }
                 Ok(Ok(_)) => {
-                    log::warn!("9p back-channel: wrong nonce on a forwarded connection; closed it, still waiting")
+                    log::warn!(
+                        "9p back-channel: wrong nonce on a forwarded connection; closed it, still waiting"
+                    )
                 }
-                Ok(Err(e)) => log::warn!("9p back-channel: connection closed before its nonce ({e}); still waiting"),
+                Ok(Err(e)) => {
+                    log::warn!("9p back-channel: connection closed before its nonce ({e}); still waiting")
+                }
                 Err(_) => log::warn!("9p back-channel: no nonce within {NONCE_TIMEOUT:?}; closed it"),
             }
         });
@@ -395,7 +406,9 @@ async fn session(opts: CpuOptions) -> Result<i32> {
         crate::ssh::client::connect(stream, check).await
     })
     .await
-    .map_err(|_| Error::Connect(format!("connecting to {} port {}: timed out", target.host, target.port)))??;
+    .map_err(|_| {
+        Error::Connect(format!("connecting to {} port {}: timed out", target.host, target.port))
+    })??;
 
     let methods = AuthMethods {
         first_files: target.explicit_keys.clone(),
@@ -428,11 +441,8 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     let mut pending: VecDeque<Pending> = VecDeque::new();
     if let Some(ws) = tty {
         let term = std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "dumb".into());
-        let modes = [
-            (russh::Pty::ECHO, 1),
-            (russh::Pty::TTY_OP_ISPEED, 14400),
-            (russh::Pty::TTY_OP_OSPEED, 14400),
-        ];
+        let modes =
+            [(russh::Pty::ECHO, 1), (russh::Pty::TTY_OP_ISPEED, 14400), (russh::Pty::TTY_OP_OSPEED, 14400)];
         let (wpx, hpx) = pixels(ws);
         writer
             .request_pty(true, &term, ws.cols, ws.rows, wpx, hpx, &modes)
@@ -630,7 +640,11 @@ fn write_output(mut rx: mpsc::Receiver<(bool, Vec<u8>)>) {
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
     while let Some((to_stderr, bytes)) = rx.blocking_recv() {
-        let r = if to_stderr { err.write_all(&bytes).and_then(|_| err.flush()) } else { out.write_all(&bytes).and_then(|_| out.flush()) };
+        let r = if to_stderr {
+            err.write_all(&bytes).and_then(|_| err.flush())
+        } else {
+            out.write_all(&bytes).and_then(|_| out.flush())
+        };
         if r.is_err() {
             // A closed stdout (e.g. `| head`): keep draining so the session can finish.
             continue;
@@ -668,6 +682,7 @@ fn pixels(ws: terminal::WindowSize) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn opts(args: &[&str]) -> CpuOptions {
         CpuOptions::from_cpu_args(args.iter().map(OsString::from)).unwrap()
@@ -701,12 +716,18 @@ mod tests {
         assert_eq!((t.user.as_str(), t.host.as_str(), t.port.as_str()), ("pi", "10.9.8.7", "2222"));
         assert_eq!(
             t.other_keys,
-            vec![home.join(".ssh/board"), home.join(".ssh/id_pi"), home.join(".ssh/id_ed25519"), home.join(".ssh/id_rsa")]
+            vec![
+                home.join(".ssh/board"),
+                home.join(".ssh/id_pi"),
+                home.join(".ssh/id_ed25519"),
+                home.join(".ssh/id_rsa")
+            ]
         );
         assert!(t.explicit_keys.is_empty());
         assert_eq!(t.known_hosts_files, vec![home.join(".ssh/known_hosts")]);
 
-        let t = resolve(&opts(&["-sp", "17", "-key", "~/k", "bob@board"]), Net::Tcp, &local(&home), &files).unwrap();
+        let t = resolve(&opts(&["-sp", "17", "-key", "~/k", "bob@board"]), Net::Tcp, &local(&home), &files)
+            .unwrap();
         assert_eq!((t.user.as_str(), t.host.as_str(), t.port.as_str()), ("bob", "10.9.8.7", "17"));
         assert_eq!(t.explicit_keys, vec![home.join("k")]);
         assert!(t.other_keys.is_empty());
@@ -769,22 +790,24 @@ mod tests {
         let nonce = "0123456789abcdef0123456789abcdef".to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         let (served_tx, mut served_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let acceptor = tokio::spawn(accept_backchannel(rx, nonce.clone(), move |mut s: tokio::io::DuplexStream| {
-            let served_tx = served_tx.clone();
-            async move {
-                // The served stream starts right after the nonce.
-                let mut rest = Vec::new();
-                s.read_to_end(&mut rest).await.map_err(|e| Error::io("read", e))?;
-                let _ = served_tx.send(rest);
-                Ok(())
-            }
-        }));
+        let acceptor =
+            tokio::spawn(accept_backchannel(rx, nonce.clone(), move |mut s: tokio::io::DuplexStream| {
+                let served_tx = served_tx.clone();
+                async move {
+                    // The served stream starts right after the nonce.
+                    let mut rest = Vec::new();
+                    s.read_to_end(&mut rest).await.map_err(|e| Error::io("read", e))?;
+                    let _ = served_tx.send(rest);
+                    Ok(())
+                }
+            }));
         // A wrong nonce: the acceptor closes the connection.
         let (mut bad, bad_remote) = tokio::io::duplex(1024);
         tx.send(bad_remote).unwrap();
         bad.write_all(b"ffffffffffffffffffffffffffffffff").await.unwrap();
         let mut buf = Vec::new();
-        let n = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut buf)).await.unwrap().unwrap();
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut buf)).await.unwrap().unwrap();
         assert_eq!(n, 0, "the wrong-nonce connection is closed");
         // A short one: closed too.
         let (mut short, short_remote) = tokio::io::duplex(1024);

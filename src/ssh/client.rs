@@ -96,12 +96,15 @@ impl HostKeyCheck {
     }
 }
 
+/// The remote forward we asked for: the address string as sent, the allocated port, and where
+/// its forwarded connections go.
+type Forward = (String, u32, mpsc::UnboundedSender<ChannelStream<Msg>>);
+
 /// What the handler shares with the connection's owner.
 #[derive(Default)]
 struct Shared {
     host_key_error: Mutex<Option<Error>>,
-    /// The remote forward we asked for (address string as sent, port) and where its channels go.
-    forward: Mutex<Option<(String, u32, mpsc::UnboundedSender<ChannelStream<Msg>>)>>,
+    forward: Mutex<Option<Forward>>,
 }
 
 /// The russh event handler of `cpu`.
@@ -113,9 +116,14 @@ pub struct CpuHandler {
 impl client::Handler for CpuHandler {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            self.set_error(Error::HostKey("the server presented a certificate; only plain host keys are supported".into()));
+            self.set_error(Error::HostKey(
+                "the server presented a certificate; only plain host keys are supported".into(),
+            ));
             return Ok(false);
         };
         match self.check.verify(key) {
@@ -140,7 +148,9 @@ impl client::Handler for CpuHandler {
         let target = {
             let forward = self.shared.forward.lock().unwrap_or_else(|p| p.into_inner());
             match forward.as_ref() {
-                Some((addr, port, tx)) if addr == connected_address && *port == connected_port => Some(tx.clone()),
+                Some((addr, port, tx)) if addr == connected_address && *port == connected_port => {
+                    Some(tx.clone())
+                }
                 _ => None,
             }
         };
@@ -236,7 +246,8 @@ impl Connection {
         if methods.agent {
             if let Some(mut agent) = crate::ssh::keys::connect_agent().await {
                 for key in agent.keys.clone() {
-                    let hash = if key.algorithm().is_rsa() { self.rsa_hash(&mut rsa_hash).await } else { None };
+                    let hash =
+                        if key.algorithm().is_rsa() { self.rsa_hash(&mut rsa_hash).await } else { None };
                     tried.push(format!("agent key {}", known_hosts::fingerprint(&key)));
                     match self.handle.authenticate_publickey_with(user, key, hash, &mut agent.client).await {
                         Ok(r) if r.success() => return Ok(()),
@@ -256,10 +267,16 @@ impl Connection {
                 "no key to offer: give -key, an IdentityFile in ~/.ssh/config, ~/.ssh/cpu_rsa or ~/.ssh/id_ed25519, or keys in ssh-agent".into(),
             ));
         }
-        Err(Error::Auth(format!("the server refused user {user:?} with every key offered ({})", tried.join(", "))))
+        Err(Error::Auth(format!(
+            "the server refused user {user:?} with every key offered ({})",
+            tried.join(", ")
+        )))
     }
 
-    async fn rsa_hash(&self, cache: &mut Option<Option<russh::keys::HashAlg>>) -> Option<russh::keys::HashAlg> {
+    async fn rsa_hash(
+        &self,
+        cache: &mut Option<Option<russh::keys::HashAlg>>,
+    ) -> Option<russh::keys::HashAlg> {
         if let Some(h) = cache {
             return *h;
         }
@@ -289,7 +306,8 @@ impl Connection {
         let hash = if key.algorithm().is_rsa() { self.rsa_hash(rsa_hash).await } else { None };
         tried.push(path.display().to_string());
         log::debug!("offering key {} ({})", path.display(), key.algorithm().as_str());
-        match self.handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key), hash)).await {
+        match self.handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key), hash)).await
+        {
             Ok(r) => Ok(r.success()),
             Err(e) => Err(Error::Ssh(format!("authentication: {e}"))),
         }
@@ -297,7 +315,9 @@ impl Connection {
 
     /// Asks the server to listen on loopback port 0 for us (127.0.0.1, else ::1) and returns the
     /// address string sent, the allocated port, and the receiver of its forwarded channels.
-    pub async fn forward_loopback(&self) -> Result<(String, u16, mpsc::UnboundedReceiver<ChannelStream<Msg>>)> {
+    pub async fn forward_loopback(
+        &self,
+    ) -> Result<(String, u16, mpsc::UnboundedReceiver<ChannelStream<Msg>>)> {
         let mut last_error = String::new();
         for addr in ["127.0.0.1", "::1"] {
             // Register first: the remote may connect as soon as the reply is on its way.

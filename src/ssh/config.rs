@@ -109,20 +109,14 @@ pub fn apply(text: &str, alias: &str, cfg: &mut HostConfig, include: &mut dyn Fn
                     cfg.identity_files.push(a.clone());
                 }
             }
-            "stricthostkeychecking" => {
-                if cfg.strict_host_key_checking.is_none() {
-                    cfg.strict_host_key_checking = args.first().map(|a| a.to_ascii_lowercase());
-                }
+            "stricthostkeychecking" if cfg.strict_host_key_checking.is_none() => {
+                cfg.strict_host_key_checking = args.first().map(|a| a.to_ascii_lowercase());
             }
-            "userknownhostsfile" => {
-                if cfg.user_known_hosts_files.is_empty() {
-                    cfg.user_known_hosts_files = args.clone();
-                }
+            "userknownhostsfile" if cfg.user_known_hosts_files.is_empty() => {
+                cfg.user_known_hosts_files = args.clone();
             }
-            "hashknownhosts" => {
-                if cfg.hash_known_hosts.is_none() {
-                    cfg.hash_known_hosts = args.first().map(|a| a.eq_ignore_ascii_case("yes"));
-                }
+            "hashknownhosts" if cfg.hash_known_hosts.is_none() => {
+                cfg.hash_known_hosts = args.first().map(|a| a.eq_ignore_ascii_case("yes"));
             }
             _ => {}
         }

@@ -24,9 +24,13 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey> {
         Err(e) => return Err(Error::Auth(format!("unable to parse private key {}: {e}", path.display()))),
     }
     for _ in 0..3 {
-        let pass = read_passphrase(&format!("Enter passphrase for key '{}': ", path.display())).map_err(|e| {
-            Error::Auth(format!("private key {} is encrypted and its passphrase cannot be asked: {e}", path.display()))
-        })?;
+        let pass =
+            read_passphrase(&format!("Enter passphrase for key '{}': ", path.display())).map_err(|e| {
+                Error::Auth(format!(
+                    "private key {} is encrypted and its passphrase cannot be asked: {e}",
+                    path.display()
+                ))
+            })?;
         if pass.is_empty() {
             break;
         }

@@ -241,11 +241,11 @@ mod tests {
         let line = hash_with_salt("[10.1.2.3]:17010", &[7u8; 20]);
         assert!(line.starts_with("|1|BwcHBwcHBwcHBwcHBwcHBwcHBwc=|"));
         let f = tmp("hashed", &format!("{line} {ED1}\n"));
-        assert_eq!(check(&[f.clone()], "10.1.2.3", 17010, &key(ED1)), Verdict::Known);
-        assert_eq!(check(&[f.clone()], "10.1.2.4", 17010, &key(ED1)), Verdict::Unknown);
+        assert_eq!(check(std::slice::from_ref(&f), "10.1.2.3", 17010, &key(ED1)), Verdict::Known);
+        assert_eq!(check(std::slice::from_ref(&f), "10.1.2.4", 17010, &key(ED1)), Verdict::Unknown);
         std::fs::remove_file(&f).unwrap();
         append(&f, "h", 17010, &key(ED2), true).unwrap();
-        assert_eq!(check(&[f.clone()], "h", 17010, &key(ED2)), Verdict::Known);
+        assert_eq!(check(std::slice::from_ref(&f), "h", 17010, &key(ED2)), Verdict::Known);
         assert!(std::fs::read_to_string(&f).unwrap().starts_with("|1|"));
         std::fs::remove_file(&f).unwrap();
     }
@@ -261,8 +261,8 @@ mod tests {
     #[test]
     fn negation_vetoes() {
         let f = tmp("neg", &format!("*,!bad {ED1}\n"));
-        assert_eq!(check(&[f.clone()], "good", 22, &key(ED1)), Verdict::Known);
-        assert_eq!(check(&[f.clone()], "bad", 22, &key(ED1)), Verdict::Unknown);
+        assert_eq!(check(std::slice::from_ref(&f), "good", 22, &key(ED1)), Verdict::Known);
+        assert_eq!(check(std::slice::from_ref(&f), "bad", 22, &key(ED1)), Verdict::Unknown);
         std::fs::remove_file(f).unwrap();
     }
 
