@@ -7,6 +7,11 @@
 //! LC_GLENDA_CPU_FSTAB, CPU_MSIZE, CPU_MOUNTOPTS; then `exec`. The requests are pipelined and
 //! their replies matched in order; refused `env` requests are fine (OpenSSH refuses most).
 //!
+//! Signals: without a terminal SIGINT, SIGTERM and SIGHUP are forwarded as `signal` requests;
+//! the third SIGINT or second SIGTERM ends cpu locally (a server may ignore signal requests:
+//! OpenSSH's sshd does for root sessions). With a terminal ^C is just a byte, and SIGTERM or
+//! SIGHUP are forwarded and end the session after restoring the terminal.
+//!
 //! Exit status: the remote `exit-status`; 128+N for `exit-signal` N; 255 with a message for
 //! connection, host-key and authentication failures, and when the session ends with neither
 //! status nor signal (as ssh does; the Go client uses 1 there) or by the `~.` escape.
@@ -542,6 +547,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     let mut stdin_open = true;
     let mut exit_status: Option<u32> = None;
     let mut exit_signal: Option<String> = None;
+    let (mut interrupts, mut terminations) = (0u32, 0u32);
     let ending = loop {
         tokio::select! {
             msg = reader.wait() => match msg {
@@ -598,10 +604,16 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                     }
                 }
             },
-            _ = sigint.recv() => { let _ = writer.signal(Sig::INT).await; }
+            _ = sigint.recv() => {
+                // Forwarded; but a server that ignores it must not make cpu unkillable.
+                interrupts += 1;
+                let _ = writer.signal(Sig::INT).await;
+                if interrupts >= 3 { break Ending::LocalSignal(2); }
+            }
             _ = sigterm.recv() => {
+                terminations += 1;
                 let _ = writer.signal(Sig::TERM).await;
-                if tty.is_some() { break Ending::LocalSignal(15); }
+                if tty.is_some() || terminations >= 2 { break Ending::LocalSignal(15); }
             }
             _ = sighup.recv() => {
                 let _ = writer.signal(Sig::HUP).await;
@@ -629,7 +641,10 @@ async fn session(opts: CpuOptions) -> Result<i32> {
             eprintln!("cpu: connection to {} closed (~.)", target.host);
             Ok(EXIT_CONNECTION)
         }
-        Ending::LocalSignal(n) => Ok(128 + n),
+        Ending::LocalSignal(n) => {
+            eprintln!("cpu: stopped by signal {n}; the remote command may still run");
+            Ok(128 + n)
+        }
         Ending::Closed => Ok(exit_code(exit_status, exit_signal.as_deref(), &target.host)),
     }
 }

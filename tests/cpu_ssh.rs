@@ -135,6 +135,7 @@ fn hashed_known_hosts_entry_matches() {
         .arg("-f")
         .arg(home.ssh("known_hosts"))
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(st.success());
@@ -330,4 +331,155 @@ fn ninep_back_channel_forward_env_exec_and_nonce_check() {
     assert!(stdout.contains("wrong nonce: closed\n"), "{stdout}");
     assert_eq!(stderr.matches("wrong nonce on a forwarded connection").count(), 1, "{stderr}");
     assert_eq!(stderr.matches("nonce verified, serving 9P").count(), 1, "{stderr}");
+}
+
+#[test]
+fn agent_keys_are_offered() {
+    need_sshd!();
+    let home = Home::new();
+    let sshd = Sshd::start(&[&home.key_pub], "");
+    let p = port(&sshd);
+    let sock = home.path().join("agent.sock");
+    let mut agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let added = std::process::Command::new("ssh-add")
+        .arg(home.ssh("id_ed25519"))
+        .env("SSH_AUTH_SOCK", &sock)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(added.success());
+    // The only copy of the authorized key is now in the agent.
+    std::fs::remove_file(home.ssh("id_ed25519")).unwrap();
+    let mut cmd =
+        cpu_support::cpu_command(&home, &["-9p=false", "-sp", &p, "127.0.0.1", "echo", "via-agent"]);
+    cmd.env("SSH_AUTH_SOCK", &sock).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let out = cpu_support::wait_output(cmd.spawn().unwrap(), cpu_support::CHILD_TIMEOUT);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "via-agent\n");
+}
+
+#[test]
+fn encrypted_key_asks_for_its_passphrase_on_the_terminal() {
+    need_sshd!();
+    let home = Home::new();
+    let enc = home.path().join("enc");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "s3cret", "-C", "enc", "-f"])
+        .arg(&enc)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let enc_pub = std::fs::read_to_string(enc.with_extension("pub")).unwrap();
+    let sshd = Sshd::start(&[enc_pub.trim()], "");
+    let p = port(&sshd);
+    let args = ["-9p=false", "-key", enc.to_str().unwrap(), "-sp", &p, "127.0.0.1", "echo", "unlocked"];
+    let mut pty = PtyChild::spawn(cpu_support::cpu_command(&home, &args), 24, 80);
+    let t = Duration::from_secs(15);
+    assert!(pty.expect("Enter passphrase for key", t), "{:?}", text(&pty.seen));
+    pty.write(b"s3cret\r");
+    assert_eq!(pty.wait(t), Some(0), "{:?}", text(&pty.seen));
+    let seen = text(&pty.seen);
+    assert!(seen.contains("unlocked"), "{seen:?}");
+    assert!(!seen.contains("s3cret"), "the passphrase was echoed: {seen:?}");
+
+    // Without a terminal: a clear error, exit 255.
+    let mut cmd = cpu_support::cpu_command(&home, &args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setsid is async-signal-safe; it drops any controlling terminal.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            rustix::process::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let out = cpu_support::wait_output(cmd.spawn().unwrap(), cpu_support::CHILD_TIMEOUT);
+    assert_eq!(out.status.code(), Some(255));
+    let err = text(&out.stderr);
+    assert!(err.contains("is encrypted and its passphrase cannot be asked"), "{err}");
+}
+
+#[test]
+fn ipv6_literal_host_as_decpu_passes_it() {
+    need_sshd!();
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIP: no IPv6 loopback");
+        return;
+    }
+    let home = Home::new();
+    let sshd = Sshd::start(&[&home.key_pub], "ListenAddress ::1");
+    let p = port(&sshd);
+    let out = run_cpu(&home, &["-9p=false", "-sp", &p, "::1", "echo", "v6"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "v6\n");
+    assert_eq!(home.known_hosts(), format!("[::1]:{p} {}\n", key_part(&sshd.host_pub)));
+}
+
+#[test]
+fn known_rsa_host_key_is_asked_for_first() {
+    need_sshd!();
+    let home = Home::new();
+    let keys = cpu_support::TempDir::new("rsakey");
+    let rsa = keys.path().join("rsa");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+        .arg(&rsa)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let rsa_pub = std::fs::read_to_string(rsa.with_extension("pub")).unwrap();
+    // sshd has an ed25519 and an RSA host key; we only know the RSA one.
+    let sshd = Sshd::start(&[&home.key_pub], &format!("HostKey {}", rsa.display()));
+    let p = port(&sshd);
+    let kh = format!("[127.0.0.1]:{p} {}\n", key_part(&rsa_pub));
+    std::fs::write(home.ssh("known_hosts"), &kh).unwrap();
+    let out = run_cpu(&home, &["-9p=false", "-sp", &p, "127.0.0.1", "true"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(home.known_hosts(), kh);
+}
+
+#[test]
+fn interrupts_are_forwarded_and_the_third_ends_cpu() {
+    need_sshd!();
+    let home = Home::new();
+    let sshd = Sshd::start(&[&home.key_pub], "");
+    let p = port(&sshd);
+    let mut cmd = cpu_support::cpu_command(
+        &home,
+        &["-9p=false", "-sp", &p, "127.0.0.1", "sh", "-c", "echo started; sleep 20"],
+    );
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    let pid = rustix::process::Pid::from_child(&child);
+    for _ in 0..3 {
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // sshd refuses signal requests for root sessions, so only the local escalation ends it.
+    let out = cpu_support::wait_output(child, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("stopped by signal 2"));
+    let log = std::fs::read_to_string(&sshd.log).unwrap();
+    assert!(log.contains("session_signal_req"), "sshd saw the signal requests: {log}");
 }

@@ -100,6 +100,33 @@ impl HostKeyCheck {
 /// its forwarded connections go.
 type Forward = (String, u32, mpsc::UnboundedSender<ChannelStream<Msg>>);
 
+impl HostKeyCheck {
+    /// The algorithms of the keys this check would accept, when it knows any.
+    pub fn known_algorithms(&self) -> Vec<russh::keys::Algorithm> {
+        match &self.policy {
+            HostKeyPolicy::Off => Vec::new(),
+            HostKeyPolicy::Pinned { keys, .. } => keys.iter().map(|k| k.algorithm()).collect(),
+            HostKeyPolicy::KnownHosts { files, .. } => {
+                known_hosts::known_algorithms(files, &self.host, self.port)
+            }
+        }
+    }
+}
+
+/// The host-key algorithms to offer: russh's order, with the kinds we hold a key for first, so
+/// a server with several host keys presents one we can check.
+fn host_key_order(known: &[russh::keys::Algorithm]) -> Vec<russh::keys::Algorithm> {
+    let mut order = russh::Preferred::default().key.to_vec();
+    let same_kind =
+        |a: &russh::keys::Algorithm, b: &russh::keys::Algorithm| a == b || (is_rsa(a) && is_rsa(b));
+    order.sort_by_key(|a| !known.iter().any(|k| same_kind(k, a)));
+    order
+}
+
+fn is_rsa(a: &russh::keys::Algorithm) -> bool {
+    matches!(a, russh::keys::Algorithm::Rsa { .. })
+}
+
 /// What the handler shares with the connection's owner.
 #[derive(Default)]
 struct Shared {
@@ -199,8 +226,13 @@ fn config() -> client::Config {
 /// Runs the SSH handshake on `stream`, checking the host key with `check`.
 pub async fn connect(stream: BoxStream, check: HostKeyCheck) -> Result<Connection> {
     let shared = Arc::new(Shared::default());
+    let mut cfg = config();
+    let known = check.known_algorithms();
+    if !known.is_empty() {
+        cfg.preferred.key = host_key_order(&known).into();
+    }
     let handler = CpuHandler { check, shared: shared.clone() };
-    match client::connect_stream(Arc::new(config()), stream, handler).await {
+    match client::connect_stream(Arc::new(cfg), stream, handler).await {
         Ok(handle) => Ok(Connection { handle, shared }),
         Err(e) => {
             if let Some(err) = shared.host_key_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -341,5 +373,23 @@ impl Connection {
     /// Stops handing forwarded connections to the acceptor; later ones are refused.
     pub fn stop_forwarding(&self) {
         self.shared.forward.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use russh::keys::{Algorithm, HashAlg};
+
+    #[test]
+    fn known_key_kinds_come_first() {
+        let order = host_key_order(&[Algorithm::Rsa { hash: None }]);
+        assert!(is_rsa(&order[0]), "{order:?}");
+        let n = order.iter().filter(|a| is_rsa(a)).count();
+        assert!(order[..n].iter().all(is_rsa));
+        assert!(order.contains(&Algorithm::Ed25519));
+        let order = host_key_order(&[Algorithm::Ed25519]);
+        assert_eq!(order[0], Algorithm::Ed25519);
+        assert!(order.contains(&Algorithm::Rsa { hash: Some(HashAlg::Sha512) }));
     }
 }

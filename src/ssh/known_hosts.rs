@@ -63,6 +63,24 @@ pub fn check(files: &[PathBuf], host: &str, port: u16, key: &PublicKey) -> Verdi
     changed.unwrap_or(Verdict::Unknown)
 }
 
+/// The algorithms of the keys the files hold for `host`/`port`, so the client can ask the
+/// server for a key it can check (as ssh orders HostKeyAlgorithms).
+pub fn known_algorithms(files: &[PathBuf], host: &str, port: u16) -> Vec<russh::keys::Algorithm> {
+    let field = host_field(host, port);
+    let mut algs = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        for line in text.lines() {
+            if let Some(Entry { patterns, key: Some(k) }) = parse_line(line) {
+                if patterns_match(patterns, &field) && !algs.contains(&k.algorithm()) {
+                    algs.push(k.algorithm());
+                }
+            }
+        }
+    }
+    algs
+}
+
 struct Entry<'a> {
     patterns: &'a str,
     key: Option<PublicKey>,
