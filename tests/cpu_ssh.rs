@@ -201,6 +201,15 @@ fn wrong_key_rejected_with_255() {
     );
     assert_eq!(out.status.code(), Some(255));
     assert!(text(&out.stderr).contains("authentication failed"), "{}", text(&out.stderr));
+    // A -key that does not exist: its own error, before anything else is tried.
+    let missing = home.path().join("no-such-key");
+    let out = run_cpu(
+        &home,
+        &["-9p=false", "-key", missing.to_str().unwrap(), "-sp", &p, "127.0.0.1", "true"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(255));
+    assert!(text(&out.stderr).contains("unable to read private key"), "{}", text(&out.stderr));
     // -useKey=false: only "none", which sshd refuses.
     let out = run_cpu(&home, &["-9p=false", "-useKey=false", "-sp", &p, "127.0.0.1", "true"], None);
     assert_eq!(out.status.code(), Some(255));

@@ -271,7 +271,9 @@ impl Connection {
         let mut tried: Vec<String> = Vec::new();
         let mut rsa_hash: Option<Option<russh::keys::HashAlg>> = None;
         for path in &methods.first_files {
-            if self.try_file(user, path, &mut rsa_hash, &mut tried).await? {
+            // A key named on the command line must load: its error is the one worth showing.
+            let key = crate::ssh::keys::load_private_key(path)?;
+            if self.offer_key(user, path, key, &mut rsa_hash, &mut tried).await? {
                 return Ok(());
             }
         }
@@ -335,6 +337,17 @@ impl Connection {
                 return Ok(false);
             }
         };
+        self.offer_key(user, path, key, rsa_hash, tried).await
+    }
+
+    async fn offer_key(
+        &mut self,
+        user: &str,
+        path: &std::path::Path,
+        key: russh::keys::PrivateKey,
+        rsa_hash: &mut Option<Option<russh::keys::HashAlg>>,
+        tried: &mut Vec<String>,
+    ) -> Result<bool> {
         let hash = if key.algorithm().is_rsa() { self.rsa_hash(rsa_hash).await } else { None };
         tried.push(path.display().to_string());
         log::debug!("offering key {} ({})", path.display(), key.algorithm().as_str());
