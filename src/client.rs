@@ -493,26 +493,8 @@ async fn session(opts: CpuOptions) -> Result<i32> {
         None => None,
     };
 
-    // Keyboard/stdin: a plain thread, because a blocking read of a terminal or pipe cannot be
-    // cancelled; the runtime is shut down without waiting for it.
-    let (stdin_tx, mut stdin_rx) = mpsc::channel::<Vec<u8>>(4);
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let mut input = std::io::stdin().lock();
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match input.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if stdin_tx.blocking_send(buf[..n].to_vec()).is_err() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-    });
+    let mut stdin_lent = LentStdin(Some(take_stdin()));
+    let Some(stdin_rx) = stdin_lent.0.as_mut() else { return Err(Error::Ssh("stdin unavailable".into())) };
     // Data to the remote goes through its own task so a full window never stops us reading
     // the remote's output (which is what frees the window).
     let (to_remote_tx, mut to_remote_rx) = mpsc::channel::<Option<Vec<u8>>>(4);
@@ -646,6 +628,50 @@ async fn session(opts: CpuOptions) -> Result<i32> {
             Ok(128 + n)
         }
         Ending::Closed => Ok(exit_code(exit_status, exit_signal.as_deref(), &target.host)),
+    }
+}
+
+/// Local stdin as chunks from one reader thread for the whole process (a blocking read of a
+/// terminal or pipe cannot be cancelled, so the thread is started once and its receiver is lent
+/// to each session in turn: decpu may run several sessions one after another).
+static STDIN: std::sync::OnceLock<std::sync::Mutex<Option<mpsc::Receiver<Vec<u8>>>>> =
+    std::sync::OnceLock::new();
+
+fn take_stdin() -> mpsc::Receiver<Vec<u8>> {
+    let slot = STDIN.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut input = std::io::stdin().lock();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+        });
+        std::sync::Mutex::new(Some(rx))
+    });
+    let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    // Only one session runs at a time; if none is lent back, stdin is treated as closed.
+    taken.unwrap_or_else(|| mpsc::channel(1).1)
+}
+
+/// Lends the stdin receiver to one session and gives it back however the session ends.
+struct LentStdin(Option<mpsc::Receiver<Vec<u8>>>);
+
+impl Drop for LentStdin {
+    fn drop(&mut self) {
+        if let (Some(slot), Some(rx)) = (STDIN.get(), self.0.take()) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        }
     }
 }
 
