@@ -104,6 +104,8 @@ pub struct Target {
     /// StrictHostKeyChecking as written (lowercase), if any.
     pub strict: Option<String>,
     pub hash_known_hosts: bool,
+    /// Offer the keys in ssh-agent too (not with ssh_config `IdentitiesOnly yes`).
+    pub use_agent: bool,
 }
 
 /// The ssh_config files read, in order.
@@ -178,6 +180,7 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
         known_hosts_files,
         strict: cfg.strict_host_key_checking.clone(),
         hash_known_hosts: cfg.hash_known_hosts.unwrap_or(false),
+        use_agent: cfg.identities_only != Some(true),
     })
 }
 
@@ -417,7 +420,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
 
     let methods = AuthMethods {
         first_files: target.explicit_keys.clone(),
-        agent: true,
+        agent: target.use_agent,
         files: target.other_keys.clone(),
         none_only: !opts.use_key,
     };

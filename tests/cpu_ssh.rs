@@ -375,10 +375,16 @@ fn agent_keys_are_offered() {
         cpu_support::cpu_command(&home, &["-9p=false", "-sp", &p, "127.0.0.1", "echo", "via-agent"]);
     cmd.env("SSH_AUTH_SOCK", &sock).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let out = cpu_support::wait_output(cmd.spawn().unwrap(), cpu_support::CHILD_TIMEOUT);
+    // IdentitiesOnly yes: the agent is not asked, and no key file is left.
+    std::fs::write(home.ssh("config"), "Host *\n  IdentitiesOnly yes\n  HashKnownHosts no\n").unwrap();
+    let mut cmd = cpu_support::cpu_command(&home, &["-9p=false", "-sp", &p, "127.0.0.1", "true"]);
+    cmd.env("SSH_AUTH_SOCK", &sock).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let only = cpu_support::wait_output(cmd.spawn().unwrap(), cpu_support::CHILD_TIMEOUT);
     let _ = agent.kill();
     let _ = agent.wait();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "via-agent\n");
+    assert_eq!(only.status.code(), Some(255), "{}", text(&only.stderr));
 }
 
 #[test]

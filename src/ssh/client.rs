@@ -219,6 +219,10 @@ fn config() -> client::Config {
     client::Config {
         client_id: russh::SshId::Standard(format!("SSH-2.0-cpu-all_{}", env!("CARGO_PKG_VERSION")).into()),
         nodelay: true,
+        // A server that vanished (board powered off, cable pulled) ends the session after about
+        // three minutes instead of hanging cpu forever; every SSH server answers keepalives.
+        keepalive_interval: Some(std::time::Duration::from_secs(60)),
+        keepalive_max: 3,
         ..Default::default()
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! As in ssh, the first value obtained for a keyword wins (IdentityFile and UserKnownHostsFile
 //! accumulate), `~/.ssh/config` is read before `/etc/ssh/ssh_config`, and `Include` is followed.
-//! `Match` blocks are skipped with a debug message rather than failing the whole file (the Go
+//! IdentitiesOnly is honoured too. `Match` blocks are skipped with a debug message rather than failing the whole file (the Go
 //! client's library gives up on every lookup when it sees one, pitfall P2). Nothing here does
 //! I/O except reading the config files; token expansion (`~`, `%d %u %h %r %%`) is a separate,
 //! pure step so the resolution can be tested without a home directory.
@@ -24,6 +24,8 @@ pub struct HostConfig {
     /// Every UserKnownHostsFile path that applies, unexpanded.
     pub user_known_hosts_files: Vec<String>,
     pub hash_known_hosts: Option<bool>,
+    /// `IdentitiesOnly yes`: offer only the key files, not the agent's keys.
+    pub identities_only: Option<bool>,
 }
 
 /// Deepest `Include` nesting followed (ssh uses 16).
@@ -117,6 +119,9 @@ pub fn apply(text: &str, alias: &str, cfg: &mut HostConfig, include: &mut dyn Fn
             }
             "hashknownhosts" if cfg.hash_known_hosts.is_none() => {
                 cfg.hash_known_hosts = args.first().map(|a| a.eq_ignore_ascii_case("yes"));
+            }
+            "identitiesonly" if cfg.identities_only.is_none() => {
+                cfg.identities_only = args.first().map(|a| a.eq_ignore_ascii_case("yes"));
             }
             _ => {}
         }
@@ -294,6 +299,7 @@ Match host foo exec \"true\"
 
 Host b?? *.lab
   HostName lab-machine
+  IdentitiesOnly yes
   Port 17011
   StrictHostKeyChecking no
 
@@ -324,6 +330,7 @@ Host *
         assert_eq!(c.host_name.as_deref(), Some("lab-machine"));
         assert_eq!(c.port.as_deref(), Some("17011"));
         assert_eq!(c.strict_host_key_checking.as_deref(), Some("no"));
+        assert_eq!(c.identities_only, Some(true));
         let c = parse(CONFIG, "x.LAB");
         assert_eq!(c.port.as_deref(), Some("17011"));
         let c = parse(CONFIG, "other");
