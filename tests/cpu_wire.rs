@@ -24,6 +24,8 @@ enum Script {
     Signals,
     /// After exec: close without exit status.
     NoStatus,
+    /// Refuse the 127.0.0.1 forward; after exec probe the ::1 one, then exit 0.
+    V6Forward,
 }
 
 #[derive(Clone)]
@@ -87,6 +89,9 @@ impl server::Handler for Server {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         self.record(format!("tcpip-forward {address} {port}"));
+        if self.script == Script::V6Forward && address == "127.0.0.1" {
+            return Ok(false);
+        }
         *port = FORWARD_PORT;
         Ok(true)
     }
@@ -157,6 +162,23 @@ impl server::Handler for Server {
                 }
                 Script::Signals => {
                     let _ = handle.data(ch, &b"ready\n"[..]).await;
+                }
+                Script::V6Forward => {
+                    // The client asked for ::1: a connection reported for 127.0.0.1 is refused.
+                    let r = handle
+                        .channel_open_forwarded_tcpip("127.0.0.1", FORWARD_PORT, "127.0.0.1", 50000)
+                        .await;
+                    me.record(format!("v4 forward accepted={}", r.is_ok()));
+                    let nonce = me.nonce.lock().unwrap().clone();
+                    if let Ok(mut good) =
+                        handle.channel_open_forwarded_tcpip("::1", FORWARD_PORT, "::1", 50003).await
+                    {
+                        let _ = good.data(nonce.as_bytes()).await;
+                        let _ = wait_closed(&mut good, Duration::from_secs(5)).await;
+                        let _ = good.close().await;
+                    }
+                    let _ = handle.exit_status_request(ch, 0).await;
+                    let _ = handle.close(ch).await;
                 }
                 Script::NoStatus => {
                     let _ = handle.data(ch, &b"bye\n"[..]).await;
@@ -315,4 +337,22 @@ fn session_without_exit_status_gives_255_after_draining_output() {
     assert!(text(&out.stderr).contains("ended without an exit status"), "{}", text(&out.stderr));
     // -root= : no CPU_FSTAB at all.
     assert!(!log.lock().unwrap().iter().any(|l| l.contains("CPU_FSTAB")));
+}
+
+#[test]
+fn forward_falls_back_to_ipv6_loopback() {
+    let home = Home::new();
+    let dir = TempDir::new("wire");
+    let (port, log, pin) = start(Script::V6Forward, &dir);
+    let p = port.to_string();
+    let out = cpu_support::wait_output(
+        cpu(&home, &["-d", "-hk", pin.to_str().unwrap(), "-sp", &p, "127.0.0.1", "true"]).spawn().unwrap(),
+        cpu_support::CHILD_TIMEOUT,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let log = log.lock().unwrap().clone();
+    assert_eq!(&log[..2], ["tcpip-forward 127.0.0.1 0", "tcpip-forward ::1 0"]);
+    assert!(log.contains(&"v4 forward accepted=false".to_string()), "{log:?}");
+    assert_eq!(stderr.matches("nonce verified, serving 9P").count(), 1, "{stderr}");
 }
