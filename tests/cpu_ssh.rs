@@ -491,10 +491,13 @@ fn interrupts_are_forwarded_and_the_third_ends_cpu() {
         rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
         std::thread::sleep(Duration::from_millis(100));
     }
-    // sshd refuses signal requests for root sessions, so only the local escalation ends it.
     let out = cpu_support::wait_output(child, Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("stopped by signal 2"));
     let log = std::fs::read_to_string(&sshd.log).unwrap();
     assert!(log.contains("session_signal_req"), "sshd saw the signal requests: {log}");
+    // OpenSSH 9.x refuses signal requests for root sessions ("requires privilege separation"),
+    // so there only the local escalation ends cpu; elsewhere the remote dies of SIGINT (130).
+    if log.contains("requires privilege separation") {
+        assert!(text(&out.stderr).contains("stopped by signal 2"), "{}", text(&out.stderr));
+    }
 }
