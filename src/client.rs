@@ -254,6 +254,30 @@ pub fn session_env(
     env
 }
 
+/// Makes PWD name the directory cpu really runs in: the remote side changes to $PWD (a Go
+/// cpud fails without it, pitfall P13), and a program that started cpu in another directory
+/// without updating PWD would otherwise send the wrong one. A PWD that is the same directory
+/// (e.g. a path through a symlink) is kept as the user's shell spelled it.
+pub fn with_current_pwd(
+    mut environ: Vec<(OsString, OsString)>,
+    cwd: &std::path::Path,
+) -> Vec<(OsString, OsString)> {
+    use std::os::unix::fs::MetadataExt;
+    let same_dir = |p: &std::path::Path| match (std::fs::metadata(p), std::fs::metadata(cwd)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    match environ.iter_mut().find(|(k, _)| k == "PWD") {
+        Some((_, v)) => {
+            if !same_dir(std::path::Path::new(v)) {
+                *v = cwd.as_os_str().to_owned();
+            }
+        }
+        None => environ.push((OsString::from("PWD"), cwd.as_os_str().to_owned())),
+    }
+    environ
+}
+
 /// The remote command: the arguments, else $SHELL, else /bin/sh.
 pub fn remote_command(args: &[OsString]) -> Vec<OsString> {
     if !args.is_empty() {
@@ -458,7 +482,10 @@ async fn session(opts: CpuOptions) -> Result<i32> {
             .map_err(|e| ssh_err("pty-req", e))?;
         pending.push_back(Pending::Pty);
     }
-    let environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let mut environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    if let Ok(cwd) = std::env::current_dir() {
+        environ = with_current_pwd(environ, &cwd);
+    }
     for (k, v) in session_env(environ, nonce.as_deref(), fstab.as_deref(), opts.msize, &opts.mount_opts) {
         writer.set_env(true, k, v).await.map_err(|e| ssh_err("env", e))?;
         pending.push_back(Pending::Env);
@@ -818,6 +845,24 @@ mod tests {
         assert_eq!(env, vec![("HOME".into(), "/h".into()), ("TMPDIR".into(), "/tmp".into())]);
         let env = session_env(vec![], Some("n"), None, 8192, "cache=loose");
         assert_eq!(env.last().unwrap(), &("CPU_MOUNTOPTS".to_string(), "cache=loose".to_string()));
+    }
+
+    #[test]
+    fn pwd_names_the_real_directory() {
+        let dir = tmpdir("pwd");
+        let e = |v: &[(&str, &str)]| -> Vec<(OsString, OsString)> {
+            v.iter().map(|(a, b)| (OsString::from(a), OsString::from(b))).collect()
+        };
+        let d = dir.to_str().unwrap();
+        let link = dir.with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let l = link.to_str().unwrap();
+        assert_eq!(with_current_pwd(e(&[("A", "1"), ("PWD", "/")]), &dir), e(&[("A", "1"), ("PWD", d)]));
+        assert_eq!(with_current_pwd(e(&[("A", "1")]), &dir), e(&[("A", "1"), ("PWD", d)]));
+        assert_eq!(with_current_pwd(e(&[("PWD", l)]), &dir), e(&[("PWD", l)]), "same dir through a symlink");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

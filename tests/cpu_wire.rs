@@ -245,6 +245,7 @@ fn cpu(home: &Home, args: &[&str]) -> std::process::Command {
         .env("CPU_TEST_VAR", "1")
         .env("TMPDIR", "/var/folders/xyz")
         .env("REFUSE_ME", "x")
+        .current_dir(home.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -276,6 +277,8 @@ fn wire_order_forward_env_exec_and_back_channel_checks() {
         "env REFUSE_ME (refused)".into(),
         "env TMPDIR=/tmp".into(),
         "env USER=tester".into(),
+        // No PWD in the environment: cpu adds the directory it runs in.
+        format!("env PWD={}", home.path().display()),
         "env CPUNONCE len=32".into(),
         format!("env CPU_FSTAB={fstab}"),
         format!("env LC_GLENDA_CPU_FSTAB={fstab}"),
