@@ -403,6 +403,43 @@ enum Ending {
     LocalSignal(i32),
 }
 
+/// A want-reply request that starts the session.
+enum Request {
+    Pty { term: String, ws: terminal::WindowSize },
+    Env(String, String),
+    Exec(Vec<u8>),
+}
+
+impl Request {
+    fn pending(&self) -> Pending {
+        match self {
+            Request::Pty { .. } => Pending::Pty,
+            Request::Env(..) => Pending::Env,
+            Request::Exec(_) => Pending::Exec,
+        }
+    }
+
+    async fn send(
+        self,
+        w: &russh::ChannelWriteHalf<russh::client::Msg>,
+    ) -> std::result::Result<(), russh::Error> {
+        match self {
+            Request::Pty { term, ws } => {
+                // Modes as the Go NEW client sends them.
+                let modes = [
+                    (russh::Pty::ECHO, 1),
+                    (russh::Pty::TTY_OP_ISPEED, 14400),
+                    (russh::Pty::TTY_OP_OSPEED, 14400),
+                ];
+                let (wpx, hpx) = pixels(ws);
+                w.request_pty(true, &term, ws.cols, ws.rows, wpx, hpx, &modes).await
+            }
+            Request::Env(k, v) => w.set_env(true, k, v).await,
+            Request::Exec(cmd) => w.exec(true, cmd).await,
+        }
+    }
+}
+
 /// One outstanding want-reply request on the session channel.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Pending {
@@ -466,35 +503,43 @@ async fn session(opts: CpuOptions) -> Result<i32> {
         .await
         .map_err(|e| Error::Ssh(format!("opening the session channel: {e}")))?;
     let (mut reader, writer) = channel.split();
-    let ssh_err = |what: &str, e: russh::Error| Error::Ssh(format!("{what}: {e}"));
 
     let stdin = std::io::stdin();
     let tty = terminal::window_size(stdin.as_fd());
-    let mut pending: VecDeque<Pending> = VecDeque::new();
+    // pty-req, env and exec, all with want-reply: sent by their own task while the loop below
+    // already reads the replies (a large environment would otherwise fill russh's per-channel
+    // queue with replies nobody reads, and stall the connection).
+    let mut requests: Vec<Request> = Vec::new();
     if let Some(ws) = tty {
         let term = std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "dumb".into());
-        let modes =
-            [(russh::Pty::ECHO, 1), (russh::Pty::TTY_OP_ISPEED, 14400), (russh::Pty::TTY_OP_OSPEED, 14400)];
-        let (wpx, hpx) = pixels(ws);
-        writer
-            .request_pty(true, &term, ws.cols, ws.rows, wpx, hpx, &modes)
-            .await
-            .map_err(|e| ssh_err("pty-req", e))?;
-        pending.push_back(Pending::Pty);
+        requests.push(Request::Pty { term, ws });
     }
     let mut environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
     if let Ok(cwd) = std::env::current_dir() {
         environ = with_current_pwd(environ, &cwd);
     }
     for (k, v) in session_env(environ, nonce.as_deref(), fstab.as_deref(), opts.msize, &opts.mount_opts) {
-        writer.set_env(true, k, v).await.map_err(|e| ssh_err("env", e))?;
-        pending.push_back(Pending::Env);
+        requests.push(Request::Env(k, v));
     }
     let command = remote_command(&opts.command);
     let exec = crate::cmdline::build_exec(backchannel.as_ref().map(|(p, _)| *p), &command);
     log::debug!("exec {:?}", String::from_utf8_lossy(&exec));
-    writer.exec(true, exec).await.map_err(|e| ssh_err("exec", e))?;
-    pending.push_back(Pending::Exec);
+    requests.push(Request::Exec(exec));
+    let mut pending: VecDeque<Pending> = requests.iter().map(Request::pending).collect();
+    let writer = Arc::new(writer);
+    let (sent_tx, mut sent_rx) = tokio::sync::oneshot::channel::<std::result::Result<(), russh::Error>>();
+    let request_writer = writer.clone();
+    tokio::spawn(async move {
+        let mut result = Ok(());
+        for r in requests {
+            result = r.send(&request_writer).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        let _ = sent_tx.send(result);
+    });
+    let mut requests_sent = false;
 
     let acceptor = match (backchannel, nonce) {
         (Some((_port, rx)), Some(nonce)) => {
@@ -591,7 +636,16 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                 Some(russh::ChannelMsg::Close) | None => break Ending::Closed,
                 Some(_) => {}
             },
-            chunk = stdin_rx.recv(), if stdin_open => match chunk {
+            sent = &mut sent_rx, if !requests_sent => {
+                requests_sent = true;
+                match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(Error::Ssh(format!("starting the session: {e}"))),
+                    Err(_) => return Err(Error::Ssh("starting the session: request task ended".into())),
+                }
+            }
+            // Keyboard and signals wait until exec is sent (Go cpud crashes on an early signal, P10).
+            chunk = stdin_rx.recv(), if stdin_open && requests_sent => match chunk {
                 Some(bytes) => {
                     let bytes = if tty.is_some() {
                         let mut out = Vec::with_capacity(bytes.len());
@@ -616,22 +670,22 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                     }
                 }
             },
-            _ = sigint.recv() => {
+            _ = sigint.recv(), if requests_sent => {
                 // Forwarded; but a server that ignores it must not make cpu unkillable.
                 interrupts += 1;
                 let _ = writer.signal(Sig::INT).await;
                 if interrupts >= 3 { break Ending::LocalSignal(2); }
             }
-            _ = sigterm.recv() => {
+            _ = sigterm.recv(), if requests_sent => {
                 terminations += 1;
                 let _ = writer.signal(Sig::TERM).await;
                 if tty.is_some() || terminations >= 2 { break Ending::LocalSignal(15); }
             }
-            _ = sighup.recv() => {
+            _ = sighup.recv(), if requests_sent => {
                 let _ = writer.signal(Sig::HUP).await;
                 if tty.is_some() { break Ending::LocalSignal(1); }
             }
-            _ = sigwinch.recv(), if tty.is_some() => {
+            _ = sigwinch.recv(), if tty.is_some() && requests_sent => {
                 if let Some(ws) = terminal::window_size(std::io::stdin().as_fd()) {
                     let (wpx, hpx) = pixels(ws);
                     let _ = writer.window_change(ws.cols, ws.rows, wpx, hpx).await;

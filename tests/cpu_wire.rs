@@ -33,7 +33,6 @@ struct Server {
     log: Arc<Mutex<Vec<String>>>,
     script: Script,
     nonce: Arc<Mutex<String>>,
-    session_channel: Arc<Mutex<Option<Channel<Msg>>>>,
 }
 
 impl Server {
@@ -78,7 +77,10 @@ impl server::Handler for Server {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
-        *self.session_channel.lock().unwrap() = Some(channel);
+        // russh also queues every request on the Channel object: drain it, or after ~100
+        // requests (a big environment) the whole connection stalls.
+        let mut channel = channel;
+        tokio::spawn(async move { while channel.wait().await.is_some() {} });
         Ok(())
     }
 
@@ -209,12 +211,7 @@ fn start(script: Script, dir: &TempDir) -> (u16, Arc<Mutex<Vec<String>>>, std::p
     keygen(&key_path);
     let key = russh::keys::load_secret_key(&key_path, None).unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
-    let server = Server {
-        log: log.clone(),
-        script,
-        nonce: Arc::new(Mutex::new(String::new())),
-        session_channel: Arc::new(Mutex::new(None)),
-    };
+    let server = Server { log: log.clone(), script, nonce: Arc::new(Mutex::new(String::new())) };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -358,4 +355,21 @@ fn forward_falls_back_to_ipv6_loopback() {
     assert_eq!(&log[..2], ["tcpip-forward 127.0.0.1 0", "tcpip-forward ::1 0"]);
     assert!(log.contains(&"v4 forward accepted=false".to_string()), "{log:?}");
     assert_eq!(stderr.matches("nonce verified, serving 9P").count(), 1, "{stderr}");
+}
+
+#[test]
+fn large_environment_does_not_stall_the_connection() {
+    let home = Home::new();
+    let dir = TempDir::new("wire");
+    let (port, log, pin) = start(Script::NoStatus, &dir);
+    let p = port.to_string();
+    let mut cmd = cpu(&home, &["-9p=false", "-hk", pin.to_str().unwrap(), "-sp", &p, "127.0.0.1", "true"]);
+    for i in 0..3000 {
+        cmd.env(format!("BIG_{i:04}"), i.to_string());
+    }
+    let out = cpu_support::wait_output(cmd.spawn().unwrap(), cpu_support::CHILD_TIMEOUT);
+    assert_eq!(text(&out.stdout), "bye\n", "{}", text(&out.stderr));
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.iter().filter(|l| l.starts_with("env BIG_")).count(), 3000);
+    assert_eq!(log.last().map(String::as_str), Some("exec  'true'"));
 }
