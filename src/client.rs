@@ -568,25 +568,41 @@ async fn session(opts: CpuOptions) -> Result<i32> {
         None => None,
     };
 
-    let mut stdin_lent = LentStdin(Some(take_stdin()));
-    let Some(stdin_rx) = stdin_lent.0.as_mut() else { return Err(Error::Ssh("stdin unavailable".into())) };
-    // Data to the remote goes through its own task so a full window never stops us reading
-    // the remote's output (which is what frees the window).
-    let (to_remote_tx, mut to_remote_rx) = mpsc::channel::<Option<Vec<u8>>>(4);
+    // Local stdin to the remote, in its own task so that neither a full remote window nor a
+    // slow keyboard ever stops this loop from reading the remote's output (which is what lets
+    // russh process the window adjustments). It starts once exec is sent; with a terminal it
+    // filters the `~.` escape and reports it here.
+    let (escape_tx, mut escape_rx) = mpsc::channel::<()>(1);
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut go_tx = Some(go_tx);
+    let is_tty = tty.is_some();
     let mut remote_stdin = writer.make_writer();
+    let mut lent = LentStdin(Some(take_stdin()));
     let stdin_task = tokio::spawn(async move {
-        while let Some(chunk) = to_remote_rx.recv().await {
-            match chunk {
-                Some(bytes) => {
-                    if remote_stdin.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                None => {
-                    let _ = remote_stdin.shutdown().await; // channel EOF
-                    break;
-                }
+        if go_rx.await.is_err() {
+            return;
+        }
+        let Some(rx) = lent.0.as_mut() else { return };
+        let mut escape = EscapeFilter::new();
+        while let Some(bytes) = rx.recv().await {
+            let (out, action) = if is_tty {
+                let mut out = Vec::with_capacity(bytes.len());
+                let action = escape.feed(&bytes, &mut out);
+                (out, action)
+            } else {
+                (bytes, EscapeAction::Forward)
+            };
+            if !out.is_empty() && remote_stdin.write_all(&out).await.is_err() {
+                return;
             }
+            if action == EscapeAction::Disconnect {
+                let _ = escape_tx.send(()).await;
+                return;
+            }
+        }
+        // Batch mode: EOF to the remote. With a terminal, EOF is a key (^D).
+        if !is_tty {
+            let _ = remote_stdin.shutdown().await;
         }
     });
 
@@ -600,8 +616,6 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     // us down; joined before we return so nothing is lost (pitfall P19).
     let (out_tx, out_rx) = mpsc::channel::<(bool, Vec<u8>)>(16);
     let output = std::thread::spawn(move || write_output(out_rx));
-    let mut escape = EscapeFilter::new();
-    let mut stdin_open = true;
     let mut exit_status: Option<u32> = None;
     let mut exit_signal: Option<String> = None;
     let (mut interrupts, mut terminations) = (0u32, 0u32);
@@ -639,56 +653,38 @@ async fn session(opts: CpuOptions) -> Result<i32> {
             sent = &mut sent_rx, if !requests_sent => {
                 requests_sent = true;
                 match sent {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        if let Some(go) = go_tx.take() {
+                            let _ = go.send(());
+                        }
+                    }
                     Ok(Err(e)) => return Err(Error::Ssh(format!("starting the session: {e}"))),
                     Err(_) => return Err(Error::Ssh("starting the session: request task ended".into())),
                 }
             }
-            // Keyboard and signals wait until exec is sent (Go cpud crashes on an early signal, P10).
-            chunk = stdin_rx.recv(), if stdin_open && requests_sent => match chunk {
-                Some(bytes) => {
-                    let bytes = if tty.is_some() {
-                        let mut out = Vec::with_capacity(bytes.len());
-                        let action = escape.feed(&bytes, &mut out);
-                        if !out.is_empty() {
-                            let _ = to_remote_tx.send(Some(out)).await;
-                        }
-                        if action == EscapeAction::Disconnect {
-                            break Ending::Escape;
-                        }
-                        continue;
-                    } else {
-                        bytes
-                    };
-                    let _ = to_remote_tx.send(Some(bytes)).await;
-                }
-                None => {
-                    stdin_open = false;
-                    // Batch mode: EOF to the remote. With a terminal, EOF is a key (^D).
-                    if tty.is_none() {
-                        let _ = to_remote_tx.send(None).await;
-                    }
-                }
-            },
+            Some(()) = escape_rx.recv() => break Ending::Escape,
+            // Signals wait until exec is sent (Go cpud crashes on an early signal, P10). They are
+            // sent from tasks so that a busy connection never blocks this loop.
             _ = sigint.recv(), if requests_sent => {
                 // Forwarded; but a server that ignores it must not make cpu unkillable.
                 interrupts += 1;
-                let _ = writer.signal(Sig::INT).await;
+                send_signal(&writer, Sig::INT);
                 if interrupts >= 3 { break Ending::LocalSignal(2); }
             }
             _ = sigterm.recv(), if requests_sent => {
                 terminations += 1;
-                let _ = writer.signal(Sig::TERM).await;
+                send_signal(&writer, Sig::TERM);
                 if tty.is_some() || terminations >= 2 { break Ending::LocalSignal(15); }
             }
             _ = sighup.recv(), if requests_sent => {
-                let _ = writer.signal(Sig::HUP).await;
+                send_signal(&writer, Sig::HUP);
                 if tty.is_some() { break Ending::LocalSignal(1); }
             }
             _ = sigwinch.recv(), if tty.is_some() && requests_sent => {
                 if let Some(ws) = terminal::window_size(std::io::stdin().as_fd()) {
                     let (wpx, hpx) = pixels(ws);
-                    let _ = writer.window_change(ws.cols, ws.rows, wpx, hpx).await;
+                    let w = writer.clone();
+                    tokio::spawn(async move { let _ = w.window_change(ws.cols, ws.rows, wpx, hpx).await; });
                 }
             }
         }
@@ -713,6 +709,14 @@ async fn session(opts: CpuOptions) -> Result<i32> {
         }
         Ending::Closed => Ok(exit_code(exit_status, exit_signal.as_deref(), &target.host)),
     }
+}
+
+/// Sends a `signal` request without waiting in the caller.
+fn send_signal(writer: &Arc<russh::ChannelWriteHalf<russh::client::Msg>>, sig: Sig) {
+    let w = writer.clone();
+    tokio::spawn(async move {
+        let _ = w.signal(sig).await;
+    });
 }
 
 /// Local stdin as chunks from one reader thread for the whole process (a blocking read of a
