@@ -36,7 +36,7 @@ use crate::ssh::config::{self, HostConfig, Tokens};
 use crate::terminal::{self, EscapeAction, EscapeFilter};
 use crate::transport::{self, Net};
 
-/// How long dialing and the SSH handshake may take.
+/// How long dialing and the SSH handshake may take, unless ssh_config says ConnectTimeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a forwarded connection may take to send its 32-byte nonce.
 const NONCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,6 +106,10 @@ pub struct Target {
     pub hash_known_hosts: bool,
     /// Offer the keys in ssh-agent too (not with ssh_config `IdentitiesOnly yes`).
     pub use_agent: bool,
+    /// The name checked and recorded in known_hosts (HostKeyAlias, else `host`).
+    pub host_key_name: String,
+    /// How long dialing and the handshake may take (ConnectTimeout, else 30 s).
+    pub connect_timeout: Duration,
 }
 
 /// The ssh_config files read, in order.
@@ -171,6 +175,7 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
     } else {
         cfg.user_known_hosts_files.iter().map(|f| PathBuf::from(config::expand_path(f, &tokens))).collect()
     };
+    let host_key_name = cfg.host_key_alias.clone().unwrap_or_else(|| host.clone());
     Ok(Target {
         user,
         host,
@@ -181,6 +186,12 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
         strict: cfg.strict_host_key_checking.clone(),
         hash_known_hosts: cfg.hash_known_hosts.unwrap_or(false),
         use_agent: cfg.identities_only != Some(true),
+        host_key_name,
+        connect_timeout: cfg
+            .connect_timeout
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+            .unwrap_or(CONNECT_TIMEOUT),
     })
 }
 
@@ -208,7 +219,7 @@ pub fn host_key_check(opts: &CpuOptions, target: &Target) -> Result<HostKeyCheck
             }
         }
     };
-    Ok(HostKeyCheck { policy, host: target.host.clone(), port })
+    Ok(HostKeyCheck { policy, host: target.host_key_name.clone(), port })
 }
 
 /// The `env` requests of a session, in order (spec 3.7 step 3): the whole local environment
@@ -470,8 +481,8 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     };
     let check = host_key_check(&opts, &target)?;
 
-    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let stream = transport::dial(net, &target.host, &target.port, CONNECT_TIMEOUT).await?;
+    let mut conn = tokio::time::timeout(target.connect_timeout, async {
+        let stream = transport::dial(net, &target.host, &target.port, target.connect_timeout).await?;
         crate::ssh::client::connect(stream, check).await
     })
     .await
@@ -843,6 +854,8 @@ mod tests {
         let files = vec![home.join(".ssh/config")];
         let t = resolve(&opts(&["board"]), Net::Tcp, &local(&home), &files).unwrap();
         assert_eq!((t.user.as_str(), t.host.as_str(), t.port.as_str()), ("pi", "10.9.8.7", "2222"));
+        assert_eq!(t.host_key_name, "10.9.8.7");
+        assert_eq!(t.connect_timeout, CONNECT_TIMEOUT);
         assert_eq!(
             t.other_keys,
             vec![

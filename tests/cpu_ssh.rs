@@ -501,3 +501,19 @@ fn interrupts_are_forwarded_and_the_third_ends_cpu() {
         assert!(text(&out.stderr).contains("stopped by signal 2"), "{}", text(&out.stderr));
     }
 }
+
+#[test]
+fn host_key_alias_names_the_known_hosts_entry() {
+    need_sshd!();
+    let home = Home::new();
+    let sshd = Sshd::start(&[&home.key_pub], "");
+    let p = port(&sshd);
+    std::fs::write(
+        home.ssh("config"),
+        format!("Host box\n  HostName 127.0.0.1\n  Port {p}\n  HostKeyAlias board-7\n  ConnectTimeout 5\n  HashKnownHosts no\n"),
+    )
+    .unwrap();
+    let out = run_cpu(&home, &["-9p=false", "box", "true"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(home.known_hosts(), format!("[board-7]:{p} {}\n", key_part(&sshd.host_pub)));
+}

@@ -4,7 +4,7 @@
 //!
 //! As in ssh, the first value obtained for a keyword wins (IdentityFile and UserKnownHostsFile
 //! accumulate), `~/.ssh/config` is read before `/etc/ssh/ssh_config`, and `Include` is followed.
-//! IdentitiesOnly is honoured too. `Match` blocks are skipped with a debug message rather than failing the whole file (the Go
+//! IdentitiesOnly, HostKeyAlias and ConnectTimeout are honoured too. `Match` blocks are skipped with a debug message rather than failing the whole file (the Go
 //! client's library gives up on every lookup when it sees one, pitfall P2). Nothing here does
 //! I/O except reading the config files; token expansion (`~`, `%d %u %h %r %%`) is a separate,
 //! pure step so the resolution can be tested without a home directory.
@@ -26,6 +26,10 @@ pub struct HostConfig {
     pub hash_known_hosts: Option<bool>,
     /// `IdentitiesOnly yes`: offer only the key files, not the agent's keys.
     pub identities_only: Option<bool>,
+    /// The name looked up and recorded in known_hosts instead of the host name.
+    pub host_key_alias: Option<String>,
+    /// ConnectTimeout in seconds.
+    pub connect_timeout: Option<u64>,
 }
 
 /// Deepest `Include` nesting followed (ssh uses 16).
@@ -119,6 +123,10 @@ pub fn apply(text: &str, alias: &str, cfg: &mut HostConfig, include: &mut dyn Fn
             }
             "hashknownhosts" if cfg.hash_known_hosts.is_none() => {
                 cfg.hash_known_hosts = args.first().map(|a| a.eq_ignore_ascii_case("yes"));
+            }
+            "hostkeyalias" => first(&mut cfg.host_key_alias, &args),
+            "connecttimeout" if cfg.connect_timeout.is_none() => {
+                cfg.connect_timeout = args.first().and_then(|a| a.parse().ok());
             }
             "identitiesonly" if cfg.identities_only.is_none() => {
                 cfg.identities_only = args.first().map(|a| a.eq_ignore_ascii_case("yes"));
@@ -300,6 +308,8 @@ Match host foo exec \"true\"
 Host b?? *.lab
   HostName lab-machine
   IdentitiesOnly yes
+  HostKeyAlias labbox
+  ConnectTimeout 7
   Port 17011
   StrictHostKeyChecking no
 
@@ -331,6 +341,8 @@ Host *
         assert_eq!(c.port.as_deref(), Some("17011"));
         assert_eq!(c.strict_host_key_checking.as_deref(), Some("no"));
         assert_eq!(c.identities_only, Some(true));
+        assert_eq!(c.host_key_alias.as_deref(), Some("labbox"));
+        assert_eq!(c.connect_timeout, Some(7));
         let c = parse(CONFIG, "x.LAB");
         assert_eq!(c.port.as_deref(), Some("17011"));
         let c = parse(CONFIG, "other");
