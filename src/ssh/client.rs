@@ -80,7 +80,14 @@ impl HostKeyCheck {
                         key.algorithm().as_str()
                     ))),
                     Verdict::Unknown => {
-                        known_hosts::append(record_to, &self.host, self.port, key, *hash)?;
+                        if let Err(e) = known_hosts::append(record_to, &self.host, self.port, key, *hash) {
+                            // As ssh: the connection goes on, the host is just not remembered.
+                            eprintln!(
+                                "cpu: could not add {} ({fp}) to the known hosts: {e}",
+                                known_hosts::host_field(&self.host, self.port)
+                            );
+                            return Ok(());
+                        }
                         eprintln!(
                             "cpu: permanently added {} ({} {fp}) to {}{}",
                             known_hosts::host_field(&self.host, self.port),
