@@ -129,15 +129,15 @@ fn hashed_known_hosts_entry_matches() {
     let p = port(&sshd);
     std::fs::write(home.ssh("known_hosts"), format!("[127.0.0.1]:{p} {}\n", key_part(&sshd.host_pub)))
         .unwrap();
-    let st = std::process::Command::new("ssh-keygen")
-        .arg("-q")
-        .arg("-H")
-        .arg("-f")
-        .arg(home.ssh("known_hosts"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
+    let st = cpu_support::status_of(
+        std::process::Command::new("ssh-keygen")
+            .arg("-q")
+            .arg("-H")
+            .arg("-f")
+            .arg(home.ssh("known_hosts"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
     assert!(st.success());
     let hashed = home.known_hosts();
     assert!(hashed.starts_with("|1|"), "{hashed}");
@@ -349,25 +349,26 @@ fn agent_keys_are_offered() {
     let sshd = Sshd::start(&[&home.key_pub], "");
     let p = port(&sshd);
     let sock = home.path().join("agent.sock");
-    let mut agent = std::process::Command::new("ssh-agent")
+    let agent = std::process::Command::new("ssh-agent")
         .arg("-D")
         .arg("-a")
         .arg(&sock)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let agent = cpu_support::KillOnDrop(agent);
     for _ in 0..200 {
         if sock.exists() {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let added = std::process::Command::new("ssh-add")
-        .arg(home.ssh("id_ed25519"))
-        .env("SSH_AUTH_SOCK", &sock)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
+    let added = cpu_support::status_of(
+        std::process::Command::new("ssh-add")
+            .arg(home.ssh("id_ed25519"))
+            .env("SSH_AUTH_SOCK", &sock)
+            .stderr(std::process::Stdio::null()),
+    );
     assert!(added.success());
     // The only copy of the authorized key is now in the agent.
     std::fs::remove_file(home.ssh("id_ed25519")).unwrap();
@@ -380,8 +381,7 @@ fn agent_keys_are_offered() {
     let mut cmd = cpu_support::cpu_command(&home, &["-9p=false", "-sp", &p, "127.0.0.1", "true"]);
     cmd.env("SSH_AUTH_SOCK", &sock).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let only = cpu_support::wait_output(cmd.spawn().unwrap(), cpu_support::CHILD_TIMEOUT);
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "via-agent\n");
     assert_eq!(only.status.code(), Some(255), "{}", text(&only.stderr));
@@ -392,11 +392,11 @@ fn encrypted_key_asks_for_its_passphrase_on_the_terminal() {
     need_sshd!();
     let home = Home::new();
     let enc = home.path().join("enc");
-    let st = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "s3cret", "-C", "enc", "-f"])
-        .arg(&enc)
-        .status()
-        .unwrap();
+    let st = cpu_support::status_of(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "s3cret", "-C", "enc", "-f"])
+            .arg(&enc),
+    );
     assert!(st.success());
     let enc_pub = std::fs::read_to_string(enc.with_extension("pub")).unwrap();
     let sshd = Sshd::start(&[enc_pub.trim()], "");
@@ -451,11 +451,11 @@ fn known_rsa_host_key_is_asked_for_first() {
     let home = Home::new();
     let keys = cpu_support::TempDir::new("rsakey");
     let rsa = keys.path().join("rsa");
-    let st = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
-        .arg(&rsa)
-        .status()
-        .unwrap();
+    let st = cpu_support::status_of(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+            .arg(&rsa),
+    );
     assert!(st.success());
     let rsa_pub = std::fs::read_to_string(rsa.with_extension("pub")).unwrap();
     // sshd has an ed25519 and an RSA host key; we only know the RSA one.

@@ -68,14 +68,38 @@ macro_rules! need_sshd {
     };
 }
 
+/// A helper process killed (by its pid) when the test ends, even if it fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a helper command (ssh-keygen, ssh-add) with stdin closed and the usual timeout.
+pub fn status_of(cmd: &mut Command) -> std::process::ExitStatus {
+    let child = cmd.stdin(Stdio::null()).spawn().unwrap();
+    let mut child = child;
+    let deadline = Instant::now() + CHILD_TIMEOUT;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Generates an ed25519 key pair at `path` (and `path.pub`); returns the public line.
 pub fn keygen(path: &Path) -> String {
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .status()
-        .unwrap();
+    let st = status_of(
+        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"]).arg(path),
+    );
     assert!(st.success(), "ssh-keygen failed");
     std::fs::read_to_string(path.with_extension("pub")).unwrap().trim().to_string()
 }
