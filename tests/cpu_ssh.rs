@@ -517,3 +517,23 @@ fn host_key_alias_names_the_known_hosts_entry() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(home.known_hosts(), format!("[board-7]:{p} {}\n", key_part(&sshd.host_pub)));
 }
+
+#[test]
+fn pty_session_sigterm_restores_the_terminal() {
+    need_sshd!();
+    let home = Home::new();
+    let sshd = Sshd::start(&[&home.key_pub], "");
+    let p = port(&sshd);
+    let cmd = cpu_support::cpu_command(
+        &home,
+        &["-9p=false", "-sp", &p, "127.0.0.1", "sh", "-c", "echo ready; sleep 30"],
+    );
+    let mut pty = PtyChild::spawn(cmd, 24, 80);
+    let t = Duration::from_secs(15);
+    assert!(pty.expect("ready", t), "{:?}", text(&pty.seen));
+    assert!(!pty.is_cooked(), "raw mode during the session");
+    let pid = rustix::process::Pid::from_child(&pty.child);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert_eq!(pty.wait(t), Some(143), "{:?}", text(&pty.seen));
+    assert!(pty.is_cooked(), "raw mode left on after SIGTERM");
+}
