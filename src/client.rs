@@ -1,11 +1,988 @@
 //! The `cpu` session: resolve the host, connect, start the 9P back-channel, run the command
 //! and return its exit status.
+//!
+//! Order on the wire (spec 3.6, 3.7, appendix A): handshake and authentication; with 9P a
+//! `tcpip-forward` for 127.0.0.1 (or ::1) port 0; the session channel; `pty-req` when stdin is a
+//! terminal; one `env` per variable of our environment (TMPDIR=/tmp), then CPUNONCE, CPU_FSTAB,
+//! LC_GLENDA_CPU_FSTAB, CPU_MSIZE, CPU_MOUNTOPTS; then `exec`. The requests are pipelined and
+//! their replies matched in order; refused `env` requests are fine (OpenSSH refuses most).
+//!
+//! Signals: without a terminal SIGINT, SIGTERM and SIGHUP are forwarded as `signal` requests;
+//! the third SIGINT or second SIGTERM ends cpu locally (a server may ignore signal requests:
+//! OpenSSH's sshd does for root sessions). With a terminal ^C is just a byte, and SIGTERM or
+//! SIGHUP are forwarded and end the session after restoring the terminal.
+//!
+//! Exit status: the remote `exit-status`; 128+N for `exit-signal` N; 255 with a message for
+//! connection, host-key and authentication failures, and when the session ends with neither
+//! status nor signal (as ssh does; the Go client uses 1 there) or by the `~.` escape.
 
-use crate::error::{Error, Result};
-use crate::options::CpuOptions;
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::Sig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result, EXIT_CONNECTION};
+use crate::options::{CpuOptions, DEFAULT_PORT};
+use crate::protocol;
+use crate::ssh::client::{AuthMethods, HostKeyCheck, HostKeyPolicy};
+use crate::ssh::config::{self, HostConfig, Tokens};
+use crate::terminal::{self, EscapeAction, EscapeFilter};
+use crate::transport::{self, Net};
+
+/// How long dialing and the SSH handshake may take, unless ssh_config says ConnectTimeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a forwarded connection may take to send its 32-byte nonce.
+const NONCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default key files, tried in this order when neither -key nor IdentityFile names one.
+pub const DEFAULT_KEY_FILES: &[&str] = &["cpu_rsa", "id_ed25519", "id_ecdsa", "id_rsa"];
 
 /// Runs `cpu` with parsed options and returns the remote command's exit status.
 pub fn run(opts: CpuOptions) -> Result<i32> {
-    let _ = opts;
-    Err(Error::Usage("cpu: not implemented yet".into()))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    let result = rt.block_on(session(opts));
+    // The stdin reader thread may still be blocked in read(); do not wait for it.
+    rt.shutdown_background();
+    result
+}
+
+/// The local facts resolution depends on.
+#[derive(Debug, Clone)]
+pub struct LocalEnv {
+    pub home: PathBuf,
+    /// The local user name ($USER, else the uid's name).
+    pub user: String,
+}
+
+impl LocalEnv {
+    /// From the process environment.
+    pub fn from_process() -> LocalEnv {
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/".into());
+        let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(uid_name);
+        LocalEnv { home, user }
+    }
+}
+
+/// The name of our uid from /etc/passwd, else the number.
+fn uid_name() -> String {
+    let uid = rustix::process::getuid().as_raw();
+    if let Ok(passwd) = std::fs::read_to_string("/etc/passwd") {
+        for line in passwd.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() > 2 && f[2] == uid.to_string() {
+                return f[0].to_string();
+            }
+        }
+    }
+    uid.to_string()
+}
+
+/// Where and as whom to connect, and how to check and authenticate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub user: String,
+    /// What is dialed (ssh_config HostName, else the alias; a path for unix sockets).
+    pub host: String,
+    pub port: String,
+    /// `-key` (tried first, alone with the agent) or empty.
+    pub explicit_keys: Vec<PathBuf>,
+    /// ssh_config IdentityFiles and the default files that exist.
+    pub other_keys: Vec<PathBuf>,
+    pub known_hosts_files: Vec<PathBuf>,
+    /// StrictHostKeyChecking as written (lowercase), if any.
+    pub strict: Option<String>,
+    pub hash_known_hosts: bool,
+    /// Offer the keys in ssh-agent too (not with ssh_config `IdentitiesOnly yes`).
+    pub use_agent: bool,
+    /// The name checked and recorded in known_hosts (HostKeyAlias, else `host`).
+    pub host_key_name: String,
+    /// How long dialing and the handshake may take (ConnectTimeout, else 30 s).
+    pub connect_timeout: Duration,
+}
+
+/// The ssh_config files read, in order.
+pub fn config_files(local: &LocalEnv) -> Vec<PathBuf> {
+    vec![local.home.join(".ssh/config"), PathBuf::from("/etc/ssh/ssh_config")]
+}
+
+/// Resolves user, host, port, keys and known_hosts files as ssh does (spec 3.3, without the Go
+/// bugs P1-P3): `user@` first, then ssh_config for the alias, then $USER; `-sp`, then Port,
+/// then 17010.
+pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathBuf]) -> Result<Target> {
+    let raw = opts.host.clone().ok_or_else(|| Error::Usage("missing host".into()))?;
+    let path_like = matches!(net, Net::Unix | Net::UnixVsock);
+    let (at_user, alias) = match raw.split_once('@') {
+        Some((u, h)) if !path_like && !u.is_empty() && !h.is_empty() => (Some(u.to_string()), h.to_string()),
+        _ => (None, raw.clone()),
+    };
+    let cfg = if path_like { HostConfig::default() } else { config::lookup(&alias, cfg_files, &local.home) };
+    let user = at_user.or(cfg.user.clone()).unwrap_or_else(|| local.user.clone());
+    let host = match &cfg.host_name {
+        Some(h) => config::expand_path(
+            h,
+            &Tokens {
+                home: &local.home,
+                local_user: &local.user,
+                host: &alias,
+                remote_user: &user,
+                port: "",
+            },
+        ),
+        None => alias.clone(),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = if !opts.port.is_empty() {
+        opts.port.clone()
+    } else {
+        cfg.port.clone().unwrap_or_else(|| DEFAULT_PORT.to_string())
+    };
+    let tokens =
+        Tokens { home: &local.home, local_user: &local.user, host: &host, remote_user: &user, port: &port };
+    let mut explicit_keys = Vec::new();
+    let mut other_keys: Vec<PathBuf> = Vec::new();
+    if !opts.key.is_empty() {
+        explicit_keys.push(PathBuf::from(config::expand_tilde(&opts.key, &local.home)));
+    } else {
+        for f in &cfg.identity_files {
+            let p = PathBuf::from(config::expand_path(f, &tokens));
+            if p.exists() && !other_keys.contains(&p) {
+                other_keys.push(p);
+            } else if !p.exists() {
+                log::debug!("IdentityFile {} does not exist", p.display());
+            }
+        }
+        for name in DEFAULT_KEY_FILES {
+            let p = local.home.join(".ssh").join(name);
+            if p.exists() && !other_keys.contains(&p) {
+                other_keys.push(p);
+            }
+        }
+    }
+    let known_hosts_files = if cfg.user_known_hosts_files.is_empty() {
+        vec![local.home.join(".ssh/known_hosts")]
+    } else {
+        cfg.user_known_hosts_files.iter().map(|f| PathBuf::from(config::expand_path(f, &tokens))).collect()
+    };
+    let host_key_name = cfg.host_key_alias.clone().unwrap_or_else(|| host.clone());
+    Ok(Target {
+        user,
+        host,
+        port,
+        explicit_keys,
+        other_keys,
+        known_hosts_files,
+        strict: cfg.strict_host_key_checking.clone(),
+        hash_known_hosts: cfg.hash_known_hosts.unwrap_or(false),
+        use_agent: cfg.identities_only != Some(true),
+        host_key_name,
+        connect_timeout: cfg
+            .connect_timeout
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+            .unwrap_or(CONNECT_TIMEOUT),
+    })
+}
+
+/// The host-key policy for a target: `-hk` pins; StrictHostKeyChecking no/off disables; yes
+/// refuses unknown hosts; anything else records them (accept-new).
+pub fn host_key_check(opts: &CpuOptions, target: &Target) -> Result<HostKeyCheck> {
+    let port = target.port.parse::<u16>().unwrap_or(22);
+    let policy = if !opts.host_key.is_empty() {
+        let text = std::fs::read_to_string(&opts.host_key)
+            .map_err(|e| Error::Config(format!("cannot read the pinned host key {}: {e}", opts.host_key)))?;
+        let keys = crate::ssh::known_hosts::parse_pinned(&text, &opts.host_key)?;
+        HostKeyPolicy::Pinned { keys, source: PathBuf::from(&opts.host_key) }
+    } else {
+        match target.strict.as_deref() {
+            Some("no") | Some("off") => HostKeyPolicy::Off,
+            strict => {
+                let mut files = target.known_hosts_files.clone();
+                files.push(PathBuf::from("/etc/ssh/ssh_known_hosts"));
+                HostKeyPolicy::KnownHosts {
+                    record_to: target.known_hosts_files[0].clone(),
+                    files,
+                    strict: strict == Some("yes"),
+                    hash: target.hash_known_hosts,
+                }
+            }
+        }
+    };
+    Ok(HostKeyCheck { policy, host: target.host_key_name.clone(), port })
+}
+
+/// The `env` requests of a session, in order (spec 3.7 step 3): the whole local environment
+/// with TMPDIR=/tmp (in place, else appended), then the cpu variables. Variables whose name
+/// or value is not UTF-8 cannot travel in an SSH string and are left out.
+pub fn session_env(
+    environ: Vec<(OsString, OsString)>,
+    nonce: Option<&str>,
+    fstab: Option<&str>,
+    msize: u32,
+    mount_opts: &str,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut tmpdir_seen = false;
+    for (k, v) in environ {
+        let (Some(k), Some(v)) = (k.to_str(), v.to_str()) else {
+            log::debug!("not sending non-UTF-8 variable {}", k.to_string_lossy());
+            continue;
+        };
+        if k == "TMPDIR" {
+            tmpdir_seen = true;
+            env.push((k.to_string(), "/tmp".to_string()));
+        } else {
+            env.push((k.to_string(), v.to_string()));
+        }
+    }
+    if !tmpdir_seen {
+        env.push(("TMPDIR".into(), "/tmp".into()));
+    }
+    if let Some(n) = nonce {
+        env.push((protocol::ENV_NONCE.into(), n.into()));
+    }
+    if let Some(f) = fstab {
+        env.push((protocol::ENV_FSTAB.into(), f.into()));
+        env.push((protocol::ENV_FSTAB_LC.into(), f.into()));
+    }
+    if nonce.is_some() {
+        env.push((protocol::ENV_MSIZE.into(), msize.to_string()));
+        if !mount_opts.is_empty() {
+            env.push((protocol::ENV_MOUNTOPTS.into(), mount_opts.into()));
+        }
+    }
+    env
+}
+
+/// Makes PWD name the directory cpu really runs in: the remote side changes to $PWD (a Go
+/// cpud fails without it, pitfall P13), and a program that started cpu in another directory
+/// without updating PWD would otherwise send the wrong one. A PWD that is the same directory
+/// (e.g. a path through a symlink) is kept as the user's shell spelled it.
+pub fn with_current_pwd(
+    mut environ: Vec<(OsString, OsString)>,
+    cwd: &std::path::Path,
+) -> Vec<(OsString, OsString)> {
+    use std::os::unix::fs::MetadataExt;
+    let same_dir = |p: &std::path::Path| match (std::fs::metadata(p), std::fs::metadata(cwd)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    match environ.iter_mut().find(|(k, _)| k == "PWD") {
+        Some((_, v)) => {
+            if !same_dir(std::path::Path::new(v)) {
+                *v = cwd.as_os_str().to_owned();
+            }
+        }
+        None => environ.push((OsString::from("PWD"), cwd.as_os_str().to_owned())),
+    }
+    environ
+}
+
+/// The remote command: the arguments, else $SHELL, else /bin/sh.
+pub fn remote_command(args: &[OsString]) -> Vec<OsString> {
+    if !args.is_empty() {
+        return args.to_vec();
+    }
+    match std::env::var_os("SHELL").filter(|s| !s.is_empty()) {
+        Some(s) => vec![s],
+        None => vec![OsString::from("/bin/sh")],
+    }
+}
+
+/// Linux signal numbers for the names of exit-signal (RFC 4254 names, without SIG).
+pub fn signal_number(name: &str) -> Option<i32> {
+    Some(match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "TRAP" => 5,
+        "ABRT" | "IOT" => 6,
+        "BUS" => 7,
+        "FPE" => 8,
+        "KILL" => 9,
+        "USR1" => 10,
+        "SEGV" => 11,
+        "USR2" => 12,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        "STKFLT" => 16,
+        "CHLD" => 17,
+        "CONT" => 18,
+        "STOP" => 19,
+        "TSTP" => 20,
+        "TTIN" => 21,
+        "TTOU" => 22,
+        "URG" => 23,
+        "XCPU" => 24,
+        "XFSZ" => 25,
+        "VTALRM" => 26,
+        "PROF" => 27,
+        "WINCH" => 28,
+        "IO" | "POLL" => 29,
+        "PWR" => 30,
+        "SYS" => 31,
+        _ => return None,
+    })
+}
+
+fn sig_name(sig: &Sig) -> String {
+    match sig {
+        Sig::ABRT => "ABRT".into(),
+        Sig::ALRM => "ALRM".into(),
+        Sig::FPE => "FPE".into(),
+        Sig::HUP => "HUP".into(),
+        Sig::ILL => "ILL".into(),
+        Sig::INT => "INT".into(),
+        Sig::KILL => "KILL".into(),
+        Sig::PIPE => "PIPE".into(),
+        Sig::QUIT => "QUIT".into(),
+        Sig::SEGV => "SEGV".into(),
+        Sig::TERM => "TERM".into(),
+        Sig::USR1 => "USR1".into(),
+        Sig::Custom(s) => s.trim_start_matches("SIG").to_string(),
+    }
+}
+
+/// Waits for forwarded connections and serves 9P on the first one that starts with `nonce`
+/// (spec 3.6.1). A connection with a wrong or short nonce is logged and closed, and the wait
+/// goes on; candidates are checked concurrently so a silent one cannot block the real one.
+/// Returns when `incoming` closes, or when the served connection ends.
+pub async fn accept_backchannel<S, F, Fut>(mut incoming: mpsc::UnboundedReceiver<S>, nonce: String, serve: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(S) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let claimed = Arc::new(AtomicBool::new(false));
+    let serve = Arc::new(serve);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    loop {
+        let mut stream = tokio::select! {
+            s = incoming.recv() => match s { Some(s) => s, None => break },
+            _ = done_rx.recv() => break,
+        };
+        let nonce = nonce.clone();
+        let claimed = claimed.clone();
+        let serve = serve.clone();
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            let mut got = [0u8; protocol::NONCE_LEN];
+            match tokio::time::timeout(NONCE_TIMEOUT, stream.read_exact(&mut got)).await {
+                Ok(Ok(_)) if protocol::nonce_matches(nonce.as_bytes(), &got) => {
+                    if claimed.swap(true, Ordering::SeqCst) {
+                        log::warn!("9p back-channel: a second connection with the right nonce, closed");
+                        return;
+                    }
+                    log::debug!("9p back-channel: nonce verified, serving 9P");
+                    if let Err(e) = serve(stream).await {
+                        log::error!("{e}");
+                    }
+                    log::debug!("9p back-channel: served connection ended");
+                    let _ = done_tx.send(()).await;
+                }
+                Ok(Ok(_)) => {
+                    log::warn!(
+                        "9p back-channel: wrong nonce on a forwarded connection; closed it, still waiting"
+                    )
+                }
+                Ok(Err(e)) => {
+                    log::warn!("9p back-channel: connection closed before its nonce ({e}); still waiting")
+                }
+                Err(_) => log::warn!("9p back-channel: no nonce within {NONCE_TIMEOUT:?}; closed it"),
+            }
+        });
+    }
+}
+
+/// Why the I/O loop ended.
+enum Ending {
+    Closed,
+    Escape,
+    LocalSignal(i32),
+}
+
+/// A want-reply request that starts the session.
+enum Request {
+    Pty { term: String, ws: terminal::WindowSize },
+    Env(String, String),
+    Exec(Vec<u8>),
+}
+
+impl Request {
+    fn pending(&self) -> Pending {
+        match self {
+            Request::Pty { .. } => Pending::Pty,
+            Request::Env(..) => Pending::Env,
+            Request::Exec(_) => Pending::Exec,
+        }
+    }
+
+    async fn send(
+        self,
+        w: &russh::ChannelWriteHalf<russh::client::Msg>,
+    ) -> std::result::Result<(), russh::Error> {
+        match self {
+            Request::Pty { term, ws } => {
+                // Modes as the Go NEW client sends them.
+                let modes = [
+                    (russh::Pty::ECHO, 1),
+                    (russh::Pty::TTY_OP_ISPEED, 14400),
+                    (russh::Pty::TTY_OP_OSPEED, 14400),
+                ];
+                let (wpx, hpx) = pixels(ws);
+                w.request_pty(true, &term, ws.cols, ws.rows, wpx, hpx, &modes).await
+            }
+            Request::Env(k, v) => w.set_env(true, k, v).await,
+            Request::Exec(cmd) => w.exec(true, cmd).await,
+        }
+    }
+}
+
+/// One outstanding want-reply request on the session channel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pending {
+    Pty,
+    Env,
+    Exec,
+}
+
+async fn session(opts: CpuOptions) -> Result<i32> {
+    let net = Net::parse(&opts.net, true)?;
+    let local = LocalEnv::from_process();
+    let target = resolve(&opts, net, &local, &config_files(&local))?;
+    log::debug!("connecting to {} port {} as {}", target.host, target.port, target.user);
+    let ninep = opts.ninep && !opts.root.is_empty();
+    // Build the fstab before connecting: a syntax error must not cost a connection.
+    let fstab = if opts.root.is_empty() {
+        None
+    } else {
+        let file = if opts.fstab.is_empty() {
+            None
+        } else {
+            Some(
+                std::fs::read_to_string(&opts.fstab)
+                    .map_err(|e| Error::Config(format!("cannot read -fstab {}: {e}", opts.fstab)))?,
+            )
+        };
+        Some(crate::namespace::client_fstab(&opts.namespace, file.as_deref())?)
+    };
+    let check = host_key_check(&opts, &target)?;
+
+    let mut conn = tokio::time::timeout(target.connect_timeout, async {
+        let stream = transport::dial(net, &target.host, &target.port, target.connect_timeout).await?;
+        crate::ssh::client::connect(stream, check).await
+    })
+    .await
+    .map_err(|_| {
+        Error::Connect(format!("connecting to {} port {}: timed out", target.host, target.port))
+    })??;
+
+    let methods = AuthMethods {
+        first_files: target.explicit_keys.clone(),
+        agent: target.use_agent,
+        files: target.other_keys.clone(),
+        none_only: !opts.use_key,
+    };
+    conn.authenticate(&target.user, &methods).await?;
+    log::debug!("authenticated as {}", target.user);
+
+    let mut backchannel = None;
+    let nonce = if ninep {
+        let (_addr, port, rx) = conn.forward_loopback().await?;
+        backchannel = Some((port, rx));
+        Some(protocol::new_nonce()?)
+    } else {
+        None
+    };
+
+    let channel = conn
+        .handle
+        .channel_open_session()
+        .await
+        .map_err(|e| Error::Ssh(format!("opening the session channel: {e}")))?;
+    let (mut reader, writer) = channel.split();
+
+    let stdin = std::io::stdin();
+    let tty = terminal::window_size(stdin.as_fd());
+    // pty-req, env and exec, all with want-reply: sent by their own task while the loop below
+    // already reads the replies (a large environment would otherwise fill russh's per-channel
+    // queue with replies nobody reads, and stall the connection).
+    let mut requests: Vec<Request> = Vec::new();
+    if let Some(ws) = tty {
+        let term = std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "dumb".into());
+        requests.push(Request::Pty { term, ws });
+    }
+    let mut environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    if let Ok(cwd) = std::env::current_dir() {
+        environ = with_current_pwd(environ, &cwd);
+    }
+    for (k, v) in session_env(environ, nonce.as_deref(), fstab.as_deref(), opts.msize, &opts.mount_opts) {
+        requests.push(Request::Env(k, v));
+    }
+    let command = remote_command(&opts.command);
+    let exec = crate::cmdline::build_exec(backchannel.as_ref().map(|(p, _)| *p), &command);
+    log::debug!("exec {:?}", String::from_utf8_lossy(&exec));
+    requests.push(Request::Exec(exec));
+    let mut pending: VecDeque<Pending> = requests.iter().map(Request::pending).collect();
+    let writer = Arc::new(writer);
+    let (sent_tx, mut sent_rx) = tokio::sync::oneshot::channel::<std::result::Result<(), russh::Error>>();
+    let request_writer = writer.clone();
+    tokio::spawn(async move {
+        let mut result = Ok(());
+        for r in requests {
+            result = r.send(&request_writer).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        let _ = sent_tx.send(result);
+    });
+    let mut requests_sent = false;
+
+    let acceptor = match (backchannel, nonce) {
+        (Some((_port, rx)), Some(nonce)) => {
+            let serve_opts = crate::ninep::ServeOptions {
+                root: PathBuf::from(&opts.root),
+                read_only: opts.read_only,
+                max_msize: opts.msize,
+                trace: opts.debug_9p,
+            };
+            Some(tokio::spawn(accept_backchannel(rx, nonce, move |stream| {
+                crate::ninep::serve(stream, serve_opts.clone())
+            })))
+        }
+        _ => None,
+    };
+
+    // Raw mode from here on; the guard restores the terminal on every way out of this function.
+    let _raw = match tty {
+        Some(_) => match terminal::RawMode::enter(stdin.as_fd()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                log::warn!("cannot put the terminal in raw mode: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+
+    // Local stdin to the remote, in its own task so that neither a full remote window nor a
+    // slow keyboard ever stops this loop from reading the remote's output (which is what lets
+    // russh process the window adjustments). It starts once exec is sent; with a terminal it
+    // filters the `~.` escape and reports it here.
+    let (escape_tx, mut escape_rx) = mpsc::channel::<()>(1);
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut go_tx = Some(go_tx);
+    let is_tty = tty.is_some();
+    let mut remote_stdin = writer.make_writer();
+    let mut lent = LentStdin(Some(take_stdin()));
+    let stdin_task = tokio::spawn(async move {
+        if go_rx.await.is_err() {
+            return;
+        }
+        let Some(rx) = lent.0.as_mut() else { return };
+        let mut escape = EscapeFilter::new();
+        while let Some(bytes) = rx.recv().await {
+            let (out, action) = if is_tty {
+                let mut out = Vec::with_capacity(bytes.len());
+                let action = escape.feed(&bytes, &mut out);
+                (out, action)
+            } else {
+                (bytes, EscapeAction::Forward)
+            };
+            if !out.is_empty() && remote_stdin.write_all(&out).await.is_err() {
+                return;
+            }
+            if action == EscapeAction::Disconnect {
+                let _ = escape_tx.send(()).await;
+                return;
+            }
+        }
+        // Batch mode: EOF to the remote. With a terminal, EOF is a key (^D).
+        if !is_tty {
+            let _ = remote_stdin.shutdown().await;
+        }
+    });
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| Error::io("SIGHUP handler", e))?;
+    let mut sigwinch = signal(SignalKind::window_change()).map_err(|e| Error::io("SIGWINCH handler", e))?;
+
+    // stdout and stderr: written by one plain thread, in order, so a slow reader only slows
+    // us down; joined before we return so nothing is lost (pitfall P19).
+    let (out_tx, out_rx) = mpsc::channel::<(bool, Vec<u8>)>(16);
+    let output = std::thread::spawn(move || write_output(out_rx));
+    let mut exit_status: Option<u32> = None;
+    let mut exit_signal: Option<String> = None;
+    let (mut interrupts, mut terminations) = (0u32, 0u32);
+    let ending = loop {
+        tokio::select! {
+            msg = reader.wait() => match msg {
+                Some(russh::ChannelMsg::Data { data }) => {
+                    let _ = out_tx.send((false, data.to_vec())).await;
+                }
+                Some(russh::ChannelMsg::ExtendedData { data, ext }) => {
+                    if ext == 1 {
+                        let _ = out_tx.send((true, data.to_vec())).await;
+                    }
+                }
+                Some(russh::ChannelMsg::ExitStatus { exit_status: s }) => exit_status = Some(s),
+                Some(russh::ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, .. }) => {
+                    let name = sig_name(&signal_name);
+                    log::debug!("remote command killed by SIG{name}{} {error_message}", if core_dumped { " (core dumped)" } else { "" });
+                    exit_signal = Some(name);
+                }
+                Some(russh::ChannelMsg::Success) => { pending.pop_front(); }
+                Some(russh::ChannelMsg::Failure) => match pending.pop_front() {
+                    Some(Pending::Pty) => return Err(Error::Ssh("the server refused a pseudo-terminal".into())),
+                    Some(Pending::Exec) => return Err(Error::Ssh(format!(
+                        "the server refused to run the command {:?}",
+                        String::from_utf8_lossy(&crate::cmdline::build_exec(None, &command)).trim_start()
+                    ))),
+                    Some(Pending::Env) => log::debug!("an env request was refused (sshd's AcceptEnv)"),
+                    None => {}
+                },
+                Some(russh::ChannelMsg::Eof) => log::debug!("remote EOF"),
+                Some(russh::ChannelMsg::Close) | None => break Ending::Closed,
+                Some(_) => {}
+            },
+            sent = &mut sent_rx, if !requests_sent => {
+                requests_sent = true;
+                match sent {
+                    Ok(Ok(())) => {
+                        if let Some(go) = go_tx.take() {
+                            let _ = go.send(());
+                        }
+                    }
+                    Ok(Err(e)) => return Err(Error::Ssh(format!("starting the session: {e}"))),
+                    Err(_) => return Err(Error::Ssh("starting the session: request task ended".into())),
+                }
+            }
+            Some(()) = escape_rx.recv() => break Ending::Escape,
+            // Signals wait until exec is sent (Go cpud crashes on an early signal, P10). They are
+            // sent from tasks so that a busy connection never blocks this loop.
+            _ = sigint.recv(), if requests_sent => {
+                // Forwarded; but a server that ignores it must not make cpu unkillable.
+                interrupts += 1;
+                send_signal(&writer, Sig::INT);
+                if interrupts >= 3 { break Ending::LocalSignal(2); }
+            }
+            _ = sigterm.recv(), if requests_sent => {
+                terminations += 1;
+                send_signal(&writer, Sig::TERM);
+                if tty.is_some() || terminations >= 2 { break Ending::LocalSignal(15); }
+            }
+            _ = sighup.recv(), if requests_sent => {
+                send_signal(&writer, Sig::HUP);
+                if tty.is_some() { break Ending::LocalSignal(1); }
+            }
+            _ = sigwinch.recv(), if tty.is_some() && requests_sent => {
+                if let Some(ws) = terminal::window_size(std::io::stdin().as_fd()) {
+                    let (wpx, hpx) = pixels(ws);
+                    let w = writer.clone();
+                    tokio::spawn(async move { let _ = w.window_change(ws.cols, ws.rows, wpx, hpx).await; });
+                }
+            }
+        }
+    };
+    stdin_task.abort();
+    conn.stop_forwarding();
+    if let Some(a) = acceptor {
+        a.abort();
+    }
+    drop(out_tx);
+    let _ = tokio::task::spawn_blocking(move || output.join()).await;
+    drop(_raw);
+    let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+    match ending {
+        Ending::Escape => {
+            eprintln!("cpu: connection to {} closed (~.)", target.host);
+            Ok(EXIT_CONNECTION)
+        }
+        Ending::LocalSignal(n) => {
+            eprintln!("cpu: stopped by signal {n}; the remote command may still run");
+            Ok(128 + n)
+        }
+        Ending::Closed => Ok(exit_code(exit_status, exit_signal.as_deref(), &target.host)),
+    }
+}
+
+/// Sends a `signal` request without waiting in the caller.
+fn send_signal(writer: &Arc<russh::ChannelWriteHalf<russh::client::Msg>>, sig: Sig) {
+    let w = writer.clone();
+    tokio::spawn(async move {
+        let _ = w.signal(sig).await;
+    });
+}
+
+/// Local stdin as chunks from one reader thread for the whole process (a blocking read of a
+/// terminal or pipe cannot be cancelled, so the thread is started once and its receiver is lent
+/// to each session in turn: decpu may run several sessions one after another).
+static STDIN: std::sync::OnceLock<std::sync::Mutex<Option<mpsc::Receiver<Vec<u8>>>>> =
+    std::sync::OnceLock::new();
+
+fn take_stdin() -> mpsc::Receiver<Vec<u8>> {
+    let slot = STDIN.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut input = std::io::stdin().lock();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+        });
+        std::sync::Mutex::new(Some(rx))
+    });
+    let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    // Only one session runs at a time; if none is lent back, stdin is treated as closed.
+    taken.unwrap_or_else(|| mpsc::channel(1).1)
+}
+
+/// Lends the stdin receiver to one session and gives it back however the session ends.
+struct LentStdin(Option<mpsc::Receiver<Vec<u8>>>);
+
+impl Drop for LentStdin {
+    fn drop(&mut self) {
+        if let (Some(slot), Some(rx)) = (STDIN.get(), self.0.take()) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        }
+    }
+}
+
+/// Writes (is_stderr, bytes) chunks to fd 2 or fd 1 until the channel closes.
+fn write_output(mut rx: mpsc::Receiver<(bool, Vec<u8>)>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    while let Some((to_stderr, bytes)) = rx.blocking_recv() {
+        let r = if to_stderr {
+            err.write_all(&bytes).and_then(|_| err.flush())
+        } else {
+            out.write_all(&bytes).and_then(|_| out.flush())
+        };
+        if r.is_err() {
+            // A closed stdout (e.g. `| head`): keep draining so the session can finish.
+            continue;
+        }
+    }
+}
+
+/// The exit status for what the server reported.
+pub fn exit_code(status: Option<u32>, signal: Option<&str>, host: &str) -> i32 {
+    match (status, signal) {
+        (Some(s), _) => (s & 0xff) as i32,
+        (None, Some(name)) => match signal_number(name) {
+            Some(n) => 128 + n,
+            None => {
+                eprintln!("cpu: the remote command was killed by unknown signal {name:?}");
+                EXIT_CONNECTION
+            }
+        },
+        (None, None) => {
+            eprintln!("cpu: the session on {host} ended without an exit status");
+            EXIT_CONNECTION
+        }
+    }
+}
+
+/// Pixel sizes for pty-req and window-change: the terminal's own, else 8 per cell as Go does.
+fn pixels(ws: terminal::WindowSize) -> (u32, u32) {
+    if ws.width_px > 0 && ws.height_px > 0 {
+        (ws.width_px, ws.height_px)
+    } else {
+        (ws.cols * 8, ws.rows * 8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn opts(args: &[&str]) -> CpuOptions {
+        CpuOptions::from_cpu_args(args.iter().map(OsString::from)).unwrap()
+    }
+
+    fn local(home: &Path) -> LocalEnv {
+        LocalEnv { home: home.to_path_buf(), user: "localme".into() }
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cpu-client-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join(".ssh")).unwrap();
+        d
+    }
+
+    #[test]
+    fn resolution_user_host_port_keys() {
+        let home = tmpdir("resolve");
+        std::fs::write(
+            home.join(".ssh/config"),
+            "Host board\n  HostName 10.9.8.7\n  Port 2222\n  User pi\n  IdentityFile ~/.ssh/board\n  IdentityFile ~/.ssh/missing\n\
+             Host *\n  IdentityFile %d/.ssh/id_%r\n",
+        )
+        .unwrap();
+        for f in ["board", "id_pi", "id_ed25519", "id_rsa"] {
+            std::fs::write(home.join(".ssh").join(f), "x").unwrap();
+        }
+        let files = vec![home.join(".ssh/config")];
+        let t = resolve(&opts(&["board"]), Net::Tcp, &local(&home), &files).unwrap();
+        assert_eq!((t.user.as_str(), t.host.as_str(), t.port.as_str()), ("pi", "10.9.8.7", "2222"));
+        assert_eq!(t.host_key_name, "10.9.8.7");
+        assert_eq!(t.connect_timeout, CONNECT_TIMEOUT);
+        assert_eq!(
+            t.other_keys,
+            vec![
+                home.join(".ssh/board"),
+                home.join(".ssh/id_pi"),
+                home.join(".ssh/id_ed25519"),
+                home.join(".ssh/id_rsa")
+            ]
+        );
+        assert!(t.explicit_keys.is_empty());
+        assert_eq!(t.known_hosts_files, vec![home.join(".ssh/known_hosts")]);
+
+        let t = resolve(&opts(&["-sp", "17", "-key", "~/k", "bob@board"]), Net::Tcp, &local(&home), &files)
+            .unwrap();
+        assert_eq!((t.user.as_str(), t.host.as_str(), t.port.as_str()), ("bob", "10.9.8.7", "17"));
+        assert_eq!(t.explicit_keys, vec![home.join("k")]);
+        assert!(t.other_keys.is_empty());
+
+        // No config entry: never port 22 (pitfall P1), local user.
+        let t = resolve(&opts(&["other"]), Net::Tcp, &local(&home), &files).unwrap();
+        assert_eq!((t.user.as_str(), t.host.as_str(), t.port.as_str()), ("localme", "other", "17010"));
+
+        // decpu passes IP literals.
+        let t = resolve(&opts(&["-sp", "9", "::1"]), Net::Tcp, &local(&home), &files).unwrap();
+        assert_eq!((t.host.as_str(), t.port.as_str()), ("::1", "9"));
+        let t = resolve(&opts(&["u@[fe80::1]"]), Net::Tcp, &local(&home), &files).unwrap();
+        assert_eq!((t.user.as_str(), t.host.as_str()), ("u", "fe80::1"));
+
+        // unix socket paths are not split at '@'.
+        let t = resolve(&opts(&["-net", "unix", "@abstract"]), Net::Unix, &local(&home), &files).unwrap();
+        assert_eq!(t.host, "@abstract");
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn env_sequence_matches_go_new() {
+        let environ = vec![
+            (OsString::from("HOME"), OsString::from("/h")),
+            (OsString::from("TMPDIR"), OsString::from("/var/folders/x")),
+            (OsString::from("PWD"), OsString::from("/h/src")),
+        ];
+        let env = session_env(environ.clone(), Some("n0"), Some("\nF\n"), 65536, "");
+        let want: Vec<(String, String)> = [
+            ("HOME", "/h"),
+            ("TMPDIR", "/tmp"),
+            ("PWD", "/h/src"),
+            ("CPUNONCE", "n0"),
+            ("CPU_FSTAB", "\nF\n"),
+            ("LC_GLENDA_CPU_FSTAB", "\nF\n"),
+            ("CPU_MSIZE", "65536"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        assert_eq!(env, want);
+
+        let env = session_env(environ[..1].to_vec(), None, None, 65536, "cache=loose");
+        assert_eq!(env, vec![("HOME".into(), "/h".into()), ("TMPDIR".into(), "/tmp".into())]);
+        let env = session_env(vec![], Some("n"), None, 8192, "cache=loose");
+        assert_eq!(env.last().unwrap(), &("CPU_MOUNTOPTS".to_string(), "cache=loose".to_string()));
+    }
+
+    #[test]
+    fn pwd_names_the_real_directory() {
+        let dir = tmpdir("pwd");
+        let e = |v: &[(&str, &str)]| -> Vec<(OsString, OsString)> {
+            v.iter().map(|(a, b)| (OsString::from(a), OsString::from(b))).collect()
+        };
+        let d = dir.to_str().unwrap();
+        let link = dir.with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let l = link.to_str().unwrap();
+        assert_eq!(with_current_pwd(e(&[("A", "1"), ("PWD", "/")]), &dir), e(&[("A", "1"), ("PWD", d)]));
+        assert_eq!(with_current_pwd(e(&[("A", "1")]), &dir), e(&[("A", "1"), ("PWD", d)]));
+        assert_eq!(with_current_pwd(e(&[("PWD", l)]), &dir), e(&[("PWD", l)]), "same dir through a symlink");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code(Some(7), None, "h"), 7);
+        assert_eq!(exit_code(Some(0), Some("TERM"), "h"), 0);
+        assert_eq!(exit_code(None, Some("TERM"), "h"), 143);
+        assert_eq!(exit_code(None, Some("KILL"), "h"), 137);
+        assert_eq!(exit_code(None, None, "h"), 255);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn backchannel_rejects_wrong_nonce_and_serves_the_right_one() {
+        let nonce = "0123456789abcdef0123456789abcdef".to_string();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (served_tx, mut served_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let acceptor =
+            tokio::spawn(accept_backchannel(rx, nonce.clone(), move |mut s: tokio::io::DuplexStream| {
+                let served_tx = served_tx.clone();
+                async move {
+                    // The served stream starts right after the nonce.
+                    let mut rest = Vec::new();
+                    s.read_to_end(&mut rest).await.map_err(|e| Error::io("read", e))?;
+                    let _ = served_tx.send(rest);
+                    Ok(())
+                }
+            }));
+        // A wrong nonce: the acceptor closes the connection.
+        let (mut bad, bad_remote) = tokio::io::duplex(1024);
+        tx.send(bad_remote).unwrap();
+        bad.write_all(b"ffffffffffffffffffffffffffffffff").await.unwrap();
+        let mut buf = Vec::new();
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(n, 0, "the wrong-nonce connection is closed");
+        // A short one: closed too.
+        let (mut short, short_remote) = tokio::io::duplex(1024);
+        tx.send(short_remote).unwrap();
+        short.write_all(b"0123").await.unwrap();
+        short.shutdown().await.unwrap();
+        // The right one is served with the bytes after the nonce.
+        let (mut good, good_remote) = tokio::io::duplex(1024);
+        tx.send(good_remote).unwrap();
+        good.write_all(format!("{nonce}Tversion").as_bytes()).await.unwrap();
+        good.shutdown().await.unwrap();
+        let rest = tokio::time::timeout(Duration::from_secs(5), served_rx.recv()).await.unwrap().unwrap();
+        assert_eq!(rest, b"Tversion");
+        // After the served connection ends, the acceptor returns.
+        tokio::time::timeout(Duration::from_secs(5), acceptor).await.unwrap().unwrap();
+        assert!(served_rx.try_recv().is_err(), "served exactly once");
+    }
 }

@@ -11,7 +11,8 @@
 //! - [`ssh`]: keys, authorized keys, known_hosts, ssh_config, the SSH client and server.
 //! - [`ninep`]: the 9P2000.L wire codec and the client's file server.
 //! - [`namespace`]: namespace strings, fstab, and the mount/bind/unshare calls.
-//! - [`client`]: the `cpu` session (SSH session + 9P back-channel).
+//! - [`client`]: the `cpu` session (SSH session + 9P back-channel); [`terminal`]: its local
+//!   terminal (raw mode, window size, the `~.` escape).
 //! - [`server`]: the `cpud` daemon; [`remote`]: `cpud -remote`, the per-session side.
 //! - [`transport`]: tcp, vsock, unix and unix-vsock streams and listeners.
 //! - [`discovery`]: DNS-SD announcement (decpud) and server selection (decpu).
@@ -31,6 +32,7 @@ pub mod protocol;
 pub mod remote;
 pub mod server;
 pub mod ssh;
+pub mod terminal;
 pub mod transport;
 
 pub use error::{Error, Result};
