@@ -1,7 +1,8 @@
 //! A small logger for the `log` facade: stderr, or the kernel log (`-klog`).
 //!
 //! `-d` turns on debug messages; `RUST_LOG` (error, warn, info, debug, trace) overrides the
-//! level. Lines are `applet: message`, and end in `\r\n` when stderr is a raw terminal so
+//! level. Other crates (russh, mdns-sd) log at warn and above unless `RUST_LOG` asks for more,
+//! so `-d` shows our own story. Lines are `applet: message`, and end in `\r\n` when stderr is a raw terminal so
 //! they stay readable during a pty session.
 
 use std::io::Write;
@@ -18,6 +19,9 @@ struct Logger {
     kmsg: std::sync::Mutex<Option<std::fs::File>>,
 }
 
+/// Whether `RUST_LOG` chose the level (then every crate logs at it).
+static LEVEL_FROM_ENV: AtomicBool = AtomicBool::new(false);
+
 static LOGGER: OnceLock<Logger> = OnceLock::new();
 static RAW_TERMINAL: AtomicBool = AtomicBool::new(false);
 
@@ -28,10 +32,9 @@ pub fn set_raw_terminal(raw: bool) {
 
 /// Installs the logger once; later calls only change the level.
 pub fn init(applet: &'static str, debug: bool, klog: bool) {
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<LevelFilter>().ok())
-        .unwrap_or(if debug { LevelFilter::Debug } else { LevelFilter::Info });
+    let from_env = std::env::var("RUST_LOG").ok().and_then(|v| v.parse::<LevelFilter>().ok());
+    LEVEL_FROM_ENV.store(from_env.is_some(), Ordering::Relaxed);
+    let level = from_env.unwrap_or(if debug { LevelFilter::Debug } else { LevelFilter::Info });
     let logger = LOGGER.get_or_init(|| Logger { applet, klog, kmsg: std::sync::Mutex::new(None) });
     let _ = log::set_logger(logger);
     log::set_max_level(level);
@@ -39,7 +42,11 @@ pub fn init(applet: &'static str, debug: bool, klog: bool) {
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        if metadata.level() > log::max_level() {
+            return false;
+        }
+        let ours = metadata.target().starts_with("cpu_all");
+        ours || metadata.level() <= Level::Warn || LEVEL_FROM_ENV.load(Ordering::Relaxed)
     }
 
     fn log(&self, record: &Record) {
