@@ -1,12 +1,28 @@
 //! 9P2000.L: the wire codec (no I/O), the server (fid table, dispatch), and the backends.
 //!
-//! The client serves its files with [`serve`] on the stream the remote kernel mounts.
+//! The client serves its files with [`serve`] on the stream the remote kernel mounts
+//! (v9fs, trans=fd). Layout: [`wire`] is the codec, [`server`] runs a session over any byte
+//! stream, [`backend`] is the storage trait, [`hostfs`] the host-directory backend, and
+//! [`errno`] the Linux error numbers sent in Rlerror.
+
+pub mod backend;
+pub mod errno;
+pub mod hostfs;
+pub mod server;
+pub mod wire;
 
 use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::{Error, Result};
+
+pub use backend::{Backend, BackendFile};
+pub use hostfs::HostFs;
+pub use server::{serve_backend, ServerConfig};
+
+/// Default and usual largest msize: the Linux fd transport's limit since 5.15.
+pub const DEFAULT_MAX_MSIZE: u32 = 1024 * 1024;
 
 /// What [`serve`] exports and how.
 #[derive(Debug, Clone)]
@@ -21,11 +37,25 @@ pub struct ServeOptions {
     pub trace: bool,
 }
 
-/// Serves 9P2000.L on `stream` until the peer closes it.
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            root: PathBuf::from("/"),
+            read_only: false,
+            max_msize: DEFAULT_MAX_MSIZE,
+            trace: false,
+        }
+    }
+}
+
+/// Serves 9P2000.L on `stream` until the peer closes it; Ok(()) on a clean close.
 pub async fn serve<S>(stream: S, opts: ServeOptions) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _ = (stream, opts);
-    Err(Error::NineP("the 9p server is not implemented yet".into()))
+    let backend = HostFs::new(&opts.root)
+        .map_err(|e| Error::io(format!("9p: cannot export {}", opts.root.display()), e))?;
+    let config =
+        ServerConfig { read_only: opts.read_only, max_msize: opts.max_msize, trace: opts.trace };
+    serve_backend(stream, backend, config).await
 }
