@@ -148,15 +148,19 @@ fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
 
 /// Reads a variable-size value with a size query first, retrying if it grew meanwhile.
 fn read_sized(
-    mut query: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
+    query: impl Fn() -> rustix::io::Result<usize>,
+    fetch: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
 ) -> io::Result<Vec<u8>> {
     for _ in 0..4 {
-        let need = retry(|| query(&mut []))?;
+        let need = retry(&query)?;
+        if need == 0 {
+            return Ok(Vec::new());
+        }
         if need > XATTR_MAX {
             return Err(io::Error::from_raw_os_error(libc::E2BIG));
         }
         let mut buf = vec![0u8; need];
-        match retry(|| query(&mut buf)) {
+        match retry(|| fetch(&mut buf)) {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(buf);
@@ -386,7 +390,10 @@ impl Backend for HostFs {
             path,
             || Err(io::Error::from_raw_os_error(libc::ENODATA)),
             |p| {
-                read_sized(|buf| rfs::getxattr(p.as_c_str(), name, buf))
+                read_sized(
+                    || rfs::getxattr_query(p.as_c_str(), name),
+                    |buf| rfs::getxattr(p.as_c_str(), name, buf),
+                )
                     .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
             },
         )
@@ -397,7 +404,10 @@ impl Backend for HostFs {
             path,
             || Ok(Vec::new()),
             |p| {
-                read_sized(|buf| rfs::listxattr(p.as_c_str(), buf))
+                read_sized(
+                    || rfs::listxattr_query(p.as_c_str()),
+                    |buf| rfs::listxattr(p.as_c_str(), buf),
+                )
                     .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
             },
         )
