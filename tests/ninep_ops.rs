@@ -37,12 +37,7 @@ fn version_negotiates_msize_and_refuses_other_dialects() {
         r => panic!("{r:?}"),
     }
     // Tauth is refused; attach with an afid is refused.
-    let r = h.client.rpc(Tmessage::Auth(Tauth {
-        afid: 1,
-        uname: "u".into(),
-        aname: "".into(),
-        n_uname: 0,
-    }));
+    let r = h.client.rpc(Tmessage::Auth(Tauth { afid: 1, uname: "u".into(), aname: "".into(), n_uname: 0 }));
     assert_eq!(r.unwrap_err(), 38);
     h.client.version(65536).unwrap();
     let t = Tattach { fid: 0, afid: 5, uname: "u".into(), aname: "".into(), n_uname: 0 };
@@ -205,7 +200,10 @@ fn readdir_lists_types_and_resumes() {
     assert_eq!(ty("alink").ty, 10);
     assert_eq!(ty("alink").qid.ty, QTSYMLINK);
     assert_eq!(ty("file-with-a-longish-name-007").ty, 8);
-    assert_eq!(ty("file-with-a-longish-name-007").qid.path, fs::metadata(dir.join("file-with-a-longish-name-007")).unwrap().ino());
+    assert_eq!(
+        ty("file-with-a-longish-name-007").qid.path,
+        fs::metadata(dir.join("file-with-a-longish-name-007")).unwrap().ino()
+    );
     // ".." of the export root is the root itself.
     assert_eq!(ty("..").qid.path, q.path);
     // One big call returns the same set.
@@ -322,7 +320,7 @@ fn posix_locks_conflict_between_fids() {
 fn xattrs_read_and_written_through() {
     let dir = Scratch::new("xattr");
     fs::write(dir.join("f"), b"x").unwrap();
-    let probe = rustix::fs::setxattr(&dir.join("f"), "user.probe", b"1", rustix::fs::XattrFlags::empty());
+    let probe = rustix::fs::setxattr(dir.join("f"), "user.probe", b"1", rustix::fs::XattrFlags::empty());
     let mut h = start_attached(options(&dir.path));
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
@@ -333,13 +331,13 @@ fn xattrs_read_and_written_through() {
         assert_eq!(c.clunk(1).unwrap_err(), EOPNOTSUPP);
         return;
     }
-    rustix::fs::removexattr(&dir.join("f"), "user.probe").unwrap();
+    rustix::fs::removexattr(dir.join("f"), "user.probe").unwrap();
     // Set via Txattrcreate + Twrite + Tclunk.
     c.xattrcreate(1, "user.test", 5, 0).unwrap();
     c.write(1, 0, b"hello").unwrap();
     c.clunk(1).unwrap();
     let mut buf = [0u8; 16];
-    let n = rustix::fs::getxattr(&dir.join("f"), "user.test", &mut buf[..]).unwrap();
+    let n = rustix::fs::getxattr(dir.join("f"), "user.test", &mut buf[..]).unwrap();
     assert_eq!(&buf[..n], b"hello");
     // Read via Txattrwalk + Tread.
     c.walk(0, 2, &["f"]).unwrap();
@@ -357,7 +355,7 @@ fn xattrs_read_and_written_through() {
     c.walk(0, 6, &["f"]).unwrap();
     c.xattrcreate(6, "user.test", 0, 0).unwrap();
     c.clunk(6).unwrap();
-    assert!(rustix::fs::getxattr(&dir.join("f"), "user.test", &mut buf[..]).is_err());
+    assert!(rustix::fs::getxattr(dir.join("f"), "user.test", &mut buf[..]).is_err());
     // A short write is an error at clunk.
     c.walk(0, 7, &["f"]).unwrap();
     c.xattrcreate(7, "user.short", 10, 0).unwrap();

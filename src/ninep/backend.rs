@@ -145,13 +145,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Opens an existing file (never following a symlink).
     fn open(&self, path: &Path, flags: OpenFlags) -> io::Result<Self::File>;
     /// Creates and opens `dir/name`.
-    fn create(
-        &self,
-        dir: &Path,
-        name: &OsStr,
-        flags: OpenFlags,
-        mode: u32,
-    ) -> io::Result<Self::File>;
+    fn create(&self, dir: &Path, name: &OsStr, flags: OpenFlags, mode: u32) -> io::Result<Self::File>;
     fn mkdir(&self, dir: &Path, name: &OsStr, mode: u32) -> io::Result<()>;
     fn symlink(&self, dir: &Path, name: &OsStr, target: &OsStr) -> io::Result<()>;
     /// `mode` carries the file type bits.

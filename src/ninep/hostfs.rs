@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use rustix::fs::{
-    self as rfs, AtFlags, FileType, Mode, OFlags, RawDir, ResolveFlags, Stat, Timespec,
-    Timestamps, XattrFlags,
+    self as rfs, AtFlags, FileType, Mode, OFlags, RawDir, ResolveFlags, Stat, Timespec, Timestamps,
+    XattrFlags,
 };
 
 use super::backend::{
-    Attr, Backend, BackendFile, DirEntry, LockConflict, LockOutcome, LockRange, LockType,
-    OpenFlags, SetAttr, SetTime, StatFs,
+    Attr, Backend, BackendFile, DirEntry, LockConflict, LockOutcome, LockRange, LockType, OpenFlags, SetAttr,
+    SetTime, StatFs,
 };
 
 /// Largest extended attribute value or name list we move (Linux XATTR_SIZE_MAX).
@@ -76,6 +76,8 @@ fn split(path: &Path) -> (&Path, &OsStr) {
     }
 }
 
+// The stat field types differ between architectures; the casts are needed on some.
+#[allow(clippy::unnecessary_cast)]
 fn stat_to_attr(st: &Stat) -> Attr {
     Attr {
         dev: st.st_dev,
@@ -175,9 +177,8 @@ fn read_sized(
 impl HostFs {
     /// Exports `root` (which must be a directory; a symlink given here is followed once).
     pub fn new(root: &Path) -> io::Result<HostFs> {
-        let fd = retry(|| {
-            rfs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        })?;
+        let fd =
+            retry(|| rfs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()))?;
         Ok(HostFs { root: fd, root_path: root.to_path_buf(), have_openat2: AtomicBool::new(true) })
     }
 
@@ -193,8 +194,7 @@ impl HostFs {
         }
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         if self.have_openat2.load(Ordering::Relaxed) {
-            let resolve =
-                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+            let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
             match retry(|| rfs::openat2(&self.root, dir, flags, Mode::empty(), resolve)) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                     self.have_openat2.store(false, Ordering::Relaxed);
@@ -217,9 +217,7 @@ impl HostFs {
     fn node(&self, path: &Path) -> io::Result<OwnedFd> {
         let (dir, name) = split(path);
         let d = self.dir(dir)?;
-        retry(|| {
-            rfs::openat(&d, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-        })
+        retry(|| rfs::openat(&d, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()))
     }
 
     /// Runs an xattr call on the file at `path` through its /proc/self/fd name, so the call
@@ -332,8 +330,14 @@ impl Backend for HostFs {
             match via_file {
                 Some(Ok(())) => {}
                 _ => {
-                    let node =
-                        retry(|| rfs::openat(&d, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()))?;
+                    let node = retry(|| {
+                        rfs::openat(
+                            &d,
+                            name,
+                            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                            Mode::empty(),
+                        )
+                    })?;
                     let st = retry(|| rfs::fstat(&node))?;
                     if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
                         return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
@@ -366,6 +370,8 @@ impl Backend for HostFs {
         Ok(())
     }
 
+    // The statfs field types differ between architectures; the casts are needed on some.
+    #[allow(clippy::unnecessary_cast)]
     fn statfs(&self, path: &Path) -> io::Result<StatFs> {
         let node = self.node(path)?;
         let s = retry(|| rfs::fstatfs(&node))?;
@@ -394,7 +400,7 @@ impl Backend for HostFs {
                     || rfs::getxattr_query(p.as_c_str(), name),
                     |buf| rfs::getxattr(p.as_c_str(), name, buf),
                 )
-                    .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
+                .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
             },
         )
     }
@@ -404,10 +410,7 @@ impl Backend for HostFs {
             path,
             || Ok(Vec::new()),
             |p| {
-                read_sized(
-                    || rfs::listxattr_query(p.as_c_str()),
-                    |buf| rfs::listxattr(p.as_c_str(), buf),
-                )
+                read_sized(|| rfs::listxattr_query(p.as_c_str()), |buf| rfs::listxattr(p.as_c_str(), buf))
                     .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
             },
         )

@@ -55,7 +55,6 @@ where
 {
     let backend = HostFs::new(&opts.root)
         .map_err(|e| Error::io(format!("9p: cannot export {}", opts.root.display()), e))?;
-    let config =
-        ServerConfig { read_only: opts.read_only, max_msize: opts.max_msize, trace: opts.trace };
+    let config = ServerConfig { read_only: opts.read_only, max_msize: opts.max_msize, trace: opts.trace };
     serve_backend(stream, backend, config).await
 }

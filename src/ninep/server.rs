@@ -295,7 +295,11 @@ impl<B: Backend> Session<B> {
             let msize = t.msize.min(self.config.max_msize.max(MIN_MSIZE));
             self.msize.store(msize, Ordering::Relaxed);
             lock(&self.fids).clear();
-            log::debug!("9p: version 9P2000.L, msize {msize} (asked {}, max {})", t.msize, self.config.max_msize);
+            log::debug!(
+                "9p: version 9P2000.L, msize {msize} (asked {}, max {})",
+                t.msize,
+                self.config.max_msize
+            );
             Version { msize, version: "9P2000.L".into() }
         } else {
             log::debug!("9p: refusing version {:?} msize {}", t.version, t.msize);
@@ -809,6 +813,20 @@ impl<B: Backend> Session<B> {
         Ok(())
     }
 
+    /// Tclunk of a fid that holds no open file touches no filesystem: answer it on the
+    /// spot (saves two thread hand-offs on the kernel's walk/getattr/clunk pattern).
+    fn clunk_inline(&self, tag: u16, fid: u32) -> Option<Vec<u8>> {
+        let mut fids = lock(&self.fids);
+        let idle = matches!(lock(fids.get(&fid)?).kind, FidKind::Node | FidKind::XattrRead(_));
+        if !idle {
+            return None;
+        }
+        fids.remove(&fid);
+        let mut w = Vec::with_capacity(7);
+        encode_rmessage(&mut w, tag, &Rmessage::Clunk(Empty {}));
+        Some(w)
+    }
+
     /// Registers a request so a Tflush can find it.
     fn begin(&self, tag: u16) {
         lock(&self.inflight).insert(tag, InFlight::default());
@@ -864,18 +882,11 @@ fn lock_type(ty: u8) -> Res<LockType> {
 }
 
 /// Reads one frame. `Ok(None)` is a clean end of stream between frames.
-async fn read_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    max: u32,
-    pool: &BufPool,
-) -> Result<Option<Vec<u8>>> {
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, max: u32, pool: &BufPool) -> Result<Option<Vec<u8>>> {
     let mut size_bytes = [0u8; 4];
     let mut got = 0;
     while got < 4 {
-        let n = rd
-            .read(&mut size_bytes[got..])
-            .await
-            .map_err(|e| Error::io("9p: reading a request", e))?;
+        let n = rd.read(&mut size_bytes[got..]).await.map_err(|e| Error::io("9p: reading a request", e))?;
         if n == 0 {
             if got == 0 {
                 return Ok(None);
@@ -955,6 +966,12 @@ where
                     Ok((tag, msg)) => {
                         if session.config.trace {
                             log::info!("9p <- tag {tag} {msg:?}");
+                        }
+                        if let Tmessage::Clunk(t) = &msg {
+                            if let Some(reply) = session.clunk_inline(tag, t.fid) {
+                                let _ = tx.send(reply);
+                                continue;
+                            }
                         }
                         match msg {
                             Tmessage::Flush(f) => session.flush(tag, f.oldtag, &tx),

@@ -68,7 +68,22 @@ pub fn options(root: &Path) -> ServeOptions {
 /// Starts `serve` on a socketpair in its own thread. `before` runs first in that thread
 /// (e.g. to drop privileges for the thread and the blocking threads it spawns).
 pub fn start_with(opts: ServeOptions, before: impl FnOnce() + Send + 'static) -> Harness {
+    start_tuned(opts, None, before)
+}
+
+/// Like [`start_with`], optionally with larger socket buffers on both ends (benchmarks).
+pub fn start_tuned(
+    opts: ServeOptions,
+    socket_buffer: Option<usize>,
+    before: impl FnOnce() + Send + 'static,
+) -> Harness {
     let (a, b) = UnixStream::pair().expect("socketpair");
+    if let Some(size) = socket_buffer {
+        for s in [&a, &b] {
+            rustix::net::sockopt::set_socket_send_buffer_size(s, size).expect("SO_SNDBUF");
+            rustix::net::sockopt::set_socket_recv_buffer_size(s, size).expect("SO_RCVBUF");
+        }
+    }
     let server = std::thread::spawn(move || {
         before();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -135,7 +150,7 @@ impl Client {
             return None;
         }
         let n = u32::from_le_bytes(size) as usize;
-        assert!(n >= 7 && n <= (4 << 20), "reply size {n}");
+        assert!((7..=(4 << 20)).contains(&n), "reply size {n}");
         let mut frame = vec![0u8; n];
         frame[..4].copy_from_slice(&size);
         self.stream.read_exact(&mut frame[4..]).expect("reply body");
