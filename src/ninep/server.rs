@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::backend::{
     Attr, Backend, BackendFile, LockOutcome, LockRange, LockType, OpenFlags, SetAttr, SetTime,
@@ -132,7 +132,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-type Replies = mpsc::UnboundedSender<Vec<u8>>;
+/// A reply on its way to the writer. It keeps its request's in-flight slot until written,
+/// so a peer that stops reading replies also stops us from reading more requests.
+struct Outgoing {
+    frame: Vec<u8>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+type Replies = mpsc::UnboundedSender<Outgoing>;
+
+fn send(out: &Replies, frame: Vec<u8>, slot: Option<OwnedSemaphorePermit>) {
+    // A closed channel means the writer is gone; the session is ending anyway.
+    let _ = out.send(Outgoing { frame, _slot: slot });
+}
 
 /// One connection's state.
 pub struct Session<B: Backend> {
@@ -837,17 +849,23 @@ impl<B: Backend> Session<B> {
     }
 
     /// Sends the reply (if any), then the Rflush of everyone who flushed this request.
-    fn finish(&self, tag: u16, reply: Option<Vec<u8>>, out: &Replies) {
+    fn finish(
+        &self,
+        tag: u16,
+        reply: Option<Vec<u8>>,
+        slot: OwnedSemaphorePermit,
+        out: &Replies,
+    ) {
         let mut inflight = lock(&self.inflight);
         let entry = inflight.remove(&tag).unwrap_or_default();
         if let Some(r) = reply {
             if self.config.trace {
                 log::info!("9p -> tag {tag} type {} ({} bytes)", r.get(4).copied().unwrap_or(0), r.len());
             }
-            let _ = out.send(r);
+            send(out, r, Some(slot));
         }
         for f in entry.flushers {
-            let _ = out.send(rflush(f));
+            send(out, rflush(f), None);
         }
     }
 
@@ -860,7 +878,7 @@ impl<B: Backend> Session<B> {
                 f.flushers.push(tag);
             }
             None => {
-                let _ = out.send(rflush(tag));
+                send(out, rflush(tag), None);
             }
         }
     }
@@ -910,17 +928,17 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, max: u32, pool: &BufPool) 
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     wr: W,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     pool: &BufPool,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(64 * 1024, wr);
-    while let Some(buf) = rx.recv().await {
-        w.write_all(&buf).await?;
-        pool.put(buf);
+    while let Some(out) = rx.recv().await {
+        w.write_all(&out.frame).await?;
+        pool.put(out.frame);
         // Coalesce whatever else is ready into one flush.
-        while let Ok(buf) = rx.try_recv() {
-            w.write_all(&buf).await?;
-            pool.put(buf);
+        while let Ok(out) = rx.try_recv() {
+            w.write_all(&out.frame).await?;
+            pool.put(out.frame);
         }
         w.flush().await?;
     }
@@ -935,7 +953,7 @@ where
 {
     let session = Arc::new(Session::new(backend, config));
     let (rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
 
     let reader = {
         let session = session.clone();
@@ -958,7 +976,7 @@ where
                                     WireError::UnknownType(_) => errno::ENOSYS,
                                     _ => errno::EINVAL,
                                 };
-                                let _ = tx.send(rlerror(tag, code));
+                                send(&tx, rlerror(tag, code), Some(permit));
                             }
                             None => return Err(Error::NineP(format!("unreadable request: {e}"))),
                         }
@@ -969,26 +987,25 @@ where
                         }
                         if let Tmessage::Clunk(t) = &msg {
                             if let Some(reply) = session.clunk_inline(tag, t.fid) {
-                                let _ = tx.send(reply);
+                                send(&tx, reply, Some(permit));
                                 continue;
                             }
                         }
                         match msg {
                             Tmessage::Flush(f) => session.flush(tag, f.oldtag, &tx),
                             Tmessage::Version(v) => {
-                                let _ = tx.send(session.version(tag, &v));
+                                send(&tx, session.version(tag, &v), Some(permit));
                             }
                             msg => {
                                 session.begin(tag);
                                 let session = session.clone();
                                 let out = tx.clone();
                                 tokio::task::spawn_blocking(move || {
-                                    let _permit = permit;
                                     if session.cancelled(tag) {
-                                        session.finish(tag, None, &out);
+                                        session.finish(tag, None, permit, &out);
                                     } else {
                                         let reply = session.dispatch(tag, msg);
-                                        session.finish(tag, Some(reply), &out);
+                                        session.finish(tag, Some(reply), permit, &out);
                                     }
                                 });
                             }
