@@ -156,6 +156,8 @@ pub struct Session<B: Backend> {
     devices: Mutex<HashMap<u64, u64>>,
     inflight: Mutex<HashMap<u16, InFlight>>,
     pool: BufPool,
+    /// Pool jobs one batch of metadata requests is spread over (the CPU count).
+    lanes: usize,
 }
 
 type Res<T> = std::result::Result<T, Errno>;
@@ -232,6 +234,7 @@ impl<B: Backend> Session<B> {
             devices: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             pool: BufPool::default(),
+            lanes: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 
@@ -849,13 +852,7 @@ impl<B: Backend> Session<B> {
     }
 
     /// Sends the reply (if any), then the Rflush of everyone who flushed this request.
-    fn finish(
-        &self,
-        tag: u16,
-        reply: Option<Vec<u8>>,
-        slot: OwnedSemaphorePermit,
-        out: &Replies,
-    ) {
+    fn finish(&self, tag: u16, reply: Option<Vec<u8>>, slot: OwnedSemaphorePermit, out: &Replies) {
         let mut inflight = lock(&self.inflight);
         let entry = inflight.remove(&tag).unwrap_or_default();
         if let Some(r) = reply {
@@ -896,6 +893,50 @@ fn lock_type(ty: u8) -> Res<LockType> {
         LOCK_TYPE_WRLCK => Ok(LockType::Write),
         LOCK_TYPE_UNLCK => Ok(LockType::Unlock),
         _ => Err(errno::EINVAL),
+    }
+}
+
+/// One decoded request waiting for (or on) a pool thread.
+struct Job {
+    tag: u16,
+    msg: Tmessage,
+    slot: OwnedSemaphorePermit,
+}
+
+/// Most metadata requests grouped into one submission.
+const MAX_BATCH: usize = 32;
+
+/// Whether `buf` starts with a complete frame (more requests are ready without reading).
+fn frame_buffered(buf: &[u8]) -> bool {
+    buf.len() >= 4 && buf.len() >= u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+}
+
+/// Runs `jobs` one after the other on a pool thread, replying as each finishes.
+fn spawn_jobs<B: Backend>(session: Arc<Session<B>>, jobs: Vec<Job>, out: Replies) {
+    tokio::task::spawn_blocking(move || {
+        for Job { tag, msg, slot } in jobs {
+            if session.cancelled(tag) {
+                session.finish(tag, None, slot, &out);
+            } else {
+                let reply = session.dispatch(tag, msg);
+                session.finish(tag, Some(reply), slot, &out);
+            }
+        }
+    });
+}
+
+/// Submits a batch of metadata requests, spread over at most one job per CPU.
+fn submit<B: Backend>(session: &Arc<Session<B>>, batch: &mut Vec<Job>, out: &Replies) {
+    if batch.is_empty() {
+        return;
+    }
+    let lanes = session.lanes.min(batch.len());
+    let mut chunks: Vec<Vec<Job>> = (0..lanes).map(|_| Vec::new()).collect();
+    for (i, job) in batch.drain(..).enumerate() {
+        chunks[i % lanes].push(job);
+    }
+    for jobs in chunks {
+        spawn_jobs(session.clone(), jobs, out.clone());
     }
 }
 
@@ -960,12 +1001,29 @@ where
         async move {
             let mut rd = BufReader::with_capacity(64 * 1024, rd);
             let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+            let mut batch: Vec<Job> = Vec::new();
             loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return Ok(());
+                // Metadata requests that arrived together run as one pool job (fewer thread
+                // wake-ups); submit what we have before waiting for more input.
+                if !batch.is_empty() && !frame_buffered(rd.buffer()) {
+                    submit(&session, &mut batch, &tx);
+                }
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        submit(&session, &mut batch, &tx);
+                        let Ok(p) = slots.clone().acquire_owned().await else {
+                            return Ok(());
+                        };
+                        p
+                    }
                 };
-                let Some(frame) = read_frame(&mut rd, session.msize(), &session.pool).await? else {
-                    return Ok(());
+                let frame = match read_frame(&mut rd, session.msize(), &session.pool).await {
+                    Ok(Some(frame)) => frame,
+                    other => {
+                        submit(&session, &mut batch, &tx);
+                        return other.map(|_| ());
+                    }
                 };
                 match wire::decode_request(frame) {
                     Err((tag, e)) => {
@@ -978,7 +1036,10 @@ where
                                 };
                                 send(&tx, rlerror(tag, code), Some(permit));
                             }
-                            None => return Err(Error::NineP(format!("unreadable request: {e}"))),
+                            None => {
+                                submit(&session, &mut batch, &tx);
+                                return Err(Error::NineP(format!("unreadable request: {e}")));
+                            }
                         }
                     }
                     Ok((tag, msg)) => {
@@ -996,18 +1057,20 @@ where
                             Tmessage::Version(v) => {
                                 send(&tx, session.version(tag, &v), Some(permit));
                             }
+                            msg @ (Tmessage::Walk(_)
+                            | Tmessage::Getattr(_)
+                            | Tmessage::Readlink(_)
+                            | Tmessage::Statfs(_)) => {
+                                session.begin(tag);
+                                batch.push(Job { tag, msg, slot: permit });
+                                if batch.len() >= MAX_BATCH {
+                                    submit(&session, &mut batch, &tx);
+                                }
+                            }
                             msg => {
                                 session.begin(tag);
-                                let session = session.clone();
-                                let out = tx.clone();
-                                tokio::task::spawn_blocking(move || {
-                                    if session.cancelled(tag) {
-                                        session.finish(tag, None, permit, &out);
-                                    } else {
-                                        let reply = session.dispatch(tag, msg);
-                                        session.finish(tag, Some(reply), permit, &out);
-                                    }
-                                });
+                                let job = vec![Job { tag, msg, slot: permit }];
+                                spawn_jobs(session.clone(), job, tx.clone());
                             }
                         }
                     }

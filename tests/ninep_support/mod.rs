@@ -95,7 +95,8 @@ pub fn start_tuned(
     });
     a.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     a.set_write_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    Harness { client: Client { stream: a, next_tag: 1 }, server: Some(server) }
+    let reader = std::io::BufReader::with_capacity(64 * 1024, a.try_clone().expect("dup socket"));
+    Harness { client: Client { stream: a, reader, next_tag: 1 }, server: Some(server) }
 }
 
 pub fn start(opts: ServeOptions) -> Harness {
@@ -113,6 +114,8 @@ pub fn start_attached(opts: ServeOptions) -> Harness {
 /// A blocking 9P client; every call sends one request and waits for its reply.
 pub struct Client {
     pub stream: UnixStream,
+    /// Replies are read through a buffer: one syscall for many small replies.
+    pub reader: std::io::BufReader<UnixStream>,
     next_tag: u16,
 }
 
@@ -146,14 +149,14 @@ impl Client {
     /// Reads one reply frame; None when the server closed the connection.
     pub fn recv_frame(&mut self) -> Option<Vec<u8>> {
         let mut size = [0u8; 4];
-        if self.stream.read_exact(&mut size).is_err() {
+        if self.reader.read_exact(&mut size).is_err() {
             return None;
         }
         let n = u32::from_le_bytes(size) as usize;
         assert!((7..=(4 << 20)).contains(&n), "reply size {n}");
         let mut frame = vec![0u8; n];
         frame[..4].copy_from_slice(&size);
-        self.stream.read_exact(&mut frame[4..]).expect("reply body");
+        self.reader.read_exact(&mut frame[4..]).expect("reply body");
         Some(frame)
     }
 
