@@ -3,8 +3,10 @@
 //!
 //! Owns: msize negotiation, fids and their paths, QIDs, name checks (no empty, no `/`, `..`
 //! never above the root), the read-only rule, Tflush bookkeeping. It must not block the
-//! async thread: every backend call runs inside `spawn_blocking`. A bad request costs an
-//! Rlerror, never the connection; only an unframeable byte stream ends it.
+//! async thread: every backend call runs inside `spawn_blocking` (metadata requests that
+//! arrive together share one pool job per CPU, which saves thread wake-ups). A bad request
+//! costs an Rlerror, never the connection; only an unframeable byte stream ends it.
+//! At most `MAX_IN_FLIGHT` requests (and their unwritten replies) exist at once.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -28,6 +30,9 @@ use crate::error::{Error, Result};
 const MAX_IN_FLIGHT: usize = 128;
 /// Smallest msize we agree to (every reply but Rread/Rreaddir must fit).
 const MIN_MSIZE: u32 = 512;
+/// Largest msize we ever agree to, whatever the configuration says (a reply buffer of this
+/// size may be allocated per request in flight).
+const MAX_MSIZE: u32 = 16 << 20;
 /// Buffers at least this big are recycled instead of freed.
 const POOL_MIN: usize = 64 * 1024;
 /// How long replies may take to drain after the peer stopped sending.
@@ -224,8 +229,9 @@ fn rlerror(tag: u16, e: Errno) -> Vec<u8> {
 }
 
 impl<B: Backend> Session<B> {
-    pub fn new(backend: B, config: ServerConfig) -> Self {
-        let msize = config.max_msize.max(MIN_MSIZE);
+    pub fn new(backend: B, mut config: ServerConfig) -> Self {
+        config.max_msize = config.max_msize.clamp(MIN_MSIZE, MAX_MSIZE);
+        let msize = config.max_msize;
         Session {
             backend,
             config,
@@ -307,7 +313,7 @@ impl<B: Backend> Session<B> {
         let v = t.version.as_bytes();
         let known = v == b"9P2000.L" || v.starts_with(b"9P2000.L.");
         let reply = if known && t.msize >= MIN_MSIZE {
-            let msize = t.msize.min(self.config.max_msize.max(MIN_MSIZE));
+            let msize = t.msize.min(self.config.max_msize);
             self.msize.store(msize, Ordering::Relaxed);
             lock(&self.fids).clear();
             log::debug!(
@@ -1104,5 +1110,45 @@ where
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ninep::hostfs::HostFs;
+
+    #[test]
+    fn wire_open_flags_are_translated_not_passed_through() {
+        let f = open_flags(dotl::WRONLY | dotl::TRUNC | dotl::APPEND | 0o100000 | 0o1000000);
+        assert!(f.write && !f.read && f.truncate && f.append);
+        assert!(!f.directory && !f.sync && !f.dsync && !f.nonblock && !f.exclusive);
+        let f = open_flags(dotl::RDWR | dotl::DIRECTORY | dotl::SYNC | dotl::NONBLOCK);
+        assert!(f.read && f.write && f.directory && f.sync && f.nonblock);
+        // NOACCESS (3) opens for reading only.
+        let f = open_flags(3);
+        assert!(f.read && !f.write);
+    }
+
+    #[test]
+    fn qid_paths_mix_the_device() {
+        let s = Session::new(
+            HostFs::new(Path::new("/")).expect("open /"),
+            ServerConfig { read_only: true, max_msize: u32::MAX, trace: false },
+        );
+        assert_eq!(s.config.max_msize, MAX_MSIZE);
+        // The first device keeps raw inode numbers; another device's equal inode differs.
+        assert_eq!(s.qid_path(10, 5), 5);
+        assert_ne!(s.qid_path(11, 5), 5);
+        assert_eq!(s.qid_path(11, 5), s.qid_path(11, 5));
+        assert_ne!(s.qid_path(12, 5), s.qid_path(11, 5));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", ".", "..", "a/b", "a\0b"] {
+            assert_eq!(check_name(&P9String::from(bad)), Err(errno::EINVAL), "{bad:?}");
+        }
+        assert!(check_name(&P9String::from("...")).is_ok());
     }
 }
