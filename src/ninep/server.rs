@@ -1102,10 +1102,19 @@ where
         Ok(()) => {
             // The peer is done; let finished replies go out, but do not wait forever for a
             // request stuck in the filesystem (a FIFO, a hung NFS mount).
-            match tokio::time::timeout(DRAIN_TIMEOUT, &mut writer).await {
-                Ok(Err(e)) => log::debug!("9p: peer gone before replies were written: {e}"),
-                Ok(Ok(())) => {}
-                Err(_) => log::debug!("9p: requests still running after the peer closed"),
+            // The timer is a plain thread: the caller's runtime may have no time driver.
+            let (expired_tx, expired) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                std::thread::sleep(DRAIN_TIMEOUT);
+                let _ = expired_tx.send(());
+            });
+            tokio::select! {
+                r = &mut writer => {
+                    if let Err(e) = r {
+                        log::debug!("9p: peer gone before replies were written: {e}");
+                    }
+                }
+                _ = expired => log::debug!("9p: requests still running after the peer closed"),
             }
             Ok(())
         }

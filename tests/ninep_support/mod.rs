@@ -86,7 +86,8 @@ pub fn start_tuned(
     }
     let server = std::thread::spawn(move || {
         before();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        // I/O only (no time driver): serve must not depend on what the caller enabled.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime");
         rt.block_on(async move {
             b.set_nonblocking(true).expect("nonblocking");
             let s = tokio::net::UnixStream::from_std(b).expect("tokio stream");
