@@ -4,6 +4,20 @@
 //! (v9fs, trans=fd). Layout: [`wire`] is the codec, [`server`] runs a session over any byte
 //! stream, [`backend`] is the storage trait, [`hostfs`] the host-directory backend, and
 //! [`errno`] the Linux error numbers sent in Rlerror.
+//!
+//! Behaviour worth knowing (and where it differs from the Go server):
+//! - msize = min(asked, `max_msize`), never above 16 MiB; iounit 0; Rread/Rreaddir clamped
+//!   so the whole reply fits in msize. Only `9P2000.L` is spoken (anything else: `unknown`).
+//! - Twalk: `..` is lexical and stops at the root, `.` stays; empty names and names with
+//!   `/` are EINVAL; a walk that fails after the first name returns a partial Rwalk.
+//!   No symlink is ever followed on this side.
+//! - QID path = st_ino on the export's first device; other devices get their index mixed
+//!   into the top bits. Treaddir carries real DT_* types, kernel seek cookies as offsets
+//!   (stable across calls), and includes `.` and `..` (`..` of the root shows the root).
+//! - Tlock/Tgetlock use open-file-description locks (one per open fid), so two fids
+//!   conflict like two processes; a lock that would wait answers BLOCKED at once.
+//! - Txattrcreate with size 0 removes the attribute (as the Linux client expects).
+//! - Read-only export: every change is EROFS (opening for write or with O_TRUNC included).
 
 pub mod backend;
 pub mod errno;
