@@ -209,3 +209,39 @@ fn rread_is_clamped_to_msize() {
     assert!(f.len() <= 8192);
     h.finish().unwrap();
 }
+
+#[test]
+fn a_blocked_request_does_not_stop_the_others_and_flush_waits_for_it() {
+    let dir = Scratch::new("blocked");
+    let fifo = dir.join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    fs::write(dir.join("f"), b"free").unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    c.walk(0, 1, &["fifo"]).unwrap();
+    // Opening a FIFO for reading waits for a writer: this request sits in the pool.
+    c.send(500, &Tmessage::Lopen(Tlopen { fid: 1, flags: O_RDONLY }));
+    // Meanwhile other requests are served.
+    c.walk(0, 2, &["f"]).unwrap();
+    c.lopen(2, O_RDONLY).unwrap();
+    assert_eq!(c.read(2, 0, 10).unwrap(), b"free");
+    // Flushing the blocked request: Rflush must not come before its reply.
+    c.send(501, &Tmessage::Flush(Tflush { oldtag: 500 }));
+    c.walk(0, 3, &["f"]).unwrap();
+    // Release the FIFO open by opening the write end (bounded: the reader is waiting).
+    let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    match c.recv() {
+        (500, Rmessage::Lopen(_)) => {}
+        other => panic!("expected Rlopen for tag 500 first, got {other:?}"),
+    }
+    assert_eq!(c.recv(), (501, Rmessage::Flush(Empty {})));
+    drop(writer);
+    h.finish().unwrap();
+}
