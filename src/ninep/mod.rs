@@ -1,12 +1,42 @@
 //! 9P2000.L: the wire codec (no I/O), the server (fid table, dispatch), and the backends.
 //!
-//! The client serves its files with [`serve`] on the stream the remote kernel mounts.
+//! The client serves its files with [`serve`] on the stream the remote kernel mounts
+//! (v9fs, trans=fd). Layout: [`wire`] is the codec, [`server`] runs a session over any byte
+//! stream, [`backend`] is the storage trait, [`hostfs`] the host-directory backend, and
+//! [`errno`] the Linux error numbers sent in Rlerror.
+//!
+//! Behaviour worth knowing (and where it differs from the Go server):
+//! - msize = min(asked, `max_msize`), never above 16 MiB; iounit 0; Rread/Rreaddir clamped
+//!   so the whole reply fits in msize. Only `9P2000.L` is spoken (anything else: `unknown`).
+//! - Twalk: `..` is lexical and stops at the root, `.` stays; empty names and names with
+//!   `/` are EINVAL; a walk that fails after the first name returns a partial Rwalk.
+//!   No symlink is ever followed on this side.
+//! - QID path = st_ino on the export's first device; other devices get their index mixed
+//!   into the top bits. Treaddir carries real DT_* types, kernel seek cookies as offsets
+//!   (stable across calls), and includes `.` and `..` (`..` of the root shows the root).
+//! - Tlock/Tgetlock use open-file-description locks (one per open fid), so two fids
+//!   conflict like two processes; a lock that would wait answers BLOCKED at once.
+//! - Txattrcreate with size 0 removes the attribute (as the Linux client expects).
+//! - Read-only export: every change is EROFS (opening for write or with O_TRUNC included).
+
+pub mod backend;
+pub mod errno;
+pub mod hostfs;
+pub mod server;
+pub mod wire;
 
 use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::{Error, Result};
+
+pub use backend::{Backend, BackendFile};
+pub use hostfs::HostFs;
+pub use server::{serve_backend, ServerConfig};
+
+/// Default and usual largest msize: the Linux fd transport's limit since 5.15.
+pub const DEFAULT_MAX_MSIZE: u32 = 1024 * 1024;
 
 /// What [`serve`] exports and how.
 #[derive(Debug, Clone)]
@@ -21,11 +51,24 @@ pub struct ServeOptions {
     pub trace: bool,
 }
 
-/// Serves 9P2000.L on `stream` until the peer closes it.
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            root: PathBuf::from("/"),
+            read_only: false,
+            max_msize: DEFAULT_MAX_MSIZE,
+            trace: false,
+        }
+    }
+}
+
+/// Serves 9P2000.L on `stream` until the peer closes it; Ok(()) on a clean close.
 pub async fn serve<S>(stream: S, opts: ServeOptions) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _ = (stream, opts);
-    Err(Error::NineP("the 9p server is not implemented yet".into()))
+    let backend = HostFs::new(&opts.root)
+        .map_err(|e| Error::io(format!("9p: cannot export {}", opts.root.display()), e))?;
+    let config = ServerConfig { read_only: opts.read_only, max_msize: opts.max_msize, trace: opts.trace };
+    serve_backend(stream, backend, config).await
 }
