@@ -81,6 +81,8 @@ ro" "$out"
 	contains "setup failure message" "CPUNONCE is set but no -port9p was given" /run/err
 	CPUNONCE=0123456789abcdef0123456789abcdef CPU_MOUNTOPTS=trans=tcp PWD=/ $R -port9p=1 true 2>/run/err
 	check "CPU_MOUNTOPTS may not override trans= (125)" 125 $?
+	chpst -u nobody $R true 2>/run/err; check "unshare refused (not root): status 125" 125 $?
+	contains "unshare refused: its own message" "cannot create a private mount namespace: need CAP_SYS_ADMIN (is cpud running as root?)" /run/err
 	out=$(printf 'line1\nline2\n' | PWD=/ $R wc -l)
 	check "stdin reaches the command" 2 "$out"
 
@@ -130,11 +132,22 @@ ninep | modprobe)
 /tmp/cpu/bin /bin none defaults,bind 0 0
 /tmp/cpu/etc /etc none defaults,bind 0 0
 '
+		# No /lib64 in the guest: a dynamically linked host program cannot start without the
+		# client's (its loader lives there); the session must say so.
+		rmdir /lib64 || ko "cannot remove the guest's empty /lib64"
+		relay 5642 "$DIOD_PORT"
+		NOLIB64=$(echo "$FSTAB" | grep -v lib64)
+		USER=root CPUNONCE=$NONCE CPU_FSTAB="$NOLIB64" CPU_MOUNTOPTS="aname=/" PATH=/usr/bin:/bin PWD=/ \
+			$R -port9p=5642 python3 -c 'print(6*7)' 2>/run/err
+		check "no /lib64: exec fails with 127" 127 $?
+		contains "no /lib64: the message names the missing loader" "its program interpreter (dynamic loader) or a library is missing here" /run/err
+		# With the client's /lib64 in the fstab, the mount point is created (initramfs root).
 		relay 5641 "$DIOD_PORT"
 		out=$(USER=root CPUNONCE=$NONCE CPU_FSTAB="$FSTAB" CPU_MOUNTOPTS="aname=/" PATH=/usr/bin:/bin PWD=/ \
 			$R -port9p=5641 python3 -c 'print(6*7)' 2>/run/err)
 		check "host python3 (dynamically linked) runs through the default namespace" 42 "$out"
 		[ "$out" = 42 ] || cat /run/err
+		[ -d /lib64 ] && ok "the missing /lib64 mount point was created on the initramfs" || ko "/lib64 not created"
 	fi
 	check "no 9p mount leaked into PID 1's namespace" 0 "$(grep -c ' - 9p ' /proc/1/mountinfo)"
 	;;
