@@ -81,7 +81,7 @@ ro" "$out"
 	contains "setup failure message" "CPUNONCE is set but no -port9p was given" /run/err
 	CPUNONCE=0123456789abcdef0123456789abcdef CPU_MOUNTOPTS=trans=tcp PWD=/ $R -port9p=1 true 2>/run/err
 	check "CPU_MOUNTOPTS may not override trans= (125)" 125 $?
-	chpst -u nobody $R true 2>/run/err; check "unshare refused (not root): status 125" 125 $?
+	su -s /bin/sh -c "cpu-all cpud -remote true" nobody 2>/run/err; check "unshare refused (not root): status 125" 125 $?
 	contains "unshare refused: its own message" "cannot create a private mount namespace: need CAP_SYS_ADMIN (is cpud running as root?)" /run/err
 	out=$(printf 'line1\nline2\n' | PWD=/ $R wc -l)
 	check "stdin reaches the command" 2 "$out"
