@@ -172,14 +172,43 @@ impl MountOps for SystemOps {
 
     fn mounted_msize(&self, target: &Path) -> Option<u32> {
         let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        let target = target.to_str()?;
-        // Fields: id parent maj:min root mountpoint options ... - fstype source superoptions
-        let line = text.lines().rfind(|l| l.split(' ').nth(4) == Some(target))?;
-        let super_options = line.split(" - ").nth(1)?.split(' ').nth(2)?;
-        super_options.split(',').find_map(|o| o.strip_prefix("msize=")).and_then(|v| v.parse().ok())
+        msize_from_mountinfo(&text, target.to_str()?)
     }
 
     fn change_dir(&mut self, path: &Path) -> io::Result<()> {
         std::env::set_current_dir(path)
+    }
+}
+
+/// The `msize=` of the last mount on `target` in /proc/self/mountinfo text.
+pub fn msize_from_mountinfo(mountinfo: &str, target: &str) -> Option<u32> {
+    // Fields: id parent maj:min root mountpoint options ... - fstype source superoptions
+    let line = mountinfo.lines().rfind(|l| l.split(' ').nth(4) == Some(target))?;
+    let super_options = line.split(" - ").nth(1)?.split(' ').nth(2)?;
+    super_options.split(',').find_map(|o| o.strip_prefix("msize=")).and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msize_from_a_real_mountinfo_line() {
+        let text = "24 1 0:22 / /tmp rw,relatime - tmpfs tmp rw,inode64\n\
+36 35 0:26 / /tmp/cpu rw,nosuid,nodev,relatime - 9p localhost rw,access=client,msize=1048576,trans=fd,rfd=3,wfd=3\n";
+        assert_eq!(msize_from_mountinfo(text, "/tmp/cpu"), Some(1 << 20));
+        assert_eq!(msize_from_mountinfo(text, "/tmp"), None);
+        assert_eq!(msize_from_mountinfo("garbage", "/tmp/cpu"), None);
+    }
+
+    #[test]
+    fn real_calls_that_need_no_privilege() {
+        let ops = SystemOps;
+        assert_eq!(ops.path_kind(Path::new("/")), PathKind::Directory);
+        assert_eq!(ops.path_kind(Path::new("/proc/self/status")), PathKind::File);
+        assert_eq!(ops.path_kind(Path::new("/nonexistent/x")), PathKind::Missing);
+        assert_eq!(ops.resolve(Path::new("/proc/../")), Some(PathBuf::from("/")));
+        assert!(ops.filesystem_supported("proc"));
+        assert!(!ops.filesystem_supported("no-such-fs"));
     }
 }
