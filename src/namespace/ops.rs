@@ -37,6 +37,20 @@ pub trait MountOps {
         flags: MsFlags,
         data: &str,
     ) -> io::Result<()>;
+    /// Mounts 9p over `channel` (named in `data`). If the server has not answered within
+    /// `deadline`, the channel is shut down so the mount fails with `TimedOut` instead of
+    /// hanging forever (a kernel 9p mount waits for Rversion without a timeout).
+    fn mount_9p(
+        &mut self,
+        channel: &OwnedFd,
+        target: &Path,
+        flags: MsFlags,
+        data: &str,
+        deadline: Duration,
+    ) -> io::Result<()> {
+        let _ = (channel, deadline);
+        self.mount("localhost", target, "9p", flags, data)
+    }
     /// umount2(2) with MNT_DETACH.
     fn unmount(&mut self, target: &Path) -> io::Result<()>;
     /// mkdir -p with mode 0755.
@@ -105,6 +119,36 @@ impl MountOps for SystemOps {
         let data = c_string(data)?;
         let flags = rustix::mount::MountFlags::from_bits_retain(flags);
         rustix::mount::mount(source, target, fstype, flags, Some(data.as_c_str())).map_err(to_io)
+    }
+
+    fn mount_9p(
+        &mut self,
+        channel: &OwnedFd,
+        target: &Path,
+        flags: MsFlags,
+        data: &str,
+        deadline: Duration,
+    ) -> io::Result<()> {
+        let watched = channel.try_clone()?;
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let fired = wait.recv_timeout(deadline) == Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+            if fired {
+                // The kernel reads this socket; shutting it down fails the pending mount.
+                let _ = rustix::net::shutdown(&watched, rustix::net::Shutdown::Both);
+            }
+            fired
+        });
+        let result = self.mount("localhost", target, "9p", flags, data);
+        let _ = done.send(());
+        let fired = watchdog.join().unwrap_or(false);
+        match result {
+            Err(_) if fired => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client's 9p server did not answer within {} s", deadline.as_secs()),
+            )),
+            other => other,
+        }
     }
 
     fn unmount(&mut self, target: &Path) -> io::Result<()> {

@@ -30,6 +30,8 @@ pub const NEED_CAP_SYS_ADMIN: &str =
     "cannot create a private mount namespace: need CAP_SYS_ADMIN (is cpud running as root?)";
 /// msize values tried, largest first, after the requested one fails with EINVAL.
 pub const MSIZE_FALLBACKS: [u32; 4] = [512 * 1024, 256 * 1024, 128 * 1024, 64 * 1024];
+/// How long the client's 9P server may take to answer the mount's version request.
+pub const NINEP_MOUNT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Environment variables that configure the session and are not passed to the command.
 pub const SESSION_VARS: [&str; 5] = [ENV_NONCE, ENV_FSTAB, ENV_FSTAB_LC, ENV_MSIZE, ENV_MOUNTOPTS];
 /// Mount options the client may not override through CPU_MOUNTOPTS: they carry the channel.
@@ -248,7 +250,7 @@ fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce:
     let mut last_error: Option<(io::Error, String)> = None;
     for msize in msize_candidates(requested_msize(settings.msize.as_deref())) {
         let data = ninep_mount_data(channel.as_raw_fd(), &uname, msize, &extra);
-        match ops.mount("localhost", target, "9p", ms::NODEV | ms::NOSUID, &data) {
+        match ops.mount_9p(&channel, target, ms::NODEV | ms::NOSUID, &data, NINEP_MOUNT_DEADLINE) {
             Ok(()) => {
                 let negotiated = ops.mounted_msize(target);
                 log::debug!(
@@ -258,6 +260,11 @@ fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce:
                 return Ok(negotiated.unwrap_or(msize));
             }
             Err(e) if e.raw_os_error() == Some(ENODEV) => return Err(Error::Namespace(NO_9P_SUPPORT.into())),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(Error::Namespace(format!(
+                    "cannot mount the client's files on {MOUNT_POINT}: {e}"
+                )))
+            }
             Err(e) if e.raw_os_error() == Some(EINVAL) => {
                 log::debug!("9p mount with msize={msize}: {e}; trying a smaller msize");
                 last_error = Some((e, data));

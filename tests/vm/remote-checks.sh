@@ -81,6 +81,15 @@ ro" "$out"
 	contains "setup failure message" "CPUNONCE is set but no -port9p was given" /run/err
 	CPUNONCE=0123456789abcdef0123456789abcdef CPU_MOUNTOPTS=trans=tcp PWD=/ $R -port9p=1 true 2>/run/err
 	check "CPU_MOUNTOPTS may not override trans= (125)" 125 $?
+	# A back-channel that accepts and never answers: the mount must not hang forever.
+	printf '#!/bin/sh\nexec sleep 90\n' >/run/mute.sh && chmod +x /run/mute.sh
+	nc -l -p 5650 -e /run/mute.sh &
+	i=0; until grep -q ":1612 00000000:0000 0A" /proc/net/tcp || [ $i -ge 50 ]; do usleep 100000; i=$((i+1)); done
+	t0=$(date +%s)
+	CPUNONCE=0123456789abcdef0123456789abcdef PWD=/ $R -port9p=5650 true 2>/run/err
+	check "a 9p server that never answers: status 125" 125 $?
+	contains "a 9p server that never answers: message" "the client's 9p server did not answer within 30 s" /run/err
+	t=$(($(date +%s) - t0)); [ $t -le 40 ] && ok "gave up after ${t}s" || ko "gave up only after ${t}s"
 	su -s /bin/sh -c "cpu-all cpud -remote true" nobody 2>/run/err; check "unshare refused (not root): status 125" 125 $?
 	contains "unshare refused: its own message" "cannot create a private mount namespace: need CAP_SYS_ADMIN (is cpud running as root?)" /run/err
 	out=$(printf 'line1\nline2\n' | PWD=/ $R wc -l)
