@@ -389,3 +389,13 @@ fn settings_from_environment() {
         }
     );
 }
+
+#[test]
+fn a_mute_9p_server_is_an_error_not_a_retry() {
+    const ETIMEDOUT: i32 = 110;
+    let mut ops = RecordingOps::new()
+        .fail_when(ETIMEDOUT, |c| matches!(c, Call::Mount { fstype, .. } if fstype == "9p"));
+    let err = prepare_session(&mut ops, &settings(None)).unwrap_err();
+    assert!(err.to_string().starts_with("cannot mount the client's files on /tmp/cpu: "), "{err}");
+    assert_eq!(ninep_data(&ops.calls).len(), 1, "no msize fallback after a timeout");
+}
