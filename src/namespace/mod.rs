@@ -2,6 +2,21 @@
 //!
 //! The client turns `-namespace` (and `-fstab`) into the CPU_FSTAB text (spec 3.5); the remote
 //! side parses that text and applies it in the session's private mount namespace (spec 5.4).
+//!
+//! - [`fstab`]: fstab lines and mount option translation (pure).
+//! - [`ops`]: the [`MountOps`] trait over every privileged call, and [`SystemOps`], the real one.
+//! - [`recording`]: [`RecordingOps`], the recording test double.
+//! - [`session`]: the setup sequence of `cpud -remote` ([`prepare_session`]).
+
+pub mod fstab;
+pub mod ops;
+pub mod recording;
+pub mod session;
+
+pub use fstab::{parse_fstab, translate_options, FstabEntry, MountOptions, MsFlags};
+pub use ops::{MountOps, PathKind, SystemOps};
+pub use recording::{Call, RecordingOps};
+pub use session::{prepare_session, Prepared, SessionSettings};
 
 use crate::error::{Error, Result};
 use crate::protocol::MOUNT_POINT;

@@ -1,0 +1,447 @@
+//! The setup sequence of one `cpud -remote` session (spec 5.2-5.4, with the fixes of
+//! pitfalls P6, P7, P12-P16, P21, P23, P31): private mount namespace, tmpfs on /tmp, the 9P
+//! mount of the client's files, the fstab, and the working directory.
+//!
+//! Everything goes through [`MountOps`], so the order and the decisions are unit-tested with
+//! the recording double. It must never mount anything before the namespace is private:
+//! mounts would otherwise leak into the daemon's namespace.
+
+use std::ffi::OsString;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::fstab::{ms, parse_fstab, translate_options, FstabEntry, MsFlags};
+use super::ops::{MountOps, PathKind};
+use crate::error::{Error, Result};
+use crate::options::MAX_MSIZE;
+use crate::protocol::{ENV_FSTAB, ENV_FSTAB_LC, ENV_MOUNTOPTS, ENV_MSIZE, ENV_NONCE, MOUNT_POINT};
+
+/// Always /tmp, never $TMPDIR: that comes from the client and may not exist here (P14).
+pub const SESSION_TMP: &str = "/tmp";
+/// Where the server's own root stays reachable inside the session.
+pub const LOCAL_ROOT: &str = "/tmp/local";
+/// The message for a kernel without 9p (instead of "no such device").
+pub const NO_9P_SUPPORT: &str =
+    "the remote kernel has no 9p support (CONFIG_9P_FS, module 9p); run cpu with -9p=false";
+/// The message for an unshare refused for lack of privilege.
+pub const NEED_CAP_SYS_ADMIN: &str =
+    "cannot create a private mount namespace: need CAP_SYS_ADMIN (is cpud running as root?)";
+/// msize values tried, largest first, after the requested one fails with EINVAL.
+pub const MSIZE_FALLBACKS: [u32; 4] = [512 * 1024, 256 * 1024, 128 * 1024, 64 * 1024];
+/// How long the client's 9P server may take to answer the mount's version request.
+pub const NINEP_MOUNT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Environment variables that configure the session and are not passed to the command.
+pub const SESSION_VARS: [&str; 5] = [ENV_NONCE, ENV_FSTAB, ENV_FSTAB_LC, ENV_MSIZE, ENV_MOUNTOPTS];
+/// Mount options the client may not override through CPU_MOUNTOPTS: they carry the channel.
+const RESERVED_OPTIONS: [&str; 5] = ["trans", "rfdno", "wfdno", "msize", "version"];
+
+const EPERM: i32 = 1;
+const ENODEV: i32 = 19;
+const EINVAL: i32 = 22;
+
+/// What the session asked for, read from the client's environment and the exec string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionSettings {
+    /// CPUNONCE: present means "mount the client's files".
+    pub nonce: Option<String>,
+    /// `-port9p`: the forwarded back-channel port on this machine's loopback.
+    pub port9p: Option<u16>,
+    /// $USER, as the client sent it.
+    pub user: String,
+    /// CPU_FSTAB (or LC_GLENDA_CPU_FSTAB).
+    pub fstab: Option<String>,
+    /// CPU_MSIZE, unparsed.
+    pub msize: Option<String>,
+    /// CPU_MOUNTOPTS, unparsed.
+    pub mount_opts: Option<String>,
+    /// $PWD, as the client sent it.
+    pub pwd: Option<OsString>,
+}
+
+impl SessionSettings {
+    /// Reads the settings through `var` (e.g. `std::env::var_os`).
+    pub fn from_env(port9p: Option<u16>, var: impl Fn(&str) -> Option<OsString>) -> Self {
+        let text = |name: &str| var(name).map(|v| v.to_string_lossy().into_owned());
+        SessionSettings {
+            nonce: text(ENV_NONCE),
+            port9p,
+            user: text("USER").unwrap_or_default(),
+            fstab: text(ENV_FSTAB).or_else(|| text(ENV_FSTAB_LC)),
+            msize: text(ENV_MSIZE),
+            mount_opts: text(ENV_MOUNTOPTS),
+            pwd: var("PWD"),
+        }
+    }
+}
+
+/// What the setup did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// The msize the 9p mount was made with (None: no 9p mount).
+    pub msize: Option<u32>,
+    /// The directory the command starts in.
+    pub working_dir: PathBuf,
+    /// True when $PWD was unusable and `/` was chosen instead.
+    pub pwd_fallback: bool,
+    /// Every warning printed (for tests and the debug log).
+    pub warnings: Vec<String>,
+}
+
+/// Runs the whole setup sequence. On `Err` the session must not run the command.
+pub fn prepare_session(ops: &mut dyn MountOps, settings: &SessionSettings) -> Result<Prepared> {
+    let mut warnings = Vec::new();
+    enter_private_namespace(ops)?;
+    mount_session_tmp(ops, &mut warnings)?;
+    let msize = match &settings.nonce {
+        Some(nonce) => Some(mount_client_files(ops, settings, nonce)?),
+        None => None,
+    };
+    if let Some(text) = &settings.fstab {
+        apply_fstab(ops, &parse_fstab(text), msize.is_some(), &mut warnings);
+    }
+    let (working_dir, pwd_fallback) = enter_working_directory(ops, settings.pwd.as_deref(), &mut warnings)?;
+    Ok(Prepared { msize, working_dir, pwd_fallback, warnings })
+}
+
+fn warn(warnings: &mut Vec<String>, message: String) {
+    log::warn!("{message}");
+    warnings.push(message);
+}
+
+/// unshare(CLONE_NEWNS), then `/` recursively private. Both must work (P31).
+pub fn enter_private_namespace(ops: &mut dyn MountOps) -> Result<()> {
+    ops.unshare_mount_namespace().map_err(|e| {
+        if e.raw_os_error() == Some(EPERM) {
+            Error::Namespace(NEED_CAP_SYS_ADMIN.into())
+        } else {
+            Error::Namespace(format!("cannot create a private mount namespace: {e}"))
+        }
+    })?;
+    ops.make_private(Path::new("/")).map_err(|e| {
+        Error::Namespace(format!(
+            "cannot make / private in the session's mount namespace ({e}); refusing to mount anything, \
+             it would show up in the daemon's namespace"
+        ))
+    })
+}
+
+/// tmpfs on /tmp, then /tmp/cpu and /tmp/local, with the server's / bound on /tmp/local.
+fn mount_session_tmp(ops: &mut dyn MountOps, warnings: &mut Vec<String>) -> Result<()> {
+    let tmp = Path::new(SESSION_TMP);
+    if ops.path_kind(tmp) == PathKind::Missing {
+        if let Err(e) = ops.mkdir_all(tmp) {
+            return Err(Error::Namespace(format!("cannot create {SESSION_TMP}: {e}")));
+        }
+    }
+    ops.mount("cpu", tmp, "tmpfs", 0, "")
+        .map_err(|e| Error::Namespace(format!("cannot mount a tmpfs on {SESSION_TMP}: {e}")))?;
+    for dir in [MOUNT_POINT, LOCAL_ROOT] {
+        ops.mkdir_all(Path::new(dir)).map_err(|e| Error::Namespace(format!("cannot create {dir}: {e}")))?;
+    }
+    if let Err(e) = ops.mount("/", Path::new(LOCAL_ROOT), "", ms::BIND, "") {
+        warn(warnings, format!("cannot bind / onto {LOCAL_ROOT}: {e}"));
+    }
+    Ok(())
+}
+
+/// USER goes into the mount option string: a comma would inject options (P12).
+pub fn sanitize_uname(user: &str) -> String {
+    if user.is_empty() {
+        return "nouser".into();
+    }
+    let clean: String =
+        user.chars().map(|c| if c == ',' || c.is_whitespace() || c.is_control() { '_' } else { c }).collect();
+    if clean != user {
+        log::warn!("$USER {user:?} contains characters a mount option cannot carry; using uname {clean:?}");
+    }
+    clean
+}
+
+/// The msize to try first: CPU_MSIZE when it is a sane number, else the largest we support.
+pub fn requested_msize(raw: Option<&str>) -> u32 {
+    let Some(raw) = raw.map(str::trim).filter(|r| !r.is_empty()) else { return MAX_MSIZE };
+    match raw.parse::<u32>() {
+        Ok(n) if (4096..=MAX_MSIZE).contains(&n) => n,
+        Ok(n) => {
+            let clamped = n.clamp(4096, MAX_MSIZE);
+            log::warn!("{ENV_MSIZE}={n} is outside 4096..={MAX_MSIZE}; using {clamped}");
+            clamped
+        }
+        Err(_) => {
+            log::warn!("{ENV_MSIZE}={raw:?} is not a number; using {MAX_MSIZE}");
+            MAX_MSIZE
+        }
+    }
+}
+
+/// The requested msize, then every smaller fallback.
+pub fn msize_candidates(requested: u32) -> Vec<u32> {
+    let mut list = vec![requested];
+    list.extend(MSIZE_FALLBACKS.iter().copied().filter(|&m| m < requested));
+    list
+}
+
+/// CPU_MOUNTOPTS, checked: the options that carry the channel cannot be overridden.
+pub fn validate_mount_opts(raw: &str) -> Result<String> {
+    let words: Vec<&str> = raw.split(',').map(str::trim).filter(|w| !w.is_empty()).collect();
+    for word in &words {
+        let key = word.split('=').next().unwrap_or(word);
+        if RESERVED_OPTIONS.contains(&key) {
+            return Err(Error::Namespace(format!(
+                "{ENV_MOUNTOPTS} may not set {key}= (the session sets trans, rfdno, wfdno, version and msize; use cpu -msize for msize)"
+            )));
+        }
+    }
+    Ok(words.join(","))
+}
+
+/// The 9p mount data string (spec 5.3, with noxattr as the newer Go cpud).
+pub fn ninep_mount_data(fd: i32, uname: &str, msize: u32, extra: &str) -> String {
+    let mut data =
+        format!("version=9p2000.L,trans=fd,rfdno={fd},wfdno={fd},uname={uname},noxattr,msize={msize}");
+    if !extra.is_empty() {
+        data.push(',');
+        data.push_str(extra);
+    }
+    data
+}
+
+/// Dials the back-channel (127.0.0.1 first, as the client asks for it first; then ::1),
+/// sends the nonce, and mounts the client's files on /tmp/cpu. Returns the msize used.
+fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce: &str) -> Result<u32> {
+    let extra = validate_mount_opts(settings.mount_opts.as_deref().unwrap_or(""))?;
+    let port = settings.port9p.ok_or_else(|| {
+        Error::Namespace(format!(
+            "{ENV_NONCE} is set but no -port9p was given: cannot reach the client's files"
+        ))
+    })?;
+    // Check before dialing, so a kernel without 9p costs the client nothing.
+    let supported =
+        ops.filesystem_supported("9p") || (ops.load_module("9p") && ops.filesystem_supported("9p"));
+    if !supported {
+        return Err(Error::Namespace(NO_9P_SUPPORT.into()));
+    }
+    let addrs =
+        [SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))];
+    let mut last_error = None;
+    let mut channel = None;
+    for addr in addrs {
+        match ops.dial(addr, nonce.as_bytes()) {
+            Ok(fd) => {
+                channel = Some(fd);
+                break;
+            }
+            Err(e) => {
+                log::debug!("9p back-channel {addr}: {e}");
+                last_error = Some(e);
+            }
+        }
+    }
+    let Some(channel) = channel else {
+        let e = last_error.map(|e| e.to_string()).unwrap_or_default();
+        return Err(Error::Namespace(format!(
+            "cannot reach the client's 9p server on 127.0.0.1:{port} or [::1]:{port}: {e}"
+        )));
+    };
+    let uname = sanitize_uname(&settings.user);
+    let target = Path::new(MOUNT_POINT);
+    let mut last_error: Option<(io::Error, String)> = None;
+    for msize in msize_candidates(requested_msize(settings.msize.as_deref())) {
+        let data = ninep_mount_data(channel.as_raw_fd(), &uname, msize, &extra);
+        match ops.mount_9p(&channel, target, ms::NODEV | ms::NOSUID, &data, NINEP_MOUNT_DEADLINE) {
+            Ok(()) => {
+                let negotiated = ops.mounted_msize(target);
+                log::debug!(
+                    "9p: mounted the client's files on {MOUNT_POINT} with msize={msize} (kernel reports {})",
+                    negotiated.map(|n| n.to_string()).unwrap_or_else(|| "nothing".into())
+                );
+                return Ok(negotiated.unwrap_or(msize));
+            }
+            Err(e) if e.raw_os_error() == Some(ENODEV) => return Err(Error::Namespace(NO_9P_SUPPORT.into())),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(Error::Namespace(format!(
+                    "cannot mount the client's files on {MOUNT_POINT}: {e}"
+                )))
+            }
+            Err(e) if e.raw_os_error() == Some(EINVAL) => {
+                log::debug!("9p mount with msize={msize}: {e}; trying a smaller msize");
+                last_error = Some((e, data));
+            }
+            Err(e) => last_error = Some((e, data)),
+        }
+        if last_error.as_ref().is_some_and(|(e, _)| e.raw_os_error() != Some(EINVAL)) {
+            break;
+        }
+    }
+    let (e, data) = last_error.unwrap_or_else(|| (io::Error::from_raw_os_error(EINVAL), String::new()));
+    Err(Error::Namespace(format!("cannot mount the client's files on {MOUNT_POINT}: {e} (options {data})")))
+}
+
+/// What a missing mount target means for the user.
+fn missing_target_consequence(target: &str) -> String {
+    match target {
+        "/lib64" | "/lib" | "/lib32" | "/libx32" => format!(
+            "dynamically linked host programs will fail with \"no such file or directory\" \
+             (their loader or libraries live in {target})"
+        ),
+        _ => format!("programs that need the client's {target} will not find it"),
+    }
+}
+
+/// Makes sure `target` exists as a mount point. Creates it only where that changes no disk
+/// (an in-memory root such as an initramfs, or the session's own /tmp).
+fn ensure_mount_point(
+    ops: &mut dyn MountOps,
+    target: &Path,
+    file_source: bool,
+    warnings: &mut Vec<String>,
+) -> bool {
+    if ops.path_kind(target) != PathKind::Missing {
+        return true;
+    }
+    let shown = target.display().to_string();
+    if !ops.in_memory_filesystem(target) && !target.starts_with(SESSION_TMP) {
+        warn(
+            warnings,
+            format!(
+                "{shown} does not exist on this machine and its root filesystem is on disk, so it is not created: {}",
+                missing_target_consequence(&shown)
+            ),
+        );
+        return false;
+    }
+    let created = if file_source {
+        match target.parent() {
+            Some(parent) => ops.mkdir_all(parent).and_then(|()| ops.create_file(target)),
+            None => Ok(()),
+        }
+    } else {
+        ops.mkdir_all(target)
+    };
+    match created {
+        Ok(()) => {
+            log::debug!("created the mount point {shown}");
+            true
+        }
+        Err(e) => {
+            warn(
+                warnings,
+                format!(
+                    "cannot create the mount point {shown} ({e}): {}",
+                    missing_target_consequence(&shown)
+                ),
+            );
+            false
+        }
+    }
+}
+
+/// Applies the fstab in order; every failure is a warning and the next line is tried.
+pub fn apply_fstab(
+    ops: &mut dyn MountOps,
+    entries: &[FstabEntry],
+    ninep_mounted: bool,
+    warnings: &mut Vec<String>,
+) {
+    let mut skipped_client_paths = 0;
+    for entry in entries {
+        let options = translate_options(&entry.options);
+        let from_client = Path::new(&entry.spec).starts_with(MOUNT_POINT);
+        if from_client && !ninep_mounted {
+            skipped_client_paths += 1;
+            continue;
+        }
+        let spec = if entry.spec.starts_with('/') {
+            ops.resolve(Path::new(&entry.spec))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| entry.spec.clone())
+        } else {
+            entry.spec.clone()
+        };
+        let target = ops.resolve(Path::new(&entry.file)).unwrap_or_else(|| PathBuf::from(&entry.file));
+        let mut file_source = false;
+        if options.is_bind() {
+            match ops.path_kind(Path::new(&spec)) {
+                PathKind::Missing => {
+                    let what = match Path::new(&entry.spec).strip_prefix(MOUNT_POINT) {
+                        Ok(rest) if from_client => format!("the client has no /{}", rest.display()),
+                        _ => format!("{} does not exist", entry.spec),
+                    };
+                    warn(
+                        warnings,
+                        format!("fstab line {}: {what}; {} is left as it is", entry.line, entry.file),
+                    );
+                    continue;
+                }
+                PathKind::File | PathKind::Other => file_source = true,
+                PathKind::Directory => {}
+            }
+        }
+        if !ensure_mount_point(ops, &target, file_source, warnings) {
+            continue;
+        }
+        mount_entry(ops, entry, &spec, &target, options.flags, &options.data, warnings);
+    }
+    if skipped_client_paths > 0 {
+        log::debug!(
+            "no 9p mount: skipped {skipped_client_paths} fstab lines with sources under {MOUNT_POINT}"
+        );
+    }
+}
+
+fn mount_entry(
+    ops: &mut dyn MountOps,
+    entry: &FstabEntry,
+    spec: &str,
+    target: &Path,
+    flags: MsFlags,
+    data: &str,
+    warnings: &mut Vec<String>,
+) {
+    if let Err(e) = ops.mount(spec, target, &entry.vfstype, flags, data) {
+        warn(
+            warnings,
+            format!(
+                "fstab line {}: mount {} on {} ({}, {}) failed: {e}",
+                entry.line,
+                spec,
+                target.display(),
+                entry.vfstype,
+                entry.options
+            ),
+        );
+        return;
+    }
+    // A bind ignores MS_RDONLY; a read-only bind needs a remount.
+    if flags & ms::BIND != 0 && flags & ms::RDONLY != 0 {
+        let remount = ms::REMOUNT | ms::BIND | ms::RDONLY | (flags & (ms::NOSUID | ms::NODEV | ms::NOEXEC));
+        if let Err(e) = ops.mount("none", target, "", remount, "") {
+            warn(
+                warnings,
+                format!("fstab line {}: cannot make {} read-only: {e}", entry.line, target.display()),
+            );
+        }
+    }
+}
+
+/// chdir to $PWD when it exists in the new namespace, else warn and use / (Go fails: P13).
+fn enter_working_directory(
+    ops: &mut dyn MountOps,
+    pwd: Option<&std::ffi::OsStr>,
+    warnings: &mut Vec<String>,
+) -> Result<(PathBuf, bool)> {
+    match pwd.filter(|p| !p.is_empty()) {
+        Some(pwd) => match ops.change_dir(Path::new(pwd)) {
+            Ok(()) => return Ok((PathBuf::from(pwd), false)),
+            Err(e) => warn(
+                warnings,
+                format!("your $PWD {pwd:?} is not in the remote namespace ({e}); running in /"),
+            ),
+        },
+        None => log::debug!("no $PWD from the client; running in /"),
+    }
+    ops.change_dir(Path::new("/")).map_err(|e| Error::Namespace(format!("cannot chdir to /: {e}")))?;
+    Ok((PathBuf::from("/"), true))
+}
