@@ -644,7 +644,7 @@ async fn forward_accept_loop(
     port: u32,
 ) {
     loop {
-        let (mut socket, peer) = match listener.accept().await {
+        let (socket, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 log::debug!("forward {address}:{port}: accept: {e}");
@@ -658,14 +658,54 @@ async fn forward_accept_loop(
         tokio::spawn(async move {
             let origin = peer.ip().to_canonical().to_string();
             match handle.channel_open_forwarded_tcpip(address, port, origin, u32::from(peer.port())).await {
-                Ok(channel) => {
-                    let mut stream = channel.into_stream();
-                    let _ = tokio::io::copy_bidirectional(&mut socket, &mut stream).await;
-                }
+                Ok(channel) => pump_forwarded(socket, channel).await,
                 Err(e) => log::debug!("forwarded-tcpip from {peer}: {e}"),
             }
         });
     }
+}
+
+/// Copies bytes between a forwarded TCP connection and its channel. The client's EOF becomes
+/// a TCP half-close; the client's CLOSE (e.g. it refused a wrong nonce) or the end of the
+/// SSH connection tears the TCP connection down at once, so the dialer on this side sees the
+/// refusal instead of a connection that silently swallows what it writes.
+async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<russh::server::Msg>) {
+    use tokio::io::AsyncWriteExt;
+
+    let (mut from_client, to_client) = channel.split();
+    let (mut socket_read, mut socket_write) = socket.into_split();
+    let to_socket = async move {
+        while let Some(msg) = from_client.wait().await {
+            match msg {
+                russh::ChannelMsg::Data { data } => {
+                    if socket_write.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                russh::ChannelMsg::Eof => {
+                    let _ = socket_write.shutdown().await;
+                }
+                russh::ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        // Dropping the write half (and, below, the read half) closes the TCP connection.
+    };
+    let writer = to_client.make_writer();
+    let from_socket = async move {
+        let mut writer = writer;
+        let _ = tokio::io::copy(&mut socket_read, &mut writer).await;
+        let _ = writer.shutdown().await; // EOF to the client
+    };
+    tokio::pin!(to_socket, from_socket);
+    let mut socket_done = false;
+    loop {
+        tokio::select! {
+            _ = &mut to_socket => break,
+            _ = &mut from_socket, if !socket_done => socket_done = true,
+        }
+    }
+    let _ = to_client.close().await;
 }
 
 #[cfg(test)]
