@@ -12,8 +12,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use gocompat_support::{
-    bin, fact, keygen, public, report, run, start_cpud, start_gocpud, text, wait_for_line, Daemon, GoPrograms,
-    TempDir, PATH, TIMEOUT,
+    bin, fact, keygen, public, report, run, start_cpud, start_gocpud, text, wait_for_line, Daemon,
+    GoPrograms, TempDir, PATH, TIMEOUT,
 };
 
 /// Our cpud with an ed25519 and an RSA user key authorized; returns (daemon, ed key, rsa key).
@@ -21,7 +21,8 @@ fn our_cpud(dir: &TempDir) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
     let ed = keygen(dir, "user_ed25519", "ed25519");
     let rsa = keygen(dir, "user_rsa", "rsa");
     let host = keygen(dir, "host", "ed25519");
-    let both = std::fs::read_to_string(public(&ed)).unwrap() + &std::fs::read_to_string(public(&rsa)).unwrap();
+    let both =
+        std::fs::read_to_string(public(&ed)).unwrap() + &std::fs::read_to_string(public(&rsa)).unwrap();
     let authorized = dir.path("authorized_keys");
     std::fs::write(&authorized, both).unwrap();
     (start_cpud(dir, &authorized, &host), ed, rsa)
@@ -90,7 +91,8 @@ fn go_client_exit_codes_stdin_stdout_stderr_env() {
     }
     // stdin reaches the command and its EOF ends `cat`; stderr stays apart; env arrived.
     let script = "cat; echo out $GOCPU_VAR; echo fstab=$LC_GLENDA_CPU_FSTAB; echo err >&2; exit 7";
-    let out = run(gocpu(go, &dir, cpud.port, &ed, &[], &["sh", "-c", script]), Some(b"input line\n"), TIMEOUT);
+    let out =
+        run(gocpu(go, &dir, cpud.port, &ed, &[], &["sh", "-c", script]), Some(b"input line\n"), TIMEOUT);
     assert_eq!(code(&out), Some(7), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "input line\nout hello\nfstab= /tmp/cpu/usr /usr none defaults,bind 0 0\n");
     assert_eq!(text(&out.stderr), "err\n");
@@ -153,7 +155,9 @@ fn go_client_port9p_session_reaches_the_remote() {
         // A `cpud -remote` without the namespace step yet: it ignores CPUNONCE and runs the
         // command, which shows the session itself is sound.
         Some("none") => {
-            eprintln!("NOTE: cpud -remote did not dial the 9P back-channel (namespace step not in this build)");
+            eprintln!(
+                "NOTE: cpud -remote did not dial the 9P back-channel (namespace step not in this build)"
+            );
             assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
             assert_eq!(text(&out.stdout), "ran\n");
         }
@@ -167,7 +171,8 @@ fn go_client_pty_window_change() {
     let dir = TempDir::new("client-pty");
     let (cpud, ed, _) = our_cpud(&dir);
     let script = "read line; stty size; echo term=$TERM line=$line; tty | grep -c /dev/pts/; exit 3";
-    let out = run(gocpu(go, &dir, cpud.port, &ed, &["-pty"], &["sh", "-c", script]), Some(b"hello\n"), TIMEOUT);
+    let out =
+        run(gocpu(go, &dir, cpud.port, &ed, &["-pty"], &["sh", "-c", script]), Some(b"hello\n"), TIMEOUT);
     assert_eq!(code(&out), Some(3), "stderr: {}", text(&out.stderr));
     // The pty echoes the input line; the size is the window-change's 132x50, TERM the pty-req's.
     assert_eq!(text(&out.stdout), "hello\r\n50 132\r\nterm=ansi line=hello\r\n1\r\n");
@@ -183,7 +188,11 @@ fn go_client_signals_int_and_term() {
     let (cpud, ed, _) = our_cpud(&dir);
     for (name, want) in [("INT", 130), ("TERM", 143)] {
         let flags = ["-signal", name, "-signaldelay", "500ms"];
-        let out = run(gocpu(go, &dir, cpud.port, &ed, &flags, &["sh", "-c", "echo ready; exec sleep 20"]), None, TIMEOUT);
+        let out = run(
+            gocpu(go, &dir, cpud.port, &ed, &flags, &["sh", "-c", "echo ready; exec sleep 20"]),
+            None,
+            TIMEOUT,
+        );
         assert_eq!(code(&out), Some(want), "{name}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), "ready\n");
         let facts = report(&dir.path("gocpu.report"));
@@ -205,7 +214,8 @@ fn our_client_without_9p_against_gliderlabs() {
         assert_eq!(code(&out), Some(want), "{command:?}: {}", text(&out.stderr));
     }
     let script = "cat; echo out $GOCPU_VAR; echo err >&2; exit 7";
-    let out = run(our_cpu(&dir, server.port, &ed, &["-9p=false"], &["sh", "-c", script]), Some(b"in\n"), TIMEOUT);
+    let out =
+        run(our_cpu(&dir, server.port, &ed, &["-9p=false"], &["sh", "-c", script]), Some(b"in\n"), TIMEOUT);
     assert_eq!(code(&out), Some(7), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "in\nout hello\n");
     assert!(text(&out.stderr).ends_with("err\n"), "stderr: {}", text(&out.stderr));
@@ -240,10 +250,7 @@ fn our_client_9p_back_channel_through_gliderlabs() {
     let exec = facts.iter().find_map(|l| l.strip_prefix("exec raw=")).unwrap_or_default();
     assert!(exec.starts_with("-port9p=") && exec.ends_with(" 'sh' '-c' 'echo with9p; exit 1'"), "{exec}");
     // ... dialed the forwarded port, sent the nonce, and our 9P server answered its Tversion.
-    assert!(
-        facts.iter().any(|l| l == "ninep=type=101 tag=65535 msize=65536 version=9P2000.L"),
-        "{facts:?}"
-    );
+    assert!(facts.iter().any(|l| l == "ninep=type=101 tag=65535 msize=65536 version=9P2000.L"), "{facts:?}");
 }
 
 #[test]

@@ -267,7 +267,10 @@ pub fn start_gocpud(go: &GoPrograms, authorized: &Path, report: &Path) -> Daemon
     let mut daemon = Daemon { child, port: 0, log };
     match port {
         Some(port) => daemon.port = port,
-        None => panic!("gocpud did not start: {line:?} {}", std::fs::read_to_string(&daemon.log).unwrap_or_default()),
+        None => panic!(
+            "gocpud did not start: {line:?} {}",
+            std::fs::read_to_string(&daemon.log).unwrap_or_default()
+        ),
     }
     daemon
 }
