@@ -90,11 +90,12 @@ fn go_client_exit_codes_stdin_stdout_stderr_env() {
         assert_eq!(code(&out), Some(want), "{command:?}: {}", text(&out.stderr));
     }
     // stdin reaches the command and its EOF ends `cat`; stderr stays apart; env arrived.
-    let script = "cat; echo out $GOCPU_VAR; echo fstab=$LC_GLENDA_CPU_FSTAB; echo err >&2; exit 7";
+    // (CPU_FSTAB and LC_GLENDA_CPU_FSTAB configure the session; the command need not see them.)
+    let script = "cat; echo out $GOCPU_VAR; echo err >&2; exit 7";
     let out =
         run(gocpu(go, &dir, cpud.port, &ed, &[], &["sh", "-c", script]), Some(b"input line\n"), TIMEOUT);
     assert_eq!(code(&out), Some(7), "stderr: {}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "input line\nout hello\nfstab= /tmp/cpu/usr /usr none defaults,bind 0 0\n");
+    assert_eq!(text(&out.stdout), "input line\nout hello\n");
     assert_eq!(text(&out.stderr), "err\n");
     let facts = report(&dir.path("gocpu.report"));
     // Every env request was accepted (OLD x/crypto clients abort on the first refusal).
@@ -131,37 +132,58 @@ fn go_client_listen_accepts_our_forwarded_tcpip() {
     assert_eq!(fact(&facts, "backchannel").as_deref(), Some("nonce-ok+reply-ok"), "{facts:?}");
     let from = fact(&facts, "forwarded_from").unwrap_or_default();
     assert!(from.starts_with("127.0.0.1:"), "originator {from:?}");
-    assert_eq!(fact(&facts, "env_accepted"), Some((GOCPU_ENV_COUNT + 3).to_string()), "{facts:?}");
+    assert_eq!(fact(&facts, "env_accepted"), Some((GOCPU_ENV_COUNT + 2).to_string()), "{facts:?}");
 }
 
 #[test]
 fn go_client_port9p_session_reaches_the_remote() {
     let go = need_go!();
     let dir = TempDir::new("client-9p");
-    let (cpud, ed, _) = our_cpud(&dir);
+    let ed = keygen(&dir, "user_ed25519", "ed25519");
+    let host = keygen(&dir, "host", "ed25519");
+    // Where we can, make the remote believe the kernel has 9p, so it dials the back-channel.
+    let claim_9p = match gocompat_support::claim_9p_skip_reason() {
+        None => true,
+        Some(why) => {
+            eprintln!("NOTE: cpud runs with the real /proc/filesystems: {why}");
+            false
+        }
+    };
+    let cpud = gocompat_support::start_cpud_with(&dir, &public(&ed), &host, claim_9p);
     let flags = ["-listen", "-backwait", "5s"];
     let out = run(gocpu(go, &dir, cpud.port, &ed, &flags, &["echo", "ran"]), None, TIMEOUT);
     let facts = report(&dir.path("gocpu.report"));
     let port = fact(&facts, "listen_port").unwrap_or_default();
     assert_eq!(fact(&facts, "exec"), Some(format!("-port9p={port} 'echo' 'ran'")), "{facts:?}");
+    let stderr = text(&out.stderr);
     match fact(&facts, "backchannel").as_deref() {
-        // A `cpud -remote` that mounts: the nonce came back through x/crypto's listener, and
-        // the mount then fails (gocpu closes after the nonce; this kernel may lack 9p).
+        // A kernel with 9p: the nonce came back through x/crypto's listener, then the mount
+        // fails (gocpu has no 9P server and closes after the nonce).
         Some("nonce-ok") => {
-            assert_eq!(code(&out), Some(125), "stderr: {}", text(&out.stderr));
-            assert!(text(&out.stderr).contains("9p"), "stderr: {}", text(&out.stderr));
+            assert_eq!(code(&out), Some(125), "stderr: {stderr}");
+            assert_eq!(text(&out.stdout), "");
+            let from = fact(&facts, "forwarded_from").unwrap_or_default();
+            assert!(from.starts_with("127.0.0.1:"), "originator {from:?}");
+            if !std::fs::read_to_string("/proc/filesystems").unwrap_or_default().contains("\t9p\n") {
+                assert!(stderr.contains("no 9p support"), "stderr: {stderr}");
+            }
+        }
+        // A kernel without 9p (this host): the remote says so before dialing, exit 125.
+        Some("none") if stderr.contains("no 9p support") => {
+            eprintln!("NOTE: this kernel has no 9p: the remote refused before dialing the back-channel");
+            assert_eq!(code(&out), Some(125), "stderr: {stderr}");
             assert_eq!(text(&out.stdout), "");
         }
-        // A `cpud -remote` without the namespace step yet: it ignores CPUNONCE and runs the
-        // command, which shows the session itself is sound.
+        // A `cpud -remote` without the namespace step yet ignores CPUNONCE and runs the
+        // command, which still shows the session itself is sound.
         Some("none") => {
             eprintln!(
                 "NOTE: cpud -remote did not dial the 9P back-channel (namespace step not in this build)"
             );
-            assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+            assert_eq!(code(&out), Some(0), "stderr: {stderr}");
             assert_eq!(text(&out.stdout), "ran\n");
         }
-        other => panic!("back-channel: {other:?}; facts {facts:?}; stderr {}", text(&out.stderr)),
+        other => panic!("back-channel: {other:?}; facts {facts:?}; stderr {stderr}"),
     }
 }
 
@@ -249,8 +271,10 @@ fn our_client_9p_back_channel_through_gliderlabs() {
     assert!(env.split(',').any(|n| n == "CPUNONCE"), "{env}");
     let exec = facts.iter().find_map(|l| l.strip_prefix("exec raw=")).unwrap_or_default();
     assert!(exec.starts_with("-port9p=") && exec.ends_with(" 'sh' '-c' 'echo with9p; exit 1'"), "{exec}");
-    // ... dialed the forwarded port, sent the nonce, and our 9P server answered its Tversion.
+    // ... dialed the forwarded port, sent the nonce, and our 9P server answered its Tversion
+    // and attached the root directory (QID type 0x80).
     assert!(facts.iter().any(|l| l == "ninep=type=101 tag=65535 msize=65536 version=9P2000.L"), "{facts:?}");
+    assert!(facts.iter().any(|l| l == "ninep=attach type=105 tag=1 qidtype=128"), "{facts:?}");
 }
 
 #[test]

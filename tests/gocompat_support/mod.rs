@@ -204,13 +204,48 @@ impl Drop for Daemon {
     }
 }
 
+/// Why cpud cannot be run with a /proc/filesystems that lists 9p, or None if it can.
+pub fn claim_9p_skip_reason() -> Option<String> {
+    if rustix::process::geteuid().as_raw() != 0 {
+        return Some("needs root for a private mount namespace".into());
+    }
+    for tool in ["/usr/bin/unshare", "/usr/bin/mount"] {
+        if !Path::new(tool).exists() {
+            return Some(format!("{tool} is missing (util-linux, mount)"));
+        }
+    }
+    None
+}
+
 /// Starts our `cpud` on 127.0.0.1 with the given authorized keys and host key.
 pub fn start_cpud(dir: &TempDir, authorized: &Path, host_key: &Path) -> Daemon {
+    start_cpud_with(dir, authorized, host_key, false)
+}
+
+/// Like [`start_cpud`]; with `claim_9p` the daemon runs in its own mount namespace where
+/// /proc/filesystems also lists 9p, so `cpud -remote` goes on to dial the 9P back-channel on
+/// a kernel without 9p (the mount itself then fails). Needs [`claim_9p_skip_reason`] None.
+pub fn start_cpud_with(dir: &TempDir, authorized: &Path, host_key: &Path, claim_9p: bool) -> Daemon {
     let log = dir.path("cpud.log");
+    let fake = dir.path("filesystems");
+    if claim_9p {
+        let real = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        std::fs::write(&fake, real + "nodev\t9p\n").unwrap();
+    }
     for _attempt in 0..5 {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin())
+        let mut cmd = if claim_9p {
+            let mut c = Command::new("/usr/bin/unshare");
+            c.args(["-m", "--propagation", "private", "/bin/sh", "-c"])
+                .arg("/usr/bin/mount --bind \"$0\" /proc/filesystems && exec \"$@\"")
+                .arg(&fake)
+                .arg(bin());
+            c
+        } else {
+            Command::new(bin())
+        };
+        let child = cmd
             .arg("cpud")
             .arg("-pk")
             .arg(authorized)

@@ -120,11 +120,12 @@ func main() {
 			fail(82, "nonce: %v", err)
 		}
 		nonce := hex.EncodeToString(raw)
-		env = append(env, "CPUNONCE="+nonce)
 		if *selfDial {
-			// Play the remote side ourselves: the server's listener is on this machine.
+			// Play the remote side ourselves: the server's listener is on this machine. No
+			// CPUNONCE: the remote must not look for a back-channel it was given no port for.
 			backDone <- selfDialCheck(listener, port, nonce)
 		} else {
+			env = append(env, "CPUNONCE="+nonce)
 			cmdPrefix = fmt.Sprintf("-port9p=%d", port)
 			go func() { backDone <- acceptBackChannel(listener, nonce) }()
 		}

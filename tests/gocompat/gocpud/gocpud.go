@@ -250,7 +250,7 @@ func exitCode(err error) int {
 }
 
 // ninepProbe plays the remote mount's first steps: dial the forwarded port, write the nonce,
-// send Tversion and read the Rversion.
+// send Tversion and read the Rversion (noted), then Tattach and read the Rattach (returned).
 func ninepProbe(port, nonce string) string {
 	conn, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 5*time.Second)
 	if err != nil {
@@ -276,17 +276,12 @@ func ninepProbe(port, nonce string) string {
 		return "tversion-write-error:" + err.Error()
 	}
 	r := bufio.NewReader(conn)
-	head := make([]byte, 4)
-	if _, err := io.ReadFull(r, head); err != nil {
-		return "rversion-read-error:" + err.Error()
+	body, err := readMessage(r)
+	if err != nil {
+		return "rversion-" + err.Error()
 	}
-	size := binary.LittleEndian.Uint32(head)
-	if size < 13 || size > 8192 {
-		return fmt.Sprintf("rversion-bad-size:%d", size)
-	}
-	body := make([]byte, size-4)
-	if _, err := io.ReadFull(r, body); err != nil {
-		return "rversion-read-error:" + err.Error()
+	if len(body) < 9 {
+		return fmt.Sprintf("rversion-short:%d", len(body))
 	}
 	kind, tag := body[0], binary.LittleEndian.Uint16(body[1:3])
 	msize := binary.LittleEndian.Uint32(body[3:7])
@@ -294,7 +289,49 @@ func ninepProbe(port, nonce string) string {
 	if 9+slen != len(body) {
 		return fmt.Sprintf("rversion-bad-string:%d/%d", slen, len(body))
 	}
-	return fmt.Sprintf("type=%d tag=%d msize=%d version=%s", kind, tag, msize, body[9:])
+	result := fmt.Sprintf("type=%d tag=%d msize=%d version=%s", kind, tag, msize, body[9:])
+	note("ninep=%s", result)
+
+	// Tattach fid=0 afid=NOFID uname="root" aname="" n_uname=0, as the kernel's mount does.
+	uname := "root"
+	msg = msg[:0]
+	msg = binary.LittleEndian.AppendUint32(msg, uint32(4+1+2+4+4+2+len(uname)+2+4))
+	msg = append(msg, 104) // Tattach
+	msg = binary.LittleEndian.AppendUint16(msg, 1)
+	msg = binary.LittleEndian.AppendUint32(msg, 0)
+	msg = binary.LittleEndian.AppendUint32(msg, 0xFFFFFFFF)
+	msg = binary.LittleEndian.AppendUint16(msg, uint16(len(uname)))
+	msg = append(msg, uname...)
+	msg = binary.LittleEndian.AppendUint16(msg, 0)
+	msg = binary.LittleEndian.AppendUint32(msg, 0)
+	if _, err := conn.Write(msg); err != nil {
+		return "tattach-write-error:" + err.Error()
+	}
+	body, err = readMessage(r)
+	if err != nil {
+		return "rattach-" + err.Error()
+	}
+	if len(body) != 3+13 {
+		return fmt.Sprintf("rattach-bad:type=%d len=%d", body[0], len(body))
+	}
+	return fmt.Sprintf("attach type=%d tag=%d qidtype=%d", body[0], binary.LittleEndian.Uint16(body[1:3]), body[3])
+}
+
+// readMessage reads one 9P message and returns it without its size field.
+func readMessage(r io.Reader) ([]byte, error) {
+	head := make([]byte, 4)
+	if _, err := io.ReadFull(r, head); err != nil {
+		return nil, fmt.Errorf("read-error:%v", err)
+	}
+	size := binary.LittleEndian.Uint32(head)
+	if size < 7 || size > 8192 {
+		return nil, fmt.Errorf("bad-size:%d", size)
+	}
+	body := make([]byte, size-4)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return nil, fmt.Errorf("read-error:%v", err)
+	}
+	return body, nil
 }
 
 // runPty runs cmd on a new pseudo-terminal as session leader, copying both ways and applying
