@@ -126,13 +126,17 @@ fn go_client_listen_accepts_our_forwarded_tcpip() {
     let (cpud, ed, _) = our_cpud(&dir);
     // gocpu dials the port our cpud listens on for it and sends the nonce; x/crypto must accept
     // our forwarded-tcpip channel (address echoed, valid originator) and deliver the bytes.
-    let out = run(gocpu(go, &dir, cpud.port, &ed, &["-listen", "-selfdial"], &["true"]), None, TIMEOUT);
-    assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
-    let facts = report(&dir.path("gocpu.report"));
-    assert_eq!(fact(&facts, "backchannel").as_deref(), Some("nonce-ok+reply-ok"), "{facts:?}");
-    let from = fact(&facts, "forwarded_from").unwrap_or_default();
-    assert!(from.starts_with("127.0.0.1:"), "originator {from:?}");
-    assert_eq!(fact(&facts, "env_accepted"), Some((GOCPU_ENV_COUNT + 2).to_string()), "{facts:?}");
+    // Both loopback forms the Go client may ask for (it falls back to ::1).
+    for (address, origin) in [("127.0.0.1:0", "127.0.0.1:"), ("[::1]:0", "[::1]:")] {
+        let flags = ["-listen", "-listenaddr", address, "-selfdial"];
+        let out = run(gocpu(go, &dir, cpud.port, &ed, &flags, &["true"]), None, TIMEOUT);
+        assert_eq!(code(&out), Some(0), "{address}: {}", text(&out.stderr));
+        let facts = report(&dir.path("gocpu.report"));
+        assert_eq!(fact(&facts, "backchannel").as_deref(), Some("nonce-ok+reply-ok"), "{address}: {facts:?}");
+        let from = fact(&facts, "forwarded_from").unwrap_or_default();
+        assert!(from.starts_with(origin), "{address}: originator {from:?}");
+        assert_eq!(fact(&facts, "env_accepted"), Some((GOCPU_ENV_COUNT + 2).to_string()), "{facts:?}");
+    }
 }
 
 #[test]
@@ -192,12 +196,15 @@ fn go_client_pty_window_change() {
     let go = need_go!();
     let dir = TempDir::new("client-pty");
     let (cpud, ed, _) = our_cpud(&dir);
-    let script = "read line; stty size; echo term=$TERM line=$line; tty | grep -c /dev/pts/; exit 3";
+    let script =
+        "read line; stty size; echo term=$TERM line=$line; tty | grep -c /dev/pts/; echo err >&2; exit 3";
     let out =
         run(gocpu(go, &dir, cpud.port, &ed, &["-pty"], &["sh", "-c", script]), Some(b"hello\n"), TIMEOUT);
     assert_eq!(code(&out), Some(3), "stderr: {}", text(&out.stderr));
     // The pty echoes the input line; the size is the window-change's 132x50, TERM the pty-req's.
-    assert_eq!(text(&out.stdout), "hello\r\n50 132\r\nterm=ansi line=hello\r\n1\r\n");
+    // stderr is merged into the pty stream.
+    assert_eq!(text(&out.stdout), "hello\r\n50 132\r\nterm=ansi line=hello\r\n1\r\nerr\r\n");
+    assert_eq!(text(&out.stderr), "");
     let facts = report(&dir.path("gocpu.report"));
     assert_eq!(fact(&facts, "pty").as_deref(), Some("ok"));
     assert_eq!(fact(&facts, "window_change").as_deref(), Some("ok"));

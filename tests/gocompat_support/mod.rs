@@ -64,7 +64,8 @@ pub fn go_programs() -> Result<&'static GoPrograms, String> {
 }
 
 fn build_go_programs() -> Result<GoPrograms, String> {
-    let version = Command::new("go").arg("version").env("PATH", PATH).stdin(Stdio::null()).output();
+    // `go` from the caller's PATH (a toolchain may live outside the system directories).
+    let version = Command::new("go").arg("version").stdin(Stdio::null()).output();
     match version {
         Ok(out) if out.status.success() => {}
         _ => return Err("`go` is not installed (apt-get install golang-go)".into()),
@@ -91,7 +92,6 @@ fn build_go_programs() -> Result<GoPrograms, String> {
             .arg(&partial)
             .arg(".")
             .current_dir(&source)
-            .env("PATH", PATH)
             .env("GO111MODULE", "off")
             .env("GOFLAGS", "")
             .env("GOPATH", format!("{DEBIAN_GOCODE}:{}", own_gopath.display()))

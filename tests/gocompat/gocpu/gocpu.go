@@ -31,6 +31,7 @@ var (
 	keyFile     = flag.String("key", "", "private key file")
 	user        = flag.String("user", "gocpu", "ssh user name")
 	listen      = flag.Bool("listen", false, "ask for a tcpip-forward with client.Listen and send CPUNONCE")
+	listenAddr  = flag.String("listenaddr", "127.0.0.1:0", "with -listen: the address given to client.Listen")
 	selfDial    = flag.Bool("selfdial", false, "with -listen: dial the forwarded port ourselves and check the nonce arrives through x/crypto's listener (no -port9p in exec)")
 	backWait    = flag.Duration("backwait", 10*time.Second, "with -listen: how long to wait for the remote's back-channel")
 	usePty      = flag.Bool("pty", false, "send pty-req ansi 80x24 and, after exec, window-change 132x50")
@@ -105,7 +106,7 @@ func main() {
 	cmdPrefix := ""
 	backDone := make(chan string, 1)
 	if *listen {
-		listener, err := client.Listen("tcp", "127.0.0.1:0")
+		listener, err := client.Listen("tcp", *listenAddr)
 		if err != nil {
 			fail(82, "listen: %v", err)
 		}
@@ -123,7 +124,7 @@ func main() {
 		if *selfDial {
 			// Play the remote side ourselves: the server's listener is on this machine. No
 			// CPUNONCE: the remote must not look for a back-channel it was given no port for.
-			backDone <- selfDialCheck(listener, port, nonce)
+			backDone <- selfDialCheck(listener, net.JoinHostPort(tcpAddr.IP.String(), fmt.Sprint(port)), nonce)
 		} else {
 			env = append(env, "CPUNONCE="+nonce)
 			cmdPrefix = fmt.Sprintf("-port9p=%d", port)
@@ -271,8 +272,8 @@ func acceptBackChannel(listener net.Listener, nonce string) string {
 
 // selfDialCheck connects to the server-side listening port, sends the nonce, and expects it
 // to come out of x/crypto's listener; then checks data flows back the other way too.
-func selfDialCheck(listener net.Listener, port int, nonce string) string {
-	dialed, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
+func selfDialCheck(listener net.Listener, address string, nonce string) string {
+	dialed, err := net.DialTimeout("tcp", address, 5*time.Second)
 	if err != nil {
 		return "dial-error:" + err.Error()
 	}
