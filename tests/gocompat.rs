@@ -7,9 +7,9 @@
 mod cpu_support;
 mod gocompat_support;
 
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use gocompat_support::{
     bin, fact, keygen, public, report, run, start_cpud, start_gocpud, text, wait_for_line, Daemon,
@@ -216,7 +216,7 @@ fn go_client_signals_int_and_term() {
     let dir = TempDir::new("client-signal");
     let (cpud, ed, _) = our_cpud(&dir);
     for (name, want) in [("INT", 130), ("TERM", 143)] {
-        let flags = ["-signal", name, "-signaldelay", "500ms"];
+        let flags = ["-signal", name, "-signalafter", "ready"];
         let out = run(
             gocpu(go, &dir, cpud.port, &ed, &flags, &["sh", "-c", "echo ready; exec sleep 20"]),
             None,
@@ -315,17 +315,34 @@ fn our_client_forwards_sigint_to_gliderlabs() {
     let server = start_gocpud(go, &public(&ed), &facts_file);
     let mut cmd = our_cpu(&dir, server.port, &ed, &["-9p=false"], &["sh", "-c", "echo ready; exec sleep 20"]);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
+    let mut child = cmd.spawn().unwrap();
     let pid = rustix::process::Pid::from_child(&child);
-    // Nothing between spawn and wait_output may panic: the child is only bounded there.
-    // gocpud logs the exec before starting the command; give the command a moment to print.
-    let started = wait_for_line(&facts_file, TIMEOUT, |l| l.starts_with("exec raw="));
-    std::thread::sleep(Duration::from_millis(300));
+    // Nothing between spawn and the bounded wait may panic: the child is only bounded there.
+    // Signal once the remote command has printed "ready" (so it runs and has a handler-free
+    // `sleep` in place).
+    let mut stdout = child.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.ends_with(b"ready\n") {
+                let _ = ready_tx.send(());
+            }
+        }
+        seen
+    });
+    let started = ready_rx.recv_timeout(TIMEOUT).is_ok();
     let signalled = rustix::process::kill_process(pid, rustix::process::Signal::INT);
     let out = cpu_support::wait_output(child, TIMEOUT);
-    assert!(started, "no exec: {:?}", report(&facts_file));
+    let printed = reader.join().unwrap_or_default();
+    assert!(started, "no ready: {:?} {}", report(&facts_file), text(&out.stderr));
     assert!(signalled.is_ok(), "kill: {signalled:?}");
     assert_eq!(code(&out), Some(130), "stderr: {}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "ready\n");
+    assert_eq!(text(&printed), "ready\n");
     assert!(report(&facts_file).iter().any(|l| l == "signal=INT"), "{:?}", report(&facts_file));
 }

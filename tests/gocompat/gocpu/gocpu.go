@@ -11,6 +11,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -36,7 +37,7 @@ var (
 	backWait    = flag.Duration("backwait", 10*time.Second, "with -listen: how long to wait for the remote's back-channel")
 	usePty      = flag.Bool("pty", false, "send pty-req ansi 80x24 and, after exec, window-change 132x50")
 	signalName  = flag.String("signal", "", "send this signal (INT or TERM) after -signaldelay")
-	signalDelay = flag.Duration("signaldelay", time.Second, "delay before -signal")
+	signalAfter = flag.String("signalafter", "", "send -signal once the remote's stdout shows this text")
 	fstab       = flag.String("fstab", "\n/tmp/cpu/usr /usr none defaults,bind 0 0\n", "CPU_FSTAB value")
 	reportFile  = flag.String("report", "", "file for key=value facts")
 )
@@ -172,7 +173,8 @@ func main() {
 	} else {
 		session.Stdin = os.Stdin
 	}
-	session.Stdout = os.Stdout
+	marker := &markerWriter{w: os.Stdout, marker: []byte(*signalAfter), seen: make(chan struct{})}
+	session.Stdout = marker
 	session.Stderr = os.Stderr
 	if err := session.Start(command); err != nil {
 		fail(86, "Failed to run %q: %v", command, err)
@@ -187,7 +189,11 @@ func main() {
 	}
 	if *signalName != "" {
 		go func() {
-			time.Sleep(*signalDelay)
+			select {
+			case <-marker.seen:
+			case <-time.After(20 * time.Second):
+				note("signal_marker=timeout")
+			}
 			if err := session.Signal(ssh.Signal(*signalName)); err != nil {
 				note("signal_error=%v", err)
 			}
@@ -232,6 +238,27 @@ type recordingSigner struct {
 func (r *recordingSigner) SignWithAlgorithm(rand io.Reader, data []byte, algorithm string) (*ssh.Signature, error) {
 	note("sign_algo=%s", algorithm)
 	return r.AlgorithmSigner.SignWithAlgorithm(rand, data, algorithm)
+}
+
+// markerWriter passes output through and closes seen once marker has appeared in it.
+type markerWriter struct {
+	w      io.Writer
+	marker []byte
+	buf    []byte
+	seen   chan struct{}
+	done   bool
+}
+
+func (m *markerWriter) Write(p []byte) (int, error) {
+	if !m.done && len(m.marker) > 0 {
+		m.buf = append(m.buf, p...)
+		if bytes.Contains(m.buf, m.marker) {
+			m.done = true
+			m.buf = nil
+			defer close(m.seen)
+		}
+	}
+	return m.w.Write(p)
 }
 
 // gatedReader blocks its first Read until gate is closed.
