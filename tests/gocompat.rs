@@ -140,6 +140,31 @@ fn go_client_listen_accepts_our_forwarded_tcpip() {
 }
 
 #[test]
+fn forwarded_tcpip_payload_echoes_the_bind_address_string() {
+    let go = need_go!();
+    let dir = TempDir::new("client-rawforward");
+    let (cpud, ed, _) = our_cpud(&dir);
+    // NEW x/crypto matches forwarded-tcpip by the exact "address:port" string it asked for.
+    for address in ["127.0.0.1", "::1", "localhost"] {
+        let out = run(gocpu(go, &dir, cpud.port, &ed, &["-rawforward", address], &[]), None, TIMEOUT);
+        let facts = report(&dir.path("gocpu.report"));
+        assert_eq!(
+            fact(&facts, "rawforward").as_deref(),
+            Some("ok"),
+            "{address}: {facts:?} {}",
+            text(&out.stderr)
+        );
+        assert_eq!(code(&out), Some(0));
+    }
+    // Deliberate deviation from the Go cpud (spec 4.5): a non-loopback bind is refused.
+    let out = run(gocpu(go, &dir, cpud.port, &ed, &["-rawforward", "0.0.0.0"], &[]), None, TIMEOUT);
+    let facts = report(&dir.path("gocpu.report"));
+    let result = fact(&facts, "rawforward").unwrap_or_default();
+    assert!(result.starts_with("tcpip-forward refused"), "{facts:?}");
+    assert_eq!(code(&out), Some(87));
+}
+
+#[test]
 fn go_client_port9p_session_reaches_the_remote() {
     let go = need_go!();
     let dir = TempDir::new("client-9p");

@@ -33,6 +33,7 @@ var (
 	user        = flag.String("user", "gocpu", "ssh user name")
 	listen      = flag.Bool("listen", false, "ask for a tcpip-forward with client.Listen and send CPUNONCE")
 	listenAddr  = flag.String("listenaddr", "127.0.0.1:0", "with -listen: the address given to client.Listen")
+	rawForward  = flag.String("rawforward", "", "send tcpip-forward for this bind address and port 0 by hand, dial the port, and check the forwarded-tcpip payload field by field (NEW x/crypto compares the address string); then exit")
 	selfDial    = flag.Bool("selfdial", false, "with -listen: dial the forwarded port ourselves and check the nonce arrives through x/crypto's listener (no -port9p in exec)")
 	backWait    = flag.Duration("backwait", 10*time.Second, "with -listen: how long to wait for the remote's back-channel")
 	usePty      = flag.Bool("pty", false, "send pty-req ansi 80x24 and, after exec, window-change 132x50")
@@ -101,6 +102,16 @@ func main() {
 	}
 	defer client.Close()
 	note("server_version=%s", client.ServerVersion())
+
+	if *rawForward != "" {
+		result := checkRawForward(client, *rawForward)
+		note("rawforward=%s", result)
+		flush()
+		if result != "ok" {
+			os.Exit(87)
+		}
+		os.Exit(0)
+	}
 
 	var env []string
 	env = append(env, os.Environ()...)
@@ -343,4 +354,63 @@ func selfDialCheck(listener net.Listener, address string, nonce string) string {
 		return fmt.Sprintf("reply-lost:%q:%v", back, err)
 	}
 	return "nonce-ok+reply-ok"
+}
+
+// checkRawForward asks for a forward of bindAddr:0 by hand and checks the forwarded-tcpip
+// channel our dial causes: the address string echoed verbatim, the allocated port, an IP
+// literal and a valid port as originator.
+func checkRawForward(client *ssh.Client, bindAddr string) string {
+	channels := client.HandleChannelOpen("forwarded-tcpip")
+	if channels == nil {
+		return "forwarded-tcpip handler already taken"
+	}
+	request := ssh.Marshal(&struct {
+		Addr string
+		Port uint32
+	}{bindAddr, 0})
+	ok, reply, err := client.SendRequest("tcpip-forward", true, request)
+	if err != nil || !ok {
+		return fmt.Sprintf("tcpip-forward refused: %v", err)
+	}
+	var allocated struct{ Port uint32 }
+	if err := ssh.Unmarshal(reply, &allocated); err != nil || allocated.Port == 0 || allocated.Port > 65535 {
+		return fmt.Sprintf("bad reply %x: %v", reply, err)
+	}
+	dialHost := bindAddr
+	if dialHost == "localhost" {
+		dialHost = "127.0.0.1"
+	}
+	dialed, err := net.DialTimeout("tcp", net.JoinHostPort(dialHost, fmt.Sprint(allocated.Port)), 5*time.Second)
+	if err != nil {
+		return "dial: " + err.Error()
+	}
+	defer dialed.Close()
+	var newChannel ssh.NewChannel
+	select {
+	case newChannel = <-channels:
+	case <-time.After(10 * time.Second):
+		return "no forwarded-tcpip channel"
+	}
+	var payload struct {
+		Addr       string
+		Port       uint32
+		OriginAddr string
+		OriginPort uint32
+	}
+	if err := ssh.Unmarshal(newChannel.ExtraData(), &payload); err != nil {
+		return "payload: " + err.Error()
+	}
+	newChannel.Reject(ssh.Prohibited, "test done")
+	note("forwarded_payload=%s %d %s %d", payload.Addr, payload.Port, payload.OriginAddr, payload.OriginPort)
+	switch {
+	case payload.Addr != bindAddr:
+		return fmt.Sprintf("connected address %q, want %q", payload.Addr, bindAddr)
+	case payload.Port != allocated.Port:
+		return fmt.Sprintf("connected port %d, want %d", payload.Port, allocated.Port)
+	case net.ParseIP(payload.OriginAddr) == nil:
+		return fmt.Sprintf("originator %q is not an IP literal", payload.OriginAddr)
+	case payload.OriginPort == 0 || payload.OriginPort > 65535:
+		return fmt.Sprintf("originator port %d", payload.OriginPort)
+	}
+	return "ok"
 }
