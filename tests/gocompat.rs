@@ -254,6 +254,37 @@ fn go_client_signals_int_and_term() {
     }
 }
 
+#[test]
+fn go_client_signal_before_exec_reaches_the_command() {
+    let go = need_go!();
+    let dir = TempDir::new("client-early-signal");
+    let (cpud, ed, _) = our_cpud(&dir);
+    // The Go cpud crashes on this (spec 4.7 step 8); ours holds the signal for the command.
+    let flags = ["-signal", "TERM", "-signalearly"];
+    let out = run(gocpu(go, &dir, cpud.port, &ed, &flags, &["sleep", "20"]), None, TIMEOUT);
+    assert_eq!(code(&out), Some(143), "stderr: {}", text(&out.stderr));
+    let facts = report(&dir.path("gocpu.report"));
+    assert_eq!(fact(&facts, "exit_signal").as_deref(), Some("TERM"), "{facts:?}");
+}
+
+#[test]
+fn go_client_bulk_data_both_ways() {
+    let go = need_go!();
+    let dir = TempDir::new("client-bulk");
+    let (cpud, ed, _) = our_cpud(&dir);
+    // Several SSH windows' worth each way, so x/crypto and russh must both adjust windows.
+    let data = pattern(3 << 20);
+    let out = run(gocpu(go, &dir, cpud.port, &ed, &[], &["cat"]), Some(&data), TIMEOUT);
+    assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "stdout differs from stdin");
+}
+
+/// Bytes that are not all alike, so a dropped or repeated chunk shows.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ (i >> 16) as u8).collect()
+}
+
 // ---- our cpu client against a gliderlabs server (Go cpud style) ----------------------------
 
 #[test]
@@ -283,6 +314,19 @@ fn our_client_without_9p_against_gliderlabs() {
     assert!(!names.contains(&"CPUNONCE"), "no nonce without 9P: {names:?}");
     assert!(facts.iter().any(|l| l == &format!("exec raw= 'sh' '-c' '{script}'")), "{facts:?}");
     assert!(!facts.iter().any(|l| l.starts_with("tcpip-forward")), "{facts:?}");
+}
+
+#[test]
+fn our_client_bulk_data_both_ways_through_gliderlabs() {
+    let go = need_go!();
+    let dir = TempDir::new("server-bulk");
+    let ed = keygen(&dir, "user_ed25519", "ed25519");
+    let server = start_gocpud(go, &public(&ed), &dir.path("gocpud.report"));
+    let data = pattern(3 << 20);
+    let out = run(our_cpu(&dir, server.port, &ed, &["-9p=false"], &["cat"]), Some(&data), TIMEOUT);
+    assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "stdout differs from stdin");
 }
 
 #[test]

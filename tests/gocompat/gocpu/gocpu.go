@@ -38,6 +38,7 @@ var (
 	backWait    = flag.Duration("backwait", 10*time.Second, "with -listen: how long to wait for the remote's back-channel")
 	usePty      = flag.Bool("pty", false, "send pty-req ansi 80x24 and, after exec, window-change 132x50")
 	signalName  = flag.String("signal", "", "send this signal (INT or TERM) after -signaldelay")
+	signalEarly = flag.Bool("signalearly", false, "send -signal before exec (the server must hold it for the command)")
 	signalAfter = flag.String("signalafter", "", "send -signal once the remote's stdout shows this text")
 	fstab       = flag.String("fstab", "\n/tmp/cpu/usr /usr none defaults,bind 0 0\n", "CPU_FSTAB value")
 	reportFile  = flag.String("report", "", "file for key=value facts")
@@ -171,6 +172,11 @@ func main() {
 	}
 	note("env_accepted=%d", accepted)
 
+	if *signalName != "" && *signalEarly {
+		if err := session.Signal(ssh.Signal(*signalName)); err != nil {
+			note("signal_error=%v", err)
+		}
+	}
 	command := cmdPrefix
 	for _, a := range flag.Args() {
 		command += " " + quote(a)
@@ -198,7 +204,7 @@ func main() {
 		}
 		close(gate)
 	}
-	if *signalName != "" {
+	if *signalName != "" && !*signalEarly {
 		go func() {
 			select {
 			case <-marker.seen:
