@@ -396,7 +396,9 @@ where
                 Ok(Ok(_)) => {
                     log::warn!(
                         "9p back-channel: wrong nonce on a forwarded connection; closed it, still waiting"
-                    )
+                    );
+                    // EOF first, then the drop closes the channel: the dialer sees the refusal.
+                    let _ = stream.shutdown().await;
                 }
                 Ok(Err(e)) => {
                     log::warn!("9p back-channel: connection closed before its nonce ({e}); still waiting")
