@@ -32,7 +32,7 @@ for t in cpio gzip ssh-keygen; do command -v $t >/dev/null || { skip "$t not ins
 [ "$(od -An -tu2 -j18 -N2 "$BIN" | tr -d ' ')" = 62 ] || { skip "$BIN is not an x86_64 binary"; finish; }
 
 HARNESS=${BOOT_TEST_VM:-}
-for h in "$REPO/vm/boot-test-vm" /work/shared/vm/boot-test-vm; do
+for h in "$REPO/vm/boot-test-vm"; do
 	[ -z "$HARNESS" ] && [ -x "$h" ] && HARNESS=$h
 done
 VM_CACHE=${VM_CACHE:-${HOME:-/tmp}/.cache/cpu-vm}

@@ -25,8 +25,8 @@
 #
 # Needs qemu-system-x86_64 and vhost-device-vsock (PATH or $VM_VHOST_DEVICE_VSOCK;
 # `cargo install vhost-device-vsock --locked`); skips with a reason when they are missing.
-# The VM harness is $VM_HARNESS, else the project's vm/boot-test-vm, else
-# ../shared/vm/boot-test-vm. Prints PASS/FAIL/SKIP lines and ends with "N passed, M failed".
+# The VM harness is $VM_HARNESS, else the project's vm/boot-test-vm.
+# Prints PASS/FAIL/SKIP lines and ends with "N passed, M failed".
 set -uo pipefail
 export LC_ALL=C
 
@@ -44,7 +44,7 @@ skip() { echo "SKIP: $*"; SKIP=$((SKIP + 1)); }
 finish() { echo "$PASS passed, $FAIL failed"; [ "$FAIL" = 0 ]; exit $?; }
 
 VM=${VM_HARNESS:-}
-for c in "$REPO/vm/boot-test-vm" "$REPO/../shared/vm/boot-test-vm" /work/shared/vm/boot-test-vm; do
+for c in "$REPO/vm/boot-test-vm"; do
 	[ -n "$VM" ] && break
 	[ -x "$c" ] && VM=$c
 done
