@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use data_encoding::BASE64;
+use base64ct::{Base64, Encoding};
 use russh::keys::{PublicKey, PublicKeyBase64};
 
 use crate::error::{Error, Result};
@@ -124,7 +124,7 @@ fn patterns_match(patterns: &str, field: &str) -> bool {
 /// `salt|hash` (both base64) against a host field.
 fn hashed_matches(salt_and_hash: &str, field: &str) -> bool {
     let Some((salt, hash)) = salt_and_hash.split_once('|') else { return false };
-    let (Ok(salt), Ok(hash)) = (BASE64.decode(salt.as_bytes()), BASE64.decode(hash.as_bytes())) else {
+    let (Ok(salt), Ok(hash)) = (Base64::decode_vec(salt), Base64::decode_vec(hash)) else {
         return false;
     };
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &salt);
@@ -145,7 +145,7 @@ pub fn hash_host_field(field: &str) -> Result<String> {
 fn hash_with_salt(field: &str, salt: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, salt);
     let tag = ring::hmac::sign(&key, field.as_bytes());
-    format!("|1|{}|{}", BASE64.encode(salt), BASE64.encode(tag.as_ref()))
+    format!("|1|{}|{}", Base64::encode_string(salt), Base64::encode_string(tag.as_ref()))
 }
 
 /// The known_hosts line for `host`/`port` and `key` (without newline).
