@@ -187,13 +187,14 @@ impl Query {
         Ok(())
     }
 
-    /// Reads the query string: `sort` keys and requirements.
+    /// Reads the query string: `sort` keys and requirements. Besides Go's `key=<N`, `key=>N`
+    /// and `key=!X`, the shell-friendly `key<N`, `key>N` and `key!=X` are accepted.
     fn set_query(&mut self, query: &str) -> std::result::Result<(), String> {
         let mut values: Vec<(String, Vec<String>)> = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let key = percent_decode(key, true)?;
-            let value = percent_decode(value, true)?;
+            let key = percent_decode(pair.split_once('=').map_or(pair, |(k, _)| k), true)?;
+            let value = percent_decode(pair.split_once('=').map_or("", |(_, v)| v), true)?;
+            let (key, value) = shorthand_comparison(key, value);
             if key.is_empty() {
                 return Err(format!("{pair:?} has no key"));
             }
@@ -415,6 +416,24 @@ fn percent_decode(s: &str, plus_is_space: bool) -> std::result::Result<String, S
     String::from_utf8(out).map_err(|_| format!("{s:?} does not decode to UTF-8"))
 }
 
+/// `mem.avail>1000000` (no `=`) means `mem.avail=>1000000`; likewise `<`; `arch!=arm` means
+/// `arch=!arm`. Anything else is returned unchanged.
+fn shorthand_comparison(key: String, value: String) -> (String, String) {
+    if value.is_empty() {
+        if let Some(at) = key.find(['<', '>']) {
+            if at > 0 && at + 1 < key.len() {
+                return (key[..at].to_string(), key[at..].to_string());
+            }
+        }
+    }
+    if let Some(k) = key.strip_suffix('!') {
+        if !k.is_empty() && !value.is_empty() {
+            return (k.to_string(), format!("!{value}"));
+        }
+    }
+    (key, value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,6 +520,13 @@ mod tests {
         );
         // Browsing a unicast domain is a clear error, not a silent search of the wrong type.
         assert!(matches!(u.browse_name(), Err(Error::Usage(m)) if m.contains("example.com")));
+    }
+
+    #[test]
+    fn shorthand_comparisons() {
+        let a = Query::parse("dnssd://?arch=arm64&mem.avail>1000000&cores<9&os!=plan9").unwrap();
+        let b = Query::parse("dnssd://?arch=arm64&mem.avail=>1000000&cores=<9&os=!plan9").unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]
