@@ -676,17 +676,17 @@ async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<r
     let (mut socket_read, mut socket_write) = socket.into_split();
     let to_socket = async move {
         while let Some(msg) = from_client.wait().await {
-            match msg {
-                russh::ChannelMsg::Data { data } => {
-                    if socket_write.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
+            let keep_going = match msg {
+                russh::ChannelMsg::Data { data } => socket_write.write_all(&data).await.is_ok(),
                 russh::ChannelMsg::Eof => {
                     let _ = socket_write.shutdown().await;
+                    true
                 }
-                russh::ChannelMsg::Close => break,
-                _ => {}
+                russh::ChannelMsg::Close => false,
+                _ => true,
+            };
+            if !keep_going {
+                break;
             }
         }
         // Dropping the write half (and, below, the read half) closes the TCP connection.
