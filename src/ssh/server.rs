@@ -678,7 +678,8 @@ async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<r
         while let Some(msg) = from_client.wait().await {
             match msg {
                 russh::ChannelMsg::Data { data } => {
-                    if socket_write.write_all(&data).await.is_err() {
+                    let written = socket_write.write_all(&data).await;
+                    if written.is_err() {
                         break;
                     }
                 }
