@@ -371,3 +371,64 @@ async fn pty_req_terminal_modes_are_applied() {
         assert_eq!(text(&o.stdout), expected, "modes {modes:?}");
     }
 }
+
+/// Issue 5's hang behind "a wrong nonce ... the session goes on": a command that fills its
+/// stdout pipe with sendfile/splice from a source served through this very cpud (9P over the
+/// forwarded port in real life; here a TCP socket on a remote forward) holds the pipe's mutex
+/// while it waits for the data. cpud used to read that pipe on its runtime thread, slept on
+/// the mutex, and so could never deliver the data: the whole daemon froze. The lines are sent
+/// through the forward a little apart, so busybox cat waits in sendfile (holding the pipe)
+/// for each of them; all must come out, and a second connection must still be served.
+#[tokio::test]
+async fn splicing_command_output_from_a_forwarded_source_does_not_freeze_the_daemon() {
+    let have = |p: &str| std::process::Command::new(p).arg("--help").output().is_ok();
+    if !have("busybox") || !have("bash") {
+        eprintln!("SKIP: needs busybox (its cat uses sendfile) and bash (/dev/tcp)");
+        return;
+    }
+    let (_dir, key, server) = setup("splice");
+    let mut client = connect(server.port, &key).await.expect("connect");
+    let port = client.handle.tcpip_forward("127.0.0.1", 0).await.expect("forward");
+    let mut session = client.handle.channel_open_session().await.expect("session");
+    // cat is bounded by `timeout` so that a frozen daemon is released after the test failed.
+    let cmd = format!("exec bash -c 'exec timeout 40 busybox cat </dev/tcp/127.0.0.1/{port}'");
+    session.exec(true, cmd.as_bytes()).await.expect("exec");
+    let fwd = tokio::time::timeout(TIMEOUT, client.forwarded.recv()).await.expect("no forwarded connection");
+    let (mut fwd_read, fwd_write) = fwd.expect("forwarded channel").channel.split();
+    // Nothing comes back on the forward; keep its queue drained anyway.
+    tokio::spawn(async move { while fwd_read.wait().await.is_some() {} });
+    let mut expected = String::new();
+    let sender = tokio::spawn(async move {
+        for round in 0..40 {
+            let line = format!("line {round}\n");
+            if fwd_write.data(line.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = fwd_write.eof().await;
+    });
+    for round in 0..40 {
+        expected.push_str(&format!("line {round}\n"));
+    }
+    let mut seen = Vec::new();
+    let mut status = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, session.wait()).await {
+            Ok(Some(ChannelMsg::Data { data })) => seen.extend_from_slice(&data),
+            Ok(Some(ChannelMsg::ExitStatus { exit_status })) => status = Some(exit_status),
+            Ok(None | Some(ChannelMsg::Close)) => break,
+            Ok(Some(_)) => {}
+            Err(_) => panic!("cpud froze: after 20 s the session had only {:?}", text(&seen)),
+        }
+    }
+    let _ = sender.await;
+    assert_eq!(text(&seen), expected);
+    assert_eq!(status, Some(0));
+    // The daemon still serves new connections.
+    let other = connect(server.port, &key).await.expect("second connection");
+    let mut ch = other.handle.channel_open_session().await.expect("session");
+    ch.exec(true, &b"echo still-serving"[..]).await.expect("exec");
+    assert_eq!(text(&collect(&mut ch).await.stdout), "still-serving\n");
+}

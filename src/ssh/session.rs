@@ -19,6 +19,11 @@
 //! reading the channel, which backs up the connection's reader. Terminal modes in `pty-req`
 //! are applied to the new terminal (Go ignores them).
 //!
+//! The stdio pipes of a command are read and written on threads of their own, never on the
+//! runtime thread: Linux holds a pipe's mutex while `sendfile`/`splice` fills it from a file,
+//! and when that file is on the 9P mount served through this process, a read of the pipe on
+//! the runtime thread would wait for a reply only the runtime can deliver (see `pipe_io`).
+//!
 //! The server's request replies (success/failure) are given by the connection handler in
 //! `ssh::server`, which applies the same rules as this task (first pty only, env only before
 //! exec, one exec); this task sees every request in the same order through the channel.
@@ -27,7 +32,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -576,12 +581,29 @@ fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::proce
     }
 }
 
+/// What writes the client's input to the child.
+enum InputTask {
+    /// A pty: an async task on the runtime.
+    Task(JoinHandle<()>),
+    /// A stdin pipe: a thread (see `pipe_io`), told to stop through this flag.
+    Thread(Arc<AtomicBool>),
+}
+
+impl InputTask {
+    fn stop(self) {
+        match self {
+            InputTask::Task(t) => t.abort(),
+            InputTask::Thread(stop) => stop.store(true, Ordering::SeqCst),
+        }
+    }
+}
+
 /// A started command and the tasks that move its bytes.
 struct Running {
     pid: i32,
     pty: Option<Arc<PtyMaster>>,
     stdin: Option<mpsc::Sender<Chunk>>,
-    input_task: Option<JoinHandle<()>>,
+    input_task: Option<InputTask>,
     pumps: Vec<JoinHandle<()>>,
     exited: watch::Sender<bool>,
 }
@@ -601,15 +623,22 @@ impl Running {
         let early = (!early_input.is_empty()).then_some(early_input);
         let (pty, input_task, pumps) = match io {
             ChildIo::Pipes { stdin, stdout, stderr } => {
+                // The pipes are read and written on threads of their own (see `pipe_io`).
+                let stdout = pipe_io::Output::start(stdout.into_owned_fd(), "stdout");
+                let stderr = pipe_io::Output::start(stderr.into_owned_fd(), "stderr");
                 let out = tokio::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
                 let err =
                     tokio::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
-                (None, tokio::spawn(feed(stdin, early, stdin_rx)), vec![out, err])
+                (
+                    None,
+                    InputTask::Thread(pipe_io::feed(stdin.into_owned_fd(), early, stdin_rx)),
+                    vec![out, err],
+                )
             }
             ChildIo::Pty(master) => {
                 let io = PtyIo(master.clone());
                 let out = tokio::spawn(pump(io.clone(), tx.make_writer(), exited_rx, DRAIN_IDLE_PTY));
-                (Some(master), tokio::spawn(feed(io, early, stdin_rx)), vec![out])
+                (Some(master), InputTask::Task(tokio::spawn(feed(io, early, stdin_rx))), vec![out])
             }
         };
         Running {
@@ -648,7 +677,7 @@ impl Running {
     fn abort_input(&mut self) {
         self.stdin = None;
         if let Some(t) = self.input_task.take() {
-            t.abort();
+            t.stop();
         }
     }
 
@@ -727,6 +756,180 @@ async fn feed<W: AsyncWrite + Unpin>(mut to: W, early: Option<Chunk>, mut queue:
         }
     }
     let _ = to.shutdown().await;
+}
+
+/// The command's stdio pipes, moved on threads of their own instead of the runtime.
+///
+/// Why: a command may fill its stdout pipe with `sendfile`/`splice` from a file on the 9P
+/// mount (busybox `cat` does). Linux holds the pipe's mutex while it reads the source file,
+/// i.e. across the 9P round trip, and every `read(2)` of the pipe (O_NONBLOCK or not) first
+/// sleeps uninterruptibly on that mutex. The 9P reply travels through this very process (the
+/// forwarded-tcpip pump), so a read of the pipe on the runtime thread froze the whole daemon:
+/// the reply was never delivered, and no connection was served any more. The same holds for
+/// a command that splices from its stdin pipe into a 9P file while we write the pipe. On a
+/// thread, such a read or write just waits until the runtime has delivered the reply.
+mod pipe_io {
+    use std::fs::File;
+    use std::io::{self, Read, Write};
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, ReadBuf};
+    use tokio::sync::mpsc;
+
+    use super::Chunk;
+
+    /// How long a thread waits for its pipe before checking whether it is still wanted.
+    const POLL_MS: libc::c_int = 250;
+    const CHUNK: usize = 16 * 1024;
+    /// Chunks read ahead of the channel writer.
+    const READ_AHEAD: usize = 4;
+
+    /// Waits up to [`POLL_MS`] for `events` on `fd`; true when something happened (readiness,
+    /// hang-up or error: the next read or write tells which).
+    fn wait(fd: BorrowedFd<'_>, events: libc::c_short) -> bool {
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
+        // SAFETY: one valid pollfd, alive for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, POLL_MS) > 0 }
+    }
+
+    fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers involved.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
+        if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
+            log::error!("cannot start a thread for the command's {name}: {e}");
+        }
+    }
+
+    /// The read end of a stdout/stderr pipe, read by a thread; EOF when the pipe ends (or the
+    /// thread could not be started).
+    pub struct Output {
+        chunks: mpsc::Receiver<Chunk>,
+        current: Chunk,
+        at: usize,
+    }
+
+    impl Output {
+        pub fn start(pipe: io::Result<OwnedFd>, name: &str) -> Output {
+            let (tx, chunks) = mpsc::channel(READ_AHEAD);
+            match pipe {
+                Ok(fd) => spawn(name, move || read_loop(fd, tx)),
+                Err(e) => log::error!("the command's {name}: {e}"),
+            }
+            Output { chunks, current: Vec::new(), at: 0 }
+        }
+    }
+
+    /// Ends when the pipe does or when the [`Output`] is dropped (checked every [`POLL_MS`],
+    /// so a background process holding the pipe open cannot keep the thread forever).
+    fn read_loop(fd: OwnedFd, tx: mpsc::Sender<Chunk>) {
+        let _ = set_nonblocking(fd.as_fd());
+        let mut file = File::from(fd);
+        let mut buf = vec![0u8; CHUNK];
+        while !tx.is_closed() {
+            if !wait(file.as_fd(), libc::POLLIN) {
+                continue;
+            }
+            match file.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    impl AsyncRead for Output {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let me = self.get_mut();
+            if me.at >= me.current.len() {
+                match me.chunks.poll_recv(cx) {
+                    Poll::Ready(Some(c)) => {
+                        me.current = c;
+                        me.at = 0;
+                    }
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let n = (me.current.len() - me.at).min(buf.remaining());
+            buf.put_slice(&me.current[me.at..me.at + n]);
+            me.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Writes the client's input to the stdin pipe on a thread: first what came before exec,
+    /// then the queue until it closes. The pipe closes (the child sees EOF) when the queue's
+    /// senders are gone, or soon after the returned flag is set.
+    pub fn feed(
+        pipe: io::Result<OwnedFd>,
+        early: Option<Chunk>,
+        queue: mpsc::Receiver<Chunk>,
+    ) -> Arc<AtomicBool> {
+        let stop = Arc::new(AtomicBool::new(false));
+        match pipe {
+            Ok(fd) => {
+                let stop = stop.clone();
+                spawn("stdin", move || write_loop(fd, early, queue, &stop));
+            }
+            Err(e) => log::error!("the command's stdin: {e}"),
+        }
+        stop
+    }
+
+    fn write_loop(fd: OwnedFd, early: Option<Chunk>, mut queue: mpsc::Receiver<Chunk>, stop: &AtomicBool) {
+        let _ = set_nonblocking(fd.as_fd());
+        let mut file = File::from(fd);
+        if let Some(d) = early {
+            if !write_all(&mut file, &d, stop) {
+                return;
+            }
+        }
+        while let Some(d) = queue.blocking_recv() {
+            if !write_all(&mut file, &d, stop) {
+                return;
+            }
+        }
+    }
+
+    fn write_all(file: &mut File, mut data: &[u8], stop: &AtomicBool) -> bool {
+        while !data.is_empty() {
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            match file.write(data) {
+                Ok(0) => return false,
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(file.as_fd(), libc::POLLOUT);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
 }
 
 #[cfg(test)]
