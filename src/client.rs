@@ -300,62 +300,6 @@ pub fn remote_command(args: &[OsString]) -> Vec<OsString> {
     }
 }
 
-/// Linux signal numbers for the names of exit-signal (RFC 4254 names, without SIG).
-pub fn signal_number(name: &str) -> Option<i32> {
-    Some(match name {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "ILL" => 4,
-        "TRAP" => 5,
-        "ABRT" | "IOT" => 6,
-        "BUS" => 7,
-        "FPE" => 8,
-        "KILL" => 9,
-        "USR1" => 10,
-        "SEGV" => 11,
-        "USR2" => 12,
-        "PIPE" => 13,
-        "ALRM" => 14,
-        "TERM" => 15,
-        "STKFLT" => 16,
-        "CHLD" => 17,
-        "CONT" => 18,
-        "STOP" => 19,
-        "TSTP" => 20,
-        "TTIN" => 21,
-        "TTOU" => 22,
-        "URG" => 23,
-        "XCPU" => 24,
-        "XFSZ" => 25,
-        "VTALRM" => 26,
-        "PROF" => 27,
-        "WINCH" => 28,
-        "IO" | "POLL" => 29,
-        "PWR" => 30,
-        "SYS" => 31,
-        _ => return None,
-    })
-}
-
-fn sig_name(sig: &Sig) -> String {
-    match sig {
-        Sig::ABRT => "ABRT".into(),
-        Sig::ALRM => "ALRM".into(),
-        Sig::FPE => "FPE".into(),
-        Sig::HUP => "HUP".into(),
-        Sig::ILL => "ILL".into(),
-        Sig::INT => "INT".into(),
-        Sig::KILL => "KILL".into(),
-        Sig::PIPE => "PIPE".into(),
-        Sig::QUIT => "QUIT".into(),
-        Sig::SEGV => "SEGV".into(),
-        Sig::TERM => "TERM".into(),
-        Sig::USR1 => "USR1".into(),
-        Sig::Custom(s) => s.trim_start_matches("SIG").to_string(),
-    }
-}
-
 /// Waits for forwarded connections and serves 9P on the first one that starts with `nonce`
 /// (spec 3.6.1). A connection with a wrong or short nonce is logged and closed, and the wait
 /// goes on; candidates are checked concurrently so a silent one cannot block the real one.
@@ -645,7 +589,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                 }
                 Some(russh::ChannelMsg::ExitStatus { exit_status: s }) => exit_status = Some(s),
                 Some(russh::ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, .. }) => {
-                    let name = sig_name(&signal_name);
+                    let name = crate::ssh::session::signal_text(&signal_name);
                     log::debug!("remote command killed by SIG{name}{} {error_message}", if core_dumped { " (core dumped)" } else { "" });
                     exit_signal = Some(name);
                 }
@@ -798,7 +742,7 @@ fn write_output(mut rx: mpsc::Receiver<(bool, Vec<u8>)>) {
 pub fn exit_code(status: Option<u32>, signal: Option<&str>, host: &str) -> i32 {
     match (status, signal) {
         (Some(s), _) => (s & 0xff) as i32,
-        (None, Some(name)) => match signal_number(name) {
+        (None, Some(name)) => match crate::ssh::session::signal_from_name(name).map(|s| s.as_raw()) {
             Some(n) => 128 + n,
             None => {
                 eprintln!("cpu: the remote command was killed by unknown signal {name:?}");

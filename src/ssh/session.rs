@@ -288,7 +288,8 @@ pub fn signal_from_name(name: &str) -> Option<rustix::process::Signal> {
     })
 }
 
-fn sig_text(sig: &Sig) -> String {
+/// The name of a russh signal as the wire carries it, without `SIG` (RFC 4254).
+pub fn signal_text(sig: &Sig) -> String {
     match sig {
         Sig::ABRT => "ABRT".into(),
         Sig::ALRM => "ALRM".into(),
@@ -302,7 +303,7 @@ fn sig_text(sig: &Sig) -> String {
         Sig::SEGV => "SEGV".into(),
         Sig::TERM => "TERM".into(),
         Sig::USR1 => "USR1".into(),
-        Sig::Custom(s) => s.clone(),
+        Sig::Custom(s) => s.trim_start_matches("SIG").to_string(),
     }
 }
 
@@ -382,7 +383,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
             }
             Some(ChannelMsg::Signal { signal }) => {
                 if setup.signals.len() < MAX_EARLY_SIGNALS {
-                    setup.signals.push(sig_text(&signal));
+                    setup.signals.push(signal_text(&signal));
                 }
             }
             Some(ChannelMsg::Data { data }) => {
@@ -447,7 +448,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
                 }
             }
             Step::Message(Some(ChannelMsg::Eof)) => running.stdin = None,
-            Step::Message(Some(ChannelMsg::Signal { signal })) => running.signal(&sig_text(&signal)),
+            Step::Message(Some(ChannelMsg::Signal { signal })) => running.signal(&signal_text(&signal)),
             Step::Message(Some(ChannelMsg::WindowChange {
                 col_width,
                 row_height,
