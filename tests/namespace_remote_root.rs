@@ -33,8 +33,16 @@ fn remote(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 /// A scratch directory outside /tmp (the session hides /tmp under its own tmpfs).
+/// A scratch directory the remote side can still see: `cpud -remote` mounts a fresh tmpfs on
+/// /tmp, so nothing under /tmp (where a clone, and so its target dir, may live) is usable.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("namespace-{name}-{}", std::process::id()));
+    let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let base = if target_tmp.starts_with("/tmp") && Path::new("/var/tmp").is_dir() {
+        Path::new("/var/tmp")
+    } else {
+        target_tmp
+    };
+    let dir = base.join(format!("cpu-all-namespace-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
