@@ -271,6 +271,15 @@ impl<B: Backend> Session<B> {
         Ok(path)
     }
 
+    /// The path of a fid that is not open yet (Tlopen and Tlcreate take only those).
+    fn unopened_path(fid: &FidRef<B::File>) -> Res<PathBuf> {
+        let st = lock(fid);
+        if !matches!(st.kind, FidKind::Node) {
+            return Err(errno::EINVAL);
+        }
+        Ok(st.path.clone())
+    }
+
     fn open_file(&self, fid: u32) -> Res<Arc<B::File>> {
         let f = self.fid(fid)?;
         let st = lock(&f);
@@ -435,13 +444,7 @@ impl<B: Backend> Session<B> {
             }
             Tmessage::Lopen(t) => {
                 let fid = self.fid(t.fid)?;
-                let path = {
-                    let st = lock(&fid);
-                    if !matches!(st.kind, FidKind::Node) {
-                        return Err(errno::EINVAL);
-                    }
-                    st.path.clone()
-                };
+                let path = Self::unopened_path(&fid)?;
                 let mut flags = open_flags(t.flags);
                 if (flags.write || flags.truncate) && self.config.read_only {
                     return Err(errno::EROFS);
@@ -470,13 +473,7 @@ impl<B: Backend> Session<B> {
                 self.writable()?;
                 let name = check_name(&t.name)?;
                 let fid = self.fid(t.fid)?;
-                let dir = {
-                    let st = lock(&fid);
-                    if !matches!(st.kind, FidKind::Node) {
-                        return Err(errno::EINVAL);
-                    }
-                    st.path.clone()
-                };
+                let dir = Self::unopened_path(&fid)?;
                 let mut flags = open_flags(t.flags);
                 flags.exclusive = t.flags & dotl::EXCL != 0;
                 flags.directory = false;
