@@ -25,5 +25,7 @@ fn main() {
     let commit = if dirty && commit != "unknown" { format!("{commit}-dirty") } else { commit };
     println!("cargo:rustc-env=CPU_ALL_COMMIT={commit}");
     println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/index");
+    // Not .git/index: `git status` above rewrites it, so every build would rerun this script
+    // and relink everything. The "-dirty" mark is therefore as of the last commit or checkout.
+    println!("cargo:rerun-if-changed=.git/refs/heads");
 }
