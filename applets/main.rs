@@ -80,11 +80,19 @@ fn multicall(mut args: Vec<OsString>) -> i32 {
     }
 }
 
-/// Shared handling of a flag error: usage on -h (exit 0), else one line and a hint (exit 2).
+/// Shared handling of a flag error: usage on -h and the version on --version (exit 0), else
+/// one line and a hint (exit 2).
 pub fn flag_failure(applet: &str, usage: &str, err: &cpu_all::flags::FlagError) -> i32 {
-    if *err == cpu_all::flags::FlagError::Help {
-        print!("{usage}");
-        return 0;
+    match err {
+        cpu_all::flags::FlagError::Help => {
+            print!("{usage}");
+            return 0;
+        }
+        cpu_all::flags::FlagError::Version => {
+            println!("{}", cpu_all::version_line());
+            return 0;
+        }
+        _ => {}
     }
     eprintln!("{applet}: {err}");
     eprintln!("Run '{applet} -h' for usage.");

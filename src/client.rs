@@ -127,6 +127,9 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
         Some((u, h)) if !path_like && !u.is_empty() && !h.is_empty() => (Some(u.to_string()), h.to_string()),
         _ => (None, raw.clone()),
     };
+    if !path_like {
+        reject_port_in_host(&alias)?;
+    }
     let cfg = if path_like { HostConfig::default() } else { config::lookup(&alias, cfg_files, &local.home) };
     let user = at_user.or(cfg.user.clone()).unwrap_or_else(|| local.user.clone());
     let host = match &cfg.host_name {
@@ -193,6 +196,32 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
             .map(Duration::from_secs)
             .unwrap_or(CONNECT_TIMEOUT),
     })
+}
+
+/// `host:PORT` (one colon, digits after it) is a port in the wrong place: say so before a
+/// name lookup that can only fail, slowly. IPv6 literals have several colons and pass.
+fn reject_port_in_host(alias: &str) -> Result<()> {
+    let Some((host, port)) = alias.split_once(':') else { return Ok(()) };
+    if host.is_empty() || host.contains(':') || port.contains(':') {
+        return Ok(());
+    }
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "{alias:?} is not a host name: give the port with -sp, as in: cpu -sp {port} {host} ..."
+    )))
+}
+
+/// Fails at start, with one line, when -key names a public key or -hk a private one.
+fn check_key_flags(opts: &CpuOptions, target: &Target) -> Result<()> {
+    for key in &target.explicit_keys {
+        crate::keyfile::expect_private("-key", key).map_err(Error::Usage)?;
+    }
+    if !opts.host_key.is_empty() {
+        crate::keyfile::expect_public("-hk", std::path::Path::new(&opts.host_key)).map_err(Error::Usage)?;
+    }
+    Ok(())
 }
 
 /// The host-key policy for a target: `-hk` pins; StrictHostKeyChecking no/off disables; yes
@@ -410,6 +439,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     let local = LocalEnv::from_process();
     let target = resolve(&opts, net, &local, &config_files(&local))?;
     log::debug!("connecting to {} port {} as {}", target.host, target.port, target.user);
+    check_key_flags(&opts, &target)?;
     let ninep = opts.ninep && !opts.root.is_empty();
     // Build the fstab before connecting: a syntax error must not cost a connection.
     let fstab = if opts.root.is_empty() {
@@ -829,6 +859,15 @@ mod tests {
         assert_eq!((t.host.as_str(), t.port.as_str()), ("::1", "9"));
         let t = resolve(&opts(&["u@[fe80::1]"]), Net::Tcp, &local(&home), &files).unwrap();
         assert_eq!((t.user.as_str(), t.host.as_str()), ("u", "fe80::1"));
+
+        // A port in the host is refused with the -sp hint; IPv6 literals are not ports.
+        let e = resolve(&opts(&["u@localhost:17011"]), Net::Tcp, &local(&home), &files).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "\"localhost:17011\" is not a host name: give the port with -sp, as in: cpu -sp 17011 localhost ..."
+        );
+        assert!(resolve(&opts(&["fe80::1"]), Net::Tcp, &local(&home), &files).is_ok());
+        assert!(resolve(&opts(&["-net", "unix", "/run/x:1"]), Net::Unix, &local(&home), &files).is_ok());
 
         // unix socket paths are not split at '@'.
         let t = resolve(&opts(&["-net", "unix", "@abstract"]), Net::Unix, &local(&home), &files).unwrap();

@@ -34,6 +34,10 @@ pub struct Flag {
 pub enum FlagError {
     /// `-h`, `-help` or `--help`: print usage and exit 0.
     Help,
+    /// `-version` or `--version` (when the applet defines no such flag): print the version, exit 0.
+    Version,
+    /// A word after the flags of an applet that takes none; the text says what to do instead.
+    Unexpected { arg: String, hint: String },
     /// A flag that is not defined.
     Unknown(String),
     /// A non-boolean flag at the end of the line, without its value.
@@ -48,6 +52,8 @@ impl fmt::Display for FlagError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FlagError::Help => write!(f, "help requested"),
+            FlagError::Version => write!(f, "version requested"),
+            FlagError::Unexpected { arg, hint } => write!(f, "unexpected argument {arg:?}: {hint}"),
             FlagError::Unknown(n) => write!(f, "flag provided but not defined: -{n}"),
             FlagError::MissingValue(n) => write!(f, "flag needs an argument: -{n}"),
             FlagError::BadValue { flag, value, reason } => {
@@ -67,6 +73,8 @@ pub struct FlagSet {
     pub name: &'static str,
     /// The line after "Usage: " (e.g. `cpu [flags] host [command [args...]]`).
     pub synopsis: &'static str,
+    /// Lines printed after the flags in the usage text (examples, what the words mean).
+    notes: &'static str,
     flags: Vec<Flag>,
 }
 
@@ -81,7 +89,13 @@ pub struct Parsed {
 
 impl FlagSet {
     pub fn new(name: &'static str, synopsis: &'static str) -> Self {
-        FlagSet { name, synopsis, flags: Vec::new() }
+        FlagSet { name, synopsis, notes: "", flags: Vec::new() }
+    }
+
+    /// Text shown after the flags in [`FlagSet::usage`]; it should end with a newline.
+    pub fn notes(mut self, notes: &'static str) -> Self {
+        self.notes = notes;
+        self
     }
 
     fn add(mut self, name: &'static str, kind: Kind, default: String, help: &'static str) -> Self {
@@ -152,6 +166,9 @@ impl FlagSet {
                 if name == "h" || name == "help" {
                     return Err(FlagError::Help);
                 }
+                if name == "version" && inline.is_none() {
+                    return Err(FlagError::Version);
+                }
                 return Err(FlagError::Unknown(name));
             };
             let value = match (flag.kind, inline) {
@@ -199,6 +216,7 @@ impl FlagSet {
             }
             out.push('\n');
         }
+        out.push_str(self.notes);
         out
     }
 }
@@ -397,6 +415,9 @@ mod tests {
         assert_eq!(parse(&["-key"]).unwrap_err(), FlagError::MissingValue("key".into()));
         assert_eq!(parse(&["-h"]).unwrap_err(), FlagError::Help);
         assert_eq!(parse(&["--help"]).unwrap_err(), FlagError::Help);
+        assert_eq!(parse(&["--version"]).unwrap_err(), FlagError::Version);
+        assert_eq!(parse(&["-version"]).unwrap_err(), FlagError::Version);
+        assert_eq!(parse(&["-version=1"]).unwrap_err(), FlagError::Unknown("version".into()));
         assert!(matches!(parse(&["-n", "x"]), Err(FlagError::BadValue { .. })));
         assert!(matches!(parse(&["-timeout9p", "10"]), Err(FlagError::BadValue { .. })));
         assert!(matches!(parse(&["---x"]), Err(FlagError::BadValue { .. })));

@@ -6,7 +6,8 @@
 //!
 //! Where things live:
 //! - [`flags`], [`options`]: Go-compatible command lines and every applet's options.
-//! - [`error`]: the error type and the one mapping to exit statuses.
+//! - [`error`]: the error type and the one mapping to exit statuses; [`keyfile`]: a public key
+//!   given where a private one is needed (and the reverse), caught at start.
 //! - [`cmdline`], [`protocol`]: the exec string and the names both ends agree on.
 //! - [`ssh`]: keys, authorized keys, known_hosts, ssh_config, the SSH client and server.
 //! - [`ninep`]: the 9P2000.L wire codec and the client's file server.
@@ -24,6 +25,7 @@ pub mod discovery;
 pub mod error;
 pub mod flags;
 pub mod init;
+pub mod keyfile;
 pub mod logger;
 pub mod namespace;
 pub mod ninep;

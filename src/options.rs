@@ -58,8 +58,27 @@ pub struct CpuOptions {
     pub command: Vec<OsString>,
 }
 
+/// After `cpu -h`'s flags: how the command words are run, and what `user@` means.
+const CPU_NOTES: &str = "
+The command runs as a program with its arguments, not through a shell (as with Go's cpu):
+  cpu board ls -l /tmp/cpu/home
+  cpu board sh -c 'echo $HOME; ls | wc -l'     # shell syntax: ask for sh -c
+With no command, cpu runs $SHELL (with a terminal when stdin is one).
+The port goes in -sp, not in the host: cpu -sp 17011 board date
+user@host: cpud accepts any user name and runs every session as cpud's own user.
+";
+
+/// After `decpu -h`'s flags.
+const DECPU_NOTES: &str = "
+The host is '.' (the best server around), a dnssd:// URI with requirements, or a host name:
+  decpu . uname -a
+  decpu 'dnssd://?arch=arm64&mem.avail>1000000' sh -c 'echo $HOSTNAME'
+The command runs as a program with its arguments, not through a shell (use sh -c).
+";
+
 fn client_flags(name: &'static str, synopsis: &'static str, decpu: bool) -> FlagSet {
     let mut f = FlagSet::new(name, synopsis)
+        .notes(if decpu { DECPU_NOTES } else { CPU_NOTES })
         .bool("9p", true, "Enable the 9p mount in the client")
         .bool("d", false, "enable debug prints")
         .bool("dbg9p", false, "show 9p io")
@@ -79,7 +98,11 @@ fn client_flags(name: &'static str, synopsis: &'static str, decpu: bool) -> Flag
         .string("net", "", "network type to use (tcp, tcp4, tcp6, vsock, unix, unix-vsock); default tcp")
         .string("sp", "", "cpu default port (default: ssh_config Port, then 17010)")
         .string("root", "/", "namespace root")
-        .duration("timeout9p", "100ms", "time to wait for the 9p mount to happen (at least 5s is used)")
+        .duration(
+            "timeout9p",
+            "100ms",
+            "accepted for compatibility with Go cpu and ignored (the remote has 30s to dial the 9p back-channel)",
+        )
         .int("msize", MAX_MSIZE as i64, "largest 9p message size to offer (cpu-all cpud only)")
         .string("mountopts", "", "extra 9p mount options, comma separated (cpu-all cpud only)")
         .bool("ro", false, "serve the 9p root read-only");
@@ -229,8 +252,15 @@ pub struct DnssdOptions {
     pub txt: String,
 }
 
+/// After `cpud -h`'s flags.
+const CPUD_NOTES: &str = "
+cpud takes flags only. Every session runs as cpud's own user, whatever user name the client
+sends (Go's cpu sends the local user's name): run cpud as the user the sessions should be.
+";
+
 fn daemon_flags(name: &'static str, synopsis: &'static str, decpud: bool) -> FlagSet {
     let mut f = FlagSet::new(name, synopsis)
+        .notes(CPUD_NOTES)
         .string("hk", "", "file for host key (default: -statedir's key, else a new ed25519 key)")
         .string("pk", "key.pub", "file for authorized public keys (every key in it is accepted)")
         .string("sp", &DEFAULT_PORT.to_string(), "cpu default port (or unix socket path)")
@@ -240,7 +270,7 @@ fn daemon_flags(name: &'static str, synopsis: &'static str, decpud: bool) -> Fla
         .bool(
             "init",
             false,
-            "run as init (Debug only; normal cpud should not be run as init); implied as PID 1",
+            "run as init: mount /proc, /sys, /dev..., reap orphans, restart the server if it fails (recommended as PID 1 in an initramfs; implied as PID 1)",
         )
         .bool("klog", false, "Log cpud messages in kernel log, not stdout")
         .bool("remote", false, "indicates we are the remote side of the cpu session")
@@ -293,11 +323,14 @@ impl CpudOptions {
     {
         let p = cpud_flags_for(if decpud { "decpud" } else { "cpud" }, decpud).parse(args)?;
         if let Some(extra) = p.rest.first() {
-            return Err(FlagError::BadValue {
-                flag: "".into(),
-                value: extra.to_string_lossy().into_owned(),
-                reason: "cpud takes no arguments".into(),
-            });
+            let arg = extra.to_string_lossy().into_owned();
+            let applet = if decpud { "decpud" } else { "cpud" };
+            let hint = if crate::flags::parse_bool(&arg).is_some() {
+                format!("{applet} takes flags only; give a boolean flag its value with =, as -init={arg}")
+            } else {
+                format!("{applet} takes flags only, no arguments")
+            };
+            return Err(FlagError::Unexpected { arg, hint });
         }
         let dnssd = if decpud {
             DnssdOptions {
@@ -458,7 +491,17 @@ mod tests {
         assert_eq!(d.dnssd.txt, "a=b");
         assert_eq!(d.dnssd.service, "_ncpu._tcp");
         assert!(d.dnssd.enabled);
-        assert!(CpudOptions::from_args(["extra"], false).is_err());
+        assert_eq!(
+            CpudOptions::from_args(["-d", "extra"], false),
+            Err(FlagError::Unexpected {
+                arg: "extra".into(),
+                hint: "cpud takes flags only, no arguments".into()
+            })
+        );
+        assert!(matches!(
+            CpudOptions::from_args(["-init", "false"], true),
+            Err(FlagError::Unexpected { hint, .. }) if hint.contains("-init=false")
+        ));
     }
 
     #[test]

@@ -53,6 +53,14 @@ pub fn server_config(
     opts: &CpudOptions,
     on_tenants: Option<Arc<dyn Fn(usize) + Send + Sync>>,
 ) -> Result<ServerConfig> {
+    // A key of the wrong kind is one clear line at start, not a parse error or refused logins.
+    if !opts.host_key.is_empty() {
+        crate::keyfile::expect_private("-hk", std::path::Path::new(&opts.host_key)).map_err(Error::Daemon)?;
+    }
+    if !opts.authorized_keys.is_empty() {
+        crate::keyfile::expect_public("-pk", std::path::Path::new(&opts.authorized_keys))
+            .map_err(Error::Daemon)?;
+    }
     let (key, source) = hostkey::load_or_create(&opts.host_key, &opts.state_dir)?;
     let fp = hostkey::fingerprint(key.public_key());
     let alg = key.algorithm().as_str().to_string();

@@ -176,6 +176,231 @@ fn cpu_without_host_is_a_usage_error() {
     assert!(text(&out.stderr).contains("cpu: missing host"));
 }
 
+#[test]
+fn version_on_every_applet_in_every_spelling() {
+    let dir = applet_links();
+    let want = text(&cpu_all(&["--version"]).stdout);
+    for applet in ["cpu", "cpud", "decpu", "decpud"] {
+        for flag in ["--version", "-version"] {
+            let out = via_link(dir.path(), applet, &[flag]);
+            assert_eq!(out.status.code(), Some(0), "{applet} {flag}: {}", text(&out.stderr));
+            assert_eq!(text(&out.stdout), want, "{applet} {flag}");
+            let out = cpu_all(&[applet, flag]);
+            assert_eq!(text(&out.stdout), want, "cpu-all {applet} {flag}");
+        }
+    }
+}
+
+#[test]
+fn cpud_extra_argument_says_it_takes_flags_only() {
+    let out = cpu_all(&["cpud", "-sp", "17013", "-pk", "K", "extra"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "cpud: unexpected argument \"extra\": cpud takes flags only, no arguments\nRun 'cpud -h' for usage.\n"
+    );
+    // `-init true` is the Go-flag trap: a boolean's value goes after '='.
+    let out = cpu_all(&["decpud", "-init", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "decpud: unexpected argument \"true\": decpud takes flags only; give a boolean flag its value with =, as -init=true\nRun 'decpud -h' for usage.\n"
+    );
+}
+
+#[test]
+fn port_in_the_host_points_to_sp_at_once() {
+    let home = tempdir::TempDir::new("cpu-all-hostport");
+    let mut c = Command::new(binary());
+    c.args(["cpu", "-9p=false", "localhost:17011", "date"]).env("HOME", home.path());
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "cpu: \"localhost:17011\" is not a host name: give the port with -sp, as in: cpu -sp 17011 localhost ...\n"
+    );
+}
+
+/// A public key where a private one belongs (and the reverse) stops the applet at start
+/// with one line naming the flag, before any network use.
+#[test]
+fn wrong_kind_of_key_is_one_line_at_start() {
+    let dir = tempdir::TempDir::new("cpu-all-keykind");
+    let public = dir.path().join("id_ed25519.pub");
+    std::fs::write(
+        &public,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDummyDummyDummyDummyDummyDummyDummyDumm me@here\n",
+    )
+    .expect("write");
+    let private = dir.path().join("id_ed25519");
+    std::fs::write(
+        &private,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let (pub_s, priv_s) = (public.to_str().expect("utf-8"), private.to_str().expect("utf-8"));
+    let cases: [(&[&str], i32, String); 4] = [
+        (
+            &["cpu", "-key", pub_s, "127.0.0.1", "true"],
+            2,
+            format!("cpu: -key {pub_s} is a public key; -key needs a private key (the private key is probably {priv_s})\n"),
+        ),
+        (
+            &["cpu", "-hk", priv_s, "127.0.0.1", "true"],
+            2,
+            format!("cpu: -hk {priv_s} is a private key; -hk needs public keys (a .pub file, one key per line)\n"),
+        ),
+        (
+            &["cpud", "-sp", "0", "-listen", "127.0.0.1", "-pk", priv_s],
+            1,
+            format!("cpud: -pk {priv_s} is a private key; -pk needs public keys (a .pub file, one key per line)\n"),
+        ),
+        (
+            &["cpud", "-sp", "0", "-listen", "127.0.0.1", "-pk", pub_s, "-hk", pub_s],
+            1,
+            format!("cpud: -hk {pub_s} is a public key; -hk needs a private key (the private key is probably {priv_s})\n"),
+        ),
+    ];
+    for (args, code, want) in cases {
+        let mut c = Command::new(binary());
+        c.args(args).env("HOME", dir.path());
+        let out = run(c);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stderr), want, "{args:?}");
+    }
+}
+
+#[test]
+fn decpu_without_arguments_prints_usage() {
+    let out = cpu_all(&["decpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("Usage: decpu [options]"), "{err}");
+    assert!(
+        err.ends_with(
+            "decpu: missing host: give '.' (the best server around), a dnssd:// URI or a host name\n"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_texts_tell_the_truth() {
+    let cpud = text(&cpu_all(&["cpud", "-h"]).stdout);
+    assert!(cpud.contains("recommended as PID 1 in an initramfs"), "{cpud}");
+    assert!(!cpud.contains("Debug only"), "{cpud}");
+    assert!(cpud.contains("Every session runs as cpud's own user"), "{cpud}");
+    let cpu = text(&cpu_all(&["cpu", "-h"]).stdout);
+    assert!(cpu.contains("accepted for compatibility with Go cpu and ignored"), "{cpu}");
+    assert!(!cpu.contains("at least 5s"), "{cpu}");
+    assert!(cpu.contains("  cpu board sh -c 'echo $HOME; ls | wc -l'"), "{cpu}");
+    assert!(cpu.contains("cpu -sp 17011 board date"), "{cpu}");
+}
+
+/// `user@host`: cpud accepts any user name (the Go client sends the local user's) and runs
+/// the session as its own user.
+#[test]
+fn user_at_host_runs_as_cpuds_own_user() {
+    if let Err(why) = Command::new("ssh-keygen").arg("-?").stdin(Stdio::null()).output() {
+        skip::skip("user_at_host_runs_as_cpuds_own_user", &format!("ssh-keygen cannot run: {why}"));
+        return;
+    }
+    let dir = tempdir::TempDir::new("cpu-all-user");
+    let key = dir.path().join("id_ed25519");
+    let mut kg = Command::new("ssh-keygen");
+    kg.args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key);
+    let out = run(kg);
+    assert!(out.status.success(), "ssh-keygen: {}", text(&out.stderr));
+    let mut daemon = Daemon::start(&["-pk", &format!("{}.pub", key.display())]);
+    let mut id = Command::new("id");
+    id.arg("-un");
+    let me = text(&run(id).stdout);
+    for user in ["nobody", "no-such-user-here"] {
+        let mut c = Command::new(binary());
+        c.args(["cpu", "-9p=false", "-sp", &daemon.port.to_string(), "-key"])
+            .arg(&key)
+            .args([&format!("{user}@127.0.0.1"), "id", "-un"])
+            .env("HOME", dir.path());
+        let out = run(c);
+        assert_eq!(out.status.code(), Some(0), "{user}: {}; cpud: {}", text(&out.stderr), daemon.log());
+        assert_eq!(text(&out.stdout), me, "{user}");
+    }
+    daemon.stop();
+}
+
+/// `cpud` on 127.0.0.1 with a kernel-chosen port; killed (by its pid) when dropped.
+struct Daemon {
+    child: std::process::Child,
+    port: u16,
+    stderr: std::sync::mpsc::Receiver<String>,
+    lines: Vec<String>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        use std::io::BufRead;
+        let mut child = Command::new(binary())
+            .args(["cpud", "-listen", "127.0.0.1", "-sp", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cpud");
+        let pipe = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon { child, port: 0, stderr: rx, lines: Vec::new() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while d.port == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match d.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.split("Listening on ").nth(1) {
+                        d.port = addr.rsplit(':').next().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+                    }
+                    d.lines.push(line);
+                }
+                Err(_) => {
+                    let status = d.child.try_wait().ok().flatten();
+                    panic!(
+                        "cpud did not say where it listens in 30 s (exit: {status:?}); stderr: {:?}",
+                        d.lines
+                    );
+                }
+            }
+        }
+        d
+    }
+
+    fn log(&mut self) -> String {
+        while let Ok(l) = self.stderr.try_recv() {
+            self.lines.push(l);
+        }
+        self.lines.join("\n")
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[path = "common/skip.rs"]
+mod skip;
+
 /// A tiny self-cleaning temporary directory (no extra crate).
 mod tempdir {
     use std::path::{Path, PathBuf};
