@@ -12,6 +12,14 @@ APPLETS := cpu cpud decpu decpud
 # ring builds C for musl: plain gcc works when musl-gcc is absent (no libc headers needed).
 export CC_x86_64_unknown_linux_musl ?= $(shell command -v musl-gcc >/dev/null 2>&1 && echo musl-gcc || echo gcc)
 
+# Every skipped test appends a line here (tests/common/skip.rs, tests/vm/all); the test targets
+# end with tools/skip-summary. SKIP_FRESH=0 keeps the lines of earlier stages (make test).
+SKIP_LOG ?= $(abspath $(TARGET_DIR))/skipped.log
+export CPU_ALL_SKIP_LOG := $(SKIP_LOG)
+SKIP_FRESH ?= 1
+skip_reset = $(if $(filter 0,$(SKIP_FRESH)),,@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG))
+skip_summary = $(if $(filter 0,$(SKIP_FRESH)),,@tools/skip-summary $(SKIP_LOG))
+
 .PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs setup
 
 all: build
@@ -54,18 +62,33 @@ setup: ## install what a fresh Debian machine lacks (apt packages, the musl targ
 fmt:
 	$(CARGO) fmt --all
 
-lint: ## rustfmt check and clippy -D warnings
+lint: ## rustfmt check, clippy -D warnings, and every test skip going through the counted helper
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	tools/check-skips
 
-unit: ## every cargo test (unit, in-process and black-box)
+unit: ## every cargo test (unit, in-process and black-box); ends with the skips and why
+	$(skip_reset)
 	$(CARGO) test
+	$(skip_summary)
 
-test: setup lint unit vmtest ## the full test suite (what CI runs)
+# The stages one after the other, each timed; the skips of all of them are summed up at the
+# end, also when a stage failed.
+test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
+	@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG); rc=0; times=""; \
+	for stage in setup lint unit vmtest; do \
+		start=$$(date +%s); \
+		if ! $(MAKE) --no-print-directory SKIP_FRESH=0 $$stage; then rc=1; times="$$times $$stage:FAILED"; break; fi; \
+		times="$$times $$stage:$$(( $$(date +%s) - start ))s"; \
+	done; \
+	echo "make test stages:$$times"; tools/skip-summary $(SKIP_LOG); \
+	if [ $$rc = 0 ]; then echo "make test: PASS"; else echo "make test: FAIL"; fi; exit $$rc
 
 vmtest: static ## system tests in qemu VMs (each group skips with a reason when qemu is missing)
+	$(skip_reset)
 	$(CARGO) build --release --target $(MUSL) --example transport_echo
 	tests/vm/all $(STATIC_BIN)
+	$(skip_summary)
 
 demo: setup static ## boot a VM running cpud and run cpu against it
 	@if [ -x vm/demo ]; then vm/demo $(STATIC_BIN); else echo "demo: not available yet"; exit 1; fi

@@ -4,6 +4,9 @@
 
 mod cpu_support;
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::time::Duration;
 
 use cpu_support::{key_part, keygen, run_cpu, Home, PtyChild, Sshd};
@@ -433,7 +436,7 @@ fn encrypted_key_asks_for_its_passphrase_on_the_terminal() {
 fn ipv6_literal_host_as_decpu_passes_it() {
     need_sshd!();
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("SKIP: no IPv6 loopback");
+        skip::here("no IPv6 loopback");
         return;
     }
     let home = Home::new();

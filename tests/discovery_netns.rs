@@ -6,6 +6,9 @@
 
 mod discovery_support;
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::ffi::OsString;
 use std::io::BufRead;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -182,13 +185,13 @@ fn expect(lab: &Lab, n: usize, args: &[&str], want: Vec<String>) {
 
 fn lab_or_skip(tag: &str, nodes: usize) -> Option<Lab> {
     if let Some(why) = lab_unavailable() {
-        eprintln!("SKIP discovery {tag}: {why}");
+        skip::here(&why);
         return None;
     }
     match Lab::new(tag, nodes) {
         Ok(lab) => Some(lab),
         Err(e) => {
-            eprintln!("SKIP discovery {tag}: cannot build the namespace lab: {e}");
+            skip::here(&format!("cannot build the namespace lab ({tag}): {e}"));
             None
         }
     }
@@ -343,7 +346,7 @@ fn discovery_announcement_is_seen_by_avahi_browse() {
         })
         .collect();
     if !missing.is_empty() {
-        eprintln!("SKIP discovery avahi: not installed: {missing:?} (apt-get install avahi-utils avahi-daemon dbus)");
+        skip::here(&format!("not installed: {missing:?} (apt-get install avahi-utils avahi-daemon dbus)"));
         return;
     }
     let Some(lab) = lab_or_skip("avahi", 2) else { return };

@@ -5,6 +5,9 @@
 //! The server is made to fail by giving it a port that is already taken, so this works with
 //! the real SSH server as well as with a stub.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -123,12 +126,12 @@ fn subreaper_restarts_failing_server_with_backoff_and_stops_on_sigterm() {
 /// PID 1 of a new pid and mount namespace: needs root and util-linux unshare.
 fn pid1_command(extra: &[&str], port: &str) -> Option<Command> {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("skip: PID-1 supervisor test needs root (unshare -p -m)");
+        skip::here("the PID-1 supervisor test needs root (unshare -p -m)");
         return None;
     }
     let probe = Command::new("unshare").args(["-m", "-p", "-f", "--mount-proc", "true"]).status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("skip: unshare -m -p -f --mount-proc does not work here");
+        skip::here("unshare -m -p -f --mount-proc does not work here");
         return None;
     }
     let mut c = Command::new("unshare");

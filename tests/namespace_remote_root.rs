@@ -3,6 +3,9 @@
 //! real mount calls. (This kernel has no 9p; the 9P mount is tested in the VM.) Skips with a
 //! reason when not root or when mount namespaces are not allowed here.
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -50,12 +53,12 @@ fn scratch(name: &str) -> PathBuf {
 
 fn usable() -> bool {
     if !is_root() {
-        eprintln!("skipped: needs root (mount namespaces)");
+        skip::here("needs root (mount namespaces)");
         return false;
     }
     let probe = remote(&["true"], &[("PWD", "/")]);
     if probe.status.code() == Some(125) {
-        eprintln!("skipped: cpud -remote cannot set up here: {}", String::from_utf8_lossy(&probe.stderr));
+        skip::here(&format!("cpud -remote cannot set up here: {}", String::from_utf8_lossy(&probe.stderr)));
         return false;
     }
     true

@@ -3,6 +3,9 @@
 
 mod ninep_support;
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, SystemTime};
@@ -325,7 +328,10 @@ fn xattrs_read_and_written_through() {
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
     if let Err(e) = probe {
-        println!("skipping xattr value checks: {} has no user xattrs ({e})", dir.path.display());
+        skip::skip(
+            "ninep_ops::xattrs_read_and_written_through: the xattr value checks",
+            &format!("{} has no user xattrs ({e})", dir.path.display()),
+        );
         c.xattrcreate(1, "user.test", 3, 0).unwrap();
         c.write(1, 0, b"abc").unwrap();
         assert_eq!(c.clunk(1).unwrap_err(), EOPNOTSUPP);
@@ -394,7 +400,7 @@ fn errors_carry_linux_errno() {
 #[test]
 fn eacces_when_not_root() {
     if !rustix::process::geteuid().is_root() {
-        println!("skipping: needs root to create a file another user cannot read");
+        skip::here("needs root to create a file another user cannot read");
         return;
     }
     let dir = Scratch::new("eacces");

@@ -3,6 +3,9 @@
 
 mod sshd_support;
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -383,7 +386,7 @@ async fn pty_req_terminal_modes_are_applied() {
 async fn splicing_command_output_from_a_forwarded_source_does_not_freeze_the_daemon() {
     let have = |p: &str| std::process::Command::new(p).arg("--help").output().is_ok();
     if !have("busybox") || !have("bash") {
-        eprintln!("SKIP: needs busybox (its cat uses sendfile) and bash (/dev/tcp)");
+        skip::here("needs busybox (its cat uses sendfile) and bash (/dev/tcp)");
         return;
     }
     let (_dir, key, server) = setup("splice");

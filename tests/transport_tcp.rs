@@ -3,6 +3,9 @@
 
 mod transport_support;
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::net::TcpListener as StdTcpListener;
 
 use cpu_all::transport::{dial, Listener, Net};
@@ -28,7 +31,7 @@ async fn tcp4_round_trip_on_127_0_0_1() {
 #[tokio::test]
 async fn tcp6_round_trip_on_ipv6_loopback() {
     if !ipv6_loopback_works() {
-        eprintln!("SKIP tcp6_round_trip_on_ipv6_loopback: no IPv6 on this host (cannot bind [::1])");
+        skip::here("no IPv6 on this host (cannot bind [::1])");
         return;
     }
     let l = Listener::bind(Net::Tcp6, "::1", "0").await.unwrap();
@@ -69,7 +72,7 @@ async fn dial_tries_every_address() {
     let addrs: Vec<_> =
         tokio::net::lookup_host(("localhost", 1)).await.map(|a| a.collect()).unwrap_or_default();
     if !addrs.iter().any(|a: &std::net::SocketAddr| a.is_ipv4()) {
-        eprintln!("SKIP dial_tries_every_address: localhost has no IPv4 address here ({addrs:?})");
+        skip::here(&format!("localhost has no IPv4 address here ({addrs:?})"));
         return;
     }
     eprintln!("localhost resolves to {addrs:?}");
@@ -134,7 +137,7 @@ fn in_private_netns<T: Send + 'static>(test: &str, f: impl FnOnce() -> T + Send 
     match handle.join().expect("netns thread") {
         Ok(v) => Some(v),
         Err(why) => {
-            eprintln!("SKIP {test}: no private network namespace: {why}");
+            skip::skip(&format!("transport_tcp::{test}"), &format!("no private network namespace: {why}"));
             None
         }
     }
@@ -147,7 +150,7 @@ fn wildcard_listeners_keep_to_their_family() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             if StdTcpListener::bind("[::1]:0").is_err() {
-                eprintln!("SKIP wildcard_listeners_keep_to_their_family: no IPv6");
+                skip::skip("transport_tcp::wildcard_listeners_keep_to_their_family", "no IPv6");
                 return;
             }
             let v6 = Listener::bind(Net::Tcp6, "", "0").await.unwrap();

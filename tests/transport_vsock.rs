@@ -4,6 +4,9 @@
 
 mod transport_support;
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use std::time::Duration;
 
 use cpu_all::transport::{dial, parse_vsock_cid, parse_vsock_port, Listener, Net};
@@ -160,11 +163,11 @@ async fn vsock_on_this_host() {
                     "cannot listen on vsock port 17035: this kernel has no vsock support (modules \
                      vsock, vmw_vsock_virtio_transport; vhost_vsock on a VM host)"
                 );
-                eprintln!("SKIP vsock round trip: {msg}");
+                skip::here(&msg);
                 return;
             }
             if msg.contains("the port is in use") {
-                eprintln!("SKIP vsock round trip: vsock port 17035 is taken on this host");
+                skip::here("vsock port 17035 is taken on this host");
                 return;
             }
             panic!("unexpected vsock listen error: {msg}");
@@ -174,7 +177,7 @@ async fn vsock_on_this_host() {
     assert_eq!(listener.vsock_port(), Some(17035));
     assert_eq!(listener.net(), Net::Vsock);
     if !has_vsock_loopback() {
-        eprintln!("SKIP vsock round trip: no vsock_loopback in this kernel (real vsock is tested in the VM)");
+        skip::here("no vsock_loopback in this kernel (real vsock is tested in the VM)");
         return;
     }
     let server = transport_support::spawn_echo_once(listener);

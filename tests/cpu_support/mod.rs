@@ -3,6 +3,9 @@
 //! a timeout, and driving it through a pseudo-terminal.
 #![allow(dead_code)]
 
+#[path = "../common/skip.rs"]
+pub mod skip;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -62,7 +65,7 @@ pub fn sshd_skip_reason() -> Option<String> {
 macro_rules! need_sshd {
     () => {
         if let Some(why) = cpu_support::sshd_skip_reason() {
-            eprintln!("SKIP: {why}");
+            cpu_support::skip::here(&why);
             return;
         }
     };

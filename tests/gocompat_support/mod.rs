@@ -4,6 +4,9 @@
 //! of any child with a timeout.
 #![allow(dead_code)]
 
+#[path = "../common/skip.rs"]
+pub mod skip;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -120,7 +123,7 @@ macro_rules! need_go {
         match gocompat_support::go_programs() {
             Ok(go) => go,
             Err(why) => {
-                eprintln!("SKIP: {why}");
+                gocompat_support::skip::here(&why);
                 return;
             }
         }

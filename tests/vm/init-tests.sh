@@ -137,20 +137,7 @@ check "9p and virtio_net modules loaded" "grep -qaE 'init: loaded module 9p.?$' 
 check "lo brought up" "grep -qa 'init: lo is up' '$WORK/a.log'"
 check "ip= applied to eth0" "grep -qa 'init: eth0 is 10.0.2.15/24 via 10.0.2.2' '$WORK/a.log'"
 
-STUB=0
-if wait_log a 'server \(pid [0-9]+\) ended|Listening|listening' 60 && grep -qa 'not implemented yet' "$WORK/a.log"; then STUB=1; fi
-if [ $STUB = 1 ]; then
-	# The stub server fails at once: the supervisor must restart it after 1 s, 2 s, 4 s ...
-	if wait_log a 'restarting it in 4s' 60; then
-		pass "failing server restarted with backoff (1s, 2s, 4s)"
-	else
-		fail "no backoff restarts: $(grep -a 'init:' "$WORK/a.log" | tail -3 | tr '\n' ' ')"
-	fi
-	check "backoff order 1s then 2s then 4s" \
-		"grep -ao 'restarting it in [0-9]*s' '$WORK/a.log' | head -3 | awk '{print \$4}' | tr '\n' ' ' | grep -qx '1s 2s 4s '"
-else
-	skip "the server works: backoff after a forced server error is tested with cpu below"
-fi
+wait_log a 'Listening|listening' 60 || fail "the server never said it is listening: $(tail -3 "$WORK/a.log" | tr '\n' ' ')"
 
 # Ctrl-Alt-Del -> SIGINT to PID 1 (CAD is off): stop everything, restart the server.
 N_STARTED=$(count a 'init: server started')
@@ -163,11 +150,7 @@ check "server started again after SIGINT" "[ $(count a 'init: server started') -
 # ------------------------------------------------------------------ with a working server
 CPU="$BIN"
 run_cpu() { timeout 60 "$CPU" cpu -key "$WORK/id" -hk "$WORK/state/ssh_host_ed25519_key.pub" -sp "$PORT" 127.0.0.1 "$@"; }
-if [ $STUB = 1 ]; then
-	skip "double-fork leaves no zombie (SSH server is a stub on this branch)"
-	skip "a crashing session does not take PID 1 down (SSH server is a stub)"
-	skip "a killed server is restarted and serves again (SSH server is a stub)"
-else
+{
 	ok=0
 	for _ in $(seq 60); do run_cpu /bin/true >/dev/null 2>&1 && { ok=1; break; }; sleep 1; done
 	check "cpu runs a command on the PID-1 cpud" "[ $ok = 1 ]"
@@ -185,7 +168,7 @@ else
 	ok=0
 	for _ in $(seq 30); do run_cpu /bin/true >/dev/null 2>&1 && { ok=1; break; }; sleep 1; done
 	check "the server is restarted and serves again" "[ $ok = 1 ]"
-fi
+}
 check "no kernel panic, PID 1 never exited" "! grep -qaE 'Kernel panic|Attempted to kill init' '$WORK/a.log'"
 kill -KILL "$(cat "$WORK/a.pid")" 2>/dev/null
 

@@ -18,7 +18,7 @@
 #   (CID 2) with Net::Vsock, once to a listener (Net::Unix on the host side) and once to a
 #   port without one (an error naming the cause), and itself over vsock_loopback (CID 1);
 #   the TEST_BINs run in the guest.
-# Part 2, cpu over unix-vsock (needs the real cpu/cpud; skipped while they are stubs): the
+# Part 2, cpu over unix-vsock: the
 #   guest runs `cpud -net vsock -sp 17010` as PID 1 and the host runs
 #   `cpu -net unix-vsock -sp 17010 HOSTSOCK CMD`: exit codes, output, and a host file read
 #   in the guest through the 9P back-channel (which rides inside SSH over the vsock).
@@ -197,11 +197,6 @@ fi
 # ---------------------------------------------------------------------------------------
 # Part 2: cpu over unix-vsock to cpud on guest vsock
 # ---------------------------------------------------------------------------------------
-probe=$(timeout 10 "$BIN" cpu -net unix-vsock -sp 17010 "$W/none.sock" true 2>&1; timeout 10 "$BIN" cpud -net vsock -sp 17099 -pk /nonexistent 2>&1 </dev/null)
-if grep -q "not implemented" <<<"$probe"; then
-	skip "part 2 (cpu/cpud over vsock): cpu or cpud is still a stub in this build: $(grep -m1 'not implemented' <<<"$probe")"
-	finish
-fi
 command -v ssh-keygen >/dev/null || { skip "part 2: ssh-keygen not installed"; finish; }
 ssh-keygen -q -t ed25519 -N "" -f "$W/key" </dev/null && ssh-keygen -q -t ed25519 -N "" -f "$W/hostkey" </dev/null
 echo "read through 9p over vsock" >"$W/marker"
