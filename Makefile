@@ -20,7 +20,7 @@ SKIP_FRESH ?= 1
 skip_reset = $(if $(filter 0,$(SKIP_FRESH)),,@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG))
 skip_summary = $(if $(filter 0,$(SKIP_FRESH)),,@tools/skip-summary $(SKIP_LOG))
 
-.PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs setup
+.PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs setup setup-demo
 
 all: build
 
@@ -56,8 +56,11 @@ install: static ## install cpu-all and the applet links into $(PREFIX)/bin (INST
 size: static ## print the static binary's size in bytes
 	@stat -c %s $(STATIC_BIN)
 
-setup: ## install what a fresh Debian machine lacks (apt packages, the musl target)
-	tools/setup-host
+setup: ## install what make test needs on a fresh Debian machine (apt packages, rustup parts)
+	tools/setup-host test
+
+setup-demo: ## install only what make demo needs (qemu, busybox-static, cpio, the musl target)
+	tools/setup-host demo
 
 fmt:
 	$(CARGO) fmt --all
@@ -90,7 +93,7 @@ vmtest: static ## system tests in qemu VMs (each group skips with a reason when 
 	tests/vm/all $(STATIC_BIN)
 	$(skip_summary)
 
-demo: setup static ## boot a VM running cpud and run cpu against it
+demo: setup-demo static ## boot a VM running cpud and run cpu against it
 	@if [ -x vm/demo ]; then vm/demo $(STATIC_BIN); else echo "demo: not available yet"; exit 1; fi
 
 bench: static ## figures for speed and size, compared with bench/baseline.txt
@@ -103,4 +106,4 @@ initramfs: static ## initramfs with cpud as /init: make initramfs KEY=key.pub [E
 		$(foreach f,$(FLAGS),-f "$(f)")
 
 help:
-	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
