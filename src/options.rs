@@ -451,6 +451,10 @@ mod tests {
         assert_eq!(o.servers, 3);
         assert!(matches!(CpuOptions::from_decpu_args(["-useKey=false"]), Err(FlagError::Unknown(_))));
         assert!(CpuOptions::from_decpu_args(["-n", "0"]).is_err());
+        assert_eq!(o.ds_interface, "");
+        let o = CpuOptions::from_decpu_args(["-dsInterface", "usb0", ".", "date"]).unwrap();
+        assert_eq!(o.ds_interface, "usb0");
+        assert!(matches!(CpuOptions::from_cpu_args(["-dsInterface", "usb0"]), Err(FlagError::Unknown(_))));
     }
 
     #[test]
