@@ -52,6 +52,8 @@ pub struct CpuOptions {
     pub read_only: bool,
     /// decpu only: number of servers to run the command on (`-n`).
     pub servers: u32,
+    /// decpu only: browse this network interface alone (`-dsInterface`); empty: all.
+    pub ds_interface: String,
     /// The host argument (or, for decpu, a dnssd:// URI or "."); None if absent.
     pub host: Option<String>,
     /// The remote command and its arguments; empty: the shell.
@@ -107,7 +109,11 @@ fn client_flags(name: &'static str, synopsis: &'static str, decpu: bool) -> Flag
         .string("mountopts", "", "extra 9p mount options, comma separated (cpu-all cpud only)")
         .bool("ro", false, "serve the 9p root read-only");
     if decpu {
-        f = f.int("n", 1, "number of cpu servers to use");
+        f = f.int("n", 1, "number of cpu servers to use").string(
+            "dsInterface",
+            "",
+            "DNSSD interface to browse (default: all multicast-capable, lo included)",
+        );
     } else {
         f = f.bool("useKey", true, "use ssh public key auth").bool(
             "ssh",
@@ -198,6 +204,7 @@ impl CpuOptions {
             mount_opts: p.string("mountopts"),
             read_only: p.bool("ro"),
             servers: servers as u32,
+            ds_interface: if decpu { p.string("dsInterface") } else { String::new() },
             host,
             command: rest.cloned().collect(),
         };
@@ -477,6 +484,10 @@ mod tests {
         assert_eq!(o.servers, 3);
         assert!(matches!(CpuOptions::from_decpu_args(["-useKey=false"]), Err(FlagError::Unknown(_))));
         assert!(CpuOptions::from_decpu_args(["-n", "0"]).is_err());
+        assert_eq!(o.ds_interface, "");
+        let o = CpuOptions::from_decpu_args(["-dsInterface", "usb0", ".", "date"]).unwrap();
+        assert_eq!(o.ds_interface, "usb0");
+        assert!(matches!(CpuOptions::from_cpu_args(["-dsInterface", "usb0"]), Err(FlagError::Unknown(_))));
     }
 
     #[test]

@@ -11,15 +11,13 @@ mod skip;
 
 use std::ffi::OsString;
 use std::io::BufRead;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::Duration;
 
 use cpu_all::discovery::announce::Announcer;
-use cpu_all::discovery::run_decpu_with;
 use cpu_all::discovery::sysinfo::{go_arch, go_os};
-use cpu_all::error::Error;
-use cpu_all::options::{CpuOptions, DnssdOptions};
-use discovery_support::{lab_unavailable, Helper, Lab, HELPER_ENV};
+use cpu_all::options::DnssdOptions;
+use discovery_support::{decpu_helper, lab_unavailable, Helper, Lab, HELPER_ENV};
 
 const READY: Duration = Duration::from_secs(15);
 /// Browse time in the tests: generous, as several labs may run at once on a busy machine.
@@ -126,33 +124,6 @@ fn odd_helper(addr: &str) {
         let _ = r.recv_timeout(Duration::from_secs(2));
     }
     let _ = daemon.shutdown();
-}
-
-/// Runs decpu's selection with a runner that records (or really dials) each choice.
-fn decpu_helper(args: &str, connect_mode: &str) {
-    let args: Vec<OsString> = args.split('\n').filter(|a| !a.is_empty()).map(OsString::from).collect();
-    let opts = CpuOptions::from_decpu_args(args).expect("decpu args");
-    cpu_all::logger::init("decpu", opts.debug, false);
-    let browse: u64 = std::env::var("DECPU_BROWSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(2500);
-    let tcp = connect_mode == "tcp";
-    let result = run_decpu_with(opts, Duration::from_millis(browse), |o| {
-        let host = o.host.clone().unwrap_or_default();
-        let port = o.port.clone();
-        if tcp {
-            let addr: SocketAddr =
-                format!("{host}:{port}").parse().map_err(|_| Error::Connect("bad addr".into()))?;
-            if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                println!("refused {host} {port}");
-                return Err(Error::Connect(format!("{addr}: {e}")));
-            }
-        }
-        println!("connect {host} {port}");
-        Ok(0)
-    });
-    match result {
-        Ok(status) => println!("status {status}"),
-        Err(e) => println!("error {} {e}", e.exit_code()),
-    }
 }
 
 /// Runs one decpu in node `n`; returns (its stdout lines of interest, its stderr).

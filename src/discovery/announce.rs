@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mdns_sd::{IfKind, ServiceDaemon, ServiceInfo};
+use mdns_sd::{ServiceDaemon, ServiceInfo};
 
+use crate::discovery::interfaces::{self, LinkLocal};
 use crate::discovery::query::Query;
 use crate::discovery::sysinfo::Metadata;
 use crate::error::{Error, Result};
@@ -68,7 +69,9 @@ struct State {
 }
 
 impl Announcer {
-    /// Registers the service on all interfaces (or `opts.interface`) and starts refreshing.
+    /// Registers the service on every up, multicast-capable interface (or `opts.interface`)
+    /// and starts refreshing. IPv6 link-local addresses are announced only on an interface
+    /// that has no other address.
     pub fn start(opts: &DnssdOptions, port: u16) -> Result<Announcer> {
         Self::start_with_interval(opts, port, REFRESH_INTERVAL)
     }
@@ -93,22 +96,13 @@ impl Announcer {
                 "dnssd: instance name {instance:?} must be 1 to 63 bytes without '.'"
             )));
         }
-        if !opts.interface.is_empty()
-            && !std::path::Path::new("/sys/class/net").join(&opts.interface).exists()
-        {
-            return Err(Error::Usage(format!("dnssd: no network interface {:?}", opts.interface)));
-        }
         let metadata = Metadata::new(&opts.txt)?;
+        let chosen = interfaces::choose(&opts.interface)?;
         let daemon =
             ServiceDaemon::new().map_err(|e| Error::Daemon(format!("dnssd: cannot start mDNS: {e}")))?;
-        if !opts.interface.is_empty() {
-            let chosen = daemon
-                .disable_interface(IfKind::All)
-                .and_then(|()| daemon.enable_interface(IfKind::Name(opts.interface.clone())));
-            if let Err(e) = chosen {
-                let _ = daemon.shutdown();
-                return Err(Error::Daemon(format!("dnssd: cannot select interface {}: {e}", opts.interface)));
-            }
+        if let Err(e) = interfaces::apply(&daemon, &chosen, LinkLocal::OnlyWhenAlone) {
+            let _ = daemon.shutdown();
+            return Err(e);
         }
         let shared = Arc::new(Shared {
             daemon,

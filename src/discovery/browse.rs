@@ -3,16 +3,22 @@
 //!
 //! Announcements come from other machines: a malformed TXT entry (empty or non-ASCII key,
 //! value that is not UTF-8, non-numeric value for a key decpud computes as a number) is
-//! dropped with a warning, never a failure. IPv6 link-local addresses are skipped because
-//! mDNS answers carry no zone, and an address without one cannot be dialed (Go's decpu
-//! dials it anyway: pitfall P24).
+//! dropped with a warning, never a failure.
+//!
+//! Addresses are dialed IPv4 first, then routable IPv6, then IPv6 link-local. A link-local
+//! address needs a zone (the interface) that mDNS answers do not carry (Go's decpu dials it
+//! without one and fails: pitfall P24); the mDNS library we use does not say which interface
+//! an answer came in on either, so a link-local address is tried through each browsed
+//! interface that has a link-local address of its own (usually exactly one). decpud
+//! announces link-local addresses only where it has nothing else.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
 
+use crate::discovery::interfaces::{self, LinkLocal};
 use crate::error::{Error, Result};
 
 /// How long decpu listens for answers (Go: exactly 1 s; the extra half second lets a lost
@@ -31,32 +37,46 @@ pub struct Candidate {
     pub host: String,
     /// SRV port.
     pub port: u16,
-    /// Addresses to dial, best first: IPv4, then routable IPv6.
+    /// Addresses that can be dialed as they are, best first: IPv4, then routable IPv6.
     pub addresses: Vec<IpAddr>,
-    /// Addresses that cannot be dialed (IPv6 link-local without a zone).
-    pub skipped_addresses: Vec<IpAddr>,
+    /// IPv6 link-local addresses: dialable only with a zone from `zones`.
+    pub link_local: Vec<Ipv6Addr>,
+    /// Interfaces a link-local address may be reached through (the browsed interfaces with a
+    /// link-local address of their own), best guess first.
+    pub zones: Vec<String>,
     /// The TXT record, malformed entries removed.
     pub txt: BTreeMap<String, String>,
 }
 
 impl Candidate {
     /// Builds a candidate from a resolved mDNS service, logging what was dropped.
-    pub fn from_service(info: &ServiceInfo) -> Candidate {
+    pub fn from_service(info: &ServiceInfo, zones: &[String]) -> Candidate {
         let fullname = info.get_fullname().to_string();
         let entries = info.get_properties().iter().map(|p| (p.key(), p.val()));
         let (txt, warnings) = clean_txt(entries);
         for w in warnings {
             log::warn!("dnssd: {fullname}: ignoring malformed TXT entry: {w}");
         }
-        let (addresses, skipped_addresses) = usable_addresses(info.get_addresses().iter().copied());
+        let (addresses, link_local) = usable_addresses(info.get_addresses().iter().copied());
         Candidate {
             fullname,
             host: info.get_hostname().to_string(),
             port: info.get_port(),
             addresses,
-            skipped_addresses,
+            link_local,
+            zones: zones.to_vec(),
             txt,
         }
+    }
+
+    /// What to dial, in order: the addresses, then each link-local address through each zone
+    /// (`fe80::1%eth0`, which the resolver turns into a scope id).
+    pub fn dial_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
+        for ll in &self.link_local {
+            hosts.extend(self.zones.iter().map(|zone| format!("{ll}%{zone}")));
+        }
+        hosts
     }
 
     /// A short name for messages: the instance, without the type and domain.
@@ -103,25 +123,51 @@ pub fn clean_txt<'a>(
     (txt, warnings)
 }
 
-/// Splits addresses into dialable ones (IPv4 first, then IPv6, each sorted) and skipped ones.
-pub fn usable_addresses(addrs: impl Iterator<Item = IpAddr>) -> (Vec<IpAddr>, Vec<IpAddr>) {
-    let (mut good, mut skipped): (Vec<IpAddr>, Vec<IpAddr>) = addrs.partition(|a| match a {
-        IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_multicast() && !v4.is_broadcast(),
-        // fe80::/10: link-local, needs a zone that mDNS does not carry.
-        IpAddr::V6(v6) => !v6.is_unspecified() && !v6.is_multicast() && (v6.segments()[0] & 0xffc0) != 0xfe80,
-    });
+/// Splits addresses into ones dialable as they are (IPv4 first, then IPv6, each sorted) and
+/// IPv6 link-local ones (sorted); unspecified, multicast and broadcast addresses are dropped.
+pub fn usable_addresses(addrs: impl Iterator<Item = IpAddr>) -> (Vec<IpAddr>, Vec<Ipv6Addr>) {
+    let mut good = Vec::new();
+    let mut link_local = Vec::new();
+    for a in addrs {
+        match a {
+            IpAddr::V4(v4) if !v4.is_unspecified() && !v4.is_multicast() && !v4.is_broadcast() => {
+                good.push(a)
+            }
+            IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => {}
+            IpAddr::V6(v6) if interfaces::is_link_local(&v6) => link_local.push(v6),
+            IpAddr::V6(_) => good.push(a),
+            IpAddr::V4(_) => {}
+        }
+    }
     good.sort_by_key(|a| (a.is_ipv6(), *a));
-    skipped.sort();
-    (good, skipped)
+    good.dedup();
+    link_local.sort();
+    link_local.dedup();
+    (good, link_local)
 }
 
 /// Browses `browse_name` (e.g. `_ncpu._tcp.local.`) for `duration` and returns every resolved
 /// instance in the order first seen. With `stop_at` (a full instance name), returns as soon
 /// as that instance has been resolved to an address that can be dialed.
-pub fn browse(browse_name: &str, duration: Duration, stop_at: Option<&str>) -> Result<Vec<Candidate>> {
+///
+/// `interface` restricts browsing to one interface (`-dsInterface`); empty: every interface
+/// that is up and multicast-capable, loopback included.
+pub fn browse(
+    browse_name: &str,
+    duration: Duration,
+    stop_at: Option<&str>,
+    interface: &str,
+) -> Result<Vec<Candidate>> {
+    let chosen = interfaces::choose(interface)?;
+    let zones: Vec<String> = chosen
+        .iter()
+        .filter(|i| !i.loopback && i.link_local().next().is_some())
+        .map(|i| i.name.clone())
+        .collect();
     let daemon =
         ServiceDaemon::new().map_err(|e| Error::Connect(format!("dnssd: cannot start mDNS: {e}")))?;
-    let result = collect(&daemon, browse_name, duration, stop_at);
+    let result = interfaces::apply(&daemon, &chosen, LinkLocal::Keep)
+        .and_then(|()| collect(&daemon, browse_name, duration, stop_at, &zones));
     if let Ok(done) = daemon.shutdown() {
         let _ = done.recv_timeout(Duration::from_secs(1));
     }
@@ -133,6 +179,7 @@ fn collect(
     browse_name: &str,
     duration: Duration,
     stop_at: Option<&str>,
+    zones: &[String],
 ) -> Result<Vec<Candidate>> {
     let events = daemon
         .browse(browse_name)
@@ -143,7 +190,7 @@ fn collect(
     while let Ok(event) = events.recv_deadline(deadline) {
         match event {
             ServiceEvent::ServiceResolved(info) => {
-                let candidate = Candidate::from_service(&info);
+                let candidate = Candidate::from_service(&info, zones);
                 let key = candidate.fullname.to_ascii_lowercase();
                 removed.remove(&key);
                 // Stop early only once it can be dialed: the A record may come after the AAAA.
@@ -209,11 +256,28 @@ mod tests {
     #[test]
     fn link_local_ipv6_is_skipped_and_ipv4_comes_first() {
         let v6 = IpAddr::V6("2001:db8::5".parse::<Ipv6Addr>().unwrap());
-        let ll = IpAddr::V6("fe80::1".parse::<Ipv6Addr>().unwrap());
+        let ll: Ipv6Addr = "fe80::1".parse().unwrap();
         let a = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 3));
         let b = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2));
-        let (good, skipped) = usable_addresses([ll, v6, a, b].into_iter());
+        let multicast = IpAddr::V4(Ipv4Addr::new(224, 0, 0, 251));
+        let (good, link_local) = usable_addresses([IpAddr::V6(ll), v6, a, b, multicast, a].into_iter());
         assert_eq!(good, vec![b, a, v6]);
-        assert_eq!(skipped, vec![ll]);
+        assert_eq!(link_local, vec![ll]);
+    }
+
+    #[test]
+    fn dial_order_is_ipv4_global_ipv6_then_link_local_through_each_zone() {
+        let c = Candidate {
+            fullname: "x._ncpu._tcp.local.".into(),
+            host: "x.local.".into(),
+            port: 17010,
+            addresses: vec!["10.0.0.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+            link_local: vec!["fe80::1".parse().unwrap()],
+            zones: vec!["eth0".into(), "usb0".into()],
+            txt: BTreeMap::new(),
+        };
+        assert_eq!(c.dial_hosts(), ["10.0.0.1", "2001:db8::1", "fe80::1%eth0", "fe80::1%usb0"]);
+        let alone = Candidate { addresses: Vec::new(), zones: Vec::new(), ..c };
+        assert!(alone.dial_hosts().is_empty(), "a link-local address without a zone is not dialed");
     }
 }

@@ -5,12 +5,14 @@
 //! - [`announce`]: the decpud side; [`run_decpud`] wraps the cpud server with it.
 //! - [`query`]: the `dnssd://` URI, requirements and sort order.
 //! - [`browse`]: mDNS browsing into [`browse::Candidate`]s.
+//! - [`interfaces`]: which network interfaces both sides use (the caller's namespace).
 //! - [`run_decpu`]: choose servers, then run the session through [`crate::client::run`].
 //!
 //! This module never speaks SSH: it only picks `host`/`port` and hands over to the client.
 
 pub mod announce;
 pub mod browse;
+pub mod interfaces;
 pub mod query;
 pub mod sysinfo;
 
@@ -63,7 +65,7 @@ pub fn run_decpu_with(
     }
     let browse_name = query.browse_name()?;
     log::debug!("dnssd: browsing {browse_name} for {browse_time:?}");
-    let found = browse(&browse_name, browse_time, query.instance_fullname().as_deref())?;
+    let found = browse(&browse_name, browse_time, query.instance_fullname().as_deref(), &opts.ds_interface)?;
     let candidates = select(&query, found);
     if candidates.is_empty() {
         return Err(Error::Connect(format!(
@@ -78,16 +80,19 @@ pub fn select(query: &Query, found: Vec<Candidate>) -> Vec<Candidate> {
     let mut kept = Vec::new();
     for c in found {
         let verdict = query.check(&c.fullname, &c.txt);
-        let unusable = c.addresses.is_empty() || c.port == 0;
-        let addresses: Vec<String> = c.addresses.iter().map(ToString::to_string).collect();
-        let skipped: Vec<String> =
-            c.skipped_addresses.iter().map(|a| format!("{a} (link-local, no zone)")).collect();
+        let hosts = c.dial_hosts();
+        let unusable = hosts.is_empty() || c.port == 0;
+        let unzoned: Vec<String> = if c.zones.is_empty() {
+            c.link_local.iter().map(|a| format!("{a} (link-local, no interface to reach it)")).collect()
+        } else {
+            Vec::new()
+        };
         let txt: Vec<String> = c.txt.iter().map(|(k, v)| format!("{k}={v}")).collect();
         log::debug!(
             "dnssd: candidate {} port {} addresses [{}] txt [{}]",
             c.fullname,
             c.port,
-            addresses.iter().chain(&skipped).cloned().collect::<Vec<_>>().join(", "),
+            hosts.iter().chain(&unzoned).cloned().collect::<Vec<_>>().join(", "),
             txt.join(" ")
         );
         if !verdict.kept {
@@ -157,9 +162,9 @@ fn run_on_servers(
 /// Runs the session on one server, trying its addresses in order.
 fn attempt(opts: &CpuOptions, c: &Candidate, connect: &mut impl FnMut(CpuOptions) -> Result<i32>) -> Attempt {
     let mut errors = Vec::new();
-    for addr in &c.addresses {
+    for addr in c.dial_hosts() {
         let mut one = opts.clone();
-        one.host = Some(addr.to_string());
+        one.host = Some(addr.clone());
         one.port = c.port.to_string();
         one.servers = 1;
         log::debug!("dnssd: using {} at {addr} port {}", c.instance(), c.port);
@@ -220,7 +225,8 @@ mod tests {
             host: format!("{name}.local."),
             port: 17010,
             addresses: addrs.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
-            skipped_addresses: Vec::new(),
+            link_local: Vec::new(),
+            zones: Vec::new(),
             txt: txt.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
         }
     }

@@ -7,10 +7,16 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
+
+use cpu_all::discovery::run_decpu_with;
+use cpu_all::error::Error;
+use cpu_all::options::CpuOptions;
 
 /// Environment variable that turns the test binary into a helper.
 pub const HELPER_ENV: &str = "DISCOVERY_HELPER";
@@ -44,7 +50,7 @@ pub struct Lab {
 impl Lab {
     /// Builds a lab with `nodes` namespaces; `tag` keeps parallel tests apart.
     pub fn new(tag: &str, nodes: usize) -> Result<Lab, String> {
-        let prefix = format!("discovery-{}-{tag}", std::process::id());
+        let prefix = format!("dnssd-lab-{}-{tag}", std::process::id());
         let lab = Lab { prefix, nodes: 0 };
         let hub = lab.hub();
         ip(&["netns", "add", &hub])?;
@@ -140,6 +146,7 @@ pub struct Helper {
     stdout: Receiver<String>,
     stderr: Receiver<String>,
     seen_stdout: Vec<String>,
+    seen_stderr: Vec<String>,
 }
 
 fn lines_of(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
@@ -155,12 +162,21 @@ fn lines_of(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
 }
 
 impl Helper {
-    fn spawn(mut cmd: Command, name: &str) -> Helper {
+    /// Starts `cmd` with its stdout and stderr read line by line.
+    pub fn spawn(mut cmd: Command, name: &str) -> Helper {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
         let stdout = lines_of(child.stdout.take().expect("piped stdout"));
         let stderr = lines_of(child.stderr.take().expect("piped stderr"));
         let stdin = child.stdin.take();
-        Helper { name: name.to_string(), child, stdin, stdout, stderr, seen_stdout: Vec::new() }
+        Helper {
+            name: name.to_string(),
+            child,
+            stdin,
+            stdout,
+            stderr,
+            seen_stdout: Vec::new(),
+            seen_stderr: Vec::new(),
+        }
     }
 
     /// Waits for a stdout line starting with `prefix`; returns it (None on timeout or exit).
@@ -178,6 +194,35 @@ impl Helper {
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
             }
         }
+    }
+
+    /// Waits for a stderr line containing `text`; returns it (None on timeout or exit). The
+    /// lines read meanwhile are kept for [`Helper::stderr_seen`].
+    pub fn wait_err_line(&mut self, text: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen_stderr.push(line.clone());
+                    if line.contains(text) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Stderr lines read by [`Helper::wait_err_line`] plus whatever arrives within `limit`.
+    pub fn stderr_seen(&mut self, limit: Duration) -> String {
+        let more = self.stderr_text(limit);
+        let mut all = self.seen_stderr.join("\n");
+        if !more.is_empty() {
+            all.push('\n');
+            all.push_str(&more);
+        }
+        all
     }
 
     /// Sends one line to the child's stdin.
@@ -244,5 +289,221 @@ impl Drop for Helper {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// How a child enters a namespace: `ip netns exec` (which also remounts /sys for it) or
+/// `nsenter --net` alone (the caller's /sys stays: it shows the host's interfaces).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Enter {
+    IpNetnsExec,
+    NsenterNet,
+}
+
+/// Network namespaces made here and deleted by name when dropped: a lo-only one, or two
+/// joined by a veth pair (both ends named `ifname`).
+pub struct Netns {
+    names: Vec<String>,
+}
+
+impl Netns {
+    fn make(tag: &str, count: usize) -> Result<Netns, String> {
+        let mut made = Netns { names: Vec::new() };
+        for n in 1..=count {
+            let name = format!("dnssd-{}-{tag}-{n}", std::process::id());
+            ip(&["netns", "add", &name])?;
+            made.names.push(name);
+        }
+        Ok(made)
+    }
+
+    /// One namespace with only lo, up and multicast-capable.
+    pub fn lo_only(tag: &str) -> Result<Netns, String> {
+        let made = Netns::make(tag, 1)?;
+        ip(&["-n", made.name(1), "link", "set", "lo", "multicast", "on", "up"])?;
+        Ok(made)
+    }
+
+    /// Two namespaces joined by a veth pair named `ifname` at both ends. With `ipv4`, the ends
+    /// get 10.201.0.1/24 and 10.201.0.2/24 (kernel link-local IPv6 too); without, only the
+    /// link-local fe80::1 and fe80::2 (no duplicate-address wait).
+    pub fn pair(tag: &str, ifname: &str, ipv4: bool) -> Result<Netns, String> {
+        let made = Netns::make(tag, 2)?;
+        let (a, b) = (made.name(1).to_string(), made.name(2).to_string());
+        ip(&["-n", &a, "link", "add", ifname, "type", "veth", "peer", "name", ifname, "netns", &b])?;
+        for (n, ns) in [(1, &a), (2, &b)] {
+            if ipv4 {
+                ip(&["-n", ns, "addr", "add", &format!("{}/24", Netns::addr(n)), "dev", ifname])?;
+            } else {
+                ip(&["-n", ns, "link", "set", ifname, "addrgenmode", "none"])?;
+                ip(&["-n", ns, "addr", "add", &format!("fe80::{n}/64"), "dev", ifname, "nodad"])?;
+            }
+            ip(&["-n", ns, "link", "set", ifname, "multicast", "on", "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(made)
+    }
+
+    /// The IPv4 address of end `n` of a pair.
+    pub fn addr(n: usize) -> String {
+        format!("10.201.0.{n}")
+    }
+
+    /// The name of namespace `n` (1-based).
+    pub fn name(&self, n: usize) -> &str {
+        &self.names[n - 1]
+    }
+
+    /// A command that runs `program args` in namespace `n`, in its own UTS namespace with
+    /// host name `node<n>` (so SRV targets differ as on separate machines).
+    pub fn command(&self, n: usize, enter: Enter, program: &str, args: &[&str]) -> Command {
+        let mut cmd = match enter {
+            Enter::IpNetnsExec => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", self.name(n)]);
+                c
+            }
+            Enter::NsenterNet => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", self.name(n)));
+                c
+            }
+        };
+        cmd.args(["unshare", "--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\""])
+            .arg(format!("node{n}"))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Starts `program args` in namespace `n` (see [`Netns::command`]).
+    pub fn spawn(
+        &self,
+        n: usize,
+        enter: Enter,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Helper {
+        let mut cmd = self.command(n, enter, program, args);
+        cmd.envs(env.iter().copied());
+        Helper::spawn(cmd, &format!("{program}@{}", self.name(n)))
+    }
+
+    /// Runs this test binary's `helper` test in namespace `n` with `mode` and extra env.
+    pub fn helper(&self, n: usize, enter: Enter, mode: &str, env: &[(&str, &str)]) -> Helper {
+        let exe = std::env::current_exe().unwrap_or_default();
+        let mut cmd = self.command(
+            n,
+            enter,
+            &exe.to_string_lossy(),
+            &["--exact", "helper", "--nocapture", "--test-threads=1", "--quiet"],
+        );
+        cmd.env(HELPER_ENV, mode).envs(env.iter().copied());
+        Helper::spawn(cmd, &format!("{mode}@{}", self.name(n)))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
+/// Why avahi cannot be used here (a tool missing), or None.
+pub fn avahi_unavailable() -> Option<String> {
+    let missing: Vec<&str> = ["avahi-browse", "avahi-publish", "avahi-daemon", "dbus-daemon"]
+        .into_iter()
+        .filter(|p| {
+            !["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+                .iter()
+                .any(|d| std::path::Path::new(d).join(p).exists())
+        })
+        .collect();
+    (!missing.is_empty())
+        .then(|| format!("not installed: {missing:?} (apt-get install avahi-utils avahi-daemon dbus-daemon)"))
+}
+
+/// A shell script that starts a private D-Bus and avahi-daemon (config, socket and runtime
+/// directory under `dir`; only `iface`; IPv6 as `ipv6` says), prints `avahi-up`, then obeys
+/// stdin lines: `browse` runs one resolving avahi-browse of `_ncpu._tcp` and prints
+/// `browse-done`; `publish NAME PORT TXT...` starts avahi-publish (its "Established" line is
+/// on stdout). When stdin closes it kills and reaps exactly what it started. Run it with
+/// `ip netns exec` (a private mount namespace: the tmpfs over /run/avahi-daemon stays there).
+pub fn avahi_script(dir: &std::path::Path, iface: &str, ipv6: bool) -> String {
+    let d = dir.display();
+    let bus_conf = format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path={d}/bus</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow own="*"/><allow send_type="method_call"/>
+<allow send_destination="*"/><allow receive_sender="*"/></policy></busconfig>
+"#
+    );
+    let _ = std::fs::create_dir_all(dir);
+    let _ = std::fs::write(dir.join("bus.conf"), bus_conf);
+    let _ = std::fs::write(
+        dir.join("avahi.conf"),
+        format!(
+            "[server]\nuse-ipv4=yes\nuse-ipv6={}\nallow-interfaces={iface}\nenable-dbus=yes\n",
+            if ipv6 { "yes" } else { "no" }
+        ),
+    );
+    format!(
+        "set -e
+mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon
+PIDS=
+trap 'kill $PIDS 2>/dev/null; wait' EXIT
+dbus-daemon --config-file={d}/bus.conf --nofork &
+PIDS=$!
+export DBUS_SYSTEM_BUS_ADDRESS=unix:path={d}/bus
+i=0; while [ $i -lt 100 ] && [ ! -S {d}/bus ]; do i=$((i+1)); sleep 0.1; done
+avahi-daemon --no-drop-root --no-chroot --no-rlimits -f {d}/avahi.conf > {d}/avahi.log 2>&1 &
+PIDS=\"$PIDS $!\"
+i=0; while [ $i -lt 100 ] && ! avahi-browse -at -p >/dev/null 2>&1; do i=$((i+1)); sleep 0.1; done
+echo avahi-up
+while read cmd args; do
+  case $cmd in
+  browse) timeout 10 avahi-browse -r -p -t _ncpu._tcp || true; echo browse-done;;
+  publish) avahi-publish -s $args 2>&1 & PIDS=\"$PIDS $!\";;
+  esac
+done"
+    )
+}
+
+/// Helper mode `decpu`: runs decpu's selection (arguments one a line) with a runner that
+/// records, or with `connect_mode` "tcp" really dials, each choice.
+pub fn decpu_helper(args: &str, connect_mode: &str) {
+    let args: Vec<OsString> = args.split('\n').filter(|a| !a.is_empty()).map(OsString::from).collect();
+    let opts = CpuOptions::from_decpu_args(args).expect("decpu args");
+    cpu_all::logger::init("decpu", opts.debug, false);
+    let browse: u64 = std::env::var("DECPU_BROWSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(2500);
+    let tcp = connect_mode == "tcp";
+    let result = run_decpu_with(opts, Duration::from_millis(browse), |o| {
+        let host = o.host.clone().unwrap_or_default();
+        let port = o.port.clone();
+        if tcp {
+            // The resolver, not SocketAddr's parser: it knows zones (fe80::1%eth0).
+            let addr: SocketAddr = (host.as_str(), port.parse::<u16>().unwrap_or(0))
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| Error::Connect(format!("cannot resolve {host}")))?;
+            if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                println!("refused {host} {port}");
+                return Err(Error::Connect(format!("{addr}: {e}")));
+            }
+        }
+        println!("connect {host} {port}");
+        Ok(0)
+    });
+    match result {
+        Ok(status) => println!("status {status}"),
+        Err(e) => println!("error {} {e}", e.exit_code()),
     }
 }
