@@ -9,7 +9,6 @@ mod discovery_support;
 #[path = "common/skip.rs"]
 mod skip;
 
-use std::ffi::OsString;
 use std::io::BufRead;
 use std::net::TcpListener;
 use std::time::Duration;

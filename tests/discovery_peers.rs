@@ -9,6 +9,8 @@
 //! that records or really dials the chosen address) and with the real applet.
 
 mod discovery_support;
+#[path = "common/skip.rs"]
+mod skip;
 
 use std::time::Duration;
 
@@ -33,13 +35,13 @@ fn helper() {
 
 fn netns_or_skip(tag: &str, make: impl FnOnce() -> Result<Netns, String>) -> Option<Netns> {
     if let Some(why) = lab_unavailable() {
-        eprintln!("SKIP: discovery {tag}: {why}");
+        skip::skip(&format!("discovery {tag}"), &why);
         return None;
     }
     match make() {
         Ok(ns) => Some(ns),
         Err(e) => {
-            eprintln!("SKIP: discovery {tag}: cannot make network namespaces: {e}");
+            skip::skip(&format!("discovery {tag}"), &format!("cannot make network namespaces: {e}"));
             None
         }
     }
@@ -158,7 +160,7 @@ fn discovery_lo_only_namespace_both_ways_with_avahi() {
     assert!(err.contains("dnssd: interfaces lo"), "{err}");
 
     if let Some(why) = avahi_unavailable() {
-        eprintln!("SKIP: discovery lo-only avahi part: {why}");
+        skip::skip("discovery lo-only avahi part", &why);
         return;
     }
     let mut avahi = Avahi::start(&ns, 1, "lo", true);
@@ -181,7 +183,7 @@ fn discovery_veth_pair_no_link_local_announced_and_avahi_both_ways() {
     assert!(err.contains(&format!("port 17010 addresses [{}] txt", Netns::addr(1))), "{err}");
 
     if let Some(why) = avahi_unavailable() {
-        eprintln!("SKIP: discovery veth avahi part: {why}");
+        skip::skip("discovery veth avahi part", &why);
         return;
     }
     // avahi browsing over IPv4 and IPv6 gets decpud's IPv4 address and no link-local one.
@@ -199,7 +201,7 @@ fn discovery_veth_pair_no_link_local_announced_and_avahi_both_ways() {
 #[test]
 fn discovery_ds_interface_is_resolved_in_the_callers_namespace() {
     if std::process::Command::new("nsenter").arg("-V").output().is_err() {
-        eprintln!("SKIP: discovery dsInterface: nsenter (util-linux) is missing");
+        skip::skip("discovery dsInterface", "nsenter (util-linux) is missing");
         return;
     }
     let ifname = format!("dsv{}", std::process::id() % 100_000);
