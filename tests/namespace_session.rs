@@ -24,6 +24,7 @@ fn settings(fstab: Option<String>) -> SessionSettings {
         msize: None,
         mount_opts: None,
         pwd: Some(OsString::from("/home/me/src")),
+        kernel_release: None,
     }
 }
 
@@ -216,6 +217,27 @@ fn msize_from_the_client_and_mount_options() {
 }
 
 #[test]
+fn cache_mode_default_by_kernel_release_unless_the_client_names_one() {
+    let data_for = |release: Option<&str>, opts: Option<&str>| {
+        let mut ops = client_tree(RecordingOps::new());
+        let mut s = settings(None);
+        s.kernel_release = release.map(String::from);
+        s.mount_opts = opts.map(String::from);
+        prepare_session(&mut ops, &s).unwrap();
+        let data = ninep_data(&ops.calls);
+        assert_eq!(data.len(), 1);
+        data[0].rsplit("msize=1048576").next().unwrap().to_string()
+    };
+    assert_eq!(data_for(Some("6.1.0-56-amd64"), None), ",cache=mmap");
+    assert_eq!(data_for(Some("6.12.9+bpo-arm64"), Some("access=client")), ",cache=mmap,access=client");
+    // Go's own options, as the bench emulates them: the client's choice wins.
+    assert_eq!(data_for(Some("6.1.0"), Some("cache=none")), ",cache=none");
+    assert_eq!(data_for(Some("3.10.0-1160.el7.x86_64"), None), "");
+    assert_eq!(data_for(Some("garbage"), None), "");
+    assert_eq!(data_for(None, None), "");
+}
+
+#[test]
 fn channel_options_cannot_be_overridden() {
     for bad in ["trans=tcp", "cache=loose,rfdno=0", "wfdno=1", "msize=8192", "version=9p2000.u"] {
         let mut ops = client_tree(RecordingOps::new());
@@ -386,6 +408,7 @@ fn settings_from_environment() {
             msize: Some("131072".into()),
             mount_opts: None,
             pwd: Some("/home/me".into()),
+            kernel_release: None,
         }
     );
 }

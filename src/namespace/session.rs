@@ -58,6 +58,8 @@ pub struct SessionSettings {
     pub mount_opts: Option<String>,
     /// $PWD, as the client sent it.
     pub pwd: Option<OsString>,
+    /// This machine's kernel release (uname -r): picks the default 9p cache mode.
+    pub kernel_release: Option<String>,
 }
 
 impl SessionSettings {
@@ -72,6 +74,7 @@ impl SessionSettings {
             msize: text(ENV_MSIZE),
             mount_opts: text(ENV_MOUNTOPTS),
             pwd: var("PWD"),
+            kernel_release: None,
         }
     }
 }
@@ -197,6 +200,42 @@ pub fn validate_mount_opts(raw: &str) -> Result<String> {
     Ok(words.join(","))
 }
 
+/// The 9p cache mode used when the client's CPU_MOUNTOPTS names none, by kernel release.
+///
+/// `mmap` (measured on 6.1 against `none`, Go's choice, and `loose`; figures in
+/// bench/baseline.txt, 2026-11-25): program loading goes through the page cache with
+/// read-ahead (the big win: ELF segments are mapped, so `none` reads them 4 KiB per request),
+/// writable shared mmap works (with `none` it fails), `read`/`write` stay synchronous on 6.1 so
+/// a write is on the client's disk when the command's exit status is sent, and each session
+/// mounts afresh, so a file changed on the client between sessions is always seen changed.
+/// `loose` caches metadata too but on 6.1 writes back 4 KiB at a time (a 64 MiB write went
+/// from 19 s to minutes) and never revalidates within a session. Since 6.6 `mmap` is the
+/// bitmask 0b101 (read-ahead + writeback); its dirty pages are written back at the latest when
+/// the session's mount namespace is torn down, which the kernel does before the command's
+/// exit is reported. Kernels before 4.0 (older than anything we test) keep the kernel default.
+pub fn default_cache_mode(kernel_release: Option<&str>) -> Option<&'static str> {
+    let (major, minor) = kernel_version(kernel_release?)?;
+    ((major, minor) >= (4, 0)).then_some("mmap")
+}
+
+/// `(major, minor)` of a release string such as `6.1.0-56-amd64`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The client's extra options with the default cache mode added when they name none.
+pub fn with_default_cache(extra: &str, kernel_release: Option<&str>) -> String {
+    let names_cache = extra.split(',').any(|w| w.trim() == "cache" || w.trim().starts_with("cache="));
+    match default_cache_mode(kernel_release) {
+        Some(mode) if !names_cache && extra.is_empty() => format!("cache={mode}"),
+        Some(mode) if !names_cache => format!("cache={mode},{extra}"),
+        _ => extra.to_string(),
+    }
+}
+
 /// The 9p mount data string (spec 5.3, with noxattr as the newer Go cpud).
 pub fn ninep_mount_data(fd: i32, uname: &str, msize: u32, extra: &str) -> String {
     let mut data =
@@ -211,7 +250,10 @@ pub fn ninep_mount_data(fd: i32, uname: &str, msize: u32, extra: &str) -> String
 /// Dials the back-channel (127.0.0.1 first, as the client asks for it first; then ::1),
 /// sends the nonce, and mounts the client's files on /tmp/cpu. Returns the msize used.
 fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce: &str) -> Result<u32> {
-    let extra = validate_mount_opts(settings.mount_opts.as_deref().unwrap_or(""))?;
+    let extra = with_default_cache(
+        &validate_mount_opts(settings.mount_opts.as_deref().unwrap_or(""))?,
+        settings.kernel_release.as_deref(),
+    );
     let port = settings.port9p.ok_or_else(|| {
         Error::Namespace(format!(
             "{ENV_NONCE} is set but no -port9p was given: cannot reach the client's files"
