@@ -498,6 +498,8 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     });
     let mut requests_sent = false;
 
+    // For the `-d` summary (make bench reads it): round trips decide speed on a real link.
+    let request_counts = Arc::new(crate::wirecount::RequestCounts::default());
     let acceptor = match (backchannel, nonce) {
         (Some((_port, rx)), Some(nonce)) => {
             let serve_opts = crate::ninep::ServeOptions {
@@ -506,8 +508,12 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                 max_msize: opts.msize,
                 trace: opts.debug_9p,
             };
+            let counts = request_counts.clone();
             Some(tokio::spawn(accept_backchannel(rx, nonce, move |stream| {
-                crate::ninep::serve(stream, serve_opts.clone())
+                crate::ninep::serve(
+                    crate::wirecount::Counted::new(stream, counts.clone()),
+                    serve_opts.clone(),
+                )
             })))
         }
         _ => None,
@@ -650,6 +656,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     conn.stop_forwarding();
     if let Some(a) = acceptor {
         a.abort();
+        log::debug!("{}", request_counts.summary());
     }
     drop(out_tx);
     let _ = tokio::task::spawn_blocking(move || output.join()).await;
