@@ -15,11 +15,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct RequestCounts {
     by_type: [AtomicU64; 256],
     bytes: AtomicU64,
+    reply_bytes: AtomicU64,
 }
 
 impl Default for RequestCounts {
     fn default() -> Self {
-        RequestCounts { by_type: std::array::from_fn(|_| AtomicU64::new(0)), bytes: AtomicU64::new(0) }
+        RequestCounts {
+            by_type: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes: AtomicU64::new(0),
+            reply_bytes: AtomicU64::new(0),
+        }
     }
 }
 
@@ -69,7 +74,7 @@ impl RequestCounts {
         self.by_type[usize::from(kind)].load(Ordering::Relaxed)
     }
 
-    /// `9p requests: N (B bytes): walk 3, getattr 5, ...`, most frequent first.
+    /// `9p requests: N (B bytes, replies R bytes): walk 3, getattr 5, ...`, most frequent first.
     pub fn summary(&self) -> String {
         let mut kinds: Vec<(u64, u8)> =
             (0..=255u8).map(|k| (self.of_type(k), k)).filter(|(n, _)| *n > 0).collect();
@@ -82,9 +87,10 @@ impl RequestCounts {
             })
             .collect();
         format!(
-            "9p requests: {} ({} bytes): {}",
+            "9p requests: {} ({} bytes, replies {} bytes): {}",
             self.total(),
             self.bytes.load(Ordering::Relaxed),
+            self.reply_bytes.load(Ordering::Relaxed),
             parts.join(", ")
         )
     }
@@ -169,7 +175,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = result {
+            self.counts.reply_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -215,7 +225,10 @@ mod tests {
         assert_eq!(counts.of_type(118), 1);
         assert_eq!(
             counts.summary(),
-            format!("9p requests: 6 ({} bytes): walk 2, getattr 1, version 1, read 1, write 1", wire.len())
+            format!(
+                "9p requests: 6 ({} bytes, replies 0 bytes): walk 2, getattr 1, version 1, read 1, write 1",
+                wire.len()
+            )
         );
     }
 }
