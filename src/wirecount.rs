@@ -215,14 +215,22 @@ mod tests {
             for chunk in sent.chunks(3) {
                 near.write_all(chunk).await.unwrap();
             }
+            near
         });
         let mut got = vec![0u8; wire.len()];
         counted.read_exact(&mut got).await.unwrap();
-        writer.await.unwrap();
+        let mut near = writer.await.unwrap();
         assert_eq!(got, wire);
         assert_eq!(counts.total(), 6);
         assert_eq!(counts.of_type(110), 2);
         assert_eq!(counts.of_type(118), 1);
+        let (_rd, mut wr) = tokio::io::split(counted);
+        let mut buffered = tokio::io::BufWriter::new(&mut wr);
+        buffered.write_all(b"Rversion").await.unwrap();
+        buffered.flush().await.unwrap();
+        let mut reply = [0u8; 8];
+        near.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"Rversion");
         assert_eq!(
             counts.summary(),
             format!(
