@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ use crate::transport::{self, Net};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a forwarded connection may take to send its 32-byte nonce.
 const NONCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// 9P connections served per session: the main mount and the system-directory mount that a
+/// cpu-all cpud makes when offered (CPU_SYSTEM_MOUNT=1).
+const BACKCHANNEL_CONNECTIONS: usize = 2;
 /// Default key files, tried in this order when neither -key nor IdentityFile names one.
 pub const DEFAULT_KEY_FILES: &[&str] = &["cpu_rsa", "id_ed25519", "id_ecdsa", "id_rsa"];
 
@@ -287,6 +290,7 @@ pub fn session_env(
     }
     if nonce.is_some() {
         env.push((protocol::ENV_MSIZE.into(), msize.to_string()));
+        env.push((protocol::ENV_SYSTEM_MOUNT.into(), "1".into()));
         if !mount_opts.is_empty() {
             env.push((protocol::ENV_MOUNTOPTS.into(), mount_opts.into()));
         }
@@ -329,23 +333,34 @@ pub fn remote_command(args: &[OsString]) -> Vec<OsString> {
     }
 }
 
-/// Waits for forwarded connections and serves 9P on the first one that starts with `nonce`
-/// (spec 3.6.1). A connection with a wrong or short nonce is logged and closed, and the wait
-/// goes on; candidates are checked concurrently so a silent one cannot block the real one.
-/// Returns when `incoming` closes, or when the served connection ends.
-pub async fn accept_backchannel<S, F, Fut>(mut incoming: mpsc::UnboundedReceiver<S>, nonce: String, serve: F)
-where
+/// Waits for forwarded connections and serves 9P on the first `max_served` that start with
+/// `nonce` (spec 3.6.1; a cpu-all cpud makes a second one for the system directories when
+/// offered [`protocol::ENV_SYSTEM_MOUNT`]). A connection with a wrong or short nonce, or one
+/// too many, is logged and closed, and the wait goes on; candidates are checked concurrently
+/// so a silent one cannot block the real one. Returns when `incoming` closes, or when
+/// `max_served` served connections have ended.
+pub async fn accept_backchannel<S, F, Fut>(
+    mut incoming: mpsc::UnboundedReceiver<S>,
+    nonce: String,
+    max_served: usize,
+    serve: F,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(S) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send + 'static,
 {
-    let claimed = Arc::new(AtomicBool::new(false));
+    let claimed = Arc::new(AtomicUsize::new(0));
     let serve = Arc::new(serve);
-    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(max_served.max(1));
+    let mut ended = 0;
     loop {
         let mut stream = tokio::select! {
             s = incoming.recv() => match s { Some(s) => s, None => break },
-            _ = done_rx.recv() => break,
+            _ = done_rx.recv() => {
+                ended += 1;
+                if ended >= max_served { break }
+                continue;
+            }
         };
         let nonce = nonce.clone();
         let claimed = claimed.clone();
@@ -355,8 +370,10 @@ where
             let mut got = [0u8; protocol::NONCE_LEN];
             match tokio::time::timeout(NONCE_TIMEOUT, stream.read_exact(&mut got)).await {
                 Ok(Ok(_)) if protocol::nonce_matches(nonce.as_bytes(), &got) => {
-                    if claimed.swap(true, Ordering::SeqCst) {
-                        log::warn!("9p back-channel: a second connection with the right nonce, closed");
+                    if claimed.fetch_add(1, Ordering::SeqCst) >= max_served {
+                        log::warn!(
+                            "9p back-channel: one more connection with the right nonce than the {max_served} offered, closed"
+                        );
                         return;
                     }
                     log::debug!("9p back-channel: nonce verified, serving 9P");
@@ -528,6 +545,8 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     });
     let mut requests_sent = false;
 
+    // For the `-d` summary (make bench reads it): round trips decide speed on a real link.
+    let request_counts = Arc::new(crate::wirecount::RequestCounts::default());
     let acceptor = match (backchannel, nonce) {
         (Some((_port, rx)), Some(nonce)) => {
             let serve_opts = crate::ninep::ServeOptions {
@@ -536,8 +555,12 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                 max_msize: opts.msize,
                 trace: opts.debug_9p,
             };
-            Some(tokio::spawn(accept_backchannel(rx, nonce, move |stream| {
-                crate::ninep::serve(stream, serve_opts.clone())
+            let counts = request_counts.clone();
+            Some(tokio::spawn(accept_backchannel(rx, nonce, BACKCHANNEL_CONNECTIONS, move |stream| {
+                crate::ninep::serve(
+                    crate::wirecount::Counted::new(stream, counts.clone()),
+                    serve_opts.clone(),
+                )
             })))
         }
         _ => None,
@@ -680,6 +703,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     conn.stop_forwarding();
     if let Some(a) = acceptor {
         a.abort();
+        log::debug!("{}", request_counts.summary());
     }
     drop(out_tx);
     let _ = tokio::task::spawn_blocking(move || output.join()).await;
@@ -891,6 +915,7 @@ mod tests {
             ("CPU_FSTAB", "\nF\n"),
             ("LC_GLENDA_CPU_FSTAB", "\nF\n"),
             ("CPU_MSIZE", "65536"),
+            ("CPU_SYSTEM_MOUNT", "1"),
         ]
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -936,7 +961,7 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let (served_tx, mut served_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let acceptor =
-            tokio::spawn(accept_backchannel(rx, nonce.clone(), move |mut s: tokio::io::DuplexStream| {
+            tokio::spawn(accept_backchannel(rx, nonce.clone(), 1, move |mut s: tokio::io::DuplexStream| {
                 let served_tx = served_tx.clone();
                 async move {
                     // The served stream starts right after the nonce.
@@ -969,5 +994,48 @@ mod tests {
         // After the served connection ends, the acceptor returns.
         tokio::time::timeout(Duration::from_secs(5), acceptor).await.unwrap().unwrap();
         assert!(served_rx.try_recv().is_err(), "served exactly once");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn backchannel_serves_as_many_connections_as_offered_and_refuses_more() {
+        let nonce = "0123456789abcdef0123456789abcdef".to_string();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (served_tx, mut served_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let acceptor =
+            tokio::spawn(accept_backchannel(rx, nonce.clone(), 2, move |mut s: tokio::io::DuplexStream| {
+                let served_tx = served_tx.clone();
+                async move {
+                    let mut rest = Vec::new();
+                    s.read_to_end(&mut rest).await.map_err(|e| Error::io("read", e))?;
+                    let _ = served_tx.send(rest);
+                    Ok(())
+                }
+            }));
+        let mut ends = Vec::new();
+        for name in ["main", "system"] {
+            let (mut end, remote) = tokio::io::duplex(1024);
+            tx.send(remote).unwrap();
+            end.write_all(format!("{nonce}{name}").as_bytes()).await.unwrap();
+            ends.push(end);
+        }
+        // A third with the right nonce is closed unserved.
+        let (mut extra, extra_remote) = tokio::io::duplex(1024);
+        tx.send(extra_remote).unwrap();
+        extra.write_all(nonce.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(n, 0, "the connection beyond the offer is closed");
+        for mut end in ends {
+            end.shutdown().await.unwrap();
+        }
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(tokio::time::timeout(Duration::from_secs(5), served_rx.recv()).await.unwrap().unwrap());
+        }
+        got.sort();
+        assert_eq!(got, [b"main".to_vec(), b"system".to_vec()]);
+        // Both served connections ended: the acceptor returns.
+        tokio::time::timeout(Duration::from_secs(5), acceptor).await.unwrap().unwrap();
     }
 }

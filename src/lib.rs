@@ -36,6 +36,7 @@ pub mod server;
 pub mod ssh;
 pub mod terminal;
 pub mod transport;
+pub mod wirecount;
 
 pub use error::{Error, Result};
 

@@ -16,6 +16,9 @@ pub const ENV_FSTAB_LC: &str = "LC_GLENDA_CPU_FSTAB";
 pub const ENV_MSIZE: &str = "CPU_MSIZE";
 /// Extension: extra 9P mount options (a Go cpud ignores it).
 pub const ENV_MOUNTOPTS: &str = "CPU_MOUNTOPTS";
+/// Extension: "1" when the client serves a second back-channel connection, which a cpu-all
+/// cpud mounts with cached metadata for the system directories (a Go cpud ignores it).
+pub const ENV_SYSTEM_MOUNT: &str = "CPU_SYSTEM_MOUNT";
 /// Where the client's files are mounted on the remote side.
 pub const MOUNT_POINT: &str = "/tmp/cpu";
 /// Length of the nonce in bytes on the wire (32 lowercase hex characters).

@@ -26,7 +26,8 @@ pub fn run(opts: RemoteOptions) -> Result<i32> {
             None => return Err(Error::Usage("no command given and $SHELL is not set".into())),
         }
     }
-    let settings = SessionSettings::from_env(opts.port9p, |name| std::env::var_os(name));
+    let mut settings = SessionSettings::from_env(opts.port9p, |name| std::env::var_os(name));
+    settings.kernel_release = Some(rustix::system::uname().release().to_string_lossy().into_owned());
     // The command must not see them (a nested cpu would inherit them), and the nonce is spent.
     for var in SESSION_VARS {
         std::env::remove_var(var);

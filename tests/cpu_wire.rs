@@ -280,6 +280,7 @@ fn wire_order_forward_env_exec_and_back_channel_checks() {
         format!("env CPU_FSTAB={fstab}"),
         format!("env LC_GLENDA_CPU_FSTAB={fstab}"),
         "env CPU_MSIZE=1048576".into(),
+        "env CPU_SYSTEM_MOUNT=1".into(),
         format!("exec -port9p={FORWARD_PORT} 'ls' '-l'"),
         "unknown forward accepted=false".into(),
         "wrong nonce closed=true".into(),

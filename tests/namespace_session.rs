@@ -24,6 +24,8 @@ fn settings(fstab: Option<String>) -> SessionSettings {
         msize: None,
         mount_opts: None,
         pwd: Some(OsString::from("/home/me/src")),
+        kernel_release: None,
+        system_mount: false,
     }
 }
 
@@ -216,6 +218,117 @@ fn msize_from_the_client_and_mount_options() {
 }
 
 #[test]
+fn cache_mode_default_by_kernel_release_unless_the_client_names_one() {
+    let data_for = |release: Option<&str>, opts: Option<&str>| {
+        let mut ops = client_tree(RecordingOps::new());
+        let mut s = settings(None);
+        s.kernel_release = release.map(String::from);
+        s.mount_opts = opts.map(String::from);
+        prepare_session(&mut ops, &s).unwrap();
+        let data = ninep_data(&ops.calls);
+        assert_eq!(data.len(), 1);
+        data[0].rsplit("msize=1048576").next().unwrap().to_string()
+    };
+    assert_eq!(data_for(Some("6.1.0-56-amd64"), None), ",cache=mmap");
+    assert_eq!(data_for(Some("6.12.9+bpo-arm64"), Some("access=client")), ",cache=mmap,access=client");
+    // Go's own options, as the bench emulates them: the client's choice wins.
+    assert_eq!(data_for(Some("6.1.0"), Some("cache=none")), ",cache=none");
+    assert_eq!(data_for(Some("3.10.0-1160.el7.x86_64"), None), "");
+    assert_eq!(data_for(Some("garbage"), None), "");
+    assert_eq!(data_for(None, None), "");
+}
+
+/// The client's system directories as the second (system) mount shows them.
+fn with_system_mount(ops: RecordingOps) -> RecordingOps {
+    ops.with_mount_contents(
+        "/tmp/.cpu-system",
+        &["/tmp/.cpu-system/lib", "/tmp/.cpu-system/lib64", "/tmp/.cpu-system/usr", "/tmp/.cpu-system/bin"],
+        &[],
+    )
+}
+
+/// (source, target) of every bind, in order.
+fn binds(calls: &[Call]) -> Vec<(String, String)> {
+    calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Mount { source, target, flags, .. } if flags & ms::BIND != 0 && source != "/" => {
+                Some((source.clone(), target.display().to_string()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn dials(calls: &[Call]) -> usize {
+    calls.iter().filter(|c| matches!(c, Call::Dial { .. })).count()
+}
+
+#[test]
+fn system_directories_from_a_second_mount_with_cached_metadata_when_the_client_offers_it() {
+    let mut ops = with_system_mount(client_tree(RecordingOps::new()).with_memory_root());
+    let mut s = settings(Some(client_fstab(cpu_all::options::DEFAULT_NAMESPACE, None).unwrap()));
+    s.kernel_release = Some("6.1.0-56-amd64".into());
+    s.system_mount = true;
+    let prepared = prepare_session(&mut ops, &s).unwrap();
+    assert!(prepared.warnings.is_empty(), "{:?}", prepared.warnings);
+    assert_eq!(dials(&ops.calls), 2, "one connection per mount");
+    let data = ninep_data(&ops.calls);
+    assert_eq!(data.len(), 2);
+    assert!(data[0].ends_with(",msize=1048576,cache=mmap"), "{}", data[0]);
+    assert!(data[1].ends_with(",msize=1048576,cache=loose"), "{}", data[1]);
+    assert!(ops.calls.iter().any(|c| matches!(c,
+        Call::Mount { target, fstype, .. } if fstype == "9p" && target == &PathBuf::from("/tmp/.cpu-system"))));
+    let want: Vec<(String, String)> = [
+        ("/tmp/.cpu-system/lib", "/lib"),
+        ("/tmp/.cpu-system/lib64", "/lib64"),
+        ("/tmp/.cpu-system/usr", "/usr"),
+        ("/tmp/.cpu-system/bin", "/bin"),
+        ("/tmp/cpu/etc", "/etc"),
+        ("/tmp/cpu/home", "/home"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(binds(&ops.calls), want);
+}
+
+#[test]
+fn one_mount_for_a_go_client_an_explicit_cache_mode_or_a_failed_second_mount() {
+    let fstab = client_fstab(cpu_all::options::DEFAULT_NAMESPACE, None).unwrap();
+    let all_from_main = |ops: &RecordingOps| {
+        binds(&ops.calls).iter().all(|(source, _)| source.starts_with("/tmp/cpu/"))
+            && binds(&ops.calls).len() == 6
+    };
+    // A Go client does not offer the second connection.
+    let mut ops = with_system_mount(client_tree(RecordingOps::new()).with_memory_root());
+    let mut s = settings(Some(fstab.clone()));
+    s.kernel_release = Some("6.1.0".into());
+    prepare_session(&mut ops, &s).unwrap();
+    assert_eq!(dials(&ops.calls), 1);
+    assert!(all_from_main(&ops), "{:?}", binds(&ops.calls));
+
+    // -mountopts cache=none (the bench's emulation of Go): applied to everything, one mount.
+    let mut ops = with_system_mount(client_tree(RecordingOps::new()).with_memory_root());
+    s.system_mount = true;
+    s.mount_opts = Some("cache=none".into());
+    prepare_session(&mut ops, &s).unwrap();
+    assert_eq!(dials(&ops.calls), 1);
+    assert!(all_from_main(&ops), "{:?}", binds(&ops.calls));
+
+    // The second mount fails: a debug note, and the binds come from the main mount.
+    let mut ops = with_system_mount(client_tree(RecordingOps::new()).with_memory_root()).fail_when(
+        EPERM,
+        |c| matches!(c, Call::Mount { target, .. } if target == &PathBuf::from("/tmp/.cpu-system")),
+    );
+    s.mount_opts = None;
+    let prepared = prepare_session(&mut ops, &s).unwrap();
+    assert_eq!(dials(&ops.calls), 2);
+    assert!(all_from_main(&ops), "{:?}", binds(&ops.calls));
+    assert!(prepared.warnings.is_empty(), "{:?}", prepared.warnings);
+}
+
+#[test]
 fn channel_options_cannot_be_overridden() {
     for bad in ["trans=tcp", "cache=loose,rfdno=0", "wfdno=1", "msize=8192", "version=9p2000.u"] {
         let mut ops = client_tree(RecordingOps::new());
@@ -372,6 +485,7 @@ fn settings_from_environment() {
             "USER" => Some("me".into()),
             "CPU_MSIZE" => Some("131072".into()),
             "PWD" => Some("/home/me".into()),
+            "CPU_SYSTEM_MOUNT" => Some("1".into()),
             _ => None,
         }
     };
@@ -386,6 +500,8 @@ fn settings_from_environment() {
             msize: Some("131072".into()),
             mount_opts: None,
             pwd: Some("/home/me".into()),
+            kernel_release: None,
+            system_mount: true,
         }
     );
 }

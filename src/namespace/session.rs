@@ -16,7 +16,9 @@ use super::fstab::{ms, parse_fstab, translate_options, FstabEntry, MsFlags};
 use super::ops::{MountOps, PathKind};
 use crate::error::{Error, Result};
 use crate::options::MAX_MSIZE;
-use crate::protocol::{ENV_FSTAB, ENV_FSTAB_LC, ENV_MOUNTOPTS, ENV_MSIZE, ENV_NONCE, MOUNT_POINT};
+use crate::protocol::{
+    ENV_FSTAB, ENV_FSTAB_LC, ENV_MOUNTOPTS, ENV_MSIZE, ENV_NONCE, ENV_SYSTEM_MOUNT, MOUNT_POINT,
+};
 
 /// Always /tmp, never $TMPDIR: that comes from the client and may not exist here (P14).
 pub const SESSION_TMP: &str = "/tmp";
@@ -33,7 +35,17 @@ pub const MSIZE_FALLBACKS: [u32; 4] = [512 * 1024, 256 * 1024, 128 * 1024, 64 * 
 /// How long the client's 9P server may take to answer the mount's version request.
 pub const NINEP_MOUNT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Environment variables that configure the session and are not passed to the command.
-pub const SESSION_VARS: [&str; 5] = [ENV_NONCE, ENV_FSTAB, ENV_FSTAB_LC, ENV_MSIZE, ENV_MOUNTOPTS];
+pub const SESSION_VARS: [&str; 6] =
+    [ENV_NONCE, ENV_FSTAB, ENV_FSTAB_LC, ENV_MSIZE, ENV_MOUNTOPTS, ENV_SYSTEM_MOUNT];
+/// Where the second mount of the client's files, the one with cached metadata for the system
+/// directories, goes (only when the client offers it: see [`SYSTEM_DIRS`]).
+pub const SYSTEM_MOUNT_POINT: &str = "/tmp/.cpu-system";
+/// Client directories that hold programs and libraries: rarely changed while a session runs,
+/// and read at every program start. Binds of these come from the system mount, whose
+/// `cache=loose` keeps their lookups and attributes (a python3 start: 873 requests with
+/// `cache=mmap` alone, figures in bench/baseline.txt). The user's data (/home, /etc, the
+/// working directory) stays on the coherent `cache=mmap` mount.
+pub const SYSTEM_DIRS: [&str; 7] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr"];
 /// Mount options the client may not override through CPU_MOUNTOPTS: they carry the channel.
 const RESERVED_OPTIONS: [&str; 5] = ["trans", "rfdno", "wfdno", "msize", "version"];
 
@@ -58,6 +70,10 @@ pub struct SessionSettings {
     pub mount_opts: Option<String>,
     /// $PWD, as the client sent it.
     pub pwd: Option<OsString>,
+    /// This machine's kernel release (uname -r): picks the default 9p cache mode.
+    pub kernel_release: Option<String>,
+    /// CPU_SYSTEM_MOUNT=1: the client (cpu-all) serves a second back-channel connection.
+    pub system_mount: bool,
 }
 
 impl SessionSettings {
@@ -72,6 +88,8 @@ impl SessionSettings {
             msize: text(ENV_MSIZE),
             mount_opts: text(ENV_MOUNTOPTS),
             pwd: var("PWD"),
+            kernel_release: None,
+            system_mount: text(ENV_SYSTEM_MOUNT).as_deref() == Some("1"),
         }
     }
 }
@@ -98,8 +116,16 @@ pub fn prepare_session(ops: &mut dyn MountOps, settings: &SessionSettings) -> Re
         Some(nonce) => Some(mount_client_files(ops, settings, nonce)?),
         None => None,
     };
+    let system_mount = match (&settings.nonce, msize) {
+        (Some(nonce), Some(msize)) => mount_system_files(ops, settings, nonce, msize),
+        _ => false,
+    };
     if let Some(text) = &settings.fstab {
-        apply_fstab(ops, &parse_fstab(text), msize.is_some(), &mut warnings);
+        let mut entries = parse_fstab(text);
+        if system_mount {
+            route_system_binds(&mut entries);
+        }
+        apply_fstab(ops, &entries, msize.is_some(), &mut warnings);
     }
     let (working_dir, pwd_fallback) = enter_working_directory(ops, settings.pwd.as_deref(), &mut warnings)?;
     Ok(Prepared { msize, working_dir, pwd_fallback, warnings })
@@ -197,6 +223,41 @@ pub fn validate_mount_opts(raw: &str) -> Result<String> {
     Ok(words.join(","))
 }
 
+/// The 9p cache mode used when the client's CPU_MOUNTOPTS names none, by kernel release.
+///
+/// `mmap` (measured on 6.1 against `none`, Go's choice, and `loose`; figures in
+/// bench/baseline.txt, 2026-11-25): program loading goes through the page cache with
+/// read-ahead (the big win: ELF segments are mapped, so `none` reads them 4 KiB per request),
+/// writable shared mmap works (with `none` it fails), `read`/`write` stay synchronous on 6.1 so
+/// a write is on the client's disk when the command's exit status is sent, and each session
+/// mounts afresh, so a file changed on the client between sessions is always seen changed.
+/// `loose` caches metadata too but on 6.1 writes back 4 KiB at a time (a 64 MiB write went
+/// from 19 s to minutes) and never revalidates within a session. Since 6.6 `mmap` is the
+/// bitmask 0b101 (read-ahead + writeback); its dirty pages are written back at the latest when
+/// the session's mount namespace is torn down, which the kernel does before the command's
+/// exit is reported. Kernels before 4.0 (older than anything we test) keep the kernel default.
+pub fn default_cache_mode(kernel_release: Option<&str>) -> Option<&'static str> {
+    let (major, minor) = kernel_version(kernel_release?)?;
+    ((major, minor) >= (4, 0)).then_some("mmap")
+}
+
+/// `(major, minor)` of a release string such as `6.1.0-56-amd64`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The client's extra options with the default cache mode added when they name none.
+pub fn with_default_cache(extra: &str, kernel_release: Option<&str>) -> String {
+    match default_cache_mode(kernel_release) {
+        Some(mode) if !names_cache(extra) && extra.is_empty() => format!("cache={mode}"),
+        Some(mode) if !names_cache(extra) => format!("cache={mode},{extra}"),
+        _ => extra.to_string(),
+    }
+}
+
 /// The 9p mount data string (spec 5.3, with noxattr as the newer Go cpud).
 pub fn ninep_mount_data(fd: i32, uname: &str, msize: u32, extra: &str) -> String {
     let mut data =
@@ -208,21 +269,73 @@ pub fn ninep_mount_data(fd: i32, uname: &str, msize: u32, extra: &str) -> String
     data
 }
 
-/// Dials the back-channel (127.0.0.1 first, as the client asks for it first; then ::1),
-/// sends the nonce, and mounts the client's files on /tmp/cpu. Returns the msize used.
-fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce: &str) -> Result<u32> {
-    let extra = validate_mount_opts(settings.mount_opts.as_deref().unwrap_or(""))?;
-    let port = settings.port9p.ok_or_else(|| {
-        Error::Namespace(format!(
-            "{ENV_NONCE} is set but no -port9p was given: cannot reach the client's files"
-        ))
-    })?;
-    // Check before dialing, so a kernel without 9p costs the client nothing.
-    let supported =
-        ops.filesystem_supported("9p") || (ops.load_module("9p") && ops.filesystem_supported("9p"));
-    if !supported {
-        return Err(Error::Namespace(NO_9P_SUPPORT.into()));
+/// Whether mount options name a cache mode.
+fn names_cache(options: &str) -> bool {
+    options.split(',').any(|w| w.trim() == "cache" || w.trim().starts_with("cache="))
+}
+
+/// The second mount, for the system directories, with `cache=loose`: only when the client
+/// offered it (CPU_SYSTEM_MOUNT=1, sent by cpu-all; a Go client never does), named no cache
+/// mode itself (an explicit choice is applied to everything), and the kernel is one we chose
+/// a cached default for. Any failure leaves the binds on the main mount; never fatal.
+fn mount_system_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce: &str, msize: u32) -> bool {
+    let client_opts = settings.mount_opts.as_deref().unwrap_or("");
+    if !settings.system_mount
+        || names_cache(client_opts)
+        || default_cache_mode(settings.kernel_release.as_deref()).is_none()
+    {
+        return false;
     }
+    let Some(port) = settings.port9p else { return false };
+    let channel = match dial_backchannel(ops, port, nonce) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::debug!("9p: no second connection for the system directories: {e}");
+            return false;
+        }
+    };
+    let target = Path::new(SYSTEM_MOUNT_POINT);
+    if let Err(e) = ops.mkdir_all(target) {
+        log::debug!("9p: cannot create {SYSTEM_MOUNT_POINT}: {e}");
+        return false;
+    }
+    // validate_mount_opts already accepted these for the main mount.
+    let extra = match client_opts.trim() {
+        "" => "cache=loose".to_string(),
+        opts => format!("cache=loose,{opts}"),
+    };
+    let data = ninep_mount_data(channel.as_raw_fd(), &sanitize_uname(&settings.user), msize, &extra);
+    match ops.mount_9p(&channel, target, ms::NODEV | ms::NOSUID, &data, NINEP_MOUNT_DEADLINE) {
+        Ok(()) => {
+            log::debug!("9p: system directories from {SYSTEM_MOUNT_POINT} (cache=loose)");
+            true
+        }
+        Err(e) => {
+            log::debug!(
+                "9p: mounting {SYSTEM_MOUNT_POINT} failed ({e}); system directories stay on {MOUNT_POINT}"
+            );
+            false
+        }
+    }
+}
+
+/// Bind lines whose source is a system directory of the client take it from the system mount.
+pub fn route_system_binds(entries: &mut [FstabEntry]) {
+    for entry in entries.iter_mut() {
+        if !translate_options(&entry.options).is_bind() {
+            continue;
+        }
+        let Ok(rest) = Path::new(&entry.spec).strip_prefix(MOUNT_POINT) else { continue };
+        let top = rest.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        if top.is_some_and(|t| SYSTEM_DIRS.contains(&t.as_str())) {
+            entry.spec = Path::new(SYSTEM_MOUNT_POINT).join(rest).display().to_string();
+        }
+    }
+}
+
+/// Dials the back-channel (127.0.0.1 first, as the client asks for it first; then ::1) and
+/// sends the nonce.
+fn dial_backchannel(ops: &mut dyn MountOps, port: u16, nonce: &str) -> Result<std::os::fd::OwnedFd> {
     let addrs =
         [SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))];
     let mut last_error = None;
@@ -239,12 +352,32 @@ fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce:
             }
         }
     }
-    let Some(channel) = channel else {
+    channel.ok_or_else(|| {
         let e = last_error.map(|e| e.to_string()).unwrap_or_default();
-        return Err(Error::Namespace(format!(
+        Error::Namespace(format!(
             "cannot reach the client's 9p server on 127.0.0.1:{port} or [::1]:{port}: {e}"
-        )));
-    };
+        ))
+    })
+}
+
+/// Dials the back-channel and mounts the client's files on /tmp/cpu. Returns the msize used.
+fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce: &str) -> Result<u32> {
+    let extra = with_default_cache(
+        &validate_mount_opts(settings.mount_opts.as_deref().unwrap_or(""))?,
+        settings.kernel_release.as_deref(),
+    );
+    let port = settings.port9p.ok_or_else(|| {
+        Error::Namespace(format!(
+            "{ENV_NONCE} is set but no -port9p was given: cannot reach the client's files"
+        ))
+    })?;
+    // Check before dialing, so a kernel without 9p costs the client nothing.
+    let supported =
+        ops.filesystem_supported("9p") || (ops.load_module("9p") && ops.filesystem_supported("9p"));
+    if !supported {
+        return Err(Error::Namespace(NO_9P_SUPPORT.into()));
+    }
+    let channel = dial_backchannel(ops, port, nonce)?;
     let uname = sanitize_uname(&settings.user);
     let target = Path::new(MOUNT_POINT);
     let mut last_error: Option<(io::Error, String)> = None;
