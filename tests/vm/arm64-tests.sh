@@ -10,6 +10,8 @@
 #     the arm64 bash runs, sees /home, and what it writes lands on the host;
 #   - the reverse mistake: the default namespace (the host's x86_64 /bin) on the arm64 board
 #     fails with ENOEXEC, and cpud says so in one line (exit status 126);
+#   - the armv7 and riscv64 builds' cpu (under qemu-user on this host) serve the host's files
+#     to the guest's 9p mount (skipped when those builds or qemu-user-static are missing);
 #   - decpud in the guest announces arch=arm64 (seen by a decpu in the same guest).
 # AARCH64_STATIC_BIN defaults to target/aarch64-unknown-linux-musl/release/cpu-all, built
 # with tools/build-static when missing. Prints PASS/FAIL/SKIP lines and "N passed, M failed".
@@ -156,7 +158,25 @@ else
 	ko "vm/foreign-userland arm64 failed: $(tail -n 3 "$W/userland.log")"
 fi
 
-# 6. decpud in the arm64 guest announces arch=arm64: a decpud on another port and a decpu in
+# 6. the 9P server of the armv7 and riscv64 builds: their `cpu` runs on this host under
+# qemu-user and serves the host's files to the arm64 guest's kernel (the real 9p mount).
+for a in armv7:arm:armv7-unknown-linux-musleabihf riscv64:riscv64:riscv64gc-unknown-linux-musl; do
+	IFS=: read -r name q triple <<<"$a"
+	fb="$ROOT/target/$triple/release/cpu-all"
+	if ! command -v "qemu-$q-static" >/dev/null; then echo "SKIP: [arm64] $name cpu: no qemu-$q-static (qemu-user-static)"; continue; fi
+	if [ ! -f "$fb" ]; then echo "SKIP: [arm64] $name cpu: no $fb (make static ARCH=$name; tests/vm/qemu-user-tests.sh builds it)"; continue; fi
+	cp "$fb" "$W/cpu-all-$name"
+	FCPU=("qemu-$q-static" "$W/cpu-all-$name" cpu -sp "$HOST_PORT" -key "$W/userkey" -hk "$W/hostkey.pub")
+	want=$(sha256sum "$D/big" | cut -d' ' -f1)
+	got=$(cd "$D" && timeout -k 10 "$CPU_TIMEOUT" "${FCPU[@]}" -namespace="$W" 127.0.0.1 sh -c "sha256sum big; head -c 1m /dev/urandom > by-$name.bin; sha256sum by-$name.bin" </dev/null 2>>"$W/err")
+	check "the $name cpu's 9P server: $MIB MiB read in the guest has the host's sha256" "$want" "$(sed -n 1p <<<"$got" | cut -d' ' -f1)"
+	want=$(sha256sum "$D/by-$name.bin" 2>/dev/null | cut -d' ' -f1)
+	got=$(sed -n 2p <<<"$got" | cut -d' ' -f1)
+	if [ -n "$got" ] && [ "$got" = "$want" ]; then ok "the $name cpu's 9P server: 1 MiB written in the guest is the same on the host"
+	else ko "the $name cpu's 9P server: guest-written file: guest sha256 [$got], host [$want]"; fi
+done
+
+# 7. decpud in the arm64 guest announces arch=arm64: a decpud on another port and a decpu in
 # the same guest that accepts only arch=arm64 servers (keys: the test's, through /tmp/cpu).
 K="/tmp/cpu$W"
 got=$(cd / && cpu_run -namespace= sh -c '
