@@ -3,11 +3,22 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 MUSL := x86_64-unknown-linux-musl
-STATIC_BIN := $(TARGET_DIR)/$(MUSL)/release/cpu-all
+# Board architectures: `make static ARCH=aarch64` (tools/build-static has the toolchain table).
+ARCH ?= x86_64
+ARCHES := x86_64 aarch64 armv7 riscv64
+TRIPLE_x86_64 := x86_64-unknown-linux-musl
+TRIPLE_aarch64 := aarch64-unknown-linux-musl
+TRIPLE_armv7 := armv7-unknown-linux-musleabihf
+TRIPLE_riscv64 := riscv64gc-unknown-linux-musl
+TRIPLE := $(TRIPLE_$(ARCH))
+ifeq ($(TRIPLE),)
+$(error ARCH=$(ARCH) is not one of $(ARCHES))
+endif
+STATIC_BIN := $(TARGET_DIR)/$(TRIPLE)/release/cpu-all
+INITRAMFS ?= $(TARGET_DIR)/cpu-all-initramfs$(if $(filter-out x86_64,$(ARCH)),-$(ARCH)).cpio.gz
 PREFIX ?= /usr/local
 SYSTEMD_UNIT_DIR_SET := $(SYSTEMD_UNIT_DIR)
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
-INITRAMFS ?= $(TARGET_DIR)/cpu-all-initramfs.cpio.gz
 APPLETS := cpu cpud decpu decpud
 # ring builds C for musl: plain gcc works when musl-gcc is absent (no libc headers needed).
 export CC_x86_64_unknown_linux_musl ?= $(shell command -v musl-gcc >/dev/null 2>&1 && echo musl-gcc || echo gcc)
@@ -20,18 +31,18 @@ SKIP_FRESH ?= 1
 skip_reset = $(if $(filter 0,$(SKIP_FRESH)),,@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG))
 skip_summary = $(if $(filter 0,$(SKIP_FRESH)),,@tools/skip-summary $(SKIP_LOG))
 
-.PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs setup setup-demo
+.PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs setup setup-demo static-all
 
 all: build
 
 build: ## debug build of target/debug/cpu-all
 	$(CARGO) build
 
-static: ## fully static x86_64 musl release binary
-	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)
-	$(CARGO) build --release --target $(MUSL)
-	@file $(STATIC_BIN) 2>/dev/null | grep -Eq 'static(-pie)? linked' || { echo "error: $(STATIC_BIN) is not statically linked"; file $(STATIC_BIN); exit 1; }
-	@echo "$(STATIC_BIN): $$(stat -c %s $(STATIC_BIN)) bytes"
+static: ## fully static musl release binary for ARCH (x86_64 default, aarch64, armv7, riscv64)
+	@tools/build-static $(ARCH) >/dev/null
+
+static-all: ## static binaries for all four architectures
+	@for a in $(ARCHES); do tools/build-static $$a >/dev/null || exit 1; done
 
 install: static ## install cpu-all and the applet links into $(PREFIX)/bin (INSTALL_SERVICES=1: also enable-able service files)
 	install -d $(DESTDIR)$(PREFIX)/bin
@@ -53,8 +64,13 @@ install: static ## install cpu-all and the applet links into $(PREFIX)/bin (INST
 		fi; \
 	fi
 
-size: static ## print the static binary's size in bytes
-	@stat -c %s $(STATIC_BIN)
+size: static ## size in bytes of ARCH's static binary (built if needed), then of every other one built
+	@for a in $(ARCHES); do \
+		f=$(TARGET_DIR)/$$(case $$a in x86_64) echo $(TRIPLE_x86_64);; aarch64) echo $(TRIPLE_aarch64);; \
+			armv7) echo $(TRIPLE_armv7);; riscv64) echo $(TRIPLE_riscv64);; esac)/release/cpu-all; \
+		if [ -f $$f ]; then printf '%-8s %9s bytes  %s\n' $$a $$(stat -c %s $$f) $$f; \
+		else printf '%-8s %9s        (make static ARCH=%s)\n' $$a "not built" $$a; fi; \
+	done
 
 setup: ## install what make test needs on a fresh Debian machine (apt packages, rustup parts)
 	tools/setup-host test
@@ -99,7 +115,7 @@ demo: setup-demo static ## boot a VM running cpud and run cpu against it
 bench: static ## figures for speed and size, compared with bench/baseline.txt
 	bench/run $(STATIC_BIN)
 
-initramfs: static ## initramfs with cpud as /init: make initramfs KEY=key.pub [EXTRA="src:/dst ..."] [MODDIR=/lib/modules/V MODULES="9p virtio_net"] [FLAGS="-d -poweroff"] [INITRAMFS=out]
+initramfs: static ## initramfs with cpud as /init: make initramfs [ARCH=aarch64] KEY=key.pub [EXTRA="src:/dst ..."] [MODDIR=/lib/modules/V MODULES="9p virtio_net"] [FLAGS="-d -poweroff"] [INITRAMFS=out]
 	@[ -n "$(KEY)" ] || { echo "usage: make initramfs KEY=path/to/key.pub [EXTRA=src:/dst ...] [MODDIR=... MODULES=...] [FLAGS=...]"; exit 2; }
 	vm/mkinitramfs -b $(STATIC_BIN) -k "$(KEY)" -o "$(INITRAMFS)" $(if $(STATE),-s "$(STATE)") \
 		$(foreach e,$(EXTRA),-e "$(e)") $(if $(MODDIR),-M "$(MODDIR)") $(foreach m,$(MODULES),-m "$(m)") \

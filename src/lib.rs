@@ -18,10 +18,12 @@
 //! - [`transport`]: tcp, vsock, unix and unix-vsock streams and listeners.
 //! - [`discovery`]: DNS-SD announcement (decpud) and server selection (decpu).
 //! - [`init`]: PID 1 duties for `cpud -init`.
+//! - [`elf_arch`]: an ELF file's architecture, for cpud's message when exec says ENOEXEC.
 
 pub mod client;
 pub mod cmdline;
 pub mod discovery;
+pub mod elf_arch;
 pub mod error;
 pub mod flags;
 pub mod init;

@@ -56,6 +56,13 @@ fn exec_command(command: &[OsString]) -> i32 {
             }
             EXIT_NOT_FOUND
         }
+        _ if err.raw_os_error() == Some(libc::ENOEXEC) => {
+            // Typically the client's x86_64 /bin on an arm64 board: say so in one line.
+            let path = find_program(&command[0]);
+            let here = std::env::consts::ARCH;
+            eprintln!("{}", crate::elf_arch::exec_format_message(&name, path.as_deref(), here));
+            EXIT_NOT_EXECUTABLE
+        }
         _ => {
             eprintln!("cpud: {name}: {err}");
             EXIT_NOT_EXECUTABLE
