@@ -295,7 +295,7 @@ run_entrypoint_group() {
 	mkdir -p "$W/ssh"
 	cp "$W/key" "$W/ssh/id_ed25519"
 	cp "$W/hostkey.pub" "$W/ssh/hostkey.pub"
-	local script='echo "$BASH_VERSION"; read -r line </etc/userland-marker; echo "$line"; read -r k v </proc/version; echo "$k"; while read -r dev mnt fs rest; do [ "$mnt" = /tmp/cpu ] && echo "$fs"; done </proc/mounts'
+	local script='echo "$BASH_VERSION"; read -r line </etc/userland-marker; echo "$line"; read -r k v </proc/version; echo "$k"; while read -r dev mnt fs rest; do if [ "$mnt" = /tmp/cpu ]; then echo "$fs"; fi; done </proc/mounts'
 	out=$(timeout -k 5 $((TIMEOUT * 2)) "${PODMAN[@]}" run --rm "${RUN_OPTS[@]}" --network host \
 		-v "$BIN:/cpu:ro" -v "$W/ssh:/root/.ssh:ro" --entrypoint /cpu localhost/userland:test \
 		-key /root/.ssh/id_ed25519 -hk /root/.ssh/hostkey.pub -sp "$HOST_PORT" 127.0.0.1 /bin/bash -c "$script" \
