@@ -31,7 +31,7 @@ SKIP_FRESH ?= 1
 skip_reset = $(if $(filter 0,$(SKIP_FRESH)),,@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG))
 skip_summary = $(if $(filter 0,$(SKIP_FRESH)),,@tools/skip-summary $(SKIP_LOG))
 
-.PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs setup setup-demo static-all
+.PHONY: all build static install size test unit lint fmt vmtest demo bench help initramfs setup setup-demo static-all oci
 
 all: build
 
@@ -71,6 +71,7 @@ size: static ## size in bytes of ARCH's static binary (built if needed), then of
 		if [ -f $$f ]; then printf '%-8s %9s bytes  %s\n' $$a $$(stat -c %s $$f) $$f; \
 		else printf '%-8s %9s        (make static ARCH=%s)\n' $$a "not built" $$a; fi; \
 	done
+	@$(MAKE) --no-print-directory -s oci >/dev/null && cat $(TARGET_DIR)/oci/size.txt
 
 setup: ## install what make test needs on a fresh Debian machine (apt packages, rustup parts)
 	tools/setup-host test
@@ -123,3 +124,20 @@ initramfs: static ## initramfs with cpud as /init: make initramfs [ARCH=aarch64]
 
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+# The cpud container image: target/oci/layout (OCI image layout) and target/oci/cpu-all-oci.tar
+# (`podman load -i`, `docker load -i`). One image per architecture whose static binary exists
+# (amd64 always; arm64 and arm/v7 from `make static ARCH=...`), in one multi-arch index.
+# OCI_BUSYBOX_amd64/_arm64/_armv7=PATH add a static busybox's date, cat and sh (amd64: Debian's busybox-static).
+OCI_DIR := $(TARGET_DIR)/oci
+OCI_TAG ?= latest
+OCI_BUSYBOX_amd64 ?= $(shell file -L /bin/busybox 2>/dev/null | grep -q 'x86-64.*statically linked' && echo /bin/busybox)
+OCI_ARCHES := amd64=$(STATIC_BIN) \
+	$(if $(wildcard $(TARGET_DIR)/aarch64-unknown-linux-musl/release/cpu-all),arm64=$(TARGET_DIR)/aarch64-unknown-linux-musl/release/cpu-all) \
+	$(if $(wildcard $(TARGET_DIR)/armv7-unknown-linux-musleabihf/release/cpu-all),arm/v7=$(TARGET_DIR)/armv7-unknown-linux-musleabihf/release/cpu-all)
+oci: static ## cpud container image, no Docker needed: target/oci/cpu-all-oci.tar (podman load -i ...); OCI_TAG=latest
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 0) oci/mkoci \
+		$(foreach a,$(OCI_ARCHES),--bin $(a)) \
+		$(foreach a,amd64 arm64 arm/v7,$(if $(OCI_BUSYBOX_$(subst /,,$(a))),--busybox $(a)=$(OCI_BUSYBOX_$(subst /,,$(a))))) \
+		--tag $(OCI_TAG) --version "$$(git describe --always --dirty 2>/dev/null)" \
+		-o $(OCI_DIR)/layout --archive $(OCI_DIR)/cpu-all-oci.tar --size-report $(OCI_DIR)/size.txt
