@@ -1,5 +1,6 @@
 //! Our layer over russh: keys, authorized keys, known_hosts, ssh_config, client and server.
 
+pub mod admission;
 pub mod authorized_keys;
 pub mod client;
 pub mod config;

@@ -8,9 +8,14 @@
 //! `tcpip-forward` / `cancel-tcpip-forward` requests (loopback only, port 0 allowed, the
 //! allocated port returned, the bind address echoed verbatim in `forwarded-tcpip`).
 //!
-//! Robustness: a connection that has not authenticated within the handshake timeout is cut
-//! (its stream starts failing, which ends russh's loop); at most [`MAX_STARTUPS`] connections
-//! may be unauthenticated at once; nothing read from the network can panic this module.
+//! Robustness against unauthenticated peers: admission control on accept
+//! ([`crate::ssh::admission`]: MaxStartups random early drop, a per-source limit, eviction of
+//! the busiest source's oldest handshake); a short grace for the client's identification line
+//! and a bounded time to authenticate (a connection past either is cut: its stream starts
+//! failing, which ends russh's loop); key exchange limited to algorithms whose cost a peer
+//! cannot inflate ([`SERVER_KEX`]); and each connection runs on a thread of its own with its
+//! own current-thread runtime, so one peer's handshake crypto never stalls another
+//! connection's sessions. Nothing read from the network can panic this module.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -18,7 +23,6 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -27,18 +31,32 @@ use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, SshId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::error::{Error, Result};
+use crate::ssh::admission::{self, Admission, AdmissionConfig, Source, Ticket};
 use crate::ssh::authorized_keys::{AuthorizedKeys, Permissions, Verdict};
 use crate::ssh::hostkey::fingerprint;
 use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
 use crate::transport::{BoxStream, Listener};
 
-/// Connections allowed to be mid-handshake at once; more are dropped on accept (sshd's
-/// MaxStartups idea: garbage and slow clients cannot starve real ones of memory).
-pub const MAX_STARTUPS: usize = 64;
+/// The key exchanges offered: fixed cost per attempt whatever the peer sends (no group16/18,
+/// no group exchange, no SHA-1 groups). mlkem768x25519 is curve25519 plus a fixed-size
+/// ML-KEM; OpenSSH 9.9+ prefers it (10.1 warns without a post-quantum exchange).
+pub const SERVER_KEX: &[russh::kex::Name] = &[
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::CURVE25519,
+    russh::kex::CURVE25519_PRE_RFC_8731,
+    russh::kex::ECDH_SHA2_NISTP256,
+    russh::kex::DH_G14_SHA256,
+    russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+/// Stack of a connection's thread (its futures live on the heap; crypto needs little stack).
+const CONNECTION_STACK: usize = 1 << 20;
+/// How long a finished connection's runtime waits for stray tasks before cancelling them.
+const CONNECTION_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Session channels open at once on one connection.
 const MAX_CHANNELS_PER_CONNECTION: usize = 64;
 /// Remote forwards at once on one connection (cpu uses one).
@@ -51,8 +69,13 @@ pub struct ServerConfig {
     /// The authorized_keys file, re-read on every attempt; None: no authentication at all
     /// (`-pk ""`, Go compatibility).
     pub authorized_keys: Option<PathBuf>,
-    /// A connection must finish key exchange and authentication within this time.
+    /// A connection must finish key exchange and authentication within this time (sshd's
+    /// LoginGraceTime).
     pub handshake_timeout: Duration,
+    /// A connection must send its SSH identification line within this time.
+    pub banner_grace: Duration,
+    /// Limits on connections that have not authenticated yet.
+    pub admission: AdmissionConfig,
     /// Between SIGHUP and SIGKILL for the command of a client that went away.
     pub hangup_grace: Duration,
     /// The program run for cpu-form exec strings as `cpud -remote ...`.
@@ -72,6 +95,8 @@ impl ServerConfig {
             host_key,
             authorized_keys,
             handshake_timeout: Duration::from_secs(30),
+            banner_grace: Duration::from_secs(5),
+            admission: AdmissionConfig::default(),
             hangup_grace: Duration::from_secs(2),
             remote_program: PathBuf::from("/proc/self/exe"),
             server_id: format!("SSH-2.0-cpu-all_{}", env!("CARGO_PKG_VERSION")),
@@ -86,10 +111,11 @@ struct Shared {
     russh: Arc<russh::server::Config>,
     authorized_keys: Option<PathBuf>,
     handshake_timeout: Duration,
+    banner_grace: Duration,
     hangup_grace: Duration,
     remote_program: PathBuf,
     tenants: Arc<Tenants>,
-    startups: AtomicUsize,
+    admission: Arc<Admission>,
 }
 
 /// Serves connections from `listener` until `shutdown` completes; then stops accepting and
@@ -120,16 +146,18 @@ pub async fn serve(
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: 3,
         nodelay: true,
+        preferred: russh::Preferred { kex: Cow::Borrowed(SERVER_KEX), ..russh::Preferred::DEFAULT },
         ..Default::default()
     };
     let shared = Arc::new(Shared {
         russh: Arc::new(russh_config),
         authorized_keys: config.authorized_keys.clone(),
         handshake_timeout: config.handshake_timeout,
+        banner_grace: config.banner_grace.min(config.handshake_timeout),
         hangup_grace: config.hangup_grace,
         remote_program: config.remote_program.clone(),
         tenants: Tenants::new(config.on_tenants.clone()),
-        startups: AtomicUsize::new(0),
+        admission: Admission::new(config.admission),
     });
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -138,15 +166,19 @@ pub async fn serve(
             () = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    if shared.startups.load(Ordering::SeqCst) >= MAX_STARTUPS {
-                        log::warn!("dropping connection from {peer}: {MAX_STARTUPS} handshakes already in progress");
-                        continue;
+                Ok((stream, peer)) => match shared.admission.admit(Source::of_peer(&peer)) {
+                    admission::Verdict::Refused(why) => log::info!("dropping connection from {peer}: {why}"),
+                    admission::Verdict::Admitted { ticket, evicted } => {
+                        match spawn_connection(stream, peer.clone(), shared.clone(), ticket, evicted) {
+                            Ok(done) => {
+                                connections.spawn(async move {
+                                    let _ = done.await;
+                                });
+                            }
+                            Err(e) => log::warn!("dropping connection from {peer}: no thread for it: {e}"),
+                        }
                     }
-                    // Counted here, not in the task, so a burst of accepts cannot overshoot.
-                    shared.startups.fetch_add(1, Ordering::SeqCst);
-                    connections.spawn(connection(stream, peer, shared.clone()));
-                }
+                },
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     log::warn!("accept: {e}");
@@ -161,31 +193,45 @@ pub async fn serve(
     Ok(())
 }
 
-/// Counts a connection as "in handshake" until authenticated or gone.
-struct StartupSlot<'a>(Option<&'a AtomicUsize>);
-
-impl StartupSlot<'_> {
-    fn release(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.fetch_sub(1, Ordering::SeqCst);
+/// Runs one connection on a thread of its own (with its own current-thread runtime, so its
+/// key exchange cannot stall other connections); the receiver completes when it is over.
+fn spawn_connection(
+    stream: BoxStream,
+    peer: String,
+    shared: Arc<Shared>,
+    ticket: Ticket,
+    evicted: oneshot::Receiver<()>,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new().name("cpud-conn".into()).stack_size(CONNECTION_STACK).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => {
+                runtime.block_on(connection(stream, peer, shared, ticket, evicted));
+                runtime.shutdown_timeout(CONNECTION_SHUTDOWN_GRACE);
+            }
+            Err(e) => log::warn!("{peer}: dropped: no runtime for it: {e}"),
         }
-    }
+        let _ = done_tx.send(());
+    })?;
+    Ok(done_rx)
 }
 
-impl Drop for StartupSlot<'_> {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
-    let mut slot = StartupSlot(Some(&shared.startups));
+async fn connection(
+    stream: BoxStream,
+    peer: String,
+    shared: Arc<Shared>,
+    mut ticket: Ticket,
+    mut evicted: oneshot::Receiver<()>,
+) {
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let stream = Killable { inner: stream, kill: kill_rx, dead: false, disarmed: false };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
-    let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx);
+    // Every session task holds a clone of the sender: recv() ends when the last one is done.
+    let (tasks_tx, mut tasks_rx) = mpsc::channel::<()>(1);
+    let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx, tasks_tx);
     let deadline = tokio::time::sleep(shared.handshake_timeout);
     tokio::pin!(deadline);
+    let banner_deadline = tokio::time::sleep(shared.banner_grace);
     let start = russh::server::run_stream(shared.russh.clone(), stream, handler);
     let running = tokio::select! {
         r = start => match r {
@@ -195,8 +241,12 @@ async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
                 return;
             }
         },
-        () = &mut deadline => {
-            log::info!("{peer}: dropped, no SSH identification within {:?}", shared.handshake_timeout);
+        () = banner_deadline => {
+            log::info!("{peer}: dropped, no SSH identification within {:?}", shared.banner_grace);
+            return;
+        }
+        Ok(()) = &mut evicted => {
+            log::info!("{peer}: dropped before its identification: a less busy source needed the slot");
             return;
         }
     };
@@ -209,15 +259,22 @@ async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
             ok = async { match auth_rx.as_mut() { Some(rx) => rx.await.is_ok(), None => std::future::pending().await } } => {
                 auth_rx = None;
                 if ok {
-                    slot.release();
+                    ticket.release();
                 }
             }
-            () = &mut deadline, if slot.0.is_some() => {
+            () = &mut deadline, if !ticket.is_released() => {
                 log::info!("{peer}: dropped, handshake not finished within {:?}", shared.handshake_timeout);
                 if let Some(k) = kill_tx.take() {
                     let _ = k.send(());
                 }
-                slot.release();
+                ticket.release();
+            }
+            Ok(()) = &mut evicted, if !ticket.is_released() => {
+                log::info!("{peer}: dropped during its handshake: a less busy source needed the slot");
+                if let Some(k) = kill_tx.take() {
+                    let _ = k.send(());
+                }
+                ticket.release();
             }
         }
     };
@@ -225,6 +282,8 @@ async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
         log::debug!("{peer}: connection ended: {e}");
     }
     drop(kill_tx);
+    // Sessions outlive the connection by their hang-up grace (SIGHUP, then SIGKILL).
+    while tasks_rx.recv().await.is_some() {}
 }
 
 /// A stream that can be made to fail from outside, which ends russh's session loop (the
@@ -297,19 +356,27 @@ struct ConnHandler {
     peer: String,
     peer_ip: Option<IpAddr>,
     authenticated: Option<oneshot::Sender<()>>,
+    /// Cloned into every session task; see [`connection`].
+    tasks: mpsc::Sender<()>,
     permissions: Permissions,
     channels: Arc<Mutex<HashMap<ChannelId, ChannelState>>>,
     forwards: HashMap<(String, u32), JoinHandle<()>>,
 }
 
 impl ConnHandler {
-    fn new(peer: String, shared: Arc<Shared>, authenticated: oneshot::Sender<()>) -> ConnHandler {
+    fn new(
+        peer: String,
+        shared: Arc<Shared>,
+        authenticated: oneshot::Sender<()>,
+        tasks: mpsc::Sender<()>,
+    ) -> ConnHandler {
         let peer_ip = peer.parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical());
         ConnHandler {
             shared,
             peer,
             peer_ip,
             authenticated: Some(authenticated),
+            tasks,
             permissions: Permissions::default(),
             channels: Arc::new(Mutex::new(HashMap::new())),
             forwards: HashMap::new(),
@@ -447,7 +514,11 @@ impl Handler for ConnHandler {
                 channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             }),
         };
-        tokio::spawn(session::run(channel, ctx));
+        let task_guard = self.tasks.clone();
+        tokio::spawn(async move {
+            session::run(channel, ctx).await;
+            drop(task_guard);
+        });
         Ok(())
     }
 
