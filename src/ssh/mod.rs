@@ -5,6 +5,7 @@ pub mod authorized_keys;
 pub mod client;
 pub mod config;
 pub mod hostkey;
+pub mod kexcheck;
 pub mod keys;
 pub mod known_hosts;
 pub mod pty;

@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::ssh::admission::{self, Admission, AdmissionConfig, Source, Ticket};
 use crate::ssh::authorized_keys::{AuthorizedKeys, Permissions, Verdict};
 use crate::ssh::hostkey::fingerprint;
+use crate::ssh::kexcheck::ClearTextInspector;
 use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
 use crate::transport::{BoxStream, Listener};
 
@@ -53,6 +54,8 @@ pub const SERVER_KEX: &[russh::kex::Name] = &[
     russh::kex::EXTENSION_SUPPORT_AS_SERVER,
     russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
 ];
+/// The modp groups among [`SERVER_KEX`] (their public values get OpenSSH's extra check).
+const MODP_KEX: &[&str] = &["diffie-hellman-group14-sha256"];
 /// Stack of a connection's thread (its futures live on the heap; crypto needs little stack).
 const CONNECTION_STACK: usize = 1 << 20;
 /// How long a finished connection's runtime waits for stray tasks before cancelling them.
@@ -160,6 +163,7 @@ pub async fn serve(
         admission: Admission::new(config.admission),
     });
     let mut connections = JoinSet::new();
+    let mut drops = DropLog::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -167,7 +171,7 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match shared.admission.admit(Source::of_peer(&peer)) {
-                    admission::Verdict::Refused(why) => log::info!("dropping connection from {peer}: {why}"),
+                    admission::Verdict::Refused(why) => drops.note(&peer, &why),
                     admission::Verdict::Admitted { ticket, evicted } => {
                         match spawn_connection(stream, peer.clone(), shared.clone(), ticket, evicted) {
                             Ok(done) => {
@@ -191,6 +195,38 @@ pub async fn serve(
     log::info!("no longer accepting connections; waiting for {} to end", connections.len());
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Logs refused connections without letting a flood fill the log: the first of a burst in
+/// full, then one summary line per [`DROP_LOG_INTERVAL`] (every drop is logged at debug).
+#[derive(Default)]
+struct DropLog {
+    since_summary: u64,
+    last_summary: Option<std::time::Instant>,
+}
+
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl DropLog {
+    fn note(&mut self, peer: &str, why: &admission::Refusal) {
+        log::debug!("dropping connection from {peer}: {why}");
+        let now = std::time::Instant::now();
+        match self.last_summary {
+            Some(t) if now.duration_since(t) < DROP_LOG_INTERVAL => self.since_summary += 1,
+            Some(_) => {
+                log::info!(
+                    "dropped {} connections in the last {DROP_LOG_INTERVAL:?}; now {peer}: {why}",
+                    self.since_summary + 1
+                );
+                self.since_summary = 0;
+                self.last_summary = Some(now);
+            }
+            None => {
+                log::info!("dropping connection from {peer}: {why}");
+                self.last_summary = Some(now);
+            }
+        }
+    }
 }
 
 /// Runs one connection on a thread of its own (with its own current-thread runtime, so its
@@ -224,7 +260,10 @@ async fn connection(
     mut evicted: oneshot::Receiver<()>,
 ) {
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
-    let stream = Killable { inner: stream, kill: kill_rx, dead: false, disarmed: false };
+    let inspector =
+        ClearTextInspector::new(&SERVER_KEX.iter().map(|n| n.as_ref()).collect::<Vec<_>>(), MODP_KEX);
+    let stream =
+        Killable { inner: stream, kill: kill_rx, dead: false, disarmed: false, inspector: Some(inspector) };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
     // Every session task holds a clone of the sender: recv() ends when the last one is done.
     let (tasks_tx, mut tasks_rx) = mpsc::channel::<()>(1);
@@ -287,12 +326,14 @@ async fn connection(
 }
 
 /// A stream that can be made to fail from outside, which ends russh's session loop (the
-/// running session has no other off switch).
+/// running session has no other off switch). It also shows the client's clear-text key
+/// exchange to a [`ClearTextInspector`] and fails when that refuses it.
 struct Killable {
     inner: BoxStream,
     kill: oneshot::Receiver<()>,
     dead: bool,
     disarmed: bool,
+    inspector: Option<ClearTextInspector>,
 }
 
 impl Killable {
@@ -320,7 +361,22 @@ impl AsyncRead for Killable {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         self.check(cx)?;
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(inspector)) = (&r, self.inspector.as_mut()) {
+            if let Err(bad) = inspector.feed(&buf.filled()[before..]) {
+                log::info!("refused key exchange: {bad}");
+                self.dead = true;
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    bad.to_string(),
+                )));
+            }
+            if inspector.done() {
+                self.inspector = None;
+            }
+        }
+        r
     }
 }
 
