@@ -527,3 +527,115 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     ch.exec(true, "echo ok").await.expect("exec");
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
 }
+
+// ---- env requests ----
+
+/// Sends `vars` as env requests (want-reply) on a fresh session of `client`, then
+/// `exec cmd`; returns the replies in order and the command's stdout.
+async fn env_session(
+    client: &TestClient,
+    vars: Vec<(String, String)>,
+    cmd: &str,
+) -> (Vec<bool>, String, Option<u32>) {
+    let ch = client.handle.channel_open_session().await.expect("session");
+    let (mut rx, tx) = ch.split();
+    let expected = vars.len() + 1;
+    let cmd = cmd.to_string();
+    // Sent by a task while replies are read here: russh queues replies per channel.
+    let sender = tokio::spawn(async move {
+        for (n, v) in vars {
+            tx.set_env(true, n, v).await.map_err(|e| e.to_string())?;
+        }
+        tx.exec(true, cmd.into_bytes()).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(tx)
+    });
+    let mut replies = Vec::new();
+    let mut stdout = Vec::new();
+    let mut status = None;
+    loop {
+        match tokio::time::timeout(TIMEOUT, rx.wait()).await {
+            Ok(Some(russh::ChannelMsg::Success)) if replies.len() < expected => replies.push(true),
+            Ok(Some(russh::ChannelMsg::Failure)) if replies.len() < expected => replies.push(false),
+            Ok(Some(russh::ChannelMsg::Data { data })) => stdout.extend_from_slice(&data),
+            Ok(Some(russh::ChannelMsg::ExtendedData { data, .. })) => eprintln!("stderr: {}", text(&data)),
+            Ok(Some(russh::ChannelMsg::ExitStatus { exit_status })) => status = Some(exit_status),
+            Ok(None | Some(russh::ChannelMsg::Close)) => break,
+            Ok(Some(_)) => {}
+            Err(_) => panic!("session did not end within {TIMEOUT:?}; {} replies so far", replies.len()),
+        }
+    }
+    let _writer = sender.await.expect("sender task").expect("sending requests");
+    (replies, text(&stdout), status)
+}
+
+#[tokio::test]
+async fn env_requests_past_128_or_64_kib_are_refused_one_by_one() {
+    let dir = TempDir::new("envcap");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let client = connect(server.port, &key).await.expect("connect");
+    // A second session on the same connection, started first, must not notice anything.
+    let mut bystander = client.handle.channel_open_session().await.expect("bystander session");
+    bystander.exec(true, "read line; echo got $line").await.expect("bystander exec");
+
+    // PATH and V0..V126 make 128 ordinary variables (the cpu form's environment is exactly
+    // what the client sent).
+    let mut vars: Vec<(String, String)> = vec![("PATH".into(), "/usr/bin:/bin".into())];
+    vars.extend((0..200).map(|i| (format!("V{i}"), format!("{i}"))));
+    vars.insert(5, ("BAD=NAME".into(), "x".into()));
+    vars.push(("CPU_MSIZE".into(), "65536".into()));
+    let (replies, out, status) =
+        env_session(&client, vars, " 'sh' '-c' 'echo $V0 $V126 ${V127-unset} ${V199-unset}'").await;
+    let accepted = replies.iter().filter(|r| **r).count();
+    // 128 ordinary variables, then refusals; the bad name refused; CPU_MSIZE (a protocol variable) and exec accepted.
+    assert_eq!(accepted, 128 + 2, "replies: {replies:?}");
+    assert!(!replies[5], "a name with '=' was accepted");
+    assert!(replies[..129].iter().enumerate().all(|(i, r)| *r || i == 5));
+    assert_eq!(out, "0 126 unset unset\n");
+    assert!(replies[replies.len() - 2], "CPU_MSIZE, past the cap, was refused");
+    assert_eq!(status, Some(0));
+
+    // Size: two 30 kB values fit in 64 KiB, the third does not; a small one still does.
+    let big = "x".repeat(30_000);
+    let vars = vec![
+        ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+        ("A".to_string(), big.clone()),
+        ("B".to_string(), big.clone()),
+        ("C".to_string(), big),
+        ("D".to_string(), "small".to_string()),
+    ];
+    let (replies, out, _) = env_session(&client, vars, " 'sh' '-c' 'echo ${#A} ${#B} ${C-unset} $D'").await;
+    assert_eq!(replies, [true, true, true, false, true, true]);
+    assert_eq!(out, "30000 30000 unset small\n");
+
+    bystander.data(&b"still here\n"[..]).await.expect("bystander data");
+    let o = collect(&mut bystander).await;
+    assert_eq!(text(&o.stdout), "got still here\n");
+}
+
+#[tokio::test]
+async fn an_env_flood_neither_grows_cpud_nor_stalls_another_connection() {
+    let dir = TempDir::new("envflood");
+    let key = keygen(&dir, "id", "ed25519");
+    let ak = authorized(&dir, &public_line(&key));
+    let cpud = Cpud::start(BIN, &ak);
+    let before = cpud.status_kb("RssAnon:");
+    let flooder = connect(cpud.port, &key).await.expect("flooder connects");
+    let victim = connect(cpud.port, &key).await.expect("victim connects");
+    // 2,000 x 30 kB: 60 MB if cpud kept it all.
+    let value = "y".repeat(30_000);
+    let vars: Vec<(String, String)> = (0..2000).map(|i| (format!("F{i}"), value.clone())).collect();
+    let flood = tokio::spawn(async move {
+        let r = env_session(&flooder, vars, "echo flooded").await;
+        (r, flooder)
+    });
+    let (median, max) = echo_round_trips(&victim, 10).await.expect("victim's session during the flood");
+    let ((replies, out, _), _flooder) = flood.await.expect("flood task");
+    let after = cpud.status_kb("RssAnon:");
+    figure("sshd-echo-rtt-under-env-flood-median-ms", ms(median), "ms");
+    figure("sshd-echo-rtt-under-env-flood-max-ms", ms(max), "ms");
+    figure("cpud-rss-anon-after-env-flood-kb", after, "kb");
+    assert_eq!(replies.iter().filter(|r| **r).count(), 2 + 1, "two 30 kB values fit, then exec");
+    assert_eq!(out, "flooded\n");
+    assert!(after < before + 16 * 1024, "cpud grew from {before} kB to {after} kB");
+}

@@ -404,6 +404,7 @@ impl AsyncWrite for Killable {
 struct ChannelState {
     started: bool,
     pty: bool,
+    env: session::EnvBudget,
 }
 
 /// One connection's russh handler.
@@ -621,14 +622,17 @@ impl Handler for ConnHandler {
     async fn env_request(
         &mut self,
         channel: ChannelId,
-        _name: &str,
-        _value: &str,
+        name: &str,
+        value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.with_state(channel, |st| st.started) {
-            session.channel_failure(channel)
-        } else {
+        // Refused on its own: after exec, past the caps, or unusable. (A name or value that is
+        // not UTF-8 never gets here: russh 0.65 ends the connection while decoding it.)
+        if self.with_state(channel, |st| !st.started && st.env.admit(name, value)) {
             session.channel_success(channel)
+        } else {
+            log::debug!("{}: refused env request {name:?} ({} bytes)", self.peer, value.len());
+            session.channel_failure(channel)
         }
     }
 
