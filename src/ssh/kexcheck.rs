@@ -48,6 +48,8 @@ pub struct ClearTextInspector {
     /// Every exchange cpud offers, to find the negotiated one.
     offered: Vec<String>,
     negotiated_modp: bool,
+    /// Set when a modp KEXDH_INIT went by; see [`ClearTextInspector::take_modp_exchange`].
+    modp_exchange: bool,
 }
 
 impl ClearTextInspector {
@@ -59,7 +61,14 @@ impl ClearTextInspector {
             modp,
             offered: offered.iter().map(|s| s.to_string()).collect(),
             negotiated_modp: false,
+            modp_exchange: false,
         }
+    }
+
+    /// Whether a valid modp KEXDH_INIT was among the bytes fed since the last call: the
+    /// server is about to spend tens of milliseconds on modular exponentiation.
+    pub fn take_modp_exchange(&mut self) -> bool {
+        std::mem::take(&mut self.modp_exchange)
     }
 
     /// Whether there is nothing more to look at.
@@ -135,6 +144,7 @@ impl ClearTextInspector {
             Some(&MSG_KEXDH_INIT) if self.negotiated_modp => {
                 let e = payload.get(1..).and_then(read_string).map(|(s, _)| s).unwrap_or_default();
                 check_dh_public(e)?;
+                self.modp_exchange = true;
             }
             Some(&MSG_NEWKEYS) => self.phase = Phase::Done,
             _ => {}
@@ -225,6 +235,15 @@ mod tests {
             run(&stream("diffie-hellman-group14-sha256", &[3]), chunk).expect("3 has two bits");
             run(&stream("diffie-hellman-group14-sha256", &[0, 0xff, 0xff]), chunk).expect("a real value");
         }
+        let mut i = ClearTextInspector::new(OFFERED, MODP);
+        let all = stream("diffie-hellman-group14-sha256", &[3]).concat();
+        let (head, tail) = all.split_at(all.len() - 3);
+        i.feed(head).expect("head");
+        assert!(!i.take_modp_exchange(), "not yet: the packet is incomplete");
+        i.feed(tail).expect("tail");
+        assert!(i.take_modp_exchange());
+        assert!(!i.take_modp_exchange(), "reported once");
+        for chunk in [1] {}
     }
 
     #[test]

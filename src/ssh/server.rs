@@ -31,7 +31,7 @@ use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, SshId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::error::{Error, Result};
@@ -119,6 +119,10 @@ struct Shared {
     remote_program: PathBuf,
     tenants: Arc<Tenants>,
     admission: Arc<Admission>,
+    /// One modp (group14) exponentiation at a time in the whole daemon: a flood of them
+    /// occupies one core at most, and the cheap elliptic-curve exchanges of real clients
+    /// run beside it.
+    modp_gate: Arc<Semaphore>,
 }
 
 /// Serves connections from `listener` until `shutdown` completes; then stops accepting and
@@ -161,6 +165,7 @@ pub async fn serve(
         remote_program: config.remote_program.clone(),
         tenants: Tenants::new(config.on_tenants.clone()),
         admission: Admission::new(config.admission),
+        modp_gate: Arc::new(Semaphore::new(1)),
     });
     let mut connections = JoinSet::new();
     let mut drops = DropLog::default();
@@ -262,8 +267,17 @@ async fn connection(
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let inspector =
         ClearTextInspector::new(&SERVER_KEX.iter().map(|n| n.as_ref()).collect::<Vec<_>>(), MODP_KEX);
-    let stream =
-        Killable { inner: stream, kill: kill_rx, dead: false, disarmed: false, inspector: Some(inspector) };
+    let stream = Killable {
+        inner: stream,
+        kill: kill_rx,
+        dead: false,
+        disarmed: false,
+        inspector: Some(inspector),
+        modp_gate: shared.modp_gate.clone(),
+        gated: None,
+        held: None,
+        unread: Vec::new(),
+    };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
     // Every session task holds a clone of the sender: recv() ends when the last one is done.
     let (tasks_tx, mut tasks_rx) = mpsc::channel::<()>(1);
@@ -325,15 +339,27 @@ async fn connection(
     while tasks_rx.recv().await.is_some() {}
 }
 
+type PermitFuture = Pin<
+    Box<dyn Future<Output = std::result::Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>,
+>;
+
 /// A stream that can be made to fail from outside, which ends russh's session loop (the
 /// running session has no other off switch). It also shows the client's clear-text key
-/// exchange to a [`ClearTextInspector`] and fails when that refuses it.
+/// exchange to a [`ClearTextInspector`], fails when that refuses it, and holds back a modp
+/// KEXDH_INIT until the daemon-wide modp permit is free (kept until russh writes its reply,
+/// i.e. until the exponentiations are done).
 struct Killable {
     inner: BoxStream,
     kill: oneshot::Receiver<()>,
     dead: bool,
     disarmed: bool,
     inspector: Option<ClearTextInspector>,
+    modp_gate: Arc<Semaphore>,
+    /// Waiting for the modp permit.
+    gated: Option<PermitFuture>,
+    held: Option<OwnedSemaphorePermit>,
+    /// Bytes read but not yet handed to russh (held back for the permit).
+    unread: Vec<u8>,
 }
 
 impl Killable {
@@ -361,6 +387,21 @@ impl AsyncRead for Killable {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         self.check(cx)?;
+        if let Some(gated) = self.gated.as_mut() {
+            match gated.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(permit) => {
+                    self.held = permit.ok();
+                    self.gated = None;
+                }
+            }
+        }
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let (Poll::Ready(Ok(())), Some(inspector)) = (&r, self.inspector.as_mut()) {
@@ -372,8 +413,16 @@ impl AsyncRead for Killable {
                     bad.to_string(),
                 )));
             }
+            let modp = inspector.take_modp_exchange();
             if inspector.done() {
                 self.inspector = None;
+            }
+            if modp && self.held.is_none() {
+                // Hold the bytes back until this connection may exponentiate.
+                self.unread = buf.filled()[before..].to_vec();
+                buf.set_filled(before);
+                self.gated = Some(Box::pin(self.modp_gate.clone().acquire_owned()));
+                return self.poll_read(cx, buf);
             }
         }
         r
@@ -387,6 +436,8 @@ impl AsyncWrite for Killable {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         self.check(cx)?;
+        // russh answers a KEXDH_INIT only after both exponentiations: the permit can go.
+        self.held = None;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
