@@ -639,3 +639,93 @@ async fn an_env_flood_neither_grows_cpud_nor_stalls_another_connection() {
     assert_eq!(out, "flooded\n");
     assert!(after < before + 16 * 1024, "cpud grew from {before} kB to {after} kB");
 }
+
+// ---- user keys: short RSA, SHA-1 signatures ----
+
+/// Authenticates with `key` signing with `hash` (None: `ssh-rsa`, SHA-1); Ok(success).
+async fn try_key(
+    port: u16,
+    key: russh::keys::PrivateKey,
+    hash: Option<russh::keys::HashAlg>,
+) -> Result<bool, String> {
+    let config = Arc::new(russh::client::Config::default());
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let mut handle =
+        russh::client::connect_stream(config, stream, AnyHost).await.map_err(|e| e.to_string())?;
+    let auth = handle
+        .authenticate_publickey("tester", russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), hash))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(auth.success())
+}
+
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+#[tokio::test]
+async fn ssh_rsa_sha1_signatures_are_refused_and_rsa_sha2_works() {
+    let dir = TempDir::new("sha1");
+    let rsa = keygen(&dir, "id_rsa", "rsa");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&rsa))));
+    let load = || russh::keys::load_secret_key(&rsa, None).expect("load rsa key");
+    use russh::keys::HashAlg;
+    assert_eq!(try_key(server.port, load(), None).await, Ok(false), "ssh-rsa (SHA-1) was accepted");
+    assert_eq!(try_key(server.port, load(), Some(HashAlg::Sha256)).await, Ok(true), "rsa-sha2-256");
+    assert_eq!(try_key(server.port, load(), Some(HashAlg::Sha512)).await, Ok(true), "rsa-sha2-512");
+    // OpenSSH's ssh, made to use ssh-rsa, is refused too; by default it uses rsa-sha2.
+    let mut c = ssh_command(server.port, &rsa);
+    c.args(["-o", "PubkeyAcceptedAlgorithms=ssh-rsa", "127.0.0.1", "echo in"]);
+    let out = run_timeout(c, None, TIMEOUT);
+    assert_eq!(out.status.code(), Some(255), "ssh-rsa login: {}", text(&out.stderr));
+    let out = ssh(server.port, &rsa, "echo in", None);
+    assert_eq!(text(&out.stdout), "in\n", "rsa-sha2 login: {}", text(&out.stderr));
+}
+
+/// A PKCS#1 RSA key of `bits` made by openssl (ssh-keygen refuses under 1024), or why not.
+fn openssl_rsa(dir: &TempDir, bits: u32) -> Result<russh::keys::PrivateKey, String> {
+    let path = dir.path(&format!("rsa{bits}.pem"));
+    let mut c = Command::new("openssl");
+    c.args(["genrsa", "-traditional", "-out"]).arg(&path).arg(bits.to_string()).stdin(Stdio::null());
+    match c.output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => return Err(format!("openssl genrsa {bits} failed: {}", text(&o.stderr))),
+        Err(e) => return Err(format!("openssl not available: {e}")),
+    }
+    russh::keys::load_secret_key(&path, None).map_err(|e| format!("russh cannot load a PKCS#1 key: {e}"))
+}
+
+#[tokio::test]
+async fn rsa_user_keys_under_1024_bits_are_refused() {
+    let dir = TempDir::new("rsa768");
+    let (short, control) = match (openssl_rsa(&dir, 768), openssl_rsa(&dir, 2048)) {
+        (Ok(s), Ok(c)) => (s, c),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("SKIP: short RSA keys: {e}");
+            return;
+        }
+    };
+    let line = |k: &russh::keys::PrivateKey| k.public_key().to_openssh().expect("public key line");
+    let server =
+        TestServer::start(Some(authorized(&dir, &format!("{}\n{}\n", line(&short), line(&control)))));
+    use russh::keys::HashAlg;
+    assert_eq!(
+        try_key(server.port, control, Some(HashAlg::Sha256)).await,
+        Ok(true),
+        "the 2048-bit control key"
+    );
+    assert_eq!(
+        try_key(server.port, short, Some(HashAlg::Sha256)).await,
+        Ok(false),
+        "a 768-bit key was accepted"
+    );
+}

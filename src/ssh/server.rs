@@ -56,6 +56,16 @@ pub const SERVER_KEX: &[russh::kex::Name] = &[
 ];
 /// The modp groups among [`SERVER_KEX`] (their public values get OpenSSH's extra check).
 const MODP_KEX: &[&str] = &["diffie-hellman-group14-sha256"];
+/// Host-key and user-signature algorithms (also sent as server-sig-algs): russh's defaults
+/// without `ssh-rsa`, whose signatures use SHA-1 (OpenSSH 8.8+ refuses them by default).
+fn signature_algorithms() -> Vec<russh::keys::Algorithm> {
+    russh::Preferred::DEFAULT.key.iter().filter(|a| !is_sha1_rsa(a)).cloned().collect()
+}
+
+fn is_sha1_rsa(algorithm: &russh::keys::Algorithm) -> bool {
+    matches!(algorithm, russh::keys::Algorithm::Rsa { hash: None })
+}
+
 /// Stack of a connection's thread (its futures live on the heap; crypto needs little stack).
 const CONNECTION_STACK: usize = 1 << 20;
 /// How long a finished connection's runtime waits for stray tasks before cancelling them.
@@ -153,7 +163,11 @@ pub async fn serve(
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: 3,
         nodelay: true,
-        preferred: russh::Preferred { kex: Cow::Borrowed(SERVER_KEX), ..russh::Preferred::DEFAULT },
+        preferred: russh::Preferred {
+            kex: Cow::Borrowed(SERVER_KEX),
+            key: Cow::Owned(signature_algorithms()),
+            ..russh::Preferred::DEFAULT
+        },
         ..Default::default()
     };
     let shared = Arc::new(Shared {
@@ -562,6 +576,10 @@ impl Handler for ConnHandler {
         _user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        if is_sha1_rsa(offer.algorithm) {
+            log::info!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            return Ok(Auth::reject());
+        }
         Ok(match self.judge(offer.public_key, true) {
             Some(_) => Auth::Accept,
             None => Auth::reject(),
@@ -569,6 +587,10 @@ impl Handler for ConnHandler {
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        if is_sha1_rsa(key.algorithm) {
+            log::info!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            return Ok(Auth::reject());
+        }
         match self.judge(key.public_key, false) {
             Some(p) => {
                 self.permissions = p;
