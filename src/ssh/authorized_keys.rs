@@ -3,14 +3,20 @@
 //!
 //! Each line is `[options] keytype base64 [comment]`; blank lines and `#` comments are
 //! skipped, and a line that does not parse is skipped with a warning naming its number, so one
-//! bad line never locks everybody out. Options, as sshd(8) documents them:
+//! bad line never locks everybody out. Options are parsed as sshd(8)'s AUTHORIZED_KEYS FILE
+//! FORMAT says and OpenSSH's auth-options.c does: option names are case-insensitive, values
+//! must be double-quoted (`\"` is the only escape), no spaces outside quotes, a second
+//! `from=`, `command=` or `principals=` makes the line unusable, the earliest `expiry-time`
+//! wins, and flags apply in order (`restrict,pty` allows a pty, `pty,restrict` does not).
 //! - honoured: `from="pattern-list"` (IP patterns with `*`/`?`, CIDR, `!` negation; host names
-//!   are not resolved, so a name pattern never matches), `expiry-time="YYYYMMDD[HHMM[SS]]"`
-//!   (UTC), `no-pty`, `no-port-forwarding`, `restrict` (no pty, no forwarding) with `pty` and
-//!   `port-forwarding` turning them back on;
+//!   are not resolved, so a name pattern never matches; patterns are taken literally, so
+//!   `from="a, b"` has the pattern " b", which matches nothing, as in sshd),
+//!   `expiry-time="YYYYMMDD[HHMM[SS]][Z]"` (local time, UTC with `Z`), `no-pty`,
+//!   `no-port-forwarding`, `restrict` (no pty, no forwarding) with `pty` and `port-forwarding`
+//!   turning them back on;
 //! - refusing: a key with `command=` (forced commands are not implemented) or `cert-authority`
 //!   (certificates are not accepted) is not accepted at all, rather than accepted with more
-//!   rights than the file grants;
+//!   rights than the file grants; so is an RSA key under 1024 bits (sshd's minimum);
 //! - ignored (nothing here to restrict): `agent-forwarding`, `no-agent-forwarding`,
 //!   `x11-forwarding`, `no-X11-forwarding`, `user-rc`, `no-user-rc`, `environment=`,
 //!   `principals=`, `permitopen=`, `permitlisten=`, `tunnel=`, `no-touch-required`,
@@ -163,6 +169,9 @@ fn parse_line(line: &str, number: usize) -> std::result::Result<AuthorizedKey, S
         refused: None,
     };
     apply_options(&mut k, options)?;
+    if let Some(bits) = rsa_bits(&k.key).filter(|b| *b < MIN_RSA_BITS) {
+        k.refused = Some(format!("RSA key of {bits} bits (at least {MIN_RSA_BITS} needed)"));
+    }
     Ok(k)
 }
 
@@ -185,6 +194,17 @@ fn split_options(line: &str) -> std::result::Result<(&str, &str), String> {
     Err(if quoted { "unterminated quote in the options".into() } else { "no key after the options".into() })
 }
 
+/// sshd's minimum RSA modulus.
+pub const MIN_RSA_BITS: usize = 1024;
+
+/// The modulus size of an RSA key; None for other key types.
+pub fn rsa_bits(key: &PublicKey) -> Option<usize> {
+    let rsa = key.key_data().rsa()?;
+    let n = rsa.n().as_bytes();
+    let n = &n[n.iter().position(|&b| b != 0).unwrap_or(n.len())..];
+    Some(n.first().map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize))
+}
+
 /// Splits the option list on commas outside quotes; values lose their quotes and escapes.
 fn option_list(options: &str) -> std::result::Result<Vec<(String, Option<String>)>, String> {
     let mut out = Vec::new();
@@ -202,37 +222,26 @@ fn option_list(options: &str) -> std::result::Result<Vec<(String, Option<String>
         if chars.peek() == Some(&'=') {
             chars.next();
             let mut v = String::new();
-            if chars.peek() == Some(&'"') {
-                chars.next();
-                let mut closed = false;
-                while let Some(c) = chars.next() {
-                    match c {
-                        '\\' => {
-                            if let Some(n) = chars.next() {
-                                if n != '"' {
-                                    v.push('\\');
-                                }
-                                v.push(n);
-                            }
-                        }
-                        '"' => {
-                            closed = true;
-                            break;
-                        }
-                        c => v.push(c),
+            if chars.next() != Some('"') {
+                return Err(format!("option {name}: the value must be in double quotes"));
+            }
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                match c {
+                    // sshd's only escape: \" is a quote; any other backslash stays.
+                    '\\' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        v.push('"');
                     }
-                }
-                if !closed {
-                    return Err(format!("unterminated quote in option {name}"));
-                }
-            } else {
-                while let Some(&c) = chars.peek() {
-                    if c == ',' {
+                    '"' => {
+                        closed = true;
                         break;
                     }
-                    v.push(c);
-                    chars.next();
+                    c => v.push(c),
                 }
+            }
+            if !closed {
+                return Err(format!("unterminated quote in option {name}"));
             }
             value = Some(v);
         }
@@ -252,22 +261,56 @@ fn apply_options(k: &mut AuthorizedKey, options: &str) -> std::result::Result<()
     if options.is_empty() {
         return Ok(());
     }
-    let mut restrict = false;
-    let (mut pty, mut no_pty, mut fwd, mut no_fwd) = (false, false, false, false);
+    let (mut pty, mut fwd) = (true, true);
+    let (mut command, mut principals) = (false, false);
     for (name, value) in option_list(options)? {
         let need = |v: &Option<String>| v.clone().ok_or_else(|| format!("option {name} needs a value"));
-        match name.to_ascii_lowercase().as_str() {
+        let twice = || format!("option {name} given twice (sshd refuses such a line)");
+        let lower = name.to_ascii_lowercase();
+        let takes_value = matches!(
+            lower.as_str(),
+            "from"
+                | "expiry-time"
+                | "command"
+                | "environment"
+                | "principals"
+                | "permitopen"
+                | "permitlisten"
+                | "tunnel"
+        );
+        if value.is_some() && !takes_value {
+            return Err(format!("option {name} takes no value"));
+        }
+        match lower.as_str() {
             "from" => {
                 let v = need(&value)?;
-                k.from = Some(v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect());
+                if k.from.is_some() {
+                    return Err(twice());
+                }
+                k.from = Some(v.split(',').map(str::to_string).collect());
             }
-            "expiry-time" => k.expires = Some(parse_expiry(&need(&value)?)?),
-            "restrict" => restrict = true,
+            "expiry-time" => {
+                let t = parse_expiry(&need(&value)?)?;
+                k.expires = Some(k.expires.map_or(t, |earlier| earlier.min(t)));
+            }
+            "restrict" => (pty, fwd) = (false, false),
             "pty" => pty = true,
-            "no-pty" => no_pty = true,
+            "no-pty" => pty = false,
             "port-forwarding" => fwd = true,
-            "no-port-forwarding" => no_fwd = true,
-            "command" => k.refused = Some("forced commands (command=) are not supported".into()),
+            "no-port-forwarding" => fwd = false,
+            "command" => {
+                need(&value)?;
+                if std::mem::replace(&mut command, true) {
+                    return Err(twice());
+                }
+                k.refused = Some("forced commands (command=) are not supported".into());
+            }
+            "principals" => {
+                need(&value)?;
+                if std::mem::replace(&mut principals, true) {
+                    return Err(twice());
+                }
+            }
             "cert-authority" => k.refused = Some("cert-authority keys are not supported".into()),
             "agent-forwarding"
             | "no-agent-forwarding"
@@ -276,7 +319,6 @@ fn apply_options(k: &mut AuthorizedKey, options: &str) -> std::result::Result<()
             | "user-rc"
             | "no-user-rc"
             | "environment"
-            | "principals"
             | "permitopen"
             | "permitlisten"
             | "tunnel"
@@ -285,14 +327,17 @@ fn apply_options(k: &mut AuthorizedKey, options: &str) -> std::result::Result<()
             other => return Err(format!("unknown option {other:?}")),
         }
     }
-    k.permissions.pty = !(no_pty || (restrict && !pty));
-    k.permissions.port_forwarding = !(no_fwd || (restrict && !fwd));
+    k.permissions = Permissions { pty, port_forwarding: fwd };
     Ok(())
 }
 
-/// `YYYYMMDD[HHMM[SS]]` in UTC to seconds since the epoch.
-fn parse_expiry(v: &str) -> std::result::Result<u64, String> {
-    let bad = || format!("bad expiry-time {v:?} (want YYYYMMDD[HHMM[SS]])");
+/// `YYYYMMDD[HHMM[SS]][Z]` to seconds since the epoch: local time, or UTC with `Z`.
+fn parse_expiry(text: &str) -> std::result::Result<u64, String> {
+    let bad = || format!("bad expiry-time {text:?} (want YYYYMMDD[HHMM[SS]][Z])");
+    let (v, utc) = match text.strip_suffix(['Z', 'z']) {
+        Some(v) => (v, true),
+        None => (text, false),
+    };
     if !(v.len() == 8 || v.len() == 12 || v.len() == 14) || !v.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
@@ -308,7 +353,28 @@ fn parse_expiry(v: &str) -> std::result::Result<u64, String> {
     {
         return Err(bad());
     }
-    Ok(days_from_civil(y, m, d) * 86400 + hh * 3600 + mm * 60 + ss)
+    if utc {
+        Ok(days_from_civil(y, m, d) * 86400 + hh * 3600 + mm * 60 + ss)
+    } else {
+        local_time(y, m, d, hh, mm, ss).ok_or_else(bad)
+    }
+}
+
+/// Seconds since the epoch of a local (system time zone) time, as sshd reads expiry-time.
+fn local_time(y: u64, m: u64, d: u64, hh: u64, mm: u64, ss: u64) -> Option<u64> {
+    // SAFETY: an all-zero `tm` is a valid value (integers and a null tm_zone pointer).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    tm.tm_year = i32::try_from(y).ok()? - 1900;
+    tm.tm_mon = i32::try_from(m).ok()? - 1;
+    tm.tm_mday = i32::try_from(d).ok()?;
+    tm.tm_hour = i32::try_from(hh).ok()?;
+    tm.tm_min = i32::try_from(mm).ok()?;
+    tm.tm_sec = i32::try_from(ss).ok()?;
+    tm.tm_isdst = -1;
+    // SAFETY: `tm` is a valid, exclusively borrowed struct tm; mktime only reads and
+    // normalises it.
+    let t = unsafe { libc::mktime(&mut tm) };
+    u64::try_from(t).ok()
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -445,13 +511,13 @@ mod tests {
     #[test]
     fn forced_command_and_expiry_are_not_accepted() {
         let text = format!(
-            "command=\"echo hi, there\" ssh-ed25519 {ED1}\nexpiry-time=\"20200101\" ssh-ed25519 {ED2}\n"
+            "command=\"echo hi, there\" ssh-ed25519 {ED1}\nexpiry-time=\"20200101Z\" ssh-ed25519 {ED2}\n"
         );
         let ak = AuthorizedKeys::parse(&text);
         assert!(ak.warnings.is_empty(), "{:?}", ak.warnings);
         assert!(matches!(ak.check(&key(ED1), None, 0), Verdict::Denied(w) if w.contains("command=")));
         let y2020 = 1_577_836_800;
-        assert_eq!(parse_expiry("20200101").unwrap(), y2020);
+        assert_eq!(parse_expiry("20200101Z").unwrap(), y2020);
         assert!(matches!(ak.check(&key(ED2), None, y2020 - 1), Verdict::Accepted { .. }));
         assert!(matches!(ak.check(&key(ED2), None, y2020), Verdict::Denied(_)));
     }
@@ -474,5 +540,145 @@ mod tests {
         assert!(cidr_contains("::1/128", "::1".parse().unwrap()));
         assert!(!cidr_contains("10.0.0.0/8", "::1".parse().unwrap()));
         assert!(cidr_contains("0.0.0.0/0", "1.2.3.4".parse().unwrap()));
+    }
+
+    // From sshd(8), AUTHORIZED_KEYS FILE FORMAT, and what OpenSSH's auth-options.c does.
+
+    #[test]
+    fn man_page_example_file() {
+        // The example file of sshd(8), with real keys for "...".
+        let text = format!(
+            "# Comments are allowed at start of line. Blank lines are allowed.\n\
+             # Plain key, no restrictions\n\
+             ssh-ed25519 {ED1}\n\
+             # Forced command, disable PTY and all forwarding\n\
+             restrict,command=\"dump /home\" ssh-ed25519 {ED2}\n\
+             # Restriction of ssh -L forwarding destinations\n\
+             permitopen=\"192.0.2.1:80\",permitopen=\"192.0.2.2:25\" ssh-ed25519 {ED2}\n\
+             # Restriction of ssh -R forwarding listeners\n\
+             permitlisten=\"localhost:8080\",permitlisten=\"[::1]:22000\" ssh-ed25519 {ED2}\n\
+             # Configuration for tunnel forwarding\n\
+             tunnel=\"0\",command=\"sh /etc/netstart tun0\" ssh-ed25519 {ED2}\n\
+             # Override of restriction to allow PTY allocation\n\
+             restrict,pty,command=\"nethack\" ssh-ed25519 {ED2}\n\
+             # Trust CA key, allow touch-less FIDO if requested in certificate\n\
+             cert-authority,no-touch-required,principals=\"user_a\" ssh-ed25519 {ED2}\n"
+        );
+        let ak = AuthorizedKeys::parse(&text);
+        assert!(ak.warnings.is_empty(), "{:?}", ak.warnings);
+        assert_eq!(ak.keys.iter().map(|k| k.line).collect::<Vec<_>>(), [3, 5, 7, 9, 11, 13, 15]);
+        assert_eq!(
+            ak.check(&key(ED1), None, 0),
+            Verdict::Accepted { line: 3, permissions: Permissions::default() }
+        );
+        // The forced-command lines are refused, the first usable ED2 line is permitopen's.
+        assert_eq!(
+            ak.check(&key(ED2), None, 0),
+            Verdict::Accepted { line: 7, permissions: Permissions::default() }
+        );
+        let refused: Vec<usize> = ak.keys.iter().filter(|k| k.refused.is_some()).map(|k| k.line).collect();
+        assert_eq!(refused, [5, 11, 13, 15]);
+    }
+
+    fn only_line(options: &str) -> std::result::Result<AuthorizedKey, Vec<String>> {
+        let mut ak = AuthorizedKeys::parse(&format!("{options} ssh-ed25519 {ED1}\n"));
+        match ak.keys.pop() {
+            Some(k) => Ok(k),
+            None => Err(ak.warnings),
+        }
+    }
+
+    #[test]
+    fn a_second_from_refuses_the_line() {
+        assert!(only_line("from=\"10.9.9.9\",from=\"127.0.0.1\"").is_err());
+        assert!(only_line("FROM=\"10.9.9.9\",from=\"127.0.0.1\"").is_err(), "names are case-insensitive");
+        let ak = AuthorizedKeys::parse(&format!("from=\"10.9.9.9\",from=\"127.0.0.1\" ssh-ed25519 {ED1}\n"));
+        assert_eq!(ak.check(&key(ED1), ip("127.0.0.1"), 0), Verdict::Unknown);
+        assert!(ak.warnings[0].contains("twice"), "{:?}", ak.warnings);
+        assert!(only_line("command=\"a\",command=\"b\"").is_err());
+        assert!(only_line("principals=\"a\",principals=\"b\"").is_err());
+        // Options that may repeat.
+        only_line("permitopen=\"a:1\",permitopen=\"b:2\",environment=\"A=1\",environment=\"B=2\"")
+            .expect("repeatable");
+    }
+
+    #[test]
+    fn the_earliest_expiry_time_wins() {
+        for opts in [
+            "expiry-time=\"20200101Z\",expiry-time=\"20990101Z\"",
+            "expiry-time=\"20990101Z\",expiry-time=\"20200101Z\"",
+        ] {
+            let k = only_line(opts).expect("parses");
+            assert_eq!(k.expires, Some(1_577_836_800), "{opts}");
+        }
+        let ak = AuthorizedKeys::parse(&format!(
+            "expiry-time=\"20200101Z\",expiry-time=\"20990101Z\" ssh-ed25519 {ED1}\n"
+        ));
+        assert!(
+            matches!(ak.check(&key(ED1), None, 1_600_000_000), Verdict::Denied(w) if w.contains("expired"))
+        );
+    }
+
+    #[test]
+    fn expiry_time_forms() {
+        assert_eq!(parse_expiry("20200101Z"), Ok(1_577_836_800));
+        assert_eq!(parse_expiry("202001010102Z"), Ok(1_577_836_800 + 3720));
+        assert_eq!(parse_expiry("20200101010203Z"), Ok(1_577_836_800 + 3723));
+        // Without Z: the system time zone, within a day of UTC.
+        let local = parse_expiry("20200101").expect("local");
+        assert!(local.abs_diff(1_577_836_800) <= 14 * 3600, "{local}");
+        for bad in ["2020010", "202001011", "20201301Z", "20200101ZZ", "2020-01-01", ""] {
+            assert!(parse_expiry(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_space_in_a_from_list_is_a_pattern_that_matches_nothing() {
+        let ak = AuthorizedKeys::parse(&format!("from=\"10.9.9.9, 127.0.0.1\" ssh-ed25519 {ED1}\n"));
+        assert!(matches!(ak.check(&key(ED1), ip("127.0.0.1"), 0), Verdict::Denied(_)));
+        assert!(matches!(ak.check(&key(ED1), ip("10.9.9.9"), 0), Verdict::Accepted { .. }));
+        // "No spaces are permitted, except within double quotes."
+        assert!(only_line("from=\"10.9.9.9\", no-pty").is_err());
+        let ak = AuthorizedKeys::parse(&format!("no-pty, no-port-forwarding ssh-ed25519 {ED1}\n"));
+        assert!(ak.keys.is_empty(), "{:?}", ak.keys);
+    }
+
+    #[test]
+    fn values_must_be_quoted_and_only_a_quote_is_escaped() {
+        assert!(only_line("from=127.0.0.1").is_err());
+        assert!(only_line("expiry-time=20990101").is_err());
+        assert!(only_line("no-pty=\"yes\"").is_err());
+        let k = only_line(r#"environment="A=\"quoted\" and \\n",from="127.0.0.1""#).expect("escapes");
+        assert_eq!(k.from, Some(vec!["127.0.0.1".to_string()]));
+        let k = only_line(r#"from="127.0.0.1,\"10.0.0.1""#).expect("escaped quote");
+        assert_eq!(k.from, Some(vec!["127.0.0.1".to_string(), "\"10.0.0.1".to_string()]));
+        assert!(only_line(r#"from="127.0.0.1\""#).is_err(), "the closing quote was escaped");
+    }
+
+    #[test]
+    fn flags_apply_in_order() {
+        let perms = |opts: &str| only_line(opts).expect("parses").permissions;
+        let none = Permissions { pty: false, port_forwarding: false };
+        assert_eq!(perms("restrict"), none);
+        assert_eq!(perms("restrict,pty"), Permissions { pty: true, port_forwarding: false });
+        assert_eq!(perms("pty,restrict"), none);
+        assert_eq!(perms("no-pty,pty"), Permissions::default());
+        assert_eq!(perms("pty,no-pty"), Permissions { pty: false, port_forwarding: true });
+        assert_eq!(perms("RESTRICT,Port-Forwarding"), Permissions { pty: false, port_forwarding: true });
+    }
+
+    #[test]
+    fn short_rsa_keys_are_refused() {
+        // A 768-bit modulus (not a real key: sshd refuses it before any arithmetic), and a
+        // 1024-bit key made with ssh-keygen -t rsa -b 1024 (public half only).
+        const RSA768: &str = "AAAAB3NzaC1yc2EAAAADAQABAAAAYQCNEW7OFzj32T2cFyQR4guPaw1Um28DZ1oWAKNaCZlQ2Db2dcyB50716OJdlA7ZBHWVMZhdXZ3J+BgY6BGJL5Ar0j8IJBKLLzMMXH/QpqOkUGUTJw4mng038qdN5FLmtDk=";
+        const RSA1024: &str = "AAAAB3NzaC1yc2EAAAADAQABAAAAgQC0iLV7bYG1RWogBjUpsB+hnPgi1lrC09g3jRfMaS7h/4XvTLKj0QMNsTU6lvkNolGr8dq4RxHXfxa1TRlYllwOXuNCn3g/CraV2gEq5hdyHil1GxNDZE5J/BS+htUCrWvzsT+X30mBm/RE9aCFxv1ffIA8N2064CZmJU6avToHgQ==";
+        let ak = AuthorizedKeys::parse(&format!("ssh-rsa {RSA768}\nssh-rsa {RSA1024}\n"));
+        assert!(ak.warnings.is_empty(), "{:?}", ak.warnings);
+        assert_eq!(rsa_bits(&key(RSA768)), Some(768));
+        assert_eq!(rsa_bits(&key(RSA1024)), Some(1024));
+        assert_eq!(rsa_bits(&key(ED1)), None);
+        assert!(matches!(ak.check(&key(RSA768), None, 0), Verdict::Denied(w) if w.contains("768 bits")));
+        assert!(matches!(ak.check(&key(RSA1024), None, 0), Verdict::Accepted { line: 2, .. }));
     }
 }

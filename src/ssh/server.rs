@@ -8,9 +8,14 @@
 //! `tcpip-forward` / `cancel-tcpip-forward` requests (loopback only, port 0 allowed, the
 //! allocated port returned, the bind address echoed verbatim in `forwarded-tcpip`).
 //!
-//! Robustness: a connection that has not authenticated within the handshake timeout is cut
-//! (its stream starts failing, which ends russh's loop); at most [`MAX_STARTUPS`] connections
-//! may be unauthenticated at once; nothing read from the network can panic this module.
+//! Robustness against unauthenticated peers: admission control on accept
+//! ([`crate::ssh::admission`]: MaxStartups random early drop, a per-source limit, eviction of
+//! the busiest source's oldest handshake); a short grace for the client's identification line
+//! and a bounded time to authenticate (a connection past either is cut: its stream starts
+//! failing, which ends russh's loop); key exchange limited to algorithms whose cost a peer
+//! cannot inflate ([`SERVER_KEX`]); and each connection runs on a thread of its own with its
+//! own current-thread runtime, so one peer's handshake crypto never stalls another
+//! connection's sessions. Nothing read from the network can panic this module.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -18,7 +23,6 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -27,18 +31,45 @@ use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, SshId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::error::{Error, Result};
+use crate::ssh::admission::{self, Admission, AdmissionConfig, Source, Ticket};
 use crate::ssh::authorized_keys::{AuthorizedKeys, Permissions, Verdict};
 use crate::ssh::hostkey::fingerprint;
+use crate::ssh::kexcheck::ClearTextInspector;
 use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
 use crate::transport::{BoxStream, Listener};
 
-/// Connections allowed to be mid-handshake at once; more are dropped on accept (sshd's
-/// MaxStartups idea: garbage and slow clients cannot starve real ones of memory).
-pub const MAX_STARTUPS: usize = 64;
+/// The key exchanges offered: fixed cost per attempt whatever the peer sends (no group16/18,
+/// no group exchange, no SHA-1 groups). mlkem768x25519 is curve25519 plus a fixed-size
+/// ML-KEM; OpenSSH 9.9+ prefers it (10.1 warns without a post-quantum exchange).
+pub const SERVER_KEX: &[russh::kex::Name] = &[
+    russh::kex::MLKEM768X25519_SHA256,
+    russh::kex::CURVE25519,
+    russh::kex::CURVE25519_PRE_RFC_8731,
+    russh::kex::ECDH_SHA2_NISTP256,
+    russh::kex::DH_G14_SHA256,
+    russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+    russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+/// The modp groups among [`SERVER_KEX`] (their public values get OpenSSH's extra check).
+const MODP_KEX: &[&str] = &["diffie-hellman-group14-sha256"];
+/// Host-key and user-signature algorithms (also sent as server-sig-algs): russh's defaults
+/// without `ssh-rsa`, whose signatures use SHA-1 (OpenSSH 8.8+ refuses them by default).
+fn signature_algorithms() -> Vec<russh::keys::Algorithm> {
+    russh::Preferred::DEFAULT.key.iter().filter(|a| !is_sha1_rsa(a)).cloned().collect()
+}
+
+fn is_sha1_rsa(algorithm: &russh::keys::Algorithm) -> bool {
+    matches!(algorithm, russh::keys::Algorithm::Rsa { hash: None })
+}
+
+/// Stack of a connection's thread (its futures live on the heap; crypto needs little stack).
+const CONNECTION_STACK: usize = 1 << 20;
+/// How long a finished connection's runtime waits for stray tasks before cancelling them.
+const CONNECTION_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Session channels open at once on one connection.
 const MAX_CHANNELS_PER_CONNECTION: usize = 64;
 /// Remote forwards at once on one connection (cpu uses one).
@@ -51,8 +82,13 @@ pub struct ServerConfig {
     /// The authorized_keys file, re-read on every attempt; None: no authentication at all
     /// (`-pk ""`, Go compatibility).
     pub authorized_keys: Option<PathBuf>,
-    /// A connection must finish key exchange and authentication within this time.
+    /// A connection must finish key exchange and authentication within this time (sshd's
+    /// LoginGraceTime).
     pub handshake_timeout: Duration,
+    /// A connection must send its SSH identification line within this time.
+    pub banner_grace: Duration,
+    /// Limits on connections that have not authenticated yet.
+    pub admission: AdmissionConfig,
     /// Between SIGHUP and SIGKILL for the command of a client that went away.
     pub hangup_grace: Duration,
     /// The program run for cpu-form exec strings as `cpud -remote ...`.
@@ -72,6 +108,8 @@ impl ServerConfig {
             host_key,
             authorized_keys,
             handshake_timeout: Duration::from_secs(30),
+            banner_grace: Duration::from_secs(5),
+            admission: AdmissionConfig::default(),
             hangup_grace: Duration::from_secs(2),
             remote_program: PathBuf::from("/proc/self/exe"),
             server_id: format!("SSH-2.0-cpu-all_{}", env!("CARGO_PKG_VERSION")),
@@ -86,10 +124,15 @@ struct Shared {
     russh: Arc<russh::server::Config>,
     authorized_keys: Option<PathBuf>,
     handshake_timeout: Duration,
+    banner_grace: Duration,
     hangup_grace: Duration,
     remote_program: PathBuf,
     tenants: Arc<Tenants>,
-    startups: AtomicUsize,
+    admission: Arc<Admission>,
+    /// One modp (group14) exponentiation at a time in the whole daemon: a flood of them
+    /// occupies one core at most, and the cheap elliptic-curve exchanges of real clients
+    /// run beside it.
+    modp_gate: Arc<Semaphore>,
 }
 
 /// Serves connections from `listener` until `shutdown` completes; then stops accepting and
@@ -120,33 +163,45 @@ pub async fn serve(
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: 3,
         nodelay: true,
+        preferred: russh::Preferred {
+            kex: Cow::Borrowed(SERVER_KEX),
+            key: Cow::Owned(signature_algorithms()),
+            ..russh::Preferred::DEFAULT
+        },
         ..Default::default()
     };
     let shared = Arc::new(Shared {
         russh: Arc::new(russh_config),
         authorized_keys: config.authorized_keys.clone(),
         handshake_timeout: config.handshake_timeout,
+        banner_grace: config.banner_grace.min(config.handshake_timeout),
         hangup_grace: config.hangup_grace,
         remote_program: config.remote_program.clone(),
         tenants: Tenants::new(config.on_tenants.clone()),
-        startups: AtomicUsize::new(0),
+        admission: Admission::new(config.admission),
+        modp_gate: Arc::new(Semaphore::new(1)),
     });
     let mut connections = JoinSet::new();
+    let mut drops = DropLog::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    if shared.startups.load(Ordering::SeqCst) >= MAX_STARTUPS {
-                        log::warn!("dropping connection from {peer}: {MAX_STARTUPS} handshakes already in progress");
-                        continue;
+                Ok((stream, peer)) => match shared.admission.admit(Source::of_peer(&peer)) {
+                    admission::Verdict::Refused(why) => drops.note(&peer, &why),
+                    admission::Verdict::Admitted { ticket, evicted } => {
+                        match spawn_connection(stream, peer.clone(), shared.clone(), ticket, evicted) {
+                            Ok(done) => {
+                                connections.spawn(async move {
+                                    let _ = done.await;
+                                });
+                            }
+                            Err(e) => log::warn!("dropping connection from {peer}: no thread for it: {e}"),
+                        }
                     }
-                    // Counted here, not in the task, so a burst of accepts cannot overshoot.
-                    shared.startups.fetch_add(1, Ordering::SeqCst);
-                    connections.spawn(connection(stream, peer, shared.clone()));
-                }
+                },
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     log::warn!("accept: {e}");
@@ -161,31 +216,89 @@ pub async fn serve(
     Ok(())
 }
 
-/// Counts a connection as "in handshake" until authenticated or gone.
-struct StartupSlot<'a>(Option<&'a AtomicUsize>);
+/// Logs refused connections without letting a flood fill the log: the first of a burst in
+/// full, then one summary line per [`DROP_LOG_INTERVAL`] (every drop is logged at debug).
+#[derive(Default)]
+struct DropLog {
+    since_summary: u64,
+    last_summary: Option<std::time::Instant>,
+}
 
-impl StartupSlot<'_> {
-    fn release(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.fetch_sub(1, Ordering::SeqCst);
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl DropLog {
+    fn note(&mut self, peer: &str, why: &admission::Refusal) {
+        log::debug!("dropping connection from {peer}: {why}");
+        let now = std::time::Instant::now();
+        match self.last_summary {
+            Some(t) if now.duration_since(t) < DROP_LOG_INTERVAL => self.since_summary += 1,
+            Some(_) => {
+                log::info!(
+                    "dropped {} connections in the last {DROP_LOG_INTERVAL:?}; now {peer}: {why}",
+                    self.since_summary + 1
+                );
+                self.since_summary = 0;
+                self.last_summary = Some(now);
+            }
+            None => {
+                log::info!("dropping connection from {peer}: {why}");
+                self.last_summary = Some(now);
+            }
         }
     }
 }
 
-impl Drop for StartupSlot<'_> {
-    fn drop(&mut self) {
-        self.release();
-    }
+/// Runs one connection on a thread of its own (with its own current-thread runtime, so its
+/// key exchange cannot stall other connections); the receiver completes when it is over.
+fn spawn_connection(
+    stream: BoxStream,
+    peer: String,
+    shared: Arc<Shared>,
+    ticket: Ticket,
+    evicted: oneshot::Receiver<()>,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new().name("cpud-conn".into()).stack_size(CONNECTION_STACK).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => {
+                runtime.block_on(connection(stream, peer, shared, ticket, evicted));
+                runtime.shutdown_timeout(CONNECTION_SHUTDOWN_GRACE);
+            }
+            Err(e) => log::warn!("{peer}: dropped: no runtime for it: {e}"),
+        }
+        let _ = done_tx.send(());
+    })?;
+    Ok(done_rx)
 }
 
-async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
-    let mut slot = StartupSlot(Some(&shared.startups));
+async fn connection(
+    stream: BoxStream,
+    peer: String,
+    shared: Arc<Shared>,
+    mut ticket: Ticket,
+    mut evicted: oneshot::Receiver<()>,
+) {
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
-    let stream = Killable { inner: stream, kill: kill_rx, dead: false, disarmed: false };
+    let inspector =
+        ClearTextInspector::new(&SERVER_KEX.iter().map(|n| n.as_ref()).collect::<Vec<_>>(), MODP_KEX);
+    let stream = Killable {
+        inner: stream,
+        kill: kill_rx,
+        dead: false,
+        disarmed: false,
+        inspector: Some(inspector),
+        modp_gate: shared.modp_gate.clone(),
+        gated: None,
+        held: None,
+        unread: Vec::new(),
+    };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
-    let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx);
+    // Every session task holds a clone of the sender: recv() ends when the last one is done.
+    let (tasks_tx, mut tasks_rx) = mpsc::channel::<()>(1);
+    let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx, tasks_tx);
     let deadline = tokio::time::sleep(shared.handshake_timeout);
     tokio::pin!(deadline);
+    let banner_deadline = tokio::time::sleep(shared.banner_grace);
     let start = russh::server::run_stream(shared.russh.clone(), stream, handler);
     let running = tokio::select! {
         r = start => match r {
@@ -195,8 +308,12 @@ async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
                 return;
             }
         },
-        () = &mut deadline => {
-            log::info!("{peer}: dropped, no SSH identification within {:?}", shared.handshake_timeout);
+        () = banner_deadline => {
+            log::info!("{peer}: dropped, no SSH identification within {:?}", shared.banner_grace);
+            return;
+        }
+        Ok(()) = &mut evicted => {
+            log::info!("{peer}: dropped before its identification: a less busy source needed the slot");
             return;
         }
     };
@@ -209,15 +326,22 @@ async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
             ok = async { match auth_rx.as_mut() { Some(rx) => rx.await.is_ok(), None => std::future::pending().await } } => {
                 auth_rx = None;
                 if ok {
-                    slot.release();
+                    ticket.release();
                 }
             }
-            () = &mut deadline, if slot.0.is_some() => {
+            () = &mut deadline, if !ticket.is_released() => {
                 log::info!("{peer}: dropped, handshake not finished within {:?}", shared.handshake_timeout);
                 if let Some(k) = kill_tx.take() {
                     let _ = k.send(());
                 }
-                slot.release();
+                ticket.release();
+            }
+            Ok(()) = &mut evicted, if !ticket.is_released() => {
+                log::info!("{peer}: dropped during its handshake: a less busy source needed the slot");
+                if let Some(k) = kill_tx.take() {
+                    let _ = k.send(());
+                }
+                ticket.release();
             }
         }
     };
@@ -225,15 +349,31 @@ async fn connection(stream: BoxStream, peer: String, shared: Arc<Shared>) {
         log::debug!("{peer}: connection ended: {e}");
     }
     drop(kill_tx);
+    // Sessions outlive the connection by their hang-up grace (SIGHUP, then SIGKILL).
+    while tasks_rx.recv().await.is_some() {}
 }
 
+type PermitFuture = Pin<
+    Box<dyn Future<Output = std::result::Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>,
+>;
+
 /// A stream that can be made to fail from outside, which ends russh's session loop (the
-/// running session has no other off switch).
+/// running session has no other off switch). It also shows the client's clear-text key
+/// exchange to a [`ClearTextInspector`], fails when that refuses it, and holds back a modp
+/// KEXDH_INIT until the daemon-wide modp permit is free (kept until russh writes its reply,
+/// i.e. until the exponentiations are done).
 struct Killable {
     inner: BoxStream,
     kill: oneshot::Receiver<()>,
     dead: bool,
     disarmed: bool,
+    inspector: Option<ClearTextInspector>,
+    modp_gate: Arc<Semaphore>,
+    /// Waiting for the modp permit.
+    gated: Option<PermitFuture>,
+    held: Option<OwnedSemaphorePermit>,
+    /// Bytes read but not yet handed to russh (held back for the permit).
+    unread: Vec<u8>,
 }
 
 impl Killable {
@@ -261,7 +401,45 @@ impl AsyncRead for Killable {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         self.check(cx)?;
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if let Some(gated) = self.gated.as_mut() {
+            match gated.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(permit) => {
+                    self.held = permit.ok();
+                    self.gated = None;
+                }
+            }
+        }
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(inspector)) = (&r, self.inspector.as_mut()) {
+            if let Err(bad) = inspector.feed(&buf.filled()[before..]) {
+                log::info!("refused key exchange: {bad}");
+                self.dead = true;
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    bad.to_string(),
+                )));
+            }
+            let modp = inspector.take_modp_exchange();
+            if inspector.done() {
+                self.inspector = None;
+            }
+            if modp && self.held.is_none() {
+                // Hold the bytes back until this connection may exponentiate.
+                self.unread = buf.filled()[before..].to_vec();
+                buf.set_filled(before);
+                self.gated = Some(Box::pin(self.modp_gate.clone().acquire_owned()));
+                return self.poll_read(cx, buf);
+            }
+        }
+        r
     }
 }
 
@@ -272,6 +450,8 @@ impl AsyncWrite for Killable {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         self.check(cx)?;
+        // russh answers a KEXDH_INIT only after both exponentiations: the permit can go.
+        self.held = None;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -289,6 +469,7 @@ impl AsyncWrite for Killable {
 struct ChannelState {
     started: bool,
     pty: bool,
+    env: session::EnvBudget,
 }
 
 /// One connection's russh handler.
@@ -297,19 +478,27 @@ struct ConnHandler {
     peer: String,
     peer_ip: Option<IpAddr>,
     authenticated: Option<oneshot::Sender<()>>,
+    /// Cloned into every session task; see [`connection`].
+    tasks: mpsc::Sender<()>,
     permissions: Permissions,
     channels: Arc<Mutex<HashMap<ChannelId, ChannelState>>>,
     forwards: HashMap<(String, u32), JoinHandle<()>>,
 }
 
 impl ConnHandler {
-    fn new(peer: String, shared: Arc<Shared>, authenticated: oneshot::Sender<()>) -> ConnHandler {
+    fn new(
+        peer: String,
+        shared: Arc<Shared>,
+        authenticated: oneshot::Sender<()>,
+        tasks: mpsc::Sender<()>,
+    ) -> ConnHandler {
         let peer_ip = peer.parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical());
         ConnHandler {
             shared,
             peer,
             peer_ip,
             authenticated: Some(authenticated),
+            tasks,
             permissions: Permissions::default(),
             channels: Arc::new(Mutex::new(HashMap::new())),
             forwards: HashMap::new(),
@@ -387,6 +576,10 @@ impl Handler for ConnHandler {
         _user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        if is_sha1_rsa(offer.algorithm) {
+            log::info!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            return Ok(Auth::reject());
+        }
         Ok(match self.judge(offer.public_key, true) {
             Some(_) => Auth::Accept,
             None => Auth::reject(),
@@ -394,6 +587,10 @@ impl Handler for ConnHandler {
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        if is_sha1_rsa(key.algorithm) {
+            log::info!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            return Ok(Auth::reject());
+        }
         match self.judge(key.public_key, false) {
             Some(p) => {
                 self.permissions = p;
@@ -447,7 +644,11 @@ impl Handler for ConnHandler {
                 channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             }),
         };
-        tokio::spawn(session::run(channel, ctx));
+        let task_guard = self.tasks.clone();
+        tokio::spawn(async move {
+            session::run(channel, ctx).await;
+            drop(task_guard);
+        });
         Ok(())
     }
 
@@ -494,14 +695,17 @@ impl Handler for ConnHandler {
     async fn env_request(
         &mut self,
         channel: ChannelId,
-        _name: &str,
-        _value: &str,
+        name: &str,
+        value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.with_state(channel, |st| st.started) {
-            session.channel_failure(channel)
-        } else {
+        // Refused on its own: after exec, past the caps, or unusable. (A name or value that is
+        // not UTF-8 never gets here: russh 0.65 ends the connection while decoding it.)
+        if self.with_state(channel, |st| !st.started && st.env.admit(name, value)) {
             session.channel_success(channel)
+        } else {
+            log::debug!("{}: refused env request {name:?} ({} bytes)", self.peer, value.len());
+            session.channel_failure(channel)
         }
     }
 

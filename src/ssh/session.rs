@@ -157,11 +157,59 @@ pub struct Plan {
     pub cwd: PathBuf,
 }
 
+/// Env requests a session may make (OpenSSH's sshd allows 128), not counting the cpu
+/// protocol's own variables ([`PROTOCOL_ENV`]).
+pub const MAX_ENV_VARS: usize = 128;
+/// Total bytes of names and values a session's env requests may carry, likewise.
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+/// The cpu protocol's variables: always admitted (each is bounded by the packet size, and a
+/// repeat replaces the value), so a large client environment cannot crowd out the nonce.
+pub const PROTOCOL_ENV: &[&str] = &[
+    crate::protocol::ENV_NONCE,
+    crate::protocol::ENV_FSTAB,
+    crate::protocol::ENV_FSTAB_LC,
+    crate::protocol::ENV_MSIZE,
+    crate::protocol::ENV_MOUNTOPTS,
+];
+
+/// What a session's env requests have used of [`MAX_ENV_VARS`] and [`MAX_ENV_BYTES`]. The
+/// connection's reply and the session's record each keep one and decide alike.
+#[derive(Debug, Default, Clone)]
+pub struct EnvBudget {
+    vars: usize,
+    bytes: usize,
+}
+
+impl EnvBudget {
+    /// Whether the request `name=value` is admitted (and then counts it). Unusable names and
+    /// values (empty name, `=` or NUL) are refused too.
+    pub fn admit(&mut self, name: &str, value: &str) -> bool {
+        if !usable_env(name, value) {
+            return false;
+        }
+        if PROTOCOL_ENV.contains(&name) {
+            return true;
+        }
+        let bytes = self.bytes + name.len() + value.len();
+        if self.vars >= MAX_ENV_VARS || bytes > MAX_ENV_BYTES {
+            return false;
+        }
+        self.vars += 1;
+        self.bytes = bytes;
+        true
+    }
+}
+
+/// Whether the kernel's environ can carry `name=value`.
+fn usable_env(name: &str, value: &str) -> bool {
+    !(name.is_empty() || name.contains(['=', '\0']) || value.contains('\0'))
+}
+
 /// Records an `env` request: every name accepted, the last value of a duplicate wins (in
 /// the place of the first).
 pub fn set_env(env: &mut Vec<(String, String)>, name: &str, value: &str) {
     // A name the kernel's environ cannot carry is dropped rather than failing the command.
-    if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+    if !usable_env(name, value) {
         log::debug!("ignoring unusable environment variable {name:?}");
         return;
     }
@@ -332,6 +380,7 @@ pub fn ending(status: ExitStatus) -> Ending {
 #[derive(Default)]
 struct Setup {
     env: Vec<(String, String)>,
+    env_budget: EnvBudget,
     pty: Option<PtyRequest>,
     signals: Vec<String>,
     input: Vec<u8>,
@@ -369,7 +418,10 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
                 }
             }
             Some(ChannelMsg::SetEnv { variable_name, variable_value, .. }) => {
-                set_env(&mut setup.env, &variable_name, &variable_value)
+                // The connection refused what the budget does not admit (same rule there).
+                if setup.env_budget.admit(&variable_name, &variable_value) {
+                    set_env(&mut setup.env, &variable_name, &variable_value)
+                }
             }
             Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
                 if let Some(p) = setup.pty.as_mut() {

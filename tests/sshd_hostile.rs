@@ -1,0 +1,731 @@
+//! cpud against hostile peers on loopback: connection floods, key-exchange floods, bad DH
+//! values, abusive env requests. The attackers bind 127.0.0.2, 127.0.0.3, ... (all on lo);
+//! the legitimate client comes from 127.0.0.1. Every loop is bounded in count and time.
+//!
+//! Timings are printed ("FIGURE name value unit"), never asserted; `bench/sshd.bench` runs
+//! the ignored `figures` test against the static binary to collect them.
+
+mod sshd_support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sshd_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ---- raw SSH, just enough to attack a key exchange ----
+
+const MSG_KEXINIT: u8 = 20;
+const MSG_KEXDH_INIT: u8 = 30;
+const MSG_KEXDH_REPLY: u8 = 31;
+
+fn ssh_string(s: &[u8]) -> Vec<u8> {
+    let mut v = (s.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(s);
+    v
+}
+
+/// An unencrypted binary packet (RFC 4253 section 6) around `payload`.
+fn packet(payload: &[u8]) -> Vec<u8> {
+    let pad = 8 - (payload.len() + 5) % 8 + 8;
+    let mut v = ((payload.len() + pad + 1) as u32).to_be_bytes().to_vec();
+    v.push(pad as u8);
+    v.extend_from_slice(payload);
+    v.extend(std::iter::repeat_n(0u8, pad));
+    v
+}
+
+fn kexinit(kex: &str) -> Vec<u8> {
+    let mut p = vec![MSG_KEXINIT];
+    p.extend_from_slice(&[0x5a; 16]);
+    for list in [
+        kex,
+        "ssh-ed25519,rsa-sha2-256,ecdsa-sha2-nistp256",
+        "aes128-ctr,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
+        "aes128-ctr,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
+        "hmac-sha2-256",
+        "hmac-sha2-256",
+        "none",
+        "none",
+        "",
+        "",
+    ] {
+        p.extend(ssh_string(list.as_bytes()));
+    }
+    p.extend_from_slice(&[0, 0, 0, 0, 0]);
+    packet(&p)
+}
+
+fn kexdh_init(e_mpint: &[u8]) -> Vec<u8> {
+    let mut p = vec![MSG_KEXDH_INIT];
+    p.extend(ssh_string(e_mpint));
+    packet(&p)
+}
+
+/// 2^2047 + 3 as an mpint: inside group14's range, three bits set, costs the attacker nothing.
+fn cheap_valid_e() -> Vec<u8> {
+    let mut e = vec![0u8; 257];
+    e[1] = 0x80;
+    e[256] = 3;
+    e
+}
+
+/// The server's side of a raw connection: its identification line, then clear packets.
+struct RawPeer {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    banner_read: bool,
+}
+
+impl RawPeer {
+    async fn connect(source: Ipv4Addr, port: u16) -> std::io::Result<RawPeer> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::from((source, 0)))?;
+        let stream = sock.connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+        Ok(RawPeer { stream, buf: Vec::new(), banner_read: false })
+    }
+
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        let mut chunk = [0u8; 4096];
+        let n = self.stream.read(&mut chunk).await?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    }
+
+    /// The payload of the next packet; None when the server closed the connection.
+    async fn next_payload(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        while !self.banner_read {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                self.buf.drain(..=end);
+                self.banner_read = true;
+            } else if self.buf.len() > 1024 || !self.fill().await? {
+                return Ok(None);
+            }
+        }
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+                if len > 40_000 {
+                    return Err(std::io::Error::other(format!("absurd packet length {len}")));
+                }
+                if self.buf.len() >= 4 + len {
+                    let pad = self.buf[4] as usize;
+                    let packet: Vec<u8> = self.buf.drain(..4 + len).collect();
+                    let end = (4 + len).saturating_sub(pad);
+                    return Ok(Some(packet.get(5..end).unwrap_or_default().to_vec()));
+                }
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads packets until one of type `want` (Some(payload)) or the end (None).
+    async fn wait_for(&mut self, want: u8) -> std::io::Result<Option<Vec<u8>>> {
+        while let Some(p) = self.next_payload().await? {
+            if p.first() == Some(&want) {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// One group14 key exchange with a constant public value: the server computes, we do not.
+/// Ok(true) when the server answered with KEXDH_REPLY.
+async fn one_dh_exchange(source: Ipv4Addr, port: u16, e: &[u8]) -> std::io::Result<bool> {
+    let mut peer = RawPeer::connect(source, port).await?;
+    let mut hello = b"SSH-2.0-flood\r\n".to_vec();
+    hello.extend(kexinit("diffie-hellman-group14-sha256"));
+    peer.stream.write_all(&hello).await?;
+    if peer.wait_for(MSG_KEXINIT).await?.is_none() {
+        return Ok(false);
+    }
+    peer.stream.write_all(&kexdh_init(e)).await?;
+    Ok(peer.wait_for(MSG_KEXDH_REPLY).await?.is_some())
+}
+
+// ---- attacks running beside a test ----
+
+#[derive(Debug, Default)]
+struct AttackCounts {
+    idle_connects: AtomicU64,
+    kex_answered: AtomicU64,
+    kex_failed: AtomicU64,
+}
+
+/// Idle connections and key-exchange floods from other loopback sources, on a thread of
+/// their own, until dropped (or 120 s, whichever comes first).
+struct Attack {
+    stop: Arc<AtomicBool>,
+    counts: Arc<AttackCounts>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Attack {
+    /// `idle`: (sources, connections per source) that connect and never speak, reconnecting
+    /// when dropped; `floods`: loops of group14 exchanges, one source each. Sources are
+    /// 127.0.0.2 upwards.
+    fn start(port: u16, idle: (u8, usize), floods: u8) -> Attack {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(AttackCounts::default());
+        let (s, c) = (stop.clone(), counts.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let hard_stop = Instant::now() + Duration::from_secs(120);
+                let running = move |s: &AtomicBool| !s.load(Ordering::SeqCst) && Instant::now() < hard_stop;
+                let mut tasks = tokio::task::JoinSet::new();
+                for src in 0..idle.0 {
+                    let source = Ipv4Addr::new(127, 0, 0, 2 + src);
+                    for _ in 0..idle.1 {
+                        let (s, c) = (s.clone(), c.clone());
+                        tasks.spawn(async move {
+                            while running(&s) {
+                                if let Ok(mut peer) = RawPeer::connect(source, port).await {
+                                    c.idle_connects.fetch_add(1, Ordering::Relaxed);
+                                    // Hold it, saying nothing, until the server drops it.
+                                    while running(&s) {
+                                        match tokio::time::timeout(Duration::from_millis(200), peer.fill())
+                                            .await
+                                        {
+                                            Ok(Ok(true)) | Err(_) => {}
+                                            Ok(_) => break,
+                                        }
+                                    }
+                                }
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        });
+                    }
+                }
+                for f in 0..floods {
+                    let source = Ipv4Addr::new(127, 0, 0, 2 + idle.0 + f);
+                    let (s, c) = (s.clone(), c.clone());
+                    tasks.spawn(async move {
+                        while running(&s) {
+                            let e = cheap_valid_e();
+                            match tokio::time::timeout(
+                                Duration::from_secs(30),
+                                one_dh_exchange(source, port, &e),
+                            )
+                            .await
+                            {
+                                Ok(Ok(true)) => c.kex_answered.fetch_add(1, Ordering::Relaxed),
+                                _ => {
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                    c.kex_failed.fetch_add(1, Ordering::Relaxed)
+                                }
+                            };
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+        });
+        Attack { stop, counts, thread: Some(thread) }
+    }
+
+    fn counts(&self) -> String {
+        format!(
+            "{} idle connects, {} key exchanges answered, {} failed",
+            self.counts.idle_connects.load(Ordering::Relaxed),
+            self.counts.kex_answered.load(Ordering::Relaxed),
+            self.counts.kex_failed.load(Ordering::Relaxed)
+        )
+    }
+}
+
+impl Drop for Attack {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---- cpud as a child process, for its memory and descriptors ----
+
+struct Cpud {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Cpud {
+    fn start(bin: &str, authorized_keys: &std::path::Path) -> Cpud {
+        let mut child = Command::new(bin)
+            .args(["cpud", "-listen", "127.0.0.1", "-sp", "0", "-pk"])
+            .arg(authorized_keys)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cpud");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let l = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(p) = line.split("Listening on 127.0.0.1:").nth(1) {
+                    let _ = port_tx.send(p.trim().parse::<u16>().unwrap_or(0));
+                }
+                let mut log = l.lock().unwrap_or_else(|p| p.into_inner());
+                log.push(line);
+                if log.len() > 400 {
+                    log.drain(..200);
+                }
+            }
+        });
+        let port = match port_rx.recv_timeout(TIMEOUT) {
+            Ok(p) if p != 0 => p,
+            _ => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!(
+                    "cpud did not start ({status:?}): {:?}",
+                    log.lock().unwrap_or_else(|p| p.into_inner())
+                );
+            }
+        };
+        Cpud { child, port, log }
+    }
+
+    fn status_kb(&self, field: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map(|d| d.count()).unwrap_or(0)
+    }
+
+    fn threads(&self) -> u64 {
+        self.status_kb("Threads:")
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter().rev().take(15).rev().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Cpud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One login from 127.0.0.1 with a command; returns how long it took, or why it failed.
+async fn login(port: u16, key: &std::path::Path) -> Result<Duration, String> {
+    let start = Instant::now();
+    let client = tokio::time::timeout(TIMEOUT, connect(port, key))
+        .await
+        .map_err(|_| format!("no login within {TIMEOUT:?}"))??;
+    let mut ch = client.handle.channel_open_session().await.map_err(|e| format!("session: {e}"))?;
+    ch.exec(true, "echo in").await.map_err(|e| format!("exec: {e}"))?;
+    let o = collect(&mut ch).await;
+    if text(&o.stdout) != "in\n" || o.status != Some(0) {
+        return Err(format!("unexpected session outcome {o:?}"));
+    }
+    Ok(start.elapsed())
+}
+
+/// Median and maximum round trip of one byte through `cat` on an established session.
+async fn echo_round_trips(client: &TestClient, rounds: usize) -> Result<(Duration, Duration), String> {
+    let mut ch = client.handle.channel_open_session().await.map_err(|e| format!("session: {e}"))?;
+    ch.exec(true, "exec cat").await.map_err(|e| format!("exec: {e}"))?;
+    let mut times = Vec::new();
+    for i in 0..rounds {
+        let byte = [b'a' + (i % 26) as u8];
+        let start = Instant::now();
+        ch.data(&byte[..]).await.map_err(|e| format!("data: {e}"))?;
+        loop {
+            match tokio::time::timeout(TIMEOUT, ch.wait()).await {
+                Ok(Some(russh::ChannelMsg::Data { data })) if data.as_ref() == byte => break,
+                Ok(Some(russh::ChannelMsg::Data { data })) => {
+                    return Err(format!("echo {data:?}, sent {byte:?}"))
+                }
+                Ok(Some(_)) => {}
+                other => return Err(format!("echo session ended: {other:?}")),
+            }
+        }
+        times.push(start.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = ch.eof().await;
+    times.sort();
+    Ok((times[times.len() / 2], times[times.len() - 1]))
+}
+
+fn figure(name: &str, value: impl std::fmt::Display, unit: &str) {
+    println!("FIGURE {name} {value} {unit}");
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+/// The scenario of issue 12: 500 idle connections from 5 sources and 5 group14 flood loops
+/// from 5 more, while 127.0.0.1 logs in and an established session echoes. Asserts that
+/// every login works and memory stays bounded; prints the timings.
+async fn flood_scenario(bin: &str, tag: &str) {
+    let dir = TempDir::new(tag);
+    let key = keygen(&dir, "id", "ed25519");
+    let ak = authorized(&dir, &public_line(&key));
+    let cpud = Cpud::start(bin, &ak);
+    let idle_fds = cpud.fds();
+    let baseline = login(cpud.port, &key)
+        .await
+        .unwrap_or_else(|e| panic!("login without attack: {e}\n{}", cpud.log_tail()));
+    figure("sshd-login-idle-ms", ms(baseline), "ms");
+    let established = connect(cpud.port, &key).await.expect("established session before the attack");
+    let (median, _) = echo_round_trips(&established, 10).await.expect("echo before the attack");
+    figure("sshd-echo-rtt-idle-ms", ms(median), "ms");
+
+    let attack = Attack::start(cpud.port, (5, 100), 5);
+    // Give the attack time to take every slot it can.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut worst = Duration::ZERO;
+    let mut rss_peak = 0;
+    let mut anon_peak = 0;
+    for i in 0..5 {
+        let took = login(cpud.port, &key).await.unwrap_or_else(|e| {
+            panic!("login {i} under attack failed: {e} ({})\n{}", attack.counts(), cpud.log_tail())
+        });
+        worst = worst.max(took);
+        rss_peak = rss_peak.max(cpud.status_kb("VmRSS:"));
+        anon_peak = anon_peak.max(cpud.status_kb("RssAnon:"));
+    }
+    let (echo_median, echo_max) = echo_round_trips(&established, 20)
+        .await
+        .unwrap_or_else(|e| panic!("established session under attack: {e}\n{}", cpud.log_tail()));
+    rss_peak = rss_peak.max(cpud.status_kb("VmRSS:"));
+    anon_peak = anon_peak.max(cpud.status_kb("RssAnon:"));
+    let fds_during = cpud.fds();
+    let threads_during = cpud.threads();
+    eprintln!("attack: {}", attack.counts());
+    let answered = attack.counts.kex_answered.load(Ordering::Relaxed);
+    drop(attack);
+    figure("sshd-login-under-flood-worst-ms", ms(worst), "ms");
+    figure("sshd-echo-rtt-under-flood-median-ms", ms(echo_median), "ms");
+    figure("sshd-echo-rtt-under-flood-max-ms", ms(echo_max), "ms");
+    figure("sshd-flood-kex-answered", answered, "exchanges");
+    figure("cpud-rss-under-flood-kb", rss_peak, "kb");
+    figure("cpud-rss-anon-under-flood-kb", anon_peak, "kb");
+    figure("cpud-fds-under-flood", fds_during, "fds");
+    figure("cpud-threads-under-flood", threads_during, "threads");
+    assert!(anon_peak < 32 * 1024, "cpud allocated {anon_peak} kB under attack");
+
+    // Once the attackers are gone, cpud's descriptors come back down (bounded wait).
+    drop(established);
+    // (An async wait: the client's own connections close on this runtime.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cpud.fds() > idle_fds + 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let settled = cpud.fds() <= idle_fds + 2;
+    figure("cpud-fds-after-flood", cpud.fds(), "fds");
+    figure("cpud-rss-after-flood-kb", cpud.status_kb("VmRSS:"), "kb");
+    assert!(
+        settled,
+        "cpud holds {} descriptors after the attack, {idle_fds} before\n{}",
+        cpud.fds(),
+        cpud.log_tail()
+    );
+    login(cpud.port, &key)
+        .await
+        .unwrap_or_else(|e| panic!("login after the attack: {e}\n{}", cpud.log_tail()));
+}
+
+#[tokio::test]
+async fn a_legitimate_login_gets_through_idle_and_key_exchange_floods_from_other_sources() {
+    flood_scenario(BIN, "flood").await;
+}
+
+/// `bench/sshd.bench`: the same scenario against CPU_ALL_BIN (the static binary).
+#[tokio::test]
+#[ignore]
+async fn figures() {
+    let bin = std::env::var("CPU_ALL_BIN").unwrap_or_else(|_| BIN.to_string());
+    flood_scenario(&bin, "figures").await;
+}
+
+// ---- key exchange ----
+
+#[tokio::test]
+async fn only_fixed_cost_key_exchanges_are_offered() {
+    let dir = TempDir::new("kexlist");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), server.port).await.expect("connect");
+    peer.stream.write_all(b"SSH-2.0-probe\r\n").await.expect("write");
+    let offer = tokio::time::timeout(TIMEOUT, peer.wait_for(MSG_KEXINIT))
+        .await
+        .expect("no KEXINIT in time")
+        .expect("read")
+        .expect("server closed before KEXINIT");
+    let len = u32::from_be_bytes(offer[17..21].try_into().expect("4 bytes")) as usize;
+    let names = String::from_utf8_lossy(&offer[21..21 + len]).into_owned();
+    assert_eq!(
+        names,
+        "mlkem768x25519-sha256,curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,\
+         diffie-hellman-group14-sha256,ext-info-s,kex-strict-s-v00@openssh.com"
+    );
+    // A client that insists on group18 finds nothing in common.
+    let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), server.port).await.expect("connect");
+    let mut hello = b"SSH-2.0-probe\r\n".to_vec();
+    hello.extend(kexinit(
+        "diffie-hellman-group18-sha512,diffie-hellman-group16-sha512,diffie-hellman-group14-sha1",
+    ));
+    peer.stream.write_all(&hello).await.expect("write");
+    let reply = tokio::time::timeout(TIMEOUT, async {
+        peer.wait_for(MSG_KEXINIT).await?;
+        peer.stream.write_all(&kexdh_init(&cheap_valid_e())).await?;
+        peer.wait_for(MSG_KEXDH_REPLY).await
+    })
+    .await
+    .expect("server neither answered nor closed");
+    assert!(matches!(reply, Ok(None) | Err(_)), "group18 was negotiated: {reply:?}");
+}
+
+#[tokio::test]
+async fn a_dh_public_value_with_one_bit_set_is_refused() {
+    let dir = TempDir::new("dh2");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let (src, port) = (Ipv4Addr::new(127, 0, 0, 2), server.port);
+    let exchange = |e: Vec<u8>| async move {
+        tokio::time::timeout(TIMEOUT, one_dh_exchange(src, port, &e)).await.expect("no answer in time")
+    };
+    // The control: a valid (if lazy) value gets a KEXDH_REPLY, so the refusals below mean something.
+    assert!(matches!(exchange(cheap_valid_e()).await, Ok(true)), "a valid e was not answered");
+    for e in [vec![2u8], vec![1u8], vec![0x01, 0, 0, 0], {
+        let mut big = vec![0u8; 257];
+        big[1] = 0x80;
+        big
+    }] {
+        let r = exchange(e.clone()).await;
+        assert!(matches!(r, Ok(false) | Err(_)), "e = {e:02x?} got a KEXDH_REPLY");
+    }
+    // The server is fine afterwards.
+    let client = connect(server.port, &key).await.expect("login after the bad exchanges");
+    let mut ch = client.handle.channel_open_session().await.expect("session");
+    ch.exec(true, "echo ok").await.expect("exec");
+    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+}
+
+// ---- env requests ----
+
+/// Sends `vars` as env requests (want-reply) on a fresh session of `client`, then
+/// `exec cmd`; returns the replies in order and the command's stdout.
+async fn env_session(
+    client: &TestClient,
+    vars: Vec<(String, String)>,
+    cmd: &str,
+) -> (Vec<bool>, String, Option<u32>) {
+    let ch = client.handle.channel_open_session().await.expect("session");
+    let (mut rx, tx) = ch.split();
+    let expected = vars.len() + 1;
+    let cmd = cmd.to_string();
+    // Sent by a task while replies are read here: russh queues replies per channel.
+    let sender = tokio::spawn(async move {
+        for (n, v) in vars {
+            tx.set_env(true, n, v).await.map_err(|e| e.to_string())?;
+        }
+        tx.exec(true, cmd.into_bytes()).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(tx)
+    });
+    let mut replies = Vec::new();
+    let mut stdout = Vec::new();
+    let mut status = None;
+    loop {
+        match tokio::time::timeout(TIMEOUT, rx.wait()).await {
+            Ok(Some(russh::ChannelMsg::Success)) if replies.len() < expected => replies.push(true),
+            Ok(Some(russh::ChannelMsg::Failure)) if replies.len() < expected => replies.push(false),
+            Ok(Some(russh::ChannelMsg::Data { data })) => stdout.extend_from_slice(&data),
+            Ok(Some(russh::ChannelMsg::ExtendedData { data, .. })) => eprintln!("stderr: {}", text(&data)),
+            Ok(Some(russh::ChannelMsg::ExitStatus { exit_status })) => status = Some(exit_status),
+            Ok(None | Some(russh::ChannelMsg::Close)) => break,
+            Ok(Some(_)) => {}
+            Err(_) => panic!("session did not end within {TIMEOUT:?}; {} replies so far", replies.len()),
+        }
+    }
+    let _writer = sender.await.expect("sender task").expect("sending requests");
+    (replies, text(&stdout), status)
+}
+
+#[tokio::test]
+async fn env_requests_past_128_or_64_kib_are_refused_one_by_one() {
+    let dir = TempDir::new("envcap");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let client = connect(server.port, &key).await.expect("connect");
+    // A second session on the same connection, started first, must not notice anything.
+    let mut bystander = client.handle.channel_open_session().await.expect("bystander session");
+    bystander.exec(true, "read line; echo got $line").await.expect("bystander exec");
+
+    // PATH and V0..V126 make 128 ordinary variables (the cpu form's environment is exactly
+    // what the client sent).
+    let mut vars: Vec<(String, String)> = vec![("PATH".into(), "/usr/bin:/bin".into())];
+    vars.extend((0..200).map(|i| (format!("V{i}"), format!("{i}"))));
+    vars.insert(5, ("BAD=NAME".into(), "x".into()));
+    vars.push(("CPU_MSIZE".into(), "65536".into()));
+    let (replies, out, status) =
+        env_session(&client, vars, " 'sh' '-c' 'echo $V0 $V126 ${V127-unset} ${V199-unset}'").await;
+    let accepted = replies.iter().filter(|r| **r).count();
+    // 128 ordinary variables, then refusals; the bad name refused; CPU_MSIZE (a protocol variable) and exec accepted.
+    assert_eq!(accepted, 128 + 2, "replies: {replies:?}");
+    assert!(!replies[5], "a name with '=' was accepted");
+    assert!(replies[..129].iter().enumerate().all(|(i, r)| *r || i == 5));
+    assert_eq!(out, "0 126 unset unset\n");
+    assert!(replies[replies.len() - 2], "CPU_MSIZE, past the cap, was refused");
+    assert_eq!(status, Some(0));
+
+    // Size: two 30 kB values fit in 64 KiB, the third does not; a small one still does.
+    let big = "x".repeat(30_000);
+    let vars = vec![
+        ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+        ("A".to_string(), big.clone()),
+        ("B".to_string(), big.clone()),
+        ("C".to_string(), big),
+        ("D".to_string(), "small".to_string()),
+    ];
+    let (replies, out, _) = env_session(&client, vars, " 'sh' '-c' 'echo ${#A} ${#B} ${C-unset} $D'").await;
+    assert_eq!(replies, [true, true, true, false, true, true]);
+    assert_eq!(out, "30000 30000 unset small\n");
+
+    bystander.data(&b"still here\n"[..]).await.expect("bystander data");
+    let o = collect(&mut bystander).await;
+    assert_eq!(text(&o.stdout), "got still here\n");
+}
+
+#[tokio::test]
+async fn an_env_flood_neither_grows_cpud_nor_stalls_another_connection() {
+    let dir = TempDir::new("envflood");
+    let key = keygen(&dir, "id", "ed25519");
+    let ak = authorized(&dir, &public_line(&key));
+    let cpud = Cpud::start(BIN, &ak);
+    let before = cpud.status_kb("RssAnon:");
+    let flooder = connect(cpud.port, &key).await.expect("flooder connects");
+    let victim = connect(cpud.port, &key).await.expect("victim connects");
+    // 2,000 x 30 kB: 60 MB if cpud kept it all.
+    let value = "y".repeat(30_000);
+    let vars: Vec<(String, String)> = (0..2000).map(|i| (format!("F{i}"), value.clone())).collect();
+    let flood = tokio::spawn(async move {
+        let r = env_session(&flooder, vars, "echo flooded").await;
+        (r, flooder)
+    });
+    let (median, max) = echo_round_trips(&victim, 10).await.expect("victim's session during the flood");
+    let ((replies, out, _), _flooder) = flood.await.expect("flood task");
+    let after = cpud.status_kb("RssAnon:");
+    figure("sshd-echo-rtt-under-env-flood-median-ms", ms(median), "ms");
+    figure("sshd-echo-rtt-under-env-flood-max-ms", ms(max), "ms");
+    figure("cpud-rss-anon-after-env-flood-kb", after, "kb");
+    assert_eq!(replies.iter().filter(|r| **r).count(), 2 + 1, "two 30 kB values fit, then exec");
+    assert_eq!(out, "flooded\n");
+    assert!(after < before + 16 * 1024, "cpud grew from {before} kB to {after} kB");
+}
+
+// ---- user keys: short RSA, SHA-1 signatures ----
+
+/// Authenticates with `key` signing with `hash` (None: `ssh-rsa`, SHA-1); Ok(success).
+async fn try_key(
+    port: u16,
+    key: russh::keys::PrivateKey,
+    hash: Option<russh::keys::HashAlg>,
+) -> Result<bool, String> {
+    let config = Arc::new(russh::client::Config::default());
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let mut handle =
+        russh::client::connect_stream(config, stream, AnyHost).await.map_err(|e| e.to_string())?;
+    let auth = handle
+        .authenticate_publickey("tester", russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), hash))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(auth.success())
+}
+
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+#[tokio::test]
+async fn ssh_rsa_sha1_signatures_are_refused_and_rsa_sha2_works() {
+    let dir = TempDir::new("sha1");
+    let rsa = keygen(&dir, "id_rsa", "rsa");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&rsa))));
+    let load = || russh::keys::load_secret_key(&rsa, None).expect("load rsa key");
+    use russh::keys::HashAlg;
+    assert_eq!(try_key(server.port, load(), None).await, Ok(false), "ssh-rsa (SHA-1) was accepted");
+    assert_eq!(try_key(server.port, load(), Some(HashAlg::Sha256)).await, Ok(true), "rsa-sha2-256");
+    assert_eq!(try_key(server.port, load(), Some(HashAlg::Sha512)).await, Ok(true), "rsa-sha2-512");
+    // OpenSSH's ssh, made to use ssh-rsa, is refused too; by default it uses rsa-sha2.
+    let mut c = ssh_command(server.port, &rsa);
+    c.args(["-o", "PubkeyAcceptedAlgorithms=ssh-rsa", "127.0.0.1", "echo in"]);
+    let out = run_timeout(c, None, TIMEOUT);
+    assert_eq!(out.status.code(), Some(255), "ssh-rsa login: {}", text(&out.stderr));
+    let out = ssh(server.port, &rsa, "echo in", None);
+    assert_eq!(text(&out.stdout), "in\n", "rsa-sha2 login: {}", text(&out.stderr));
+}
+
+/// A PKCS#1 RSA key of `bits` made by openssl (ssh-keygen refuses under 1024), or why not.
+fn openssl_rsa(dir: &TempDir, bits: u32) -> Result<russh::keys::PrivateKey, String> {
+    let path = dir.path(&format!("rsa{bits}.pem"));
+    let mut c = Command::new("openssl");
+    c.args(["genrsa", "-traditional", "-out"]).arg(&path).arg(bits.to_string()).stdin(Stdio::null());
+    match c.output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => return Err(format!("openssl genrsa {bits} failed: {}", text(&o.stderr))),
+        Err(e) => return Err(format!("openssl not available: {e}")),
+    }
+    russh::keys::load_secret_key(&path, None).map_err(|e| format!("russh cannot load a PKCS#1 key: {e}"))
+}
+
+#[tokio::test]
+async fn rsa_user_keys_under_1024_bits_are_refused() {
+    let dir = TempDir::new("rsa768");
+    let (short, control) = match (openssl_rsa(&dir, 768), openssl_rsa(&dir, 2048)) {
+        (Ok(s), Ok(c)) => (s, c),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("SKIP: short RSA keys: {e}");
+            return;
+        }
+    };
+    let line = |k: &russh::keys::PrivateKey| k.public_key().to_openssh().expect("public key line");
+    let server =
+        TestServer::start(Some(authorized(&dir, &format!("{}\n{}\n", line(&short), line(&control)))));
+    use russh::keys::HashAlg;
+    assert_eq!(
+        try_key(server.port, control, Some(HashAlg::Sha256)).await,
+        Ok(true),
+        "the 2048-bit control key"
+    );
+    assert_eq!(
+        try_key(server.port, short, Some(HashAlg::Sha256)).await,
+        Ok(false),
+        "a 768-bit key was accepted"
+    );
+}
