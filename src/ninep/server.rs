@@ -180,7 +180,7 @@ impl BufPool {
     fn put(&self, buf: Vec<u8>) {
         if buf.capacity() >= POOL_MIN {
             let mut free = lock(&self.free);
-            if free.len() < 32 {
+            if free.len() < 16 {
                 free.push(buf);
             }
         }
