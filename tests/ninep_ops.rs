@@ -308,6 +308,8 @@ fn posix_locks_belong_to_the_remote_process() {
     let g = c.getlock_as(Q, 3, WR, 0, 10).unwrap();
     assert_eq!((g.ty, g.start, g.length, g.proc_id), (WR, 0, 150, P));
     assert_eq!(g.client_id.as_bytes(), b"c");
+    // Linux asks with type UNLCK (it loses the F_GETLK type): any other holder is reported.
+    assert_eq!(c.getlock_as(Q, 3, UN, 0, 10).unwrap().proc_id, P);
     assert_eq!(c.getlock_as(P, 1, WR, 0, 10).unwrap().ty, UN, "own locks never conflict");
     // Unlock through the second fid releases what the first took.
     assert_eq!(c.lock_as(P, 2, UN, 0, 0, 0).unwrap(), 0);

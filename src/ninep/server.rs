@@ -5,8 +5,11 @@
 //! the lexical path is kept only for `..`, Tremove and Trename), QIDs, name checks (no
 //! empty, no `/`, `..` never above the root), the read-only rule, the remote's safety limits,
 //! POSIX locks ([`super::locks`]), Tflush bookkeeping. It must not block the async thread:
-//! every backend call runs inside `spawn_blocking` (metadata requests that arrive together
-//! share one pool job per CPU, which saves thread wake-ups). A bad request costs an Rlerror,
+//! backend calls run inside `spawn_blocking` (metadata requests that arrive together share
+//! one pool job per CPU, which saves thread wake-ups), except a lone Twalk or Tgetattr of a
+//! file on a local file system (ext4, tmpfs, ...: never a network or FUSE one), answered on
+//! the connection thread to save two thread hand-offs; a session whose inline calls turn out
+//! slow (over 20 ms, three times) stops doing that. A bad request costs an Rlerror,
 //! never the connection; only an unframeable byte stream ends it.
 //!
 //! Memory a remote can make us hold is bounded: at most `MAX_IN_FLIGHT` requests and their
@@ -21,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -52,6 +55,28 @@ pub const MAX_FIDS: usize = 100_000;
 pub const XATTR_BUDGET: usize = 8 << 20;
 /// xattr namespaces the remote may not write: they carry privilege on the client machine.
 const PROTECTED_XATTRS: [&[u8]; 2] = [b"security.", b"trusted."];
+/// statfs f_type of file systems whose metadata calls never wait for a network or a user
+/// space daemon: ext2/3/4, xfs, btrfs, tmpfs, ramfs, overlayfs, f2fs, vfat, exfat, zfs,
+/// bcachefs, squashfs, iso9660.
+const LOCAL_FS_TYPES: [u32; 13] = [
+    0xef53,
+    0x5846_5342,
+    0x9123_683e,
+    0x0102_1994,
+    0x8584_58f6,
+    0x794c_7630,
+    0xf2f5_2010,
+    0x4d44,
+    0x2011_bab0,
+    0x2fc1_2fc1,
+    0xca45_1a4e,
+    0x7371_7368,
+    0x9660,
+];
+/// An inline request slower than this counts as slow; after `INLINE_SLOW_LIMIT` of them the
+/// session stops answering inline (a disk that stalls must not stall the connection).
+const INLINE_SLOW: Duration = Duration::from_millis(20);
+const INLINE_SLOW_LIMIT: u32 = 3;
 /// How long replies may take to drain after the peer stopped sending.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -155,6 +180,9 @@ struct FidState<B: Backend> {
     kind: FidKind<B::File>,
     /// A lock was taken through this fid: clunking it releases its owners' locks.
     locked: bool,
+    /// The file is on a local disk-or-memory file system: cheap metadata requests about it
+    /// may be answered on the connection thread.
+    local: bool,
 }
 
 type FidRef<B> = Arc<Mutex<FidState<B>>>;
@@ -231,6 +259,10 @@ pub struct Session<B: Backend> {
     xattr_bytes: Arc<AtomicUsize>,
     /// Our own uid: what an attach without a numeric user stands for.
     own_uid: u32,
+    /// st_dev → whether it is a local file system (see `LOCAL_FS_TYPES`).
+    local_devs: Mutex<HashMap<u64, bool>>,
+    /// Inline requests that took longer than `INLINE_SLOW`.
+    slow_inline: AtomicU32,
     /// st_dev → small index mixed into QID paths (the first device seen keeps raw inodes).
     devices: Mutex<HashMap<u64, u64>>,
     inflight: Mutex<HashMap<u16, InFlight>>,
@@ -314,6 +346,8 @@ impl<B: Backend> Session<B> {
             locks: Mutex::new(LockTable::default()),
             xattr_bytes: Arc::new(AtomicUsize::new(0)),
             own_uid: rustix::process::geteuid().as_raw(),
+            local_devs: Mutex::new(HashMap::new()),
+            slow_inline: AtomicU32::new(0),
             devices: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             pool: BufPool::default(),
@@ -403,6 +437,43 @@ impl<B: Backend> Session<B> {
         Self::new_fid_ok(&fids, fid)?;
         fids.insert(fid, Arc::new(Mutex::new(state)));
         Ok(())
+    }
+
+    /// Whether device `dev` (of `node`) holds a local file system, where metadata calls do
+    /// not wait for a network or a FUSE daemon (asked once per device).
+    fn is_local(&self, node: &B::Node, dev: u64) -> bool {
+        if let Some(&known) = lock(&self.local_devs).get(&dev) {
+            return known;
+        }
+        let local = self.backend.statfs(node).is_ok_and(|s| LOCAL_FS_TYPES.contains(&s.fs_type));
+        lock(&self.local_devs).insert(dev, local);
+        local
+    }
+
+    /// Whether a Twalk/Tgetattr of `fid` may run on the connection thread: the file is on a
+    /// local file system and such calls have not been slow in this session.
+    fn may_inline(&self, fid: u32) -> bool {
+        if self.slow_inline.load(Ordering::Relaxed) >= INLINE_SLOW_LIMIT {
+            return false;
+        }
+        let Some(f) = lock(&self.fids).get(&fid).cloned() else {
+            return false;
+        };
+        let st = lock(&f);
+        st.local
+    }
+
+    /// Runs a cheap metadata request right here and notes if it was slow after all.
+    fn dispatch_inline(&self, tag: u16, msg: Tmessage) -> Vec<u8> {
+        let started = Instant::now();
+        let reply = self.dispatch(tag, msg);
+        if started.elapsed() > INLINE_SLOW {
+            let n = self.slow_inline.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == INLINE_SLOW_LIMIT {
+                log::debug!("9p: metadata calls are slow here; no longer answering them inline");
+            }
+        }
+        reply
     }
 
     /// A fid went away: like close(2), its processes' locks on the file go with it.
@@ -508,10 +579,9 @@ impl<B: Backend> Session<B> {
                 let qid = self.qid(&attr);
                 // The kernel attaches once per user (access=user/client) with n_uname set.
                 let uid = if t.n_uname != NONUNAME { t.n_uname } else { self.own_uid };
-                self.insert_fid(
-                    t.fid,
-                    FidState { path, node, qid, uid, kind: FidKind::Node, locked: false },
-                )?;
+                let local = self.is_local(&node, attr.dev);
+                let state = FidState { path, node, qid, uid, kind: FidKind::Node, locked: false, local };
+                self.insert_fid(t.fid, state)?;
                 self.reply(buf, tag, Rmessage::Attach(Rqid { qid }))
             }
             Tmessage::Walk(t) => self.walk(tag, t, buf),
@@ -739,10 +809,10 @@ impl<B: Backend> Session<B> {
                 self.reply(buf, tag, Rmessage::Setattr(Empty {}))
             }
             Tmessage::XattrWalk(t) => {
-                let (path, node, qid, uid) = {
+                let (path, node, qid, uid, local) = {
                     let f = self.fid(t.fid)?;
                     let st = lock(&f);
-                    (st.path.clone(), st.node.clone(), st.qid, st.uid)
+                    (st.path.clone(), st.node.clone(), st.qid, st.uid, st.local)
                 };
                 if t.newfid != t.fid {
                     Self::new_fid_ok(&lock(&self.fids), t.newfid)?;
@@ -758,7 +828,7 @@ impl<B: Backend> Session<B> {
                 let size = value.len() as u64;
                 let charge = XattrCharge::take(&self.xattr_bytes, value.len())?;
                 let kind = FidKind::XattrRead { value: Arc::new(value), _charge: charge };
-                let state = FidState { path, node, qid, uid, kind, locked: false };
+                let state = FidState { path, node, qid, uid, kind, locked: false, local };
                 let mut fids = lock(&self.fids);
                 if t.newfid != t.fid {
                     Self::new_fid_ok(&fids, t.newfid)?;
@@ -822,7 +892,9 @@ impl<B: Backend> Session<B> {
             }
             Tmessage::GetLock(t) => {
                 let file = self.open_file(t.fid)?;
-                let kind = lock_kind(t.ty)?.ok_or(errno::EINVAL)?;
+                // Linux (v9fs_file_getlock, through 6.x) asks with type UNLCK, having lost
+                // the type of the F_GETLK: report any range another process holds.
+                let kind = lock_kind(t.ty)?.unwrap_or(locks::Kind::Write);
                 let end = locks::range_end(t.start, t.length).ok_or(errno::EINVAL)?;
                 let a = io(file.stat())?;
                 let owner = LockOwner { proc_id: t.proc_id, client_id: t.client_id.as_bytes().to_vec() };
@@ -853,10 +925,10 @@ impl<B: Backend> Session<B> {
                 return Err(errno::EINVAL);
             }
         }
-        let (mut path, mut node, start_qid, uid) = {
+        let (mut path, mut node, start_qid, uid, mut local) = {
             let f = self.fid(t.fid)?;
             let st = lock(&f);
-            (st.path.clone(), st.node.clone(), st.qid, st.uid)
+            (st.path.clone(), st.node.clone(), st.qid, st.uid, st.local)
         };
         if t.newfid != t.fid {
             Self::new_fid_ok(&lock(&self.fids), t.newfid)?;
@@ -878,6 +950,7 @@ impl<B: Backend> Session<B> {
             };
             match next.and_then(|n| self.backend.stat(&n).map(|a| (n, a))) {
                 Ok((n, a)) => {
+                    local = self.is_local(&n, a.dev);
                     node = n;
                     qid = self.qid(&a);
                     qids.push(qid);
@@ -887,7 +960,7 @@ impl<B: Backend> Session<B> {
             }
         }
         if qids.len() == t.names.len() {
-            let state = FidState { path, node, qid, uid, kind: FidKind::Node, locked: false };
+            let state = FidState { path, node, qid, uid, kind: FidKind::Node, locked: false, local };
             let mut fids = lock(&self.fids);
             if t.newfid != t.fid {
                 Self::new_fid_ok(&fids, t.newfid)?;
@@ -1251,6 +1324,17 @@ where
                             },
                             Tmessage::Version(v) => {
                                 send(&tx, session.version(tag, &v), permit);
+                            }
+                            // Alone (nothing else waiting) and about a local file: answer on
+                            // this thread, saving two thread hand-offs per round trip.
+                            msg @ (Tmessage::Walk(Twalk { fid, .. })
+                            | Tmessage::Getattr(Tgetattr { fid, .. }))
+                                if batch.is_empty()
+                                    && !frame_buffered(rd.buffer())
+                                    && session.may_inline(fid) =>
+                            {
+                                let reply = session.dispatch_inline(tag, msg);
+                                send(&tx, reply, permit);
                             }
                             msg @ (Tmessage::Walk(_)
                             | Tmessage::Getattr(_)
