@@ -286,36 +286,47 @@ fn statfs_reports_the_real_filesystem() {
 }
 
 #[test]
-fn posix_locks_conflict_between_fids() {
+fn posix_locks_belong_to_the_remote_process() {
     let dir = Scratch::new("locks");
     fs::write(dir.join("f"), b"data").unwrap();
     let mut h = start_attached(options(&dir.path));
     let c = &mut h.client;
-    for fid in [1, 2] {
+    // Process 10 opens the file twice (fids 1 and 2), process 20 once (fid 3).
+    for fid in [1, 2, 3] {
         c.walk(0, fid, &["f"]).unwrap();
         c.lopen(fid, O_RDWR).unwrap();
     }
     const WR: u8 = 1;
     const RD: u8 = 0;
     const UN: u8 = 2;
-    assert_eq!(c.lock(1, WR, 0, 0, 100).unwrap(), 0, "first write lock granted");
-    assert_eq!(c.lock(2, WR, 0, 50, 10).unwrap(), 1, "conflicting lock BLOCKED");
+    const P: u32 = 10;
+    const Q: u32 = 20;
+    assert_eq!(c.lock_as(P, 1, WR, 0, 0, 100).unwrap(), 0, "first write lock granted");
+    assert_eq!(c.lock_as(P, 2, WR, 0, 50, 100).unwrap(), 0, "same process, second fid: no conflict");
+    assert_eq!(c.lock_as(Q, 3, WR, 0, 120, 10).unwrap(), 1, "another process: BLOCKED");
     // BLOCK flag: still answered at once with BLOCKED (the kernel retries).
-    assert_eq!(c.lock(2, RD, 1, 0, 0).unwrap(), 1);
-    // No conflict outside the range.
-    assert_eq!(c.lock(2, WR, 0, 200, 10).unwrap(), 0);
-    let g = c.getlock(2, WR, 0, 10).unwrap();
-    assert_eq!((g.ty, g.start, g.length), (WR, 0, 100));
-    let g = c.getlock(1, WR, 300, 10).unwrap();
-    assert_eq!(g.ty, UN, "no conflict");
-    assert_eq!(c.lock(1, UN, 0, 0, 100).unwrap(), 0);
-    assert_eq!(c.lock(2, WR, 0, 50, 10).unwrap(), 0, "granted after unlock");
-    // Clunking a fid drops its locks.
+    assert_eq!(c.lock_as(Q, 3, RD, 1, 0, 0).unwrap(), 1);
+    assert_eq!(c.lock_as(Q, 3, WR, 0, 200, 10).unwrap(), 0, "no conflict outside the range");
+    // F_GETLK names the holder and the merged range it holds.
+    let g = c.getlock_as(Q, 3, WR, 0, 10).unwrap();
+    assert_eq!((g.ty, g.start, g.length, g.proc_id), (WR, 0, 150, P));
+    assert_eq!(g.client_id.as_bytes(), b"c");
+    // Linux asks with type UNLCK (it loses the F_GETLK type): any other holder is reported.
+    assert_eq!(c.getlock_as(Q, 3, UN, 0, 10).unwrap().proc_id, P);
+    assert_eq!(c.getlock_as(P, 1, WR, 0, 10).unwrap().ty, UN, "own locks never conflict");
+    // Unlock through the second fid releases what the first took.
+    assert_eq!(c.lock_as(P, 2, UN, 0, 0, 0).unwrap(), 0);
+    assert_eq!(c.lock_as(Q, 3, WR, 0, 0, 100).unwrap(), 0, "granted after unlock");
+    // Clunking a fid a process locked through drops all its locks on the file (close(2)).
+    assert_eq!(c.lock_as(P, 1, RD, 0, 300, 10).unwrap(), 0);
+    assert_eq!(c.lock_as(P, 2, RD, 0, 400, 10).unwrap(), 0);
+    assert_eq!(c.lock_as(Q, 3, WR, 0, 300, 1).unwrap(), 1);
     c.clunk(2).unwrap();
-    assert_eq!(c.lock(1, WR, 0, 0, 0).unwrap(), 0);
+    assert_eq!(c.lock_as(Q, 3, WR, 0, 300, 1).unwrap(), 0, "released by the clunk of fid 2");
+    assert_eq!(c.getlock_as(Q, 3, WR, 400, 1).unwrap().ty, UN);
     // Locks need an open fid.
-    c.walk(0, 3, &["f"]).unwrap();
-    assert_eq!(c.lock(3, WR, 0, 0, 0).unwrap_err(), 9);
+    c.walk(0, 4, &["f"]).unwrap();
+    assert_eq!(c.lock_as(P, 4, WR, 0, 0, 0).unwrap_err(), 9);
     h.finish().unwrap();
 }
 

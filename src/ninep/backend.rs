@@ -1,11 +1,12 @@
-//! The storage behind the 9P server: the [`Backend`] trait (one exported tree) and
-//! [`BackendFile`] (one open file). The server owns fids, paths, QIDs and the wire; a backend
-//! only answers "do this to the file at this path".
+//! The storage behind the 9P server: the [`Backend`] trait (one exported tree), its nodes
+//! (a handle on one file, held by a fid) and [`BackendFile`] (one open file). The server owns
+//! fids, QIDs, locks and the wire; a backend only answers "do this to this file" or "do this
+//! to the entry `name` of this directory".
 //!
-//! Paths given to a backend are relative to the export root and already checked by the
-//! server: every component is a plain name (never empty, `.`, `..`, or containing `/`); the
-//! empty path is the root itself. A backend must not follow symlinks in any component, so
-//! nothing outside the export is reachable. Errors are `io::Error`s carrying errno values.
+//! Names and paths given to a backend are already checked by the server: every component is
+//! a plain name (never empty, `.`, `..`, or containing `/`); the empty path is the root. A
+//! backend must not follow symlinks anywhere, so nothing outside the export is reachable, and
+//! must not apply the process umask. Errors are `io::Error`s carrying errno values.
 
 use std::ffi::OsStr;
 use std::io;
@@ -90,37 +91,6 @@ pub struct DirEntry<'a> {
     pub next_offset: u64,
 }
 
-/// A POSIX record lock type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockType {
-    Read,
-    Write,
-    Unlock,
-}
-
-/// A lock region: start and length (0 = to the end of the file), as on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LockRange {
-    pub start: u64,
-    pub length: u64,
-}
-
-/// Outcome of a non-blocking lock attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockOutcome {
-    Granted,
-    /// Someone else holds a conflicting lock.
-    Blocked,
-}
-
-/// A conflicting lock found by `get_lock`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LockConflict {
-    pub kind: LockType,
-    pub range: LockRange,
-    pub pid: u32,
-}
-
 /// Host open(2) flags the server asks for (translated from the wire, never raw).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenFlags {
@@ -135,36 +105,63 @@ pub struct OpenFlags {
     pub nonblock: bool,
 }
 
-/// One exported tree.
+/// Who a new file, directory, node or symlink belongs to: the attaching user (used when the
+/// server may give files away, i.e. runs as root) and the group the remote asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One exported tree. Every file is reached through a [`Backend::Node`], a handle on the file
+/// itself (not on its name): whatever happens to the name later, a node keeps meaning the
+/// same file. Names appear only where the call needs one: in a directory node.
 pub trait Backend: Send + Sync + 'static {
+    /// A handle on one file, directory, symlink or other node (never followed).
+    type Node: Clone + Send + Sync + 'static;
     /// An open file or directory.
     type File: BackendFile;
 
-    /// Attributes of `path` without following a symlink at the end.
-    fn lstat(&self, path: &Path) -> io::Result<Attr>;
-    /// Opens an existing file (never following a symlink).
-    fn open(&self, path: &Path, flags: OpenFlags) -> io::Result<Self::File>;
-    /// Creates and opens `dir/name`.
-    fn create(&self, dir: &Path, name: &OsStr, flags: OpenFlags, mode: u32) -> io::Result<Self::File>;
-    fn mkdir(&self, dir: &Path, name: &OsStr, mode: u32) -> io::Result<()>;
-    fn symlink(&self, dir: &Path, name: &OsStr, target: &OsStr) -> io::Result<()>;
+    /// The node at `path` (relative to the export root, checked names only).
+    fn lookup(&self, path: &Path) -> io::Result<Self::Node>;
+    /// The entry `name` of directory `dir`, not following a symlink.
+    fn walk(&self, dir: &Self::Node, name: &OsStr) -> io::Result<Self::Node>;
+    /// Attributes of the node itself (a symlink is not followed).
+    fn stat(&self, node: &Self::Node) -> io::Result<Attr>;
+    /// Opens the file `node` names (never a symlink). `path` is its name, used only when the
+    /// host cannot reopen a node by itself.
+    fn open(&self, node: &Self::Node, path: &Path, flags: OpenFlags) -> io::Result<Self::File>;
+    /// The node an open file stands for.
+    fn file_node(&self, file: &Self::File) -> Self::Node;
+    /// Creates and opens `dir/name` with exactly `mode` (no umask), owned by `owner` as far
+    /// as the host allows. An existing file is opened unless `flags.exclusive`.
+    fn create(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        flags: OpenFlags,
+        mode: u32,
+        owner: Owner,
+    ) -> io::Result<Self::File>;
+    fn mkdir(&self, dir: &Self::Node, name: &OsStr, mode: u32, owner: Owner) -> io::Result<Attr>;
+    fn symlink(&self, dir: &Self::Node, name: &OsStr, target: &OsStr, owner: Owner) -> io::Result<Attr>;
     /// `mode` carries the file type bits.
-    fn mknod(&self, dir: &Path, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()>;
-    /// Makes `dir/name` a hard link to `target`.
-    fn link(&self, target: &Path, dir: &Path, name: &OsStr) -> io::Result<()>;
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
-    /// unlink, or rmdir when `dir` is set.
-    fn unlink(&self, path: &Path, dir: bool) -> io::Result<()>;
-    fn readlink(&self, path: &Path) -> io::Result<Vec<u8>>;
-    /// Applies `attr`; `file` is the fid's open file, if any (for ftruncate/fchmod).
-    fn setattr(&self, path: &Path, file: Option<&Self::File>, attr: &SetAttr) -> io::Result<()>;
-    fn statfs(&self, path: &Path) -> io::Result<StatFs>;
-    fn get_xattr(&self, path: &Path, name: &OsStr) -> io::Result<Vec<u8>>;
+    fn mknod(&self, dir: &Self::Node, name: &OsStr, mode: u32, rdev: u64, owner: Owner) -> io::Result<Attr>;
+    /// Makes `dir/name` a hard link to `target` (whose own name is `target_path`).
+    fn link(&self, target: &Self::Node, target_path: &Path, dir: &Self::Node, name: &OsStr)
+        -> io::Result<()>;
+    fn rename(&self, from_dir: &Self::Node, from: &OsStr, to_dir: &Self::Node, to: &OsStr) -> io::Result<()>;
+    /// unlink, or rmdir when `is_dir` is set.
+    fn unlink(&self, dir: &Self::Node, name: &OsStr, is_dir: bool) -> io::Result<()>;
+    fn readlink(&self, node: &Self::Node) -> io::Result<Vec<u8>>;
+    fn setattr(&self, node: &Self::Node, attr: &SetAttr) -> io::Result<()>;
+    fn statfs(&self, node: &Self::Node) -> io::Result<StatFs>;
+    fn get_xattr(&self, node: &Self::Node, name: &OsStr) -> io::Result<Vec<u8>>;
     /// The NUL-separated list of names, as listxattr(2) returns it.
-    fn list_xattr(&self, path: &Path) -> io::Result<Vec<u8>>;
+    fn list_xattr(&self, node: &Self::Node) -> io::Result<Vec<u8>>;
     /// `flags` are XATTR_CREATE (1) / XATTR_REPLACE (2).
-    fn set_xattr(&self, path: &Path, name: &OsStr, value: &[u8], flags: u32) -> io::Result<()>;
-    fn remove_xattr(&self, path: &Path, name: &OsStr) -> io::Result<()>;
+    fn set_xattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: u32) -> io::Result<()>;
+    fn remove_xattr(&self, node: &Self::Node, name: &OsStr) -> io::Result<()>;
 }
 
 /// One open file of a backend. Methods take `&self`: several requests may use one open
@@ -178,8 +175,4 @@ pub trait BackendFile: Send + Sync + 'static {
     /// directory ends.
     fn readdir(&self, offset: u64, sink: &mut dyn FnMut(DirEntry<'_>) -> bool) -> io::Result<()>;
     fn fsync(&self, datasync: bool) -> io::Result<()>;
-    /// Tries to take (or release) a lock without waiting.
-    fn lock(&self, kind: LockType, range: LockRange) -> io::Result<LockOutcome>;
-    /// Returns a lock that would conflict with `kind` on `range`, if any.
-    fn get_lock(&self, kind: LockType, range: LockRange) -> io::Result<Option<LockConflict>>;
 }

@@ -1,31 +1,37 @@
 //! The host-directory backend: serves one directory of the local filesystem with the
 //! credentials of the running process.
 //!
-//! Confinement: every path is resolved relative to an `O_PATH` descriptor of the export
-//! root, with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` for the directories on the
-//! way (or, on kernels before 5.6, one `openat(O_NOFOLLOW)` per component), and the last
-//! component is always used through `*at()` calls that do not follow symlinks. A symlink is
-//! therefore only ever read (readlink), never resolved here: the remote kernel resolves it
-//! in its own namespace.
+//! A node is an `O_PATH | O_NOFOLLOW` descriptor of the file itself, opened relative to its
+//! parent's descriptor one plain name at a time (so a walk can never leave the export nor
+//! follow a symlink: `openat` relative to a symlink's descriptor fails with ENOTDIR). Opening
+//! a node reopens that very file through `/proc/self/fd/N`; attributes, owners, times, sizes
+//! and xattrs go through the descriptor (or its `/proc/self/fd` name, which reaches exactly
+//! that inode, a symlink included). Only lookups by path (the attach name, a lexical `..`,
+//! and fallbacks for a host without /proc) resolve several names: relative to the export
+//! root's descriptor with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (or, before Linux
+//! 5.6, one `openat(O_NOFOLLOW)` per component). A symlink is therefore only ever read
+//! (readlink), never resolved here: the remote kernel resolves it in its own namespace.
+//!
+//! New objects get exactly the requested permission bits (created under the process umask,
+//! then set through the new descriptor, so they are never wider than asked), owned by the
+//! attaching user and the requested group when this process may give files away (root), and
+//! otherwise by us with the requested group where chown(2) allows it. Set-user-ID bits (and
+//! set-group-ID on anything but a directory) are never set; device nodes are never made.
 
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{
     self as rfs, AtFlags, FileType, Mode, OFlags, RawDir, ResolveFlags, Stat, Timespec, Timestamps,
     XattrFlags,
 };
 
-use super::backend::{
-    Attr, Backend, BackendFile, DirEntry, LockConflict, LockOutcome, LockRange, LockType, OpenFlags, SetAttr,
-    SetTime, StatFs,
-};
+use super::backend::{Attr, Backend, BackendFile, DirEntry, OpenFlags, Owner, SetAttr, SetTime, StatFs};
 
 /// Largest extended attribute value or name list we move (Linux XATTR_SIZE_MAX).
 pub const XATTR_MAX: usize = 65536;
@@ -33,10 +39,29 @@ pub const XATTR_MAX: usize = 65536;
 /// A host directory exported over 9P.
 #[derive(Debug)]
 pub struct HostFs {
-    root: OwnedFd,
+    root: Arc<OwnedFd>,
     root_path: PathBuf,
     /// Cleared when the kernel has no openat2 (ENOSYS); we then walk component by component.
     have_openat2: AtomicBool,
+    /// We may give files away (chown to any user): new objects go to the attaching user.
+    as_root: bool,
+}
+
+/// A handle on one file: an `O_PATH` descriptor, or the descriptor of the open file.
+#[derive(Debug, Clone)]
+pub struct HostNode {
+    fd: Arc<OwnedFd>,
+}
+
+/// Permission bits the remote may set: no set-user-ID ever, set-group-ID only on a directory
+/// (there it means "new entries inherit the group", not a privilege).
+pub fn allowed_mode(mode: u32, is_dir: bool) -> u32 {
+    let keep = if is_dir { 0o3777 } else { 0o1777 };
+    mode & keep
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
 }
 
 /// A directory descriptor: the root (borrowed) or one we opened.
@@ -179,7 +204,12 @@ impl HostFs {
     pub fn new(root: &Path) -> io::Result<HostFs> {
         let fd =
             retry(|| rfs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()))?;
-        Ok(HostFs { root: fd, root_path: root.to_path_buf(), have_openat2: AtomicBool::new(true) })
+        Ok(HostFs {
+            root: Arc::new(fd),
+            root_path: root.to_path_buf(),
+            have_openat2: AtomicBool::new(true),
+            as_root: rustix::process::geteuid().is_root(),
+        })
     }
 
     /// The exported directory as given.
@@ -195,7 +225,7 @@ impl HostFs {
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         if self.have_openat2.load(Ordering::Relaxed) {
             let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-            match retry(|| rfs::openat2(&self.root, dir, flags, Mode::empty(), resolve)) {
+            match retry(|| rfs::openat2(&*self.root, dir, flags, Mode::empty(), resolve)) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                     self.have_openat2.store(false, Ordering::Relaxed);
                 }
@@ -213,168 +243,247 @@ impl HostFs {
         Ok(cur)
     }
 
-    /// An O_PATH descriptor of the file itself (a symlink stays a symlink).
-    fn node(&self, path: &Path) -> io::Result<OwnedFd> {
-        let (dir, name) = split(path);
-        let d = self.dir(dir)?;
-        retry(|| rfs::openat(&d, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()))
+    /// Gives a new object to `owner` (when we may) and exactly `mode` (no umask), through
+    /// its own descriptor. Returns its attributes.
+    fn adopt(&self, fd: BorrowedFd<'_>, mode: Option<u32>, owner: Owner) -> io::Result<Attr> {
+        let st = retry(|| rfs::fstat(fd))?;
+        if self.as_root {
+            if st.st_uid != owner.uid || st.st_gid != owner.gid {
+                let (uid, gid) = (rfs::Uid::from_raw(owner.uid), rfs::Gid::from_raw(owner.gid));
+                retry(|| rfs::chownat(fd, c"", Some(uid), Some(gid), AtFlags::EMPTY_PATH))?;
+            }
+        } else if st.st_gid != owner.gid {
+            // A group we are not in: keep the one the host gave, as a local fs would.
+            let gid = rfs::Gid::from_raw(owner.gid);
+            match retry(|| rfs::chownat(fd, c"", None, Some(gid), AtFlags::EMPTY_PATH)) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                other => other?,
+            }
+        }
+        if let Some(mode) = mode {
+            let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+            let want = allowed_mode(mode, is_dir);
+            // chown may have cleared set-group-ID, and the umask narrowed the rest.
+            let st = retry(|| rfs::fstat(fd))?;
+            if st.st_mode & 0o7777 != want {
+                chmod_fd(fd, want)?;
+            }
+        }
+        retry(|| rfs::fstat(fd)).map(|s| stat_to_attr(&s))
     }
 
-    /// Runs an xattr call on the file at `path` through its /proc/self/fd name, so the call
-    /// reaches exactly the file we resolved (no symlink followed, no read permission needed).
-    fn with_xattr_path<T>(
-        &self,
-        path: &Path,
-        on_symlink: impl FnOnce() -> io::Result<T>,
-        f: impl Fn(&CString) -> rustix::io::Result<T>,
-    ) -> io::Result<T> {
-        let node = self.node(path)?;
-        let st = retry(|| rfs::fstat(&node))?;
-        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
-            return on_symlink();
+    /// The just-made entry `name` of `dir` as an O_PATH descriptor.
+    fn entry(dir: &HostNode, name: &OsStr) -> io::Result<OwnedFd> {
+        retry(|| {
+            rfs::openat(&*dir.fd, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        })
+    }
+}
+
+/// Runs `f` on the `/proc/self/fd` name of `fd`, which reaches exactly that inode (a symlink
+/// included: the magic link lands on it and does not follow it).
+fn via_proc<T>(fd: BorrowedFd<'_>, f: impl Fn(&CString) -> rustix::io::Result<T>) -> io::Result<T> {
+    let p = proc_fd_path(fd);
+    match retry(|| f(&p)) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !Path::new("/proc/self/fd").exists() => {
+            // Refuse rather than guess a name: the host has no /proc mounted.
+            Err(errno(libc::EOPNOTSUPP))
         }
-        let p = proc_fd_path(node.as_fd());
-        match retry(|| f(&p)) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !Path::new("/proc/self").exists() => {
-                // No /proc mounted: fall back to the plain path. The last component was just
-                // checked not to be a symlink; directories on the way are not re-checked.
-                let real = self.root_path.join(path);
-                let c = CString::new(real.as_os_str().as_bytes())
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                retry(|| f(&c))
+        other => other,
+    }
+}
+
+/// chmod through a descriptor: fchmod when it is an open file, its /proc name for O_PATH.
+fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let mode = Mode::from_raw_mode(mode);
+    match retry(|| rfs::fchmod(fd, mode)) {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => via_proc(fd, |p| rfs::chmod(p.as_c_str(), mode)),
+        other => other,
+    }
+}
+
+fn is_symlink(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let st = retry(|| rfs::fstat(fd))?;
+    Ok(FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
+}
+
+fn errno_of(e: io::Error) -> rustix::io::Errno {
+    rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Backend for HostFs {
+    type Node = HostNode;
+    type File = HostFile;
+
+    fn lookup(&self, path: &Path) -> io::Result<HostNode> {
+        if path.as_os_str().is_empty() {
+            return Ok(HostNode { fd: self.root.clone() });
+        }
+        let (dir, name) = split(path);
+        let d = self.dir(dir)?;
+        let fd = retry(|| {
+            rfs::openat(&d, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        })?;
+        Ok(HostNode { fd: Arc::new(fd) })
+    }
+
+    fn walk(&self, dir: &HostNode, name: &OsStr) -> io::Result<HostNode> {
+        Ok(HostNode { fd: Arc::new(Self::entry(dir, name)?) })
+    }
+
+    fn stat(&self, node: &HostNode) -> io::Result<Attr> {
+        retry(|| rfs::fstat(&*node.fd)).map(|s| stat_to_attr(&s))
+    }
+
+    fn open(&self, node: &HostNode, path: &Path, flags: OpenFlags) -> io::Result<HostFile> {
+        // Reopen the inode itself. NOFOLLOW would refuse the magic link; the node is known
+        // not to be a symlink (the server checks), so nothing is followed.
+        let o = oflags(flags) & !OFlags::NOFOLLOW;
+        let p = proc_fd_path(node.fd.as_fd());
+        let fd = match retry(|| rfs::open(p.as_c_str(), o, Mode::empty())) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !Path::new("/proc/self/fd").exists() => {
+                // No /proc: open by name (the node's name may have moved since the walk).
+                let (dir, name) = split(path);
+                let d = self.dir(dir)?;
+                retry(|| rfs::openat(&d, name, oflags(flags), Mode::empty()))?
+            }
+            other => other?,
+        };
+        Ok(HostFile::new(fd))
+    }
+
+    fn file_node(&self, file: &HostFile) -> HostNode {
+        HostNode { fd: file.fd.clone() }
+    }
+
+    fn create(
+        &self,
+        dir: &HostNode,
+        name: &OsStr,
+        flags: OpenFlags,
+        mode: u32,
+        owner: Owner,
+    ) -> io::Result<HostFile> {
+        let perm = Mode::from_raw_mode(allowed_mode(mode, false));
+        let o = oflags(flags);
+        // O_EXCL first so we know whether we made the file (only then do owner and mode
+        // change); an existing file is opened as it is unless the remote asked for O_EXCL.
+        for _ in 0..8 {
+            match retry(|| rfs::openat(&*dir.fd, name, o | OFlags::CREATE | OFlags::EXCL, perm)) {
+                Ok(fd) => {
+                    self.adopt(fd.as_fd(), Some(mode), owner)?;
+                    return Ok(HostFile::new(fd));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && !flags.exclusive => {
+                    match retry(|| rfs::openat(&*dir.fd, name, o, Mode::empty())) {
+                        // Removed in between: try creating again.
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                        other => return other.map(HostFile::new),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(errno(libc::EAGAIN))
+    }
+
+    fn mkdir(&self, dir: &HostNode, name: &OsStr, mode: u32, owner: Owner) -> io::Result<Attr> {
+        retry(|| rfs::mkdirat(&*dir.fd, name, Mode::from_raw_mode(allowed_mode(mode, true))))?;
+        let fd = Self::entry(dir, name)?;
+        self.adopt(fd.as_fd(), Some(mode), owner)
+    }
+
+    fn symlink(&self, dir: &HostNode, name: &OsStr, target: &OsStr, owner: Owner) -> io::Result<Attr> {
+        retry(|| rfs::symlinkat(target, &*dir.fd, name))?;
+        let fd = Self::entry(dir, name)?;
+        self.adopt(fd.as_fd(), None, owner)
+    }
+
+    fn mknod(&self, dir: &HostNode, name: &OsStr, mode: u32, rdev: u64, owner: Owner) -> io::Result<Attr> {
+        let ft = FileType::from_raw_mode(mode);
+        if !matches!(ft, FileType::Fifo | FileType::Socket | FileType::RegularFile) {
+            // Character and block devices would hand the remote the client's hardware.
+            return Err(errno(libc::EPERM));
+        }
+        let perm = Mode::from_raw_mode(allowed_mode(mode, false));
+        retry(|| rfs::mknodat(&*dir.fd, name, ft, perm, rdev))?;
+        let fd = Self::entry(dir, name)?;
+        self.adopt(fd.as_fd(), Some(mode), owner)
+    }
+
+    fn link(&self, target: &HostNode, target_path: &Path, dir: &HostNode, name: &OsStr) -> io::Result<()> {
+        // linkat(AT_EMPTY_PATH) links the very inode but needs CAP_DAC_READ_SEARCH; without
+        // it the kernel says ENOENT and we link by name (never following a symlink).
+        match retry(|| rfs::linkat(&*target.fd, c"", &*dir.fd, name, AtFlags::EMPTY_PATH)) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EPERM)) => {
+                let (tdir, tname) = split(target_path);
+                let td = self.dir(tdir)?;
+                retry(|| rfs::linkat(&td, tname, &*dir.fd, name, AtFlags::empty()))
             }
             other => other,
         }
     }
-}
 
-impl Backend for HostFs {
-    type File = HostFile;
-
-    fn lstat(&self, path: &Path) -> io::Result<Attr> {
-        let (dir, name) = split(path);
-        let d = self.dir(dir)?;
-        retry(|| rfs::statat(&d, name, AtFlags::SYMLINK_NOFOLLOW)).map(|s| stat_to_attr(&s))
+    fn rename(&self, from_dir: &HostNode, from: &OsStr, to_dir: &HostNode, to: &OsStr) -> io::Result<()> {
+        retry(|| rfs::renameat(&*from_dir.fd, from, &*to_dir.fd, to))
     }
 
-    fn open(&self, path: &Path, flags: OpenFlags) -> io::Result<HostFile> {
-        let (dir, name) = split(path);
-        let d = self.dir(dir)?;
-        let fd = retry(|| rfs::openat(&d, name, oflags(flags), Mode::empty()))?;
-        Ok(HostFile::new(fd))
+    fn unlink(&self, dir: &HostNode, name: &OsStr, is_dir: bool) -> io::Result<()> {
+        let flags = if is_dir { AtFlags::REMOVEDIR } else { AtFlags::empty() };
+        retry(|| rfs::unlinkat(&*dir.fd, name, flags))
     }
 
-    fn create(&self, dir: &Path, name: &OsStr, flags: OpenFlags, mode: u32) -> io::Result<HostFile> {
-        let d = self.dir(dir)?;
-        let o = oflags(flags) | OFlags::CREATE;
-        let fd = retry(|| rfs::openat(&d, name, o, Mode::from_raw_mode(mode & 0o7777)))?;
-        Ok(HostFile::new(fd))
+    fn readlink(&self, node: &HostNode) -> io::Result<Vec<u8>> {
+        retry(|| rfs::readlinkat(&*node.fd, c"", Vec::new())).map(|c| c.into_bytes())
     }
 
-    fn mkdir(&self, dir: &Path, name: &OsStr, mode: u32) -> io::Result<()> {
-        let d = self.dir(dir)?;
-        retry(|| rfs::mkdirat(&d, name, Mode::from_raw_mode(mode & 0o7777)))
-    }
-
-    fn symlink(&self, dir: &Path, name: &OsStr, target: &OsStr) -> io::Result<()> {
-        let d = self.dir(dir)?;
-        retry(|| rfs::symlinkat(target, &d, name))
-    }
-
-    fn mknod(&self, dir: &Path, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()> {
-        let d = self.dir(dir)?;
-        let ft = FileType::from_raw_mode(mode);
-        retry(|| rfs::mknodat(&d, name, ft, Mode::from_raw_mode(mode & 0o7777), rdev))
-    }
-
-    fn link(&self, target: &Path, dir: &Path, name: &OsStr) -> io::Result<()> {
-        let (tdir, tname) = split(target);
-        let td = self.dir(tdir)?;
-        let d = self.dir(dir)?;
-        retry(|| rfs::linkat(&td, tname, &d, name, AtFlags::empty()))
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let (fdir, fname) = split(from);
-        let (tdir, tname) = split(to);
-        let fd = self.dir(fdir)?;
-        let td = self.dir(tdir)?;
-        retry(|| rfs::renameat(&fd, fname, &td, tname))
-    }
-
-    fn unlink(&self, path: &Path, dir: bool) -> io::Result<()> {
-        let (pdir, name) = split(path);
-        let d = self.dir(pdir)?;
-        let flags = if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() };
-        retry(|| rfs::unlinkat(&d, name, flags))
-    }
-
-    fn readlink(&self, path: &Path) -> io::Result<Vec<u8>> {
-        let (dir, name) = split(path);
-        let d = self.dir(dir)?;
-        retry(|| rfs::readlinkat(&d, name, Vec::new())).map(|c| c.into_bytes())
-    }
-
-    fn setattr(&self, path: &Path, file: Option<&HostFile>, attr: &SetAttr) -> io::Result<()> {
-        let (dir, name) = split(path);
-        let d = self.dir(dir)?;
+    fn setattr(&self, node: &HostNode, attr: &SetAttr) -> io::Result<()> {
+        let fd = node.fd.as_fd();
         // chown first: it clears set-id bits that a following chmod may set again.
         if attr.uid.is_some() || attr.gid.is_some() {
             let uid = attr.uid.map(rfs::Uid::from_raw);
             let gid = attr.gid.map(rfs::Gid::from_raw);
-            retry(|| rfs::chownat(&d, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW))?;
+            retry(|| rfs::chownat(fd, c"", uid, gid, AtFlags::EMPTY_PATH))?;
         }
         if let Some(mode) = attr.mode {
-            let mode = Mode::from_raw_mode(mode & 0o7777);
-            let via_file = file.map(|f| retry(|| rfs::fchmod(&f.fd, mode)));
-            match via_file {
-                Some(Ok(())) => {}
-                _ => {
-                    let node = retry(|| {
-                        rfs::openat(
-                            &d,
-                            name,
-                            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                            Mode::empty(),
-                        )
-                    })?;
-                    let st = retry(|| rfs::fstat(&node))?;
-                    if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
-                        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-                    }
-                    match retry(|| rfs::chmod(proc_fd_path(node.as_fd()).as_c_str(), mode)) {
-                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                            retry(|| rfs::chmodat(&d, name, mode, AtFlags::empty()))?
-                        }
-                        other => other?,
-                    }
-                }
+            let st = retry(|| rfs::fstat(fd))?;
+            let ft = FileType::from_raw_mode(st.st_mode);
+            if ft == FileType::Symlink {
+                return Err(errno(libc::EOPNOTSUPP));
             }
+            let mode = mode & 0o7777;
+            if allowed_mode(mode, ft == FileType::Directory) != mode {
+                return Err(errno(libc::EPERM));
+            }
+            chmod_fd(fd, mode)?;
         }
         if let Some(size) = attr.size {
-            let via_file = file.map(|f| retry(|| rfs::ftruncate(&f.fd, size)));
-            match via_file {
-                Some(Ok(())) => {}
-                _ => {
-                    let o = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
-                    let fd = retry(|| rfs::openat(&d, name, o, Mode::empty()))?;
-                    retry(|| rfs::ftruncate(&fd, size))?;
+            match retry(|| rfs::ftruncate(fd, size)) {
+                // An O_PATH node or a file open for reading: truncate the inode through a
+                // descriptor opened for writing (permission checked as for truncate(2)).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::EINVAL)) => {
+                    if is_symlink(fd)? {
+                        return Err(errno(libc::EINVAL));
+                    }
+                    let o = OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+                    let w = via_proc(fd, |p| rfs::open(p.as_c_str(), o, Mode::empty()))?;
+                    retry(|| rfs::ftruncate(&w, size))?;
                 }
+                other => other?,
             }
         }
         if attr.atime != SetTime::Omit || attr.mtime != SetTime::Omit {
             let times =
                 Timestamps { last_access: set_time(attr.atime), last_modification: set_time(attr.mtime) };
-            retry(|| rfs::utimensat(&d, name, &times, AtFlags::SYMLINK_NOFOLLOW))?;
+            via_proc(fd, |p| rfs::utimensat(rfs::CWD, p.as_c_str(), &times, AtFlags::empty()))?;
         }
         Ok(())
     }
 
     // The statfs field types differ between architectures; the casts are needed on some.
     #[allow(clippy::unnecessary_cast)]
-    fn statfs(&self, path: &Path) -> io::Result<StatFs> {
-        let node = self.node(path)?;
-        let s = retry(|| rfs::fstatfs(&node))?;
+    fn statfs(&self, node: &HostNode) -> io::Result<StatFs> {
+        let s = retry(|| rfs::fstatfs(&*node.fd))?;
         // SAFETY: fsid_t is two plain ints; reading its bytes is always valid.
         let fsid_words: [i32; 2] = unsafe { std::mem::transmute(s.f_fsid) };
         let fsid = (fsid_words[0] as u32 as u64) | ((fsid_words[1] as u32 as u64) << 32);
@@ -391,107 +500,81 @@ impl Backend for HostFs {
         })
     }
 
-    fn get_xattr(&self, path: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
-        self.with_xattr_path(
-            path,
-            || Err(io::Error::from_raw_os_error(libc::ENODATA)),
-            |p| {
-                read_sized(
-                    || rfs::getxattr_query(p.as_c_str(), name),
-                    |buf| rfs::getxattr(p.as_c_str(), name, buf),
-                )
-                .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
-            },
-        )
+    fn get_xattr(&self, node: &HostNode, name: &OsStr) -> io::Result<Vec<u8>> {
+        let fd = node.fd.as_fd();
+        if is_symlink(fd)? {
+            return Err(errno(libc::ENODATA));
+        }
+        via_proc(fd, |p| {
+            read_sized(
+                || rfs::getxattr_query(p.as_c_str(), name),
+                |buf| rfs::getxattr(p.as_c_str(), name, buf),
+            )
+            .map_err(errno_of)
+        })
     }
 
-    fn list_xattr(&self, path: &Path) -> io::Result<Vec<u8>> {
-        self.with_xattr_path(
-            path,
-            || Ok(Vec::new()),
-            |p| {
-                read_sized(|| rfs::listxattr_query(p.as_c_str()), |buf| rfs::listxattr(p.as_c_str(), buf))
-                    .map_err(|e| rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
-            },
-        )
+    fn list_xattr(&self, node: &HostNode) -> io::Result<Vec<u8>> {
+        let fd = node.fd.as_fd();
+        if is_symlink(fd)? {
+            return Ok(Vec::new());
+        }
+        via_proc(fd, |p| {
+            read_sized(|| rfs::listxattr_query(p.as_c_str()), |buf| rfs::listxattr(p.as_c_str(), buf))
+                .map_err(errno_of)
+        })
     }
 
-    fn set_xattr(&self, path: &Path, name: &OsStr, value: &[u8], flags: u32) -> io::Result<()> {
+    fn set_xattr(&self, node: &HostNode, name: &OsStr, value: &[u8], flags: u32) -> io::Result<()> {
+        let fd = node.fd.as_fd();
+        if is_symlink(fd)? {
+            return Err(errno(libc::EPERM));
+        }
         let flags = XattrFlags::from_bits_retain(flags & 3);
-        self.with_xattr_path(
-            path,
-            || Err(io::Error::from_raw_os_error(libc::EPERM)),
-            |p| rfs::setxattr(p.as_c_str(), name, value, flags),
-        )
+        via_proc(fd, |p| rfs::setxattr(p.as_c_str(), name, value, flags))
     }
 
-    fn remove_xattr(&self, path: &Path, name: &OsStr) -> io::Result<()> {
-        self.with_xattr_path(
-            path,
-            || Err(io::Error::from_raw_os_error(libc::ENODATA)),
-            |p| rfs::removexattr(p.as_c_str(), name),
-        )
+    fn remove_xattr(&self, node: &HostNode, name: &OsStr) -> io::Result<()> {
+        let fd = node.fd.as_fd();
+        if is_symlink(fd)? {
+            return Err(errno(libc::ENODATA));
+        }
+        via_proc(fd, |p| rfs::removexattr(p.as_c_str(), name))
     }
 }
 
 /// An open host file or directory.
 #[derive(Debug)]
 pub struct HostFile {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     /// Serializes seek+getdents on a directory.
     dir_cursor: Mutex<()>,
 }
 
 impl HostFile {
     fn new(fd: OwnedFd) -> Self {
-        HostFile { fd, dir_cursor: Mutex::new(()) }
-    }
-
-    fn flock(&self, cmd: libc::c_int, kind: LockType, range: LockRange) -> io::Result<libc::flock> {
-        let start = i64::try_from(range.start).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let len = i64::try_from(range.length).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: flock is a plain C struct; all-zero is a valid value.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = match kind {
-            LockType::Read => libc::F_RDLCK,
-            LockType::Write => libc::F_WRLCK,
-            LockType::Unlock => libc::F_UNLCK,
-        } as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = start;
-        fl.l_len = len;
-        loop {
-            // SAFETY: the fd is open for the life of self and fl is a valid flock.
-            let r = unsafe { libc::fcntl(self.fd.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
-            if r == 0 {
-                return Ok(fl);
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
-            }
-        }
+        HostFile { fd: Arc::new(fd), dir_cursor: Mutex::new(()) }
     }
 }
 
 impl BackendFile for HostFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        retry(|| rustix::io::pread(&self.fd, &mut *buf, offset))
+        retry(|| rustix::io::pread(&*self.fd, &mut *buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        retry(|| rustix::io::pwrite(&self.fd, buf, offset))
+        retry(|| rustix::io::pwrite(&*self.fd, buf, offset))
     }
 
     fn stat(&self) -> io::Result<Attr> {
-        retry(|| rfs::fstat(&self.fd)).map(|s| stat_to_attr(&s))
+        retry(|| rfs::fstat(&*self.fd)).map(|s| stat_to_attr(&s))
     }
 
     fn readdir(&self, offset: u64, sink: &mut dyn FnMut(DirEntry<'_>) -> bool) -> io::Result<()> {
         let _cursor = self.dir_cursor.lock().unwrap_or_else(|p| p.into_inner());
-        retry(|| rfs::seek(&self.fd, rfs::SeekFrom::Start(offset)))?;
+        retry(|| rfs::seek(&*self.fd, rfs::SeekFrom::Start(offset)))?;
         let mut buf = vec![MaybeUninit::<u8>::uninit(); 32 * 1024];
-        let mut dir = RawDir::new(&self.fd, &mut buf);
+        let mut dir = RawDir::new(&*self.fd, &mut buf);
         while let Some(entry) = dir.next() {
             let entry = entry.map_err(io_err)?;
             let e = DirEntry {
@@ -509,35 +592,9 @@ impl BackendFile for HostFile {
 
     fn fsync(&self, datasync: bool) -> io::Result<()> {
         if datasync {
-            retry(|| rfs::fdatasync(&self.fd))
+            retry(|| rfs::fdatasync(&*self.fd))
         } else {
-            retry(|| rfs::fsync(&self.fd))
+            retry(|| rfs::fsync(&*self.fd))
         }
-    }
-
-    fn lock(&self, kind: LockType, range: LockRange) -> io::Result<LockOutcome> {
-        // Open-file-description locks: owned by this open file (one per fid), so two fids
-        // conflict as two processes would, and closing one fid drops only its locks.
-        match self.flock(libc::F_OFD_SETLK, kind, range) {
-            Ok(_) => Ok(LockOutcome::Granted),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
-                Ok(LockOutcome::Blocked)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn get_lock(&self, kind: LockType, range: LockRange) -> io::Result<Option<LockConflict>> {
-        let fl = self.flock(libc::F_OFD_GETLK, kind, range)?;
-        let kind = match fl.l_type as libc::c_int {
-            libc::F_UNLCK => return Ok(None),
-            libc::F_RDLCK => LockType::Read,
-            _ => LockType::Write,
-        };
-        Ok(Some(LockConflict {
-            kind,
-            range: LockRange { start: fl.l_start as u64, length: fl.l_len as u64 },
-            pid: fl.l_pid as u32,
-        }))
     }
 }

@@ -14,14 +14,26 @@
 //! - QID path = st_ino on the export's first device; other devices get their index mixed
 //!   into the top bits. Treaddir carries real DT_* types, kernel seek cookies as offsets
 //!   (stable across calls), and includes `.` and `..` (`..` of the root shows the root).
-//! - Tlock/Tgetlock use open-file-description locks (one per open fid), so two fids
-//!   conflict like two processes; a lock that would wait answers BLOCKED at once.
+//! - A fid holds the file it names (an O_PATH descriptor from the walk, the open descriptor
+//!   after Tlopen), so fstat/fchown/futimens/ftruncate through an open file reach that file
+//!   even after its name was unlinked, re-created or renamed over.
+//! - New files, directories, nodes and symlinks get the requested mode exactly (no umask),
+//!   the attaching user (Tattach n_uname) and requested gid when we run as root, else our
+//!   uid and the requested gid where chown(2) allows it.
+//! - Tlock/Tgetlock follow POSIX: locks belong to the remote process (proc_id, client_id),
+//!   kept in a per-session table ([`locks`]); a lock that would wait answers BLOCKED at once.
+//! - What a remote may not do: make device nodes (EPERM), set set-user-ID (or set-group-ID
+//!   on non-directories) bits (EPERM), write `security.*`/`trusted.*` xattrs (EPERM), use
+//!   NOFID as a new fid (EBADF), hold more than `server::MAX_FIDS` fids (EMFILE) or
+//!   `server::XATTR_BUDGET` bytes of xattr buffers (ENOMEM), or make us queue replies it does
+//!   not read (we stop reading its requests instead).
 //! - Txattrcreate with size 0 removes the attribute (as the Linux client expects).
 //! - Read-only export: every change is EROFS (opening for write or with O_TRUNC included).
 
 pub mod backend;
 pub mod errno;
 pub mod hostfs;
+pub mod locks;
 pub mod server;
 pub mod wire;
 
@@ -67,8 +79,25 @@ pub async fn serve<S>(stream: S, opts: ServeOptions) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    raise_fd_limit();
     let backend = HostFs::new(&opts.root)
         .map_err(|e| Error::io(format!("9p: cannot export {}", opts.root.display()), e))?;
     let config = ServerConfig { read_only: opts.read_only, max_msize: opts.max_msize, trace: opts.trace };
     serve_backend(stream, backend, config).await
+}
+
+/// Every fid holds a descriptor, and a kernel client keeps one fid per cached dentry and
+/// open file: lift the soft limit on open files to the hard one (once per process).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut lim = getrlimit(Resource::Nofile);
+        if lim.current < lim.maximum {
+            lim.current = lim.maximum;
+            if let Err(e) = setrlimit(Resource::Nofile, lim) {
+                log::debug!("9p: cannot raise the open-file limit: {e}");
+            }
+        }
+    });
 }

@@ -1,28 +1,37 @@
 //! The 9P2000.L server: reads frames from one byte stream, keeps the fid table, runs each
 //! request on the blocking pool, and writes replies in the order they finish.
 //!
-//! Owns: msize negotiation, fids and their paths, QIDs, name checks (no empty, no `/`, `..`
-//! never above the root), the read-only rule, Tflush bookkeeping. It must not block the
-//! async thread: every backend call runs inside `spawn_blocking` (metadata requests that
-//! arrive together share one pool job per CPU, which saves thread wake-ups). A bad request
-//! costs an Rlerror, never the connection; only an unframeable byte stream ends it.
-//! At most `MAX_IN_FLIGHT` requests (and their unwritten replies) exist at once.
+//! Owns: msize negotiation, fids (each holds a backend node: the file itself, not its name;
+//! the lexical path is kept only for `..`, Tremove and Trename), QIDs, name checks (no
+//! empty, no `/`, `..` never above the root), the read-only rule, the remote's safety limits,
+//! POSIX locks ([`super::locks`]), Tflush bookkeeping. It must not block the async thread:
+//! backend calls run inside `spawn_blocking` (metadata requests that arrive together share
+//! one pool job per CPU, which saves thread wake-ups), except a lone Twalk or Tgetattr of a
+//! file on a local file system (ext4, tmpfs, ...: never a network or FUSE one), answered on
+//! the connection thread to save two thread hand-offs; a session whose inline calls turn out
+//! slow (over 20 ms, three times) stops doing that. A bad request costs an Rlerror,
+//! never the connection; only an unframeable byte stream ends it.
+//!
+//! Memory a remote can make us hold is bounded: at most `MAX_IN_FLIGHT` requests and their
+//! unwritten replies (Rflush included) exist at once, and at most `big_slots` of them may be
+//! bigger than `BIG_FRAME` (a 1 MiB Twrite or Rread); when the remote stops reading replies,
+//! we stop reading requests. At most `MAX_FIDS` fids, `XATTR_BUDGET` bytes of xattr buffers
+//! and `locks::MAX_LOCK_RANGES` lock ranges per session; beyond them requests fail.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::backend::{
-    Attr, Backend, BackendFile, LockOutcome, LockRange, LockType, OpenFlags, SetAttr, SetTime,
-};
+use super::backend::{Attr, Backend, BackendFile, OpenFlags, Owner, SetAttr, SetTime};
 use super::errno::{self, Errno};
+use super::locks::{self, LockOwner, LockTable, Outcome};
 use super::wire::{self, *};
 use crate::error::{Error, Result};
 
@@ -35,6 +44,39 @@ const MIN_MSIZE: u32 = 512;
 const MAX_MSIZE: u32 = 16 << 20;
 /// Buffers at least this big are recycled instead of freed.
 const POOL_MIN: usize = 64 * 1024;
+/// Requests or replies bigger than this take one of the few big slots.
+const BIG_FRAME: usize = 64 * 1024;
+/// Bytes the big slots may hold at once (their number is this over msize, at least 2).
+const BIG_BUDGET: usize = 16 << 20;
+/// Most fids one session may hold: far above what a kernel client with 10,000 open files
+/// and its cached dentries uses, far below what would hurt the client machine.
+pub const MAX_FIDS: usize = 100_000;
+/// Most bytes of xattr values (read or being written) all fids together may hold.
+pub const XATTR_BUDGET: usize = 8 << 20;
+/// xattr namespaces the remote may not write: they carry privilege on the client machine.
+const PROTECTED_XATTRS: [&[u8]; 2] = [b"security.", b"trusted."];
+/// statfs f_type of file systems whose metadata calls never wait for a network or a user
+/// space daemon: ext2/3/4, xfs, btrfs, tmpfs, ramfs, overlayfs, f2fs, vfat, exfat, zfs,
+/// bcachefs, squashfs, iso9660.
+const LOCAL_FS_TYPES: [u32; 13] = [
+    0xef53,
+    0x5846_5342,
+    0x9123_683e,
+    0x0102_1994,
+    0x8584_58f6,
+    0x794c_7630,
+    0xf2f5_2010,
+    0x4d44,
+    0x2011_bab0,
+    0x2fc1_2fc1,
+    0xca45_1a4e,
+    0x7371_7368,
+    0x9660,
+];
+/// An inline request slower than this counts as slow; after `INLINE_SLOW_LIMIT` of them the
+/// session stops answering inline (a disk that stalls must not stall the connection).
+const INLINE_SLOW: Duration = Duration::from_millis(20);
+const INLINE_SLOW_LIMIT: u32 = 3;
 /// How long replies may take to drain after the peer stopped sending.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -67,6 +109,11 @@ mod setattr_bits {
 /// Rgetattr `valid`: the basic set (mode, nlink, uid, gid, rdev, times, ino, size, blocks).
 const GETATTR_BASIC: u64 = 0x7ff;
 const AT_REMOVEDIR: u32 = 0x200;
+/// Tattach n_uname when the client sends only a name.
+const NONUNAME: u32 = u32::MAX;
+const EMFILE: Errno = Errno(24);
+const ENOMEM: Errno = Errno(12);
+const ENOLCK: Errno = Errno(37);
 const LOCK_SUCCESS: u8 = 0;
 const LOCK_BLOCKED: u8 = 1;
 const LOCK_TYPE_RDLCK: u8 = 0;
@@ -91,24 +138,60 @@ enum FidKind<F> {
     /// An open file (Tlopen / Tlcreate).
     Open(Arc<F>),
     /// Txattrwalk result, read with Tread.
-    XattrRead(Arc<Vec<u8>>),
+    XattrRead { value: Arc<Vec<u8>>, _charge: XattrCharge },
     /// Txattrcreate in progress, filled with Twrite, applied at Tclunk.
-    XattrWrite { name: Vec<u8>, size: usize, flags: u32, data: Vec<u8> },
+    XattrWrite { name: Vec<u8>, size: usize, flags: u32, data: Vec<u8>, _charge: XattrCharge },
 }
 
-struct FidState<F> {
-    /// Path relative to the export root ("" is the root), made only of checked names.
+/// Bytes of xattr buffer one fid holds, given back to the session's budget when dropped.
+struct XattrCharge {
+    bytes: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl XattrCharge {
+    fn take(total: &Arc<AtomicUsize>, bytes: usize) -> Res<XattrCharge> {
+        let mut cur = total.load(Ordering::Relaxed);
+        loop {
+            let next = cur.checked_add(bytes).filter(|&n| n <= XATTR_BUDGET).ok_or(ENOMEM)?;
+            match total.compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(XattrCharge { bytes, total: total.clone() }),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+impl Drop for XattrCharge {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+struct FidState<B: Backend> {
+    /// Lexical path relative to the export root ("" is the root), made only of checked
+    /// names: for `..`, Tremove and Trename only; everything else goes through `node`.
     path: PathBuf,
+    /// The file itself (for an open fid: its open descriptor).
+    node: B::Node,
     qid: Qid,
-    kind: FidKind<F>,
+    /// The attaching user (Tattach n_uname): owner of what this fid creates.
+    uid: u32,
+    kind: FidKind<B::File>,
+    /// A lock was taken through this fid: clunking it releases its owners' locks.
+    locked: bool,
+    /// The file is on a local disk-or-memory file system: cheap metadata requests about it
+    /// may be answered on the connection thread.
+    local: bool,
 }
 
-type FidRef<F> = Arc<Mutex<FidState<F>>>;
+type FidRef<B> = Arc<Mutex<FidState<B>>>;
 
 #[derive(Default)]
 struct InFlight {
     cancelled: bool,
-    flushers: Vec<u16>,
+    /// Tflush requests waiting for this one, with their in-flight slots.
+    flushers: Vec<(u16, Option<OwnedSemaphorePermit>)>,
 }
 
 /// Recycles big reply and request buffers so a 1 MiB read does not allocate each time.
@@ -125,7 +208,7 @@ impl BufPool {
     fn put(&self, buf: Vec<u8>) {
         if buf.capacity() >= POOL_MIN {
             let mut free = lock(&self.free);
-            if free.len() < 32 {
+            if free.len() < 16 {
                 free.push(buf);
             }
         }
@@ -141,12 +224,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// so a peer that stops reading replies also stops us from reading more requests.
 struct Outgoing {
     frame: Vec<u8>,
-    _slot: Option<OwnedSemaphorePermit>,
+    _slot: Slot,
+}
+
+/// The in-flight slot of a request (and its big slot, if it is big), held until the reply
+/// is written.
+#[derive(Default)]
+struct Slot {
+    _count: Option<OwnedSemaphorePermit>,
+    _big: Option<OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    fn of(count: OwnedSemaphorePermit) -> Slot {
+        Slot { _count: Some(count), _big: None }
+    }
 }
 
 type Replies = mpsc::UnboundedSender<Outgoing>;
 
-fn send(out: &Replies, frame: Vec<u8>, slot: Option<OwnedSemaphorePermit>) {
+fn send(out: &Replies, frame: Vec<u8>, slot: Slot) {
     // A closed channel means the writer is gone; the session is ending anyway.
     let _ = out.send(Outgoing { frame, _slot: slot });
 }
@@ -156,7 +253,16 @@ pub struct Session<B: Backend> {
     backend: B,
     config: ServerConfig,
     msize: AtomicU32,
-    fids: Mutex<HashMap<u32, FidRef<B::File>>>,
+    fids: Mutex<HashMap<u32, FidRef<B>>>,
+    locks: Mutex<LockTable>,
+    /// Bytes of xattr buffers held by all fids.
+    xattr_bytes: Arc<AtomicUsize>,
+    /// Our own uid: what an attach without a numeric user stands for.
+    own_uid: u32,
+    /// st_dev → whether it is a local file system (see `LOCAL_FS_TYPES`).
+    local_devs: Mutex<HashMap<u64, bool>>,
+    /// Inline requests that took longer than `INLINE_SLOW`.
+    slow_inline: AtomicU32,
     /// st_dev → small index mixed into QID paths (the first device seen keeps raw inodes).
     devices: Mutex<HashMap<u64, u64>>,
     inflight: Mutex<HashMap<u16, InFlight>>,
@@ -237,6 +343,11 @@ impl<B: Backend> Session<B> {
             config,
             msize: AtomicU32::new(msize),
             fids: Mutex::new(HashMap::new()),
+            locks: Mutex::new(LockTable::default()),
+            xattr_bytes: Arc::new(AtomicUsize::new(0)),
+            own_uid: rustix::process::geteuid().as_raw(),
+            local_devs: Mutex::new(HashMap::new()),
+            slow_inline: AtomicU32::new(0),
             devices: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             pool: BufPool::default(),
@@ -261,7 +372,7 @@ impl<B: Backend> Session<B> {
         Qid { ty: qid_type(attr.mode), version: 0, path: self.qid_path(attr.dev, attr.ino) }
     }
 
-    fn fid(&self, fid: u32) -> Res<FidRef<B::File>> {
+    fn fid(&self, fid: u32) -> Res<FidRef<B>> {
         lock(&self.fids).get(&fid).cloned().ok_or(errno::EBADF)
     }
 
@@ -271,13 +382,34 @@ impl<B: Backend> Session<B> {
         Ok(path)
     }
 
-    /// The path of a fid that is not open yet (Tlopen and Tlcreate take only those).
-    fn unopened_path(fid: &FidRef<B::File>) -> Res<PathBuf> {
+    fn node_of(&self, fid: u32) -> Res<B::Node> {
+        let f = self.fid(fid)?;
+        let node = lock(&f).node.clone();
+        Ok(node)
+    }
+
+    /// A directory fid's node, lexical path and user (for creating in it).
+    fn dir_of(&self, fid: u32) -> Res<(B::Node, PathBuf, u32)> {
+        let f = self.fid(fid)?;
+        let st = lock(&f);
+        Ok((st.node.clone(), st.path.clone(), st.uid))
+    }
+
+    /// The node and path of a fid that is not open yet (Tlopen and Tlcreate take only those).
+    fn unopened(fid: &FidRef<B>) -> Res<(B::Node, PathBuf, u32)> {
         let st = lock(fid);
         if !matches!(st.kind, FidKind::Node) {
             return Err(errno::EINVAL);
         }
-        Ok(st.path.clone())
+        Ok((st.node.clone(), st.path.clone(), st.uid))
+    }
+
+    /// The node of the parent of lexical `path` and the last name (for Tremove, Trename).
+    fn parent_of(&self, path: &Path) -> Res<(B::Node, PathBuf)> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(errno::EBUSY);
+        };
+        Ok((io(self.backend.lookup(parent))?, PathBuf::from(name)))
     }
 
     fn open_file(&self, fid: u32) -> Res<Arc<B::File>> {
@@ -289,13 +421,66 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    fn insert_fid(&self, fid: u32, state: FidState<B::File>) -> Res<()> {
-        let mut fids = lock(&self.fids);
-        if fids.contains_key(&fid) {
+    /// Checks that `fid` may become a new fid (not NOFID, not in use, under the cap).
+    fn new_fid_ok(fids: &HashMap<u32, FidRef<B>>, fid: u32) -> Res<()> {
+        if fid == NOFID || fids.contains_key(&fid) {
             return Err(errno::EBADF);
         }
+        if fids.len() >= MAX_FIDS {
+            return Err(EMFILE);
+        }
+        Ok(())
+    }
+
+    fn insert_fid(&self, fid: u32, state: FidState<B>) -> Res<()> {
+        let mut fids = lock(&self.fids);
+        Self::new_fid_ok(&fids, fid)?;
         fids.insert(fid, Arc::new(Mutex::new(state)));
         Ok(())
+    }
+
+    /// Whether device `dev` (of `node`) holds a local file system, where metadata calls do
+    /// not wait for a network or a FUSE daemon (asked once per device).
+    fn is_local(&self, node: &B::Node, dev: u64) -> bool {
+        if let Some(&known) = lock(&self.local_devs).get(&dev) {
+            return known;
+        }
+        let local = self.backend.statfs(node).is_ok_and(|s| LOCAL_FS_TYPES.contains(&s.fs_type));
+        lock(&self.local_devs).insert(dev, local);
+        local
+    }
+
+    /// Whether a Twalk/Tgetattr of `fid` may run on the connection thread: the file is on a
+    /// local file system and such calls have not been slow in this session.
+    fn may_inline(&self, fid: u32) -> bool {
+        if self.slow_inline.load(Ordering::Relaxed) >= INLINE_SLOW_LIMIT {
+            return false;
+        }
+        let Some(f) = lock(&self.fids).get(&fid).cloned() else {
+            return false;
+        };
+        let st = lock(&f);
+        st.local
+    }
+
+    /// Runs a cheap metadata request right here and notes if it was slow after all.
+    fn dispatch_inline(&self, tag: u16, msg: Tmessage) -> Vec<u8> {
+        let started = Instant::now();
+        let reply = self.dispatch(tag, msg);
+        if started.elapsed() > INLINE_SLOW {
+            let n = self.slow_inline.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == INLINE_SLOW_LIMIT {
+                log::debug!("9p: metadata calls are slow here; no longer answering them inline");
+            }
+        }
+        reply
+    }
+
+    /// A fid went away: like close(2), its processes' locks on the file go with it.
+    fn fid_gone(&self, state: &FidState<B>, fid: u32) {
+        if state.locked {
+            lock(&self.locks).fid_closed(fid);
+        }
     }
 
     fn writable(&self) -> Res<()> {
@@ -325,6 +510,7 @@ impl<B: Backend> Session<B> {
             let msize = t.msize.min(self.config.max_msize);
             self.msize.store(msize, Ordering::Relaxed);
             lock(&self.fids).clear();
+            *lock(&self.locks) = LockTable::default();
             log::debug!(
                 "9p: version 9P2000.L, msize {msize} (asked {}, max {})",
                 t.msize,
@@ -387,9 +573,15 @@ impl<B: Backend> Session<B> {
                 if t.aname.as_bytes().contains(&0) {
                     return Err(errno::EINVAL);
                 }
-                let attr = io(self.backend.lstat(&path))?;
+                Self::new_fid_ok(&lock(&self.fids), t.fid)?;
+                let node = io(self.backend.lookup(&path))?;
+                let attr = io(self.backend.stat(&node))?;
                 let qid = self.qid(&attr);
-                self.insert_fid(t.fid, FidState { path, qid, kind: FidKind::Node })?;
+                // The kernel attaches once per user (access=user/client) with n_uname set.
+                let uid = if t.n_uname != NONUNAME { t.n_uname } else { self.own_uid };
+                let local = self.is_local(&node, attr.dev);
+                let state = FidState { path, node, qid, uid, kind: FidKind::Node, locked: false, local };
+                self.insert_fid(t.fid, state)?;
                 self.reply(buf, tag, Rmessage::Attach(Rqid { qid }))
             }
             Tmessage::Walk(t) => self.walk(tag, t, buf),
@@ -402,33 +594,39 @@ impl<B: Backend> Session<B> {
             Tmessage::Clunk(t) => {
                 let state = lock(&self.fids).remove(&t.fid).ok_or(errno::EBADF)?;
                 let mut st = lock(&state);
-                if let FidKind::XattrWrite { name, size, flags, data } = &st.kind {
+                self.fid_gone(&st, t.fid);
+                let kind = std::mem::replace(&mut st.kind, FidKind::Node);
+                if let FidKind::XattrWrite { name, size, flags, data, .. } = &kind {
                     if data.len() != *size {
                         return Err(errno::EINVAL);
                     }
                     let name = OsStr::from_bytes(name);
                     if *size == 0 {
-                        io(self.backend.remove_xattr(&st.path, name))?;
+                        io(self.backend.remove_xattr(&st.node, name))?;
                     } else {
-                        io(self.backend.set_xattr(&st.path, name, data, *flags))?;
+                        io(self.backend.set_xattr(&st.node, name, data, *flags))?;
                     }
                 }
-                st.kind = FidKind::Node;
                 self.reply(buf, tag, Rmessage::Clunk(Empty {}))
             }
             Tmessage::Remove(t) => {
                 let state = lock(&self.fids).remove(&t.fid).ok_or(errno::EBADF)?;
-                let path = lock(&state).path.clone();
+                let (path, node) = {
+                    let st = lock(&state);
+                    self.fid_gone(&st, t.fid);
+                    (st.path.clone(), st.node.clone())
+                };
                 self.writable()?;
                 if path.as_os_str().is_empty() {
                     return Err(errno::EBUSY);
                 }
-                let attr = io(self.backend.lstat(&path))?;
-                io(self.backend.unlink(&path, attr.is_dir()))?;
+                let attr = io(self.backend.stat(&node))?;
+                let (dir, name) = self.parent_of(&path)?;
+                io(self.backend.unlink(&dir, name.as_os_str(), attr.is_dir()))?;
                 self.reply(buf, tag, Rmessage::Remove(Empty {}))
             }
             Tmessage::Statfs(t) => {
-                let s = io(self.backend.statfs(&self.path_of(t.fid)?))?;
+                let s = io(self.backend.statfs(&self.node_of(t.fid)?))?;
                 let r = Rstatfs {
                     ty: s.fs_type,
                     bsize: s.bsize,
@@ -444,12 +642,12 @@ impl<B: Backend> Session<B> {
             }
             Tmessage::Lopen(t) => {
                 let fid = self.fid(t.fid)?;
-                let path = Self::unopened_path(&fid)?;
+                let (node, path, _) = Self::unopened(&fid)?;
                 let mut flags = open_flags(t.flags);
                 if (flags.write || flags.truncate) && self.config.read_only {
                     return Err(errno::EROFS);
                 }
-                let attr = io(self.backend.lstat(&path))?;
+                let attr = io(self.backend.stat(&node))?;
                 if attr.is_symlink() {
                     return Err(errno::ELOOP);
                 }
@@ -459,12 +657,13 @@ impl<B: Backend> Session<B> {
                     }
                     flags.directory = true;
                 }
-                let file = io(self.backend.open(&path, flags))?;
+                let file = io(self.backend.open(&node, &path, flags))?;
                 let attr = io(file.stat())?;
                 let qid = self.qid(&attr);
                 {
                     let mut st = lock(&fid);
                     st.qid = qid;
+                    st.node = self.backend.file_node(&file);
                     st.kind = FidKind::Open(Arc::new(file));
                 }
                 self.reply(buf, tag, Rmessage::Lopen(Ropen { qid, iounit: 0 }))
@@ -473,17 +672,19 @@ impl<B: Backend> Session<B> {
                 self.writable()?;
                 let name = check_name(&t.name)?;
                 let fid = self.fid(t.fid)?;
-                let dir = Self::unopened_path(&fid)?;
+                let (dir, dir_path, uid) = Self::unopened(&fid)?;
                 let mut flags = open_flags(t.flags);
                 flags.exclusive = t.flags & dotl::EXCL != 0;
                 flags.directory = false;
-                let file = io(self.backend.create(&dir, name, flags, t.mode))?;
+                let owner = Owner { uid, gid: t.gid };
+                let file = io(self.backend.create(&dir, name, flags, t.mode, owner))?;
                 let attr = io(file.stat())?;
                 let qid = self.qid(&attr);
                 {
                     let mut st = lock(&fid);
-                    st.path = dir.join(name);
+                    st.path = dir_path.join(name);
                     st.qid = qid;
+                    st.node = self.backend.file_node(&file);
                     st.kind = FidKind::Open(Arc::new(file));
                 }
                 self.reply(buf, tag, Rmessage::Lcreate(Ropen { qid, iounit: 0 }))
@@ -494,26 +695,28 @@ impl<B: Backend> Session<B> {
                 if t.target.as_bytes().is_empty() || t.target.as_bytes().contains(&0) {
                     return Err(errno::EINVAL);
                 }
-                let dir = self.path_of(t.fid)?;
-                io(self.backend.symlink(&dir, name, OsStr::from_bytes(t.target.as_bytes())))?;
-                let qid = self.qid(&io(self.backend.lstat(&dir.join(name)))?);
+                let (dir, _, uid) = self.dir_of(t.fid)?;
+                let owner = Owner { uid, gid: t.gid };
+                let attr =
+                    io(self.backend.symlink(&dir, name, OsStr::from_bytes(t.target.as_bytes()), owner))?;
+                let qid = self.qid(&attr);
                 self.reply(buf, tag, Rmessage::Symlink(Rqid { qid }))
             }
             Tmessage::Mknod(t) => {
                 self.writable()?;
                 let name = check_name(&t.name)?;
-                let dir = self.path_of(t.dfid)?;
+                let (dir, _, uid) = self.dir_of(t.dfid)?;
                 let rdev = rustix::fs::makedev(t.major, t.minor);
-                io(self.backend.mknod(&dir, name, t.mode, rdev))?;
-                let qid = self.qid(&io(self.backend.lstat(&dir.join(name)))?);
+                let attr = io(self.backend.mknod(&dir, name, t.mode, rdev, Owner { uid, gid: t.gid }))?;
+                let qid = self.qid(&attr);
                 self.reply(buf, tag, Rmessage::Mknod(Rqid { qid }))
             }
             Tmessage::Mkdir(t) => {
                 self.writable()?;
                 let name = check_name(&t.name)?;
-                let dir = self.path_of(t.dfid)?;
-                io(self.backend.mkdir(&dir, name, t.mode))?;
-                let qid = self.qid(&io(self.backend.lstat(&dir.join(name)))?);
+                let (dir, _, uid) = self.dir_of(t.dfid)?;
+                let attr = io(self.backend.mkdir(&dir, name, t.mode, Owner { uid, gid: t.gid }))?;
+                let qid = self.qid(&attr);
                 self.reply(buf, tag, Rmessage::Mkdir(Rqid { qid }))
             }
             Tmessage::Rename(t) => {
@@ -523,51 +726,44 @@ impl<B: Backend> Session<B> {
                 if from.as_os_str().is_empty() {
                     return Err(errno::EBUSY);
                 }
-                let to = self.path_of(t.dfid)?.join(name);
-                io(self.backend.rename(&from, &to))?;
+                let (to_dir, to_dir_path, _) = self.dir_of(t.dfid)?;
+                let to = to_dir_path.join(name);
+                let (from_dir, from_name) = self.parent_of(&from)?;
+                io(self.backend.rename(&from_dir, from_name.as_os_str(), &to_dir, name))?;
                 self.rename_fids(&from, &to);
                 self.reply(buf, tag, Rmessage::Rename(Empty {}))
             }
             Tmessage::RenameAt(t) => {
                 self.writable()?;
-                let from = self.path_of(t.olddirfid)?.join(check_name(&t.oldname)?);
-                let to = self.path_of(t.newdirfid)?.join(check_name(&t.newname)?);
-                io(self.backend.rename(&from, &to))?;
-                self.rename_fids(&from, &to);
+                let (old_name, new_name) = (check_name(&t.oldname)?, check_name(&t.newname)?);
+                let (from_dir, from_path, _) = self.dir_of(t.olddirfid)?;
+                let (to_dir, to_path, _) = self.dir_of(t.newdirfid)?;
+                io(self.backend.rename(&from_dir, old_name, &to_dir, new_name))?;
+                self.rename_fids(&from_path.join(old_name), &to_path.join(new_name));
                 self.reply(buf, tag, Rmessage::RenameAt(Empty {}))
             }
             Tmessage::UnlinkAt(t) => {
                 self.writable()?;
-                let path = self.path_of(t.dirfid)?.join(check_name(&t.name)?);
-                io(self.backend.unlink(&path, t.flags & AT_REMOVEDIR != 0))?;
+                let name = check_name(&t.name)?;
+                let dir = self.node_of(t.dirfid)?;
+                io(self.backend.unlink(&dir, name, t.flags & AT_REMOVEDIR != 0))?;
                 self.reply(buf, tag, Rmessage::UnlinkAt(Empty {}))
             }
             Tmessage::Link(t) => {
                 self.writable()?;
                 let name = check_name(&t.name)?;
-                let dir = self.path_of(t.dfid)?;
-                let target = self.path_of(t.fid)?;
-                io(self.backend.link(&target, &dir, name))?;
+                let dir = self.node_of(t.dfid)?;
+                let target = self.node_of(t.fid)?;
+                let target_path = self.path_of(t.fid)?;
+                io(self.backend.link(&target, &target_path, &dir, name))?;
                 self.reply(buf, tag, Rmessage::Link(Empty {}))
             }
             Tmessage::Readlink(t) => {
-                let target = io(self.backend.readlink(&self.path_of(t.fid)?))?;
+                let target = io(self.backend.readlink(&self.node_of(t.fid)?))?;
                 self.reply(buf, tag, Rmessage::Readlink(Rreadlink { target: P9String(target) }))
             }
             Tmessage::Getattr(t) => {
-                let fid = self.fid(t.fid)?;
-                let (path, file) = {
-                    let st = lock(&fid);
-                    let file = match &st.kind {
-                        FidKind::Open(f) => Some(f.clone()),
-                        _ => None,
-                    };
-                    (st.path.clone(), file)
-                };
-                let a = match file {
-                    Some(f) => io(f.stat())?,
-                    None => io(self.backend.lstat(&path))?,
-                };
+                let a = io(self.backend.stat(&self.node_of(t.fid)?))?;
                 let r = Rgetattr {
                     valid: GETATTR_BASIC,
                     qid: self.qid(&a),
@@ -609,38 +805,35 @@ impl<B: Backend> Session<B> {
                     atime: time(ATIME, ATIME_SET, t.atime_sec, t.atime_nsec),
                     mtime: time(MTIME, MTIME_SET, t.mtime_sec, t.mtime_nsec),
                 };
-                let fid = self.fid(t.fid)?;
-                let (path, file) = {
-                    let st = lock(&fid);
-                    let file = match &st.kind {
-                        FidKind::Open(f) => Some(f.clone()),
-                        _ => None,
-                    };
-                    (st.path.clone(), file)
-                };
-                io(self.backend.setattr(&path, file.as_deref(), &attr))?;
+                io(self.backend.setattr(&self.node_of(t.fid)?, &attr))?;
                 self.reply(buf, tag, Rmessage::Setattr(Empty {}))
             }
             Tmessage::XattrWalk(t) => {
-                let (path, qid) = {
+                let (path, node, qid, uid, local) = {
                     let f = self.fid(t.fid)?;
                     let st = lock(&f);
-                    (st.path.clone(), st.qid)
+                    (st.path.clone(), st.node.clone(), st.qid, st.uid, st.local)
                 };
-                if lock(&self.fids).contains_key(&t.newfid) && t.newfid != t.fid {
-                    return Err(errno::EBADF);
+                if t.newfid != t.fid {
+                    Self::new_fid_ok(&lock(&self.fids), t.newfid)?;
                 }
                 let value = if t.name.as_bytes().is_empty() {
-                    io(self.backend.list_xattr(&path))?
+                    io(self.backend.list_xattr(&node))?
                 } else {
                     if t.name.as_bytes().contains(&0) {
                         return Err(errno::EINVAL);
                     }
-                    io(self.backend.get_xattr(&path, OsStr::from_bytes(t.name.as_bytes())))?
+                    io(self.backend.get_xattr(&node, OsStr::from_bytes(t.name.as_bytes())))?
                 };
                 let size = value.len() as u64;
-                let state = FidState { path, qid, kind: FidKind::XattrRead(Arc::new(value)) };
-                lock(&self.fids).insert(t.newfid, Arc::new(Mutex::new(state)));
+                let charge = XattrCharge::take(&self.xattr_bytes, value.len())?;
+                let kind = FidKind::XattrRead { value: Arc::new(value), _charge: charge };
+                let state = FidState { path, node, qid, uid, kind, locked: false, local };
+                let mut fids = lock(&self.fids);
+                if t.newfid != t.fid {
+                    Self::new_fid_ok(&fids, t.newfid)?;
+                }
+                fids.insert(t.newfid, Arc::new(Mutex::new(state)));
                 self.reply(buf, tag, Rmessage::XattrWalk(Rxattrwalk { size }))
             }
             Tmessage::XattrCreate(t) => {
@@ -648,6 +841,9 @@ impl<B: Backend> Session<B> {
                 let name = t.name.as_bytes();
                 if name.is_empty() || name.contains(&0) {
                     return Err(errno::EINVAL);
+                }
+                if PROTECTED_XATTRS.iter().any(|p| name.starts_with(p)) {
+                    return Err(errno::EPERM);
                 }
                 if t.size > super::hostfs::XATTR_MAX as u64 {
                     return Err(errno::E2BIG);
@@ -657,11 +853,14 @@ impl<B: Backend> Session<B> {
                 if !matches!(st.kind, FidKind::Node) {
                     return Err(errno::EINVAL);
                 }
+                let size = t.size as usize;
+                let charge = XattrCharge::take(&self.xattr_bytes, size)?;
                 st.kind = FidKind::XattrWrite {
                     name: name.to_vec(),
-                    size: t.size as usize,
+                    size,
                     flags: t.flags,
-                    data: Vec::with_capacity(t.size as usize),
+                    data: Vec::with_capacity(size),
+                    _charge: charge,
                 };
                 drop(st);
                 self.reply(buf, tag, Rmessage::XattrCreate(Empty {}))
@@ -673,28 +872,42 @@ impl<B: Backend> Session<B> {
             }
             Tmessage::Lock(t) => {
                 let file = self.open_file(t.fid)?;
-                let kind = lock_type(t.ty)?;
-                let range = LockRange { start: t.start, length: t.length };
+                let kind = lock_kind(t.ty)?;
+                let end = locks::range_end(t.start, t.length).ok_or(errno::EINVAL)?;
+                let a = io(file.stat())?;
+                let owner = LockOwner { proc_id: t.proc_id, client_id: t.client_id.as_bytes().to_vec() };
                 // Never wait here: BLOCKED makes the kernel sleep and retry.
-                let status = match io(file.lock(kind, range))? {
-                    LockOutcome::Granted => LOCK_SUCCESS,
-                    LockOutcome::Blocked => LOCK_BLOCKED,
+                let outcome = lock(&self.locks).set((a.dev, a.ino), &owner, t.fid, kind, t.start, end);
+                let status = match outcome {
+                    Outcome::Granted => LOCK_SUCCESS,
+                    Outcome::Blocked => LOCK_BLOCKED,
+                    Outcome::NoLocks => return Err(ENOLCK),
                 };
+                if kind.is_some() {
+                    if let Ok(f) = self.fid(t.fid) {
+                        lock(&f).locked = true;
+                    }
+                }
                 self.reply(buf, tag, Rmessage::Lock(Rlock { status }))
             }
             Tmessage::GetLock(t) => {
                 let file = self.open_file(t.fid)?;
-                let kind = lock_type(t.ty)?;
-                let range = LockRange { start: t.start, length: t.length };
-                let r = match io(file.get_lock(kind, range))? {
+                // Linux (v9fs_file_getlock, through 6.x) asks with type UNLCK, having lost
+                // the type of the F_GETLK: report any range another process holds.
+                let kind = lock_kind(t.ty)?.unwrap_or(locks::Kind::Write);
+                let end = locks::range_end(t.start, t.length).ok_or(errno::EINVAL)?;
+                let a = io(file.stat())?;
+                let owner = LockOwner { proc_id: t.proc_id, client_id: t.client_id.as_bytes().to_vec() };
+                let held = lock(&self.locks).get((a.dev, a.ino), &owner, kind, t.start, end);
+                let r = match held {
                     None => Getlock { ty: LOCK_TYPE_UNLCK, ..t },
-                    Some(c) => Getlock {
+                    Some(h) => Getlock {
                         fid: t.fid,
-                        ty: if c.kind == LockType::Read { LOCK_TYPE_RDLCK } else { LOCK_TYPE_WRLCK },
-                        start: c.range.start,
-                        length: c.range.length,
-                        proc_id: c.pid,
-                        client_id: t.client_id,
+                        ty: if h.kind == locks::Kind::Read { LOCK_TYPE_RDLCK } else { LOCK_TYPE_WRLCK },
+                        start: h.start,
+                        length: if h.end == u64::MAX { 0 } else { h.end - h.start + 1 },
+                        proc_id: h.owner.proc_id,
+                        client_id: P9String(h.owner.client_id),
                     },
                 };
                 self.reply(buf, tag, Rmessage::GetLock(r))
@@ -712,27 +925,33 @@ impl<B: Backend> Session<B> {
                 return Err(errno::EINVAL);
             }
         }
-        let (mut path, start_qid) = {
+        let (mut path, mut node, start_qid, uid, mut local) = {
             let f = self.fid(t.fid)?;
             let st = lock(&f);
-            (st.path.clone(), st.qid)
+            (st.path.clone(), st.node.clone(), st.qid, st.uid, st.local)
         };
-        if t.newfid != t.fid && lock(&self.fids).contains_key(&t.newfid) {
-            return Err(errno::EBADF);
+        if t.newfid != t.fid {
+            Self::new_fid_ok(&lock(&self.fids), t.newfid)?;
         }
         let mut qids = Vec::with_capacity(t.names.len());
         let mut qid = start_qid;
         for (i, n) in t.names.iter().enumerate() {
-            match n.as_bytes() {
-                b"." => {}
-                // Lexical parent; PathBuf::pop on the root's "" leaves it the root.
+            let next = match n.as_bytes() {
+                b"." => Ok(node.clone()),
+                // Lexical parent, looked up from the root; the root's parent is the root.
                 b".." => {
                     path.pop();
+                    self.backend.lookup(&path)
                 }
-                name => path.push(OsStr::from_bytes(name)),
-            }
-            match self.backend.lstat(&path) {
-                Ok(a) => {
+                name => {
+                    path.push(OsStr::from_bytes(name));
+                    self.backend.walk(&node, OsStr::from_bytes(name))
+                }
+            };
+            match next.and_then(|n| self.backend.stat(&n).map(|a| (n, a))) {
+                Ok((n, a)) => {
+                    local = self.is_local(&n, a.dev);
+                    node = n;
                     qid = self.qid(&a);
                     qids.push(qid);
                 }
@@ -741,8 +960,15 @@ impl<B: Backend> Session<B> {
             }
         }
         if qids.len() == t.names.len() {
-            let state = FidState { path, qid, kind: FidKind::Node };
-            lock(&self.fids).insert(t.newfid, Arc::new(Mutex::new(state)));
+            let state = FidState { path, node, qid, uid, kind: FidKind::Node, locked: false, local };
+            let mut fids = lock(&self.fids);
+            if t.newfid != t.fid {
+                Self::new_fid_ok(&fids, t.newfid)?;
+            } else if let Some(old) = fids.get(&t.fid) {
+                // Walking a fid onto itself replaces what it named.
+                self.fid_gone(&lock(old), t.fid);
+            }
+            fids.insert(t.newfid, Arc::new(Mutex::new(state)));
         }
         self.reply(buf, tag, Rmessage::Walk(Rwalk { qids }))
     }
@@ -757,7 +983,7 @@ impl<B: Backend> Session<B> {
         }
         let src = match &lock(&fid).kind {
             FidKind::Open(f) => Source::File(f.clone()),
-            FidKind::XattrRead(v) => Source::Bytes(v.clone()),
+            FidKind::XattrRead { value, .. } => Source::Bytes(value.clone()),
             _ => return Err(errno::EBADF),
         };
         buf.resize(IO_HEADER_LEN + count, 0);
@@ -835,7 +1061,10 @@ impl<B: Backend> Session<B> {
     /// spot (saves two thread hand-offs on the kernel's walk/getattr/clunk pattern).
     fn clunk_inline(&self, tag: u16, fid: u32) -> Option<Vec<u8>> {
         let mut fids = lock(&self.fids);
-        let idle = matches!(lock(fids.get(&fid)?).kind, FidKind::Node | FidKind::XattrRead(_));
+        let idle = {
+            let st = lock(fids.get(&fid)?);
+            matches!(st.kind, FidKind::Node | FidKind::XattrRead { .. }) && !st.locked
+        };
         if !idle {
             return None;
         }
@@ -855,30 +1084,31 @@ impl<B: Backend> Session<B> {
     }
 
     /// Sends the reply (if any), then the Rflush of everyone who flushed this request.
-    fn finish(&self, tag: u16, reply: Option<Vec<u8>>, slot: OwnedSemaphorePermit, out: &Replies) {
+    fn finish(&self, tag: u16, reply: Option<Vec<u8>>, slot: Slot, out: &Replies) {
         let mut inflight = lock(&self.inflight);
         let entry = inflight.remove(&tag).unwrap_or_default();
         if let Some(r) = reply {
             if self.config.trace {
                 log::info!("9p -> tag {tag} type {} ({} bytes)", r.get(4).copied().unwrap_or(0), r.len());
             }
-            send(out, r, Some(slot));
+            send(out, r, slot);
         }
-        for f in entry.flushers {
-            send(out, rflush(f), None);
+        for (f, permit) in entry.flushers {
+            send(out, rflush(f), Slot { _count: permit, _big: None });
         }
     }
 
-    /// Tflush: answered at once if `oldtag` is not running, else after its reply.
-    fn flush(&self, tag: u16, oldtag: u16, out: &Replies) {
+    /// Tflush: answered at once if `oldtag` is not running, else after its reply. Its
+    /// in-flight slot is held until its Rflush is written, like any request's.
+    fn flush(&self, tag: u16, oldtag: u16, slot: OwnedSemaphorePermit, out: &Replies) {
         let mut inflight = lock(&self.inflight);
         match inflight.get_mut(&oldtag) {
             Some(f) => {
                 f.cancelled = true;
-                f.flushers.push(tag);
+                f.flushers.push((tag, Some(slot)));
             }
             None => {
-                send(out, rflush(tag), None);
+                send(out, rflush(tag), Slot::of(slot));
             }
         }
     }
@@ -890,11 +1120,12 @@ fn rflush(tag: u16) -> Vec<u8> {
     w
 }
 
-fn lock_type(ty: u8) -> Res<LockType> {
+/// The lock kind of a wire lock type; None is an unlock.
+fn lock_kind(ty: u8) -> Res<Option<locks::Kind>> {
     match ty {
-        LOCK_TYPE_RDLCK => Ok(LockType::Read),
-        LOCK_TYPE_WRLCK => Ok(LockType::Write),
-        LOCK_TYPE_UNLCK => Ok(LockType::Unlock),
+        LOCK_TYPE_RDLCK => Ok(Some(locks::Kind::Read)),
+        LOCK_TYPE_WRLCK => Ok(Some(locks::Kind::Write)),
+        LOCK_TYPE_UNLCK => Ok(None),
         _ => Err(errno::EINVAL),
     }
 }
@@ -903,7 +1134,7 @@ fn lock_type(ty: u8) -> Res<LockType> {
 struct Job {
     tag: u16,
     msg: Tmessage,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
 }
 
 /// Most metadata requests grouped into one submission.
@@ -943,8 +1174,14 @@ fn submit<B: Backend>(session: &Arc<Session<B>>, batch: &mut Vec<Job>, out: &Rep
     }
 }
 
-/// Reads one frame. `Ok(None)` is a clean end of stream between frames.
-async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, max: u32, pool: &BufPool) -> Result<Option<Vec<u8>>> {
+/// Reads one frame. `Ok(None)` is a clean end of stream between frames. A frame bigger than
+/// `BIG_FRAME` first waits for a big slot, which it returns with the frame.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    max: u32,
+    pool: &BufPool,
+    big: &Arc<Semaphore>,
+) -> Result<Option<(Vec<u8>, Option<OwnedSemaphorePermit>)>> {
     let mut size_bytes = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -961,13 +1198,21 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, max: u32, pool: &BufPool) 
     if (size as usize) < HEADER_LEN || size > max {
         return Err(Error::NineP(format!("message of {size} bytes (msize {max}); closing")));
     }
+    let big_slot = if size as usize > BIG_FRAME {
+        let Ok(p) = big.clone().acquire_owned().await else {
+            return Ok(None);
+        };
+        Some(p)
+    } else {
+        None
+    };
     let mut frame = if size as usize >= POOL_MIN { pool.get() } else { Vec::new() };
     frame.resize(size as usize, 0);
     frame[..4].copy_from_slice(&size_bytes);
     rd.read_exact(&mut frame[4..])
         .await
         .map_err(|e| Error::io("9p: connection closed inside a message", e))?;
-    Ok(Some(frame))
+    Ok(Some((frame, big_slot)))
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -1004,6 +1249,8 @@ where
         async move {
             let mut rd = BufReader::with_capacity(64 * 1024, rd);
             let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+            let big_slots = (BIG_BUDGET / session.config.max_msize as usize).max(2);
+            let big = Arc::new(Semaphore::new(big_slots));
             let mut batch: Vec<Job> = Vec::new();
             loop {
                 // Metadata requests that arrived together run as one pool job (fewer thread
@@ -1021,13 +1268,15 @@ where
                         p
                     }
                 };
-                let frame = match read_frame(&mut rd, session.msize(), &session.pool).await {
+                let (frame, big_slot) = match read_frame(&mut rd, session.msize(), &session.pool, &big).await
+                {
                     Ok(Some(frame)) => frame,
                     other => {
                         submit(&session, &mut batch, &tx);
                         return other.map(|_| ());
                     }
                 };
+                let mut permit = Slot { _count: Some(permit), _big: big_slot };
                 match wire::decode_request(frame) {
                     Err((tag, e)) => {
                         log::debug!("9p: bad request (tag {tag:?}): {e}");
@@ -1037,7 +1286,7 @@ where
                                     WireError::UnknownType(_) => errno::ENOSYS,
                                     _ => errno::EINVAL,
                                 };
-                                send(&tx, rlerror(tag, code), Some(permit));
+                                send(&tx, rlerror(tag, code), permit);
                             }
                             None => {
                                 submit(&session, &mut batch, &tx);
@@ -1051,14 +1300,41 @@ where
                         }
                         if let Tmessage::Clunk(t) = &msg {
                             if let Some(reply) = session.clunk_inline(tag, t.fid) {
-                                send(&tx, reply, Some(permit));
+                                send(&tx, reply, permit);
                                 continue;
                             }
                         }
+                        // A big reply (Rread, Rreaddir) needs a big slot too.
+                        let reply_size = match &msg {
+                            Tmessage::Read(r) => r.count as usize,
+                            Tmessage::Readdir(r) => r.count as usize,
+                            _ => 0,
+                        };
+                        if permit._big.is_none() && reply_size.min(session.msize() as usize) > BIG_FRAME {
+                            submit(&session, &mut batch, &tx);
+                            let Ok(p) = big.clone().acquire_owned().await else {
+                                return Ok(());
+                            };
+                            permit._big = Some(p);
+                        }
                         match msg {
-                            Tmessage::Flush(f) => session.flush(tag, f.oldtag, &tx),
+                            Tmessage::Flush(f) => match permit._count.take() {
+                                Some(count) => session.flush(tag, f.oldtag, count, &tx),
+                                None => send(&tx, rflush(tag), permit),
+                            },
                             Tmessage::Version(v) => {
-                                send(&tx, session.version(tag, &v), Some(permit));
+                                send(&tx, session.version(tag, &v), permit);
+                            }
+                            // Alone (nothing else waiting) and about a local file: answer on
+                            // this thread, saving two thread hand-offs per round trip.
+                            msg @ (Tmessage::Walk(Twalk { fid, .. })
+                            | Tmessage::Getattr(Tgetattr { fid, .. }))
+                                if batch.is_empty()
+                                    && !frame_buffered(rd.buffer())
+                                    && session.may_inline(fid) =>
+                            {
+                                let reply = session.dispatch_inline(tag, msg);
+                                send(&tx, reply, permit);
                             }
                             msg @ (Tmessage::Walk(_)
                             | Tmessage::Getattr(_)

@@ -301,7 +301,12 @@ impl Client {
     }
 
     pub fn lock(&mut self, fid: u32, ty: u8, flags: u32, start: u64, length: u64) -> R<u8> {
-        let t = Tlock { fid, ty, flags, start, length, proc_id: 1, client_id: "c".into() };
+        self.lock_as(1, fid, ty, flags, start, length)
+    }
+
+    /// Tlock on behalf of remote process `proc_id`.
+    pub fn lock_as(&mut self, proc_id: u32, fid: u32, ty: u8, flags: u32, start: u64, length: u64) -> R<u8> {
+        let t = Tlock { fid, ty, flags, start, length, proc_id, client_id: "c".into() };
         match self.rpc(Tmessage::Lock(t))? {
             Rmessage::Lock(l) => Ok(l.status),
             r => panic!("{r:?}"),
@@ -309,7 +314,12 @@ impl Client {
     }
 
     pub fn getlock(&mut self, fid: u32, ty: u8, start: u64, length: u64) -> R<Getlock> {
-        let t = Getlock { fid, ty, start, length, proc_id: 1, client_id: "c".into() };
+        self.getlock_as(1, fid, ty, start, length)
+    }
+
+    /// Tgetlock on behalf of remote process `proc_id`.
+    pub fn getlock_as(&mut self, proc_id: u32, fid: u32, ty: u8, start: u64, length: u64) -> R<Getlock> {
+        let t = Getlock { fid, ty, start, length, proc_id, client_id: "c".into() };
         match self.rpc(Tmessage::GetLock(t))? {
             Rmessage::GetLock(l) => Ok(l),
             r => panic!("{r:?}"),

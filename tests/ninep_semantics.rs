@@ -1,0 +1,290 @@
+//! The export behaves like a local POSIX file system: a fid is the file it was walked or
+//! opened to (whatever happens to the name later), modes are exactly the requested ones
+//! whatever our umask, new objects belong to the attaching user and the requested group.
+
+mod ninep_support;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use cpu_all::ninep::wire::*;
+use ninep_support::*;
+
+const EPERM: u32 = 1;
+const EOPNOTSUPP: u32 = 95;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn setattr(valid: u32) -> Tsetattr {
+    Tsetattr { fid: 0, valid, ..Default::default() }
+}
+
+const SET_MODE: u32 = 0x1;
+const SET_UID: u32 = 0x2;
+const SET_GID: u32 = 0x4;
+const SET_SIZE: u32 = 0x8;
+const SET_ATIME: u32 = 0x10;
+const SET_MTIME: u32 = 0x20;
+const SET_ATIME_SET: u32 = 0x80;
+const SET_MTIME_SET: u32 = 0x100;
+
+#[test]
+fn an_open_fid_keeps_its_file_when_the_name_is_recreated() {
+    let dir = Scratch::new("fidfile");
+    fs::write(dir.join("f"), b"old contents").unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    c.walk(0, 1, &["f"]).unwrap();
+    c.lopen(1, O_RDWR).unwrap();
+    // The name now means another file.
+    fs::remove_file(dir.join("f")).unwrap();
+    fs::write(dir.join("f"), b"new").unwrap();
+    // fstat: the old file, unlinked.
+    let a = c.getattr(1).unwrap();
+    assert_eq!((a.size, a.nlink), (12, 0));
+    // ftruncate and futimens act on the old file; the new one is untouched.
+    let t = Tsetattr {
+        fid: 1,
+        valid: SET_SIZE | SET_MTIME | SET_MTIME_SET,
+        size: 3,
+        mtime_sec: 1_000_000,
+        ..Default::default()
+    };
+    c.setattr(t).unwrap();
+    let a = c.getattr(1).unwrap();
+    assert_eq!((a.size, a.mtime_sec), (3, 1_000_000));
+    assert_eq!(c.read(1, 0, 100).unwrap(), b"old");
+    let new = fs::metadata(dir.join("f")).unwrap();
+    assert_eq!(new.len(), 3);
+    assert_ne!(new.mtime(), 1_000_000);
+    assert_eq!(fs::read(dir.join("f")).unwrap(), b"new");
+    if is_root() {
+        // fchown too.
+        c.setattr(Tsetattr { fid: 1, valid: SET_UID | SET_GID, uid: 4321, gid: 4322, ..Default::default() })
+            .unwrap();
+        let a = c.getattr(1).unwrap();
+        assert_eq!((a.uid, a.gid), (4321, 4322));
+        assert_eq!(fs::metadata(dir.join("f")).unwrap().uid(), 0);
+    }
+    h.finish().unwrap();
+}
+
+#[test]
+fn a_walked_fid_keeps_its_file_when_a_rename_replaces_the_name() {
+    let dir = Scratch::new("fidrename");
+    fs::write(dir.join("g"), b"gg").unwrap();
+    fs::write(dir.join("h"), b"hhhhhhhh").unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    let q = c.walk(0, 1, &["g"]).unwrap();
+    fs::rename(dir.join("h"), dir.join("g")).unwrap();
+    let a = c.getattr(1).unwrap();
+    assert_eq!((a.qid.path, a.size, a.nlink), (q[0].path, 2, 0), "still the replaced file");
+    // Opening the fid opens that file, not the one now under its name.
+    c.lopen(1, O_RDONLY).unwrap();
+    assert_eq!(c.read(1, 0, 100).unwrap(), b"gg");
+    // Names are resolved in the directory fid when a call needs one.
+    c.walk(0, 2, &[]).unwrap();
+    assert_eq!(c.getattr(2).unwrap().qid.ty, QTDIR);
+    c.walk(0, 3, &["g"]).unwrap();
+    c.lopen(3, O_RDONLY).unwrap();
+    assert_eq!(c.read(3, 0, 100).unwrap(), b"hhhhhhhh");
+    h.finish().unwrap();
+}
+
+#[test]
+fn a_directory_fid_creates_in_its_directory_after_a_rename() {
+    let dir = Scratch::new("dirfid");
+    fs::create_dir(dir.join("d")).unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    c.walk(0, 1, &["d"]).unwrap();
+    fs::rename(dir.join("d"), dir.join("moved")).unwrap();
+    fs::create_dir(dir.join("d")).unwrap();
+    c.mkdir(1, "sub", 0o755).unwrap();
+    assert!(dir.join("moved/sub").is_dir());
+    assert!(!dir.join("d/sub").exists());
+    h.finish().unwrap();
+}
+
+#[test]
+fn modes_are_exactly_the_requested_ones_whatever_the_umask() {
+    let dir = Scratch::new("modes");
+    // The process umask must not narrow what the remote asked for.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    c.walk(0, 1, &[]).unwrap();
+    c.lcreate(1, "f666", O_RDWR | O_CREAT, 0o666).unwrap();
+    c.mkdir(0, "d777", 0o777).unwrap();
+    c.mkdir(0, "d2775", 0o2775).unwrap();
+    let r = c.rpc(Tmessage::Mknod(Tmknod {
+        dfid: 0,
+        name: "fifo".into(),
+        mode: 0o010666,
+        major: 0,
+        minor: 0,
+        gid: 0,
+    }));
+    assert!(r.is_ok(), "{r:?}");
+    // Set-user-ID and set-group-ID on a file are dropped at creation ...
+    c.walk(0, 2, &[]).unwrap();
+    c.lcreate(2, "suid", O_RDWR | O_CREAT, 0o6755).unwrap();
+    rustix::process::umask(old);
+    let mode = |p: &str| fs::symlink_metadata(dir.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("f666"), 0o666);
+    assert_eq!(mode("d777"), 0o777);
+    assert_eq!(mode("d2775"), 0o2775, "set-group-ID on a directory is inheritance, allowed");
+    assert_eq!(mode("fifo"), 0o666);
+    assert_eq!(mode("suid"), 0o755);
+    // ... and refused by setattr.
+    c.walk(0, 3, &["f666"]).unwrap();
+    for bad in [0o4755, 0o2755, 0o6777] {
+        let t = Tsetattr { fid: 3, mode: bad, ..setattr(SET_MODE) };
+        assert_eq!(c.setattr(t).unwrap_err(), EPERM, "{bad:o}");
+    }
+    c.setattr(Tsetattr { fid: 3, mode: 0o1640, ..setattr(SET_MODE) }).unwrap();
+    assert_eq!(mode("f666"), 0o1640);
+    // Creating an existing file without O_EXCL opens it and leaves its mode alone.
+    c.walk(0, 4, &[]).unwrap();
+    c.lcreate(4, "f666", O_RDWR | O_CREAT, 0o600).unwrap();
+    assert_eq!(mode("f666"), 0o1640);
+    // A symlink's mode cannot be set (as chmod on Linux).
+    c.symlink(0, "l", "f666").unwrap();
+    c.walk(0, 5, &["l"]).unwrap();
+    assert_eq!(c.setattr(Tsetattr { fid: 5, mode: 0o600, ..setattr(SET_MODE) }).unwrap_err(), EOPNOTSUPP);
+    // Times of a symlink itself (utimensat AT_SYMLINK_NOFOLLOW) are set on the link.
+    let t = Tsetattr {
+        fid: 5,
+        valid: SET_ATIME | SET_MTIME | SET_ATIME_SET | SET_MTIME_SET,
+        atime_sec: 7,
+        mtime_sec: 8,
+        ..Default::default()
+    };
+    c.setattr(t).unwrap();
+    assert_eq!(fs::symlink_metadata(dir.join("l")).unwrap().mtime(), 8);
+    assert_ne!(fs::metadata(dir.join("f666")).unwrap().mtime(), 8);
+    h.finish().unwrap();
+}
+
+#[test]
+fn device_nodes_cannot_be_made() {
+    let dir = Scratch::new("nodev");
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    // /dev/kmsg (char 1:11) and /dev/sda (block 8:0): refused whoever we are.
+    for (name, mode, major, minor) in [("kmsg", 0o020666, 1, 11), ("sda", 0o060666, 8, 0)] {
+        let t = Tmknod { dfid: 0, name: name.into(), mode, major, minor, gid: 0 };
+        assert_eq!(c.rpc(Tmessage::Mknod(t)).unwrap_err(), EPERM, "{name}");
+        assert!(fs::symlink_metadata(dir.join(name)).is_err(), "{name} exists");
+    }
+    // A socket node is fine.
+    let t = Tmknod { dfid: 0, name: "sock".into(), mode: 0o140600, major: 0, minor: 0, gid: 0 };
+    c.rpc(Tmessage::Mknod(t)).unwrap();
+    h.finish().unwrap();
+}
+
+#[test]
+fn protected_xattrs_cannot_be_written() {
+    let dir = Scratch::new("secxattr");
+    fs::write(dir.join("f"), b"").unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    for (fid, name) in [(1, "security.capability"), (2, "trusted.overlay.opaque"), (3, "security.selinux")] {
+        c.walk(0, fid, &["f"]).unwrap();
+        assert_eq!(c.xattrcreate(fid, name, 4, 0).unwrap_err(), EPERM, "{name}");
+        // Removal (size 0) too.
+        assert_eq!(c.xattrcreate(fid, name, 0, 0).unwrap_err(), EPERM, "{name}");
+    }
+    h.finish().unwrap();
+}
+
+fn attach_as(c: &mut Client, fid: u32, uid: u32) {
+    let t = Tattach { fid, afid: NOFID, uname: "u".into(), aname: "".into(), n_uname: uid };
+    c.rpc(Tmessage::Attach(t)).unwrap();
+}
+
+#[test]
+fn new_objects_belong_to_the_attaching_user_and_requested_group() {
+    if !is_root() {
+        eprintln!("SKIP: ninep owners as root: needs root to give files away");
+        return;
+    }
+    let dir = Scratch::new("owners");
+    let mut h = start(options(&dir.path));
+    let c = &mut h.client;
+    c.version(1 << 20).unwrap();
+    attach_as(c, 0, 4321);
+    attach_as(c, 100, 0);
+    c.walk(0, 1, &[]).unwrap();
+    let t = Tlcreate { fid: 1, name: "f".into(), flags: O_RDWR | O_CREAT, mode: 0o644, gid: 4322 };
+    c.rpc(Tmessage::Lcreate(t)).unwrap();
+    let t = Tmkdir { dfid: 0, name: "d".into(), mode: 0o755, gid: 4321 };
+    c.rpc(Tmessage::Mkdir(t)).unwrap();
+    let t = Tsymlink { fid: 0, name: "l".into(), target: "f".into(), gid: 4323 };
+    c.rpc(Tmessage::Symlink(t)).unwrap();
+    let t = Tmknod { dfid: 0, name: "p".into(), mode: 0o010640, major: 0, minor: 0, gid: 4321 };
+    c.rpc(Tmessage::Mknod(t)).unwrap();
+    // Another user's attach creates as that user.
+    let t = Tmkdir { dfid: 100, name: "rootdir".into(), mode: 0o700, gid: 0 };
+    c.rpc(Tmessage::Mkdir(t)).unwrap();
+    let owner = |p: &str| {
+        let m = fs::symlink_metadata(dir.join(p)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner("f"), (4321, 4322));
+    assert_eq!(owner("d"), (4321, 4321));
+    assert_eq!(owner("l"), (4321, 4323));
+    assert_eq!(owner("p"), (4321, 4321));
+    assert_eq!(owner("rootdir"), (0, 0));
+    // Fids walked from an attach keep its user.
+    c.walk(0, 2, &["d"]).unwrap();
+    c.mkdir(2, "sub", 0o750).unwrap();
+    assert_eq!(owner("d/sub").0, 4321);
+    h.finish().unwrap();
+}
+
+#[test]
+fn as_a_normal_user_the_group_is_honoured_where_chown_allows() {
+    if !is_root() {
+        eprintln!("SKIP: ninep groups as a normal user: needs root to switch the server thread's user");
+        return;
+    }
+    let dir = Scratch::new("groups");
+    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o777)).unwrap();
+    // The server thread (and the pool threads it starts) runs as 4321 in groups 4321, 4400.
+    let mut h = start_with(options(&dir.path), || {
+        let groups: [libc::gid_t; 2] = [4321, 4400];
+        // SAFETY: plain syscalls with valid arguments; they affect only this thread.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setgroups, 2, groups.as_ptr()), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresgid, 4321, 4321, 4321), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, 4321, 4321, 4321), 0);
+        }
+    });
+    let c = &mut h.client;
+    c.version(1 << 20).unwrap();
+    attach_as(c, 0, 4321);
+    let t = Tmkdir { dfid: 0, name: "member".into(), mode: 0o775, gid: 4400 };
+    c.rpc(Tmessage::Mkdir(t)).unwrap();
+    let t = Tmkdir { dfid: 0, name: "stranger".into(), mode: 0o775, gid: 0 };
+    c.rpc(Tmessage::Mkdir(t)).unwrap();
+    c.walk(0, 1, &[]).unwrap();
+    let t = Tlcreate { fid: 1, name: "f".into(), flags: O_RDWR | O_CREAT, mode: 0o664, gid: 4400 };
+    c.rpc(Tmessage::Lcreate(t)).unwrap();
+    let owner = |p: &str| {
+        let m = fs::symlink_metadata(dir.join(p)).unwrap();
+        (m.uid(), m.gid(), m.permissions().mode() & 0o7777)
+    };
+    assert_eq!(owner("member"), (4321, 4400, 0o775));
+    assert_eq!(owner("stranger"), (4321, 4321, 0o775), "a group we are not in falls back to ours");
+    assert_eq!(owner("f"), (4321, 4400, 0o664));
+    // The owner may set times and modes of its own file.
+    c.walk(0, 2, &["f"]).unwrap();
+    c.setattr(Tsetattr { fid: 2, valid: SET_ATIME | SET_MTIME, ..Default::default() }).unwrap();
+    c.setattr(Tsetattr { fid: 2, valid: SET_MODE, mode: 0o600, ..Default::default() }).unwrap();
+    assert_eq!(owner("f").2, 0o600);
+    h.finish().unwrap();
+}
