@@ -4,8 +4,7 @@
 
 mod cpu_support;
 
-#[path = "common/skip.rs"]
-mod skip;
+use cpu_support::skip;
 
 use std::time::Duration;
 

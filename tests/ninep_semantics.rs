@@ -3,6 +3,8 @@
 //! whatever our umask, new objects belong to the attaching user and the requested group.
 
 mod ninep_support;
+#[path = "common/skip.rs"]
+mod skip;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -209,7 +211,7 @@ fn attach_as(c: &mut Client, fid: u32, uid: u32) {
 #[test]
 fn new_objects_belong_to_the_attaching_user_and_requested_group() {
     if !is_root() {
-        eprintln!("SKIP: ninep owners as root: needs root to give files away");
+        skip::here("needs root to give files away");
         return;
     }
     let dir = Scratch::new("owners");
@@ -249,7 +251,7 @@ fn new_objects_belong_to_the_attaching_user_and_requested_group() {
 #[test]
 fn as_a_normal_user_the_group_is_honoured_where_chown_allows() {
     if !is_root() {
-        eprintln!("SKIP: ninep groups as a normal user: needs root to switch the server thread's user");
+        skip::here("needs root to switch the server thread's user");
         return;
     }
     let dir = Scratch::new("groups");

@@ -5,6 +5,8 @@
 //! Timings are printed ("FIGURE name value unit"), never asserted; `bench/sshd.bench` runs
 //! the ignored `figures` test against the static binary to collect them.
 
+#[path = "common/skip.rs"]
+mod skip;
 mod sshd_support;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -710,7 +712,7 @@ async fn rsa_user_keys_under_1024_bits_are_refused() {
     let (short, control) = match (openssl_rsa(&dir, 768), openssl_rsa(&dir, 2048)) {
         (Ok(s), Ok(c)) => (s, c),
         (Err(e), _) | (_, Err(e)) => {
-            eprintln!("SKIP: short RSA keys: {e}");
+            skip::skip("sshd_hostile short RSA keys", &e);
             return;
         }
     };

@@ -243,7 +243,6 @@ mod tests {
         i.feed(tail).expect("tail");
         assert!(i.take_modp_exchange());
         assert!(!i.take_modp_exchange(), "reported once");
-        for chunk in [1] {}
     }
 
     #[test]

@@ -4,8 +4,7 @@
 //! of any child with a timeout.
 #![allow(dead_code)]
 
-#[path = "../common/skip.rs"]
-pub mod skip;
+pub use crate::cpu_support::skip;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
