@@ -30,7 +30,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 VM="$ROOT/vm/boot-test-vm"
 MKOCI="$ROOT/oci/mkoci"
-GROUPS_TO_RUN=${OCI_GROUPS:-image podman entrypoint}
+GROUPS_TO_RUN=${OCI_GROUPS:-image podman entrypoint vmrunc}
 TIMEOUT=${OCI_CPU_TIMEOUT:-120}
 PASS=0 FAIL=0
 
@@ -97,7 +97,7 @@ run_image_group() {
 		"$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(json.dumps(c["config"]["Entrypoint"]), json.dumps(list(c["config"]["ExposedPorts"])), c["architecture"], c["os"])' "$(blob "$config")" 2>&1)"
 	local want_files="bin/ bin/cpu-all bin/cpu->cpu-all bin/cpud->cpu-all bin/decpu->cpu-all bin/decpud->cpu-all"
 	[ -n "$BUSYBOX" ] && want_files+=" bin/busybox bin/date=bin/busybox bin/cat=bin/busybox bin/sh=bin/busybox"
-	want_files+=" etc/ etc/cpud/ etc/cpud/ssh_host_ed25519_key->/key etc/group etc/passwd lib/ lib64/ usr/ home/ root/ tmp/"
+	want_files+=" etc/ etc/cpud/ etc/cpud/ssh_host_ed25519_key->/key etc/group etc/hosts etc/passwd lib/ lib64/ usr/ home/ root/ tmp/"
 	check "layer: exactly the files of a FROM scratch cpu-all image" "$want_files" \
 		"$(python3 -c '
 import sys, tarfile
@@ -315,12 +315,84 @@ run_entrypoint_group() {
 	VM_STATE=""
 }
 
+# ---------------------------------------------------------------------------------------------
+# vmrunc: the cpud image under runc inside the qemu guest, where the kernel has 9p
+# ---------------------------------------------------------------------------------------------
+# The host kernel has no 9p, so a 9p session with cpud in a container is checked in the guest:
+# Debian's runc (8.7 MB, with libseccomp and libc) is copied into the guest's initramfs with
+# an OCI bundle made from the image's layer; the container gets CAP_SYS_ADMIN and nothing
+# else. (podman in the guest would also need conmon, its storage and configuration: runc is
+# the runtime podman itself runs here.)
+make_bundle() { # make_bundle DIR: rootfs from the image's layer, config.json from `runc spec`
+	local dir=$1 layer
+	layer=$(python3 -c '
+import json, sys
+d = sys.argv[1] + "/blobs/sha256/"
+idx = json.load(open(sys.argv[1] + "/index.json"))["manifests"][0]["digest"]
+man = json.load(open(d + idx.split(":")[1]))["manifests"][0]["digest"]
+print(d + json.load(open(d + man.split(":")[1]))["layers"][0]["digest"].split(":")[1])' "$W/img/layout") || return 1
+	mkdir -p "$dir/rootfs" && tar -xzf "$layer" -C "$dir/rootfs" && runc spec -b "$dir" || return 1
+	python3 - "$dir/config.json" <<'PY'
+import json, sys
+path = sys.argv[1]
+c = json.load(open(path))
+p = c["process"]
+p["terminal"] = False
+p["args"] = ["/bin/cpud", "-pk", "/key.pub", "-statedir", "/etc/cpud"]
+p["env"] = ["PATH=/bin", "HOME=/root"]
+p["capabilities"] = {k: ["CAP_SYS_ADMIN"] for k in ("bounding", "effective", "permitted")}
+c["root"]["readonly"] = False
+c["hostname"] = "cpud-runc"
+c["mounts"] += [{"destination": d, "type": "bind", "source": "/keys" + d, "options": ["bind", "ro"]}
+                for d in ("/key", "/key.pub")]
+json.dump(c, open(path, "w"), indent=1)
+PY
+}
+
+run_vmrunc_group() {
+	command -v qemu-system-x86_64 >/dev/null || { skip "[vm runc] qemu-system-x86_64 is not installed"; return; }
+	command -v runc >/dev/null || { skip "[vm runc] runc is not installed (apt-get install runc)"; return; }
+	if [ ! -f "$W/img/cpu-all-oci.tar" ]; then mkdir -p "$W/img" && build_image "$W/img" || { ko "oci/mkoci failed"; return; }; fi
+	make_bundle "$W/bundle" || { ko "[vm runc] making the bundle"; return; }
+	local files=(-f "$(readlink -f "$(command -v runc)"):/usr/sbin/runc" -f "$W/bundle:/bundle"
+		-f "$W/key:/keys/key" -f "$W/key.pub:/keys/key.pub") lib
+	for lib in $(ldd "$(command -v runc)" | grep -o '/[^ ]*'); do files+=(-f "$(readlink -f "$lib"):$lib"); done
+	local script='
+r="runc --root /tmp/runc"
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
+# --no-pivot: an initramfs root cannot be pivot_root(2)ed away.
+$r run -d --no-pivot --bundle /bundle cpud </dev/null >/tmp/cpud.log 2>&1
+rc=$?
+echo "[oci-vm] run=$rc"
+i=0; while [ $rc = 0 ] && [ $i -lt 240 ] && ! grep -q "Listening on" /tmp/cpud.log; do sleep 0.5; i=$((i + 1)); done
+sed "s/^/[oci-vm] log: /" /tmp/cpud.log
+out=$($r exec --env PWD=/root cpud /bin/cpu -key /key localhost /bin/cat /proc/mounts </dev/null 2>/tmp/cpu.err)
+echo "[oci-vm] mounts=$? $(echo "$out" | grep " /tmp/cpu " | cut -d" " -f2,3)"
+out=$($r exec --env PWD=/root cpud /bin/cpu -key /key localhost /bin/sh -c "read -r t k c </tmp/cpu/key.pub; echo \$c; grep CapEff /proc/self/status" </dev/null 2>>/tmp/cpu.err)
+echo "[oci-vm] session=$? $(echo $out)"
+sed "s/^/[oci-vm] cpu stderr: /" /tmp/cpu.err
+$r kill cpud KILL; true'
+	local log="$W/vmrunc.log" rc=0
+	timeout 900 "$VM" --wait -m 768 "${files[@]}" -c "$script" "$BIN" 2>&1 | sed 's/^\[vm\] //' >"$log"
+	rc=${PIPESTATUS[0]}
+	check "[vm runc] runc started the image's cpud in the guest" "[oci-vm] run=0" "$(grep -a -m1 '^\[oci-vm\] run=' "$log")"
+	check "[vm runc] in-container cpu localhost: the guest kernel mounted the client's files (9p on /tmp/cpu)" \
+		"[oci-vm] mounts=0 /tmp/cpu 9p" "$(grep -a -m1 '^\[oci-vm\] mounts=' "$log")"
+	check "[vm runc] the session reads the container's /key.pub through /tmp/cpu, with CAP_SYS_ADMIN only" \
+		"[oci-vm] session=0 cpu-oci-user CapEff: 0000000000200000" "$(grep -a -m1 '^\[oci-vm\] session=' "$log" | tr '\t' ' ')"
+	if [ $rc != 0 ] || ! grep -aq '^\[oci-vm\] session=0' "$log"; then
+		echo "    guest exit $rc; log tail:"
+		grep -a -v '^\[ *[0-9.]*\] ' "$log" | tail -n 25 | sed 's/^/    /'
+	fi
+}
+
 for group in $GROUPS_TO_RUN; do
 	case $group in
 	image) run_image_group ;;
 	podman) run_podman_group ;;
 	entrypoint) run_entrypoint_group ;;
-	*) echo "oci-tests: unknown group $group (image, podman, entrypoint)" >&2; exit 2 ;;
+	vmrunc) run_vmrunc_group ;;
+	*) echo "oci-tests: unknown group $group (image, podman, entrypoint, vmrunc)" >&2; exit 2 ;;
 	esac
 done
 finish
