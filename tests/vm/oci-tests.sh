@@ -2,7 +2,7 @@
 # oci-tests.sh STATIC_BIN — cpu and containers: the cpud image (oci/mkoci) under a real OCI
 # runtime, and the static cpu as a container's entrypoint against a qemu guest.
 #
-# Groups (OCI_GROUPS="image podman entrypoint" by default):
+# Groups (OCI_GROUPS="image podman entrypoint entrypoint-arm64 vmrunc" by default):
 #   image       oci/mkoci builds the layout and archive from STATIC_BIN (+ Debian's static
 #               busybox for date/cat/sh): exact file list, entrypoint, port, platform, the
 #               index that names it; the same inputs give the same bytes; wrong inputs refused.
@@ -15,6 +15,12 @@
 #   entrypoint  cpud as PID 1 of a qemu guest; a userland image built here (bash and its
 #               libraries, a marker file) run by podman with the static cpu as entrypoint:
 #               the guest runs the image's /bin/bash with the image's files over 9P.
+#   entrypoint-arm64  the same with an arm64 userland image (Debian arm64 bash + libc) against
+#               an arm64 guest whose cpud is the aarch64 cpu-all (skipped without one); the
+#               entrypoint stays the host's x86-64 cpu: nothing is emulated on the host.
+#   vmrunc      the 9p session of the cpud image, which this host's kernel cannot do: runc
+#               inside the x86 guest runs the image (CAP_SYS_ADMIN only) and the in-container
+#               cpu localhost gets the client's files mounted over 9p.
 #
 # Runtime: podman with runc. This host has hybrid cgroups (v1 controllers + an empty v2
 # hierarchy), which Debian 12's crun 1.8 refuses ("cgroups in hybrid mode not supported");
@@ -30,7 +36,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 VM="$ROOT/vm/boot-test-vm"
 MKOCI="$ROOT/oci/mkoci"
-GROUPS_TO_RUN=${OCI_GROUPS:-image podman entrypoint vmrunc}
+GROUPS_TO_RUN=${OCI_GROUPS:-image podman entrypoint entrypoint-arm64 vmrunc}
 TIMEOUT=${OCI_CPU_TIMEOUT:-120}
 PASS=0 FAIL=0
 
@@ -386,13 +392,81 @@ $r kill cpud KILL; true'
 	fi
 }
 
+# ---------------------------------------------------------------------------------------------
+# entrypoint-arm64: the same flow with a foreign-architecture image against an arm64 guest
+# ---------------------------------------------------------------------------------------------
+# Needs an aarch64 static cpu-all for cpud in the guest (make static ARCH=aarch64, or
+# OCI_ARM64_BIN) and qemu-system-aarch64. The image is Debian arm64's bash, libc6 and libtinfo6
+# (apt-get download with a private apt state, as vm/boot-test-vm fetches the arm64 kernel);
+# the entrypoint is the host's own x86-64 cpu, so nothing is emulated on the host: only the
+# guest runs the image's arm64 bash.
+arm64_apt() {
+	local d="$VM_CACHE/apt-arm64"
+	mkdir -p "$d/lists/partial" "$d/archives/partial"; touch "$d/status"
+	apt-get -o APT::Architecture=arm64 -o APT::Architectures::=arm64 \
+		-o Dir::State::Lists="$d/lists" -o Dir::State::status="$d/status" \
+		-o Dir::Cache::Archives="$d/archives" -o Dir::Cache::pkgcache="$d/pkgcache.bin" \
+		-o Dir::Cache::srcpkgcache="$d/srcpkgcache.bin" "$@"
+}
+
+run_entrypoint_arm64_group() {
+	local arm_bin=${OCI_ARM64_BIN:-$ROOT/target/aarch64-unknown-linux-musl/release/cpu-all}
+	[ -f "$arm_bin" ] || { skip "[entrypoint arm64] no aarch64 cpu-all ($arm_bin: make static ARCH=aarch64)"; return; }
+	command -v qemu-system-aarch64 >/dev/null || { skip "[entrypoint arm64] qemu-system-aarch64 is not installed"; return; }
+	setup_podman || return
+	VM_CACHE=${VM_CACHE:-${HOME:-/tmp}/.cache/cpu-vm}
+	local debs="$W/debs" tree="$W/userland-arm64" pkgs=(bash libc6 libtinfo6)
+	mkdir -p "$debs" "$tree"
+	if ! (cd "$debs" && arm64_apt download -q -o APT::Sandbox::User=root "${pkgs[@]}" >/dev/null 2>&1); then
+		arm64_apt update -q >/dev/null 2>&1
+		(cd "$debs" && arm64_apt download -q -o APT::Sandbox::User=root "${pkgs[@]}" >/dev/null 2>&1) ||
+			{ skip "[entrypoint arm64] cannot download Debian arm64 ${pkgs[*]}"; return; }
+	fi
+	local deb
+	for deb in "$debs"/*.deb; do dpkg -x "$deb" "$tree" || { ko "[entrypoint arm64] dpkg -x $deb"; return; }; done
+	rm -rf "$tree/usr/share" "$tree"/usr/lib/*/gconv
+	mkdir -p "$tree"/{etc,tmp,root,home,usr,lib64}
+	MARKER=$RANDOM$RANDOM
+	echo "userland $MARKER" >"$tree/etc/userland-marker"
+	echo "root:x:0:0:root:/root:/bin/bash" >"$tree/etc/passwd"
+	tar -C "$tree" --owner=0 --group=0 -cf "$W/userland-arm64.tar" .
+	local out rc
+	out=$(timeout 300 "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' "$W/userland-arm64.tar" localhost/userland-arm64:test 2>&1) ||
+		{ ko "[entrypoint arm64] podman import: $out"; return; }
+	[ -f "$W/hostkey" ] || ssh-keygen -q -t ed25519 -N '' -C cpud-host -f "$W/hostkey" </dev/null
+	if ! out=$("$VM" --state "$W/vm64" --keep -f "$W/hostkey:/etc/cpud/hostkey" -f "$W/key.pub:/etc/cpud/authorized_keys" \
+		"$arm_bin" -hk /etc/cpud/hostkey -pk /etc/cpud/authorized_keys 2>"$W/boot64.log"); then
+		ko "[entrypoint arm64] cpud did not start in the arm64 guest: $(tail -3 "$W/boot64.log")"
+		VM_STATE="$W/vm64"
+		return
+	fi
+	eval "$out"
+	ok "[entrypoint arm64] arm64 guest up with cpud as PID 1 ($VM_ACCEL, ${VM_BOOT_SECONDS}s), host port $HOST_PORT"
+	mkdir -p "$W/ssh"
+	cp "$W/key" "$W/ssh/id_ed25519"
+	cp "$W/hostkey.pub" "$W/ssh/hostkey.pub"
+	out=$(timeout -k 5 $((TIMEOUT * 3)) "${PODMAN[@]}" run --rm "${RUN_OPTS[@]}" --network host \
+		-v "$BIN:/cpu:ro" -v "$W/ssh:/root/.ssh:ro" --entrypoint /cpu localhost/userland-arm64:test \
+		-key /root/.ssh/id_ed25519 -hk /root/.ssh/hostkey.pub -sp "$HOST_PORT" 127.0.0.1 \
+		/bin/bash -c 'echo "$HOSTTYPE"; read -r line </etc/userland-marker; echo "$line"' </dev/null 2>"$W/err"); rc=$?
+	check "[entrypoint arm64] an x86-64 host runs the arm64 image's /bin/bash on the arm64 guest" \
+		"0 aarch64 userland $MARKER" "$rc $(echo $out)"
+	if [ $rc != 0 ]; then
+		tail -n 5 "$W/err" | sed 's/^/    client: /'
+		grep -a -v '^\[ *[0-9.]*\] ' "$VM_CONSOLE" | tail -n 10 | sed 's/^/    guest: /'
+	fi
+	"$VM" stop "$VM_STATE" >/dev/null 2>&1
+	VM_STATE=""
+}
+
 for group in $GROUPS_TO_RUN; do
 	case $group in
 	image) run_image_group ;;
 	podman) run_podman_group ;;
 	entrypoint) run_entrypoint_group ;;
 	vmrunc) run_vmrunc_group ;;
-	*) echo "oci-tests: unknown group $group (image, podman, entrypoint, vmrunc)" >&2; exit 2 ;;
+	entrypoint-arm64) run_entrypoint_arm64_group ;;
+	*) echo "oci-tests: unknown group $group (image, podman, entrypoint, entrypoint-arm64, vmrunc)" >&2; exit 2 ;;
 	esac
 done
 finish
