@@ -137,6 +137,20 @@ with tarfile.open(sys.argv[1]) as t:
 	else
 		skip "skopeo is not installed: the archive is not read back by a second implementation"
 	fi
+	local arm_bin=${OCI_ARM64_BIN:-$ROOT/target/aarch64-unknown-linux-musl/release/cpu-all}
+	if ! command -v skopeo >/dev/null; then
+		skip "multi-arch index: skopeo is not installed"
+	elif [ -f "$arm_bin" ] && "$MKOCI" --bin "amd64=$BIN" --bin "arm64=$arm_bin" --tag multi -o "$W/img4" \
+		--archive "$W/img4.tar" >"$W/img4.out" 2>&1; then
+		check "multi-arch: the index lists linux/amd64 and linux/arm64" "amd64 arm64" \
+			"$(skopeo inspect --raw "oci-archive:$W/img4.tar:cpu-all:multi" 2>&1 | python3 -c 'import json,sys; print(" ".join(m["platform"]["architecture"] for m in json.load(sys.stdin)["manifests"]))' 2>&1)"
+		check "multi-arch: an arm64 puller gets the arm64 image" arm64 \
+			"$(skopeo inspect --override-arch arm64 "oci-archive:$W/img4.tar:cpu-all:multi" 2>&1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["Architecture"])' 2>&1)"
+	elif [ -f "$arm_bin" ]; then
+		ko "multi-arch: oci/mkoci with $arm_bin: $(tail -2 "$W/img4.out")"
+	else
+		skip "multi-arch index: no aarch64 cpu-all ($arm_bin: make static ARCH=aarch64)"
+	fi
 	local out rc=0
 	out=$("$MKOCI" --bin "arm64=$BIN" -o "$W/img3" 2>&1) || rc=$?
 	check "an x86-64 binary given as arm64 is refused" "1 mkoci: error: $BIN: ELF machine 62 (class 2), not a arm64 binary" "$rc $out"
