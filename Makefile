@@ -132,10 +132,13 @@ help:
 OCI_DIR := $(TARGET_DIR)/oci
 OCI_TAG ?= latest
 OCI_BUSYBOX_amd64 ?= $(shell file -L /bin/busybox 2>/dev/null | grep -q 'x86-64.*statically linked' && echo /bin/busybox)
-OCI_ARCHES := amd64=$(STATIC_BIN) \
+OCI_AMD64_BIN := $(TARGET_DIR)/$(MUSL)/release/cpu-all
+OCI_ARCHES := amd64=$(OCI_AMD64_BIN) \
 	$(if $(wildcard $(TARGET_DIR)/aarch64-unknown-linux-musl/release/cpu-all),arm64=$(TARGET_DIR)/aarch64-unknown-linux-musl/release/cpu-all) \
-	$(if $(wildcard $(TARGET_DIR)/armv7-unknown-linux-musleabihf/release/cpu-all),arm/v7=$(TARGET_DIR)/armv7-unknown-linux-musleabihf/release/cpu-all)
+	$(if $(wildcard $(TARGET_DIR)/armv7-unknown-linux-musleabihf/release/cpu-all),arm/v7=$(TARGET_DIR)/armv7-unknown-linux-musleabihf/release/cpu-all) \
+	$(if $(wildcard $(TARGET_DIR)/riscv64gc-unknown-linux-musl/release/cpu-all),riscv64=$(TARGET_DIR)/riscv64gc-unknown-linux-musl/release/cpu-all)
 oci: static ## cpud container image, no Docker needed: target/oci/cpu-all-oci.tar (podman load -i ...); OCI_TAG=latest
+	@[ -f $(OCI_AMD64_BIN) ] || $(MAKE) --no-print-directory static ARCH=x86_64
 	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 0) oci/mkoci \
 		$(foreach a,$(OCI_ARCHES),--bin $(a)) \
 		$(foreach a,amd64 arm64 arm/v7,$(if $(OCI_BUSYBOX_$(subst /,,$(a))),--busybox $(a)=$(OCI_BUSYBOX_$(subst /,,$(a))))) \

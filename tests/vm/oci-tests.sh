@@ -2,7 +2,7 @@
 # oci-tests.sh STATIC_BIN — cpu and containers: the cpud image (oci/mkoci) under a real OCI
 # runtime, and the static cpu as a container's entrypoint against a qemu guest.
 #
-# Groups (OCI_GROUPS="image podman entrypoint" by default):
+# Groups (OCI_GROUPS="image podman entrypoint entrypoint-arm64 vmrunc" by default):
 #   image       oci/mkoci builds the layout and archive from STATIC_BIN (+ Debian's static
 #               busybox for date/cat/sh): exact file list, entrypoint, port, platform, the
 #               index that names it; the same inputs give the same bytes; wrong inputs refused.
@@ -15,6 +15,12 @@
 #   entrypoint  cpud as PID 1 of a qemu guest; a userland image built here (bash and its
 #               libraries, a marker file) run by podman with the static cpu as entrypoint:
 #               the guest runs the image's /bin/bash with the image's files over 9P.
+#   entrypoint-arm64  the same with an arm64 userland image (Debian arm64 bash + libc) against
+#               an arm64 guest whose cpud is the aarch64 cpu-all (skipped without one); the
+#               entrypoint stays the host's x86-64 cpu: nothing is emulated on the host.
+#   vmrunc      the 9p session of the cpud image, which this host's kernel cannot do: runc
+#               inside the x86 guest runs the image (CAP_SYS_ADMIN only) and the in-container
+#               cpu localhost gets the client's files mounted over 9p.
 #
 # Runtime: podman with runc. This host has hybrid cgroups (v1 controllers + an empty v2
 # hierarchy), which Debian 12's crun 1.8 refuses ("cgroups in hybrid mode not supported");
@@ -30,7 +36,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 VM="$ROOT/vm/boot-test-vm"
 MKOCI="$ROOT/oci/mkoci"
-GROUPS_TO_RUN=${OCI_GROUPS:-image podman entrypoint}
+GROUPS_TO_RUN=${OCI_GROUPS:-image podman entrypoint entrypoint-arm64 vmrunc}
 TIMEOUT=${OCI_CPU_TIMEOUT:-120}
 PASS=0 FAIL=0
 
@@ -97,7 +103,7 @@ run_image_group() {
 		"$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(json.dumps(c["config"]["Entrypoint"]), json.dumps(list(c["config"]["ExposedPorts"])), c["architecture"], c["os"])' "$(blob "$config")" 2>&1)"
 	local want_files="bin/ bin/cpu-all bin/cpu->cpu-all bin/cpud->cpu-all bin/decpu->cpu-all bin/decpud->cpu-all"
 	[ -n "$BUSYBOX" ] && want_files+=" bin/busybox bin/date=bin/busybox bin/cat=bin/busybox bin/sh=bin/busybox"
-	want_files+=" etc/ etc/cpud/ etc/cpud/ssh_host_ed25519_key->/key etc/group etc/passwd lib/ lib64/ usr/ home/ root/ tmp/"
+	want_files+=" etc/ etc/cpud/ etc/cpud/ssh_host_ed25519_key->/key etc/group etc/hosts etc/passwd lib/ lib64/ usr/ home/ root/ tmp/"
 	check "layer: exactly the files of a FROM scratch cpu-all image" "$want_files" \
 		"$(python3 -c '
 import sys, tarfile
@@ -130,6 +136,20 @@ with tarfile.open(sys.argv[1]) as t:
 			"$(skopeo inspect "docker-archive:$W/img/cpu-all-oci.tar" 2>&1 | python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin)["Layers"]))' 2>&1)"
 	else
 		skip "skopeo is not installed: the archive is not read back by a second implementation"
+	fi
+	local arm_bin=${OCI_ARM64_BIN:-$ROOT/target/aarch64-unknown-linux-musl/release/cpu-all}
+	if ! command -v skopeo >/dev/null; then
+		skip "multi-arch index: skopeo is not installed"
+	elif [ -f "$arm_bin" ] && "$MKOCI" --bin "amd64=$BIN" --bin "arm64=$arm_bin" --tag multi -o "$W/img4" \
+		--archive "$W/img4.tar" >"$W/img4.out" 2>&1; then
+		check "multi-arch: the index lists linux/amd64 and linux/arm64" "amd64 arm64" \
+			"$(skopeo inspect --raw "oci-archive:$W/img4.tar:cpu-all:multi" 2>&1 | python3 -c 'import json,sys; print(" ".join(m["platform"]["architecture"] for m in json.load(sys.stdin)["manifests"]))' 2>&1)"
+		check "multi-arch: an arm64 puller gets the arm64 image" arm64 \
+			"$(skopeo inspect --override-arch arm64 "oci-archive:$W/img4.tar:cpu-all:multi" 2>&1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["Architecture"])' 2>&1)"
+	elif [ -f "$arm_bin" ]; then
+		ko "multi-arch: oci/mkoci with $arm_bin: $(tail -2 "$W/img4.out")"
+	else
+		skip "multi-arch index: no aarch64 cpu-all ($arm_bin: make static ARCH=aarch64)"
 	fi
 	local out rc=0
 	out=$("$MKOCI" --bin "arm64=$BIN" -o "$W/img3" 2>&1) || rc=$?
@@ -315,12 +335,152 @@ run_entrypoint_group() {
 	VM_STATE=""
 }
 
+# ---------------------------------------------------------------------------------------------
+# vmrunc: the cpud image under runc inside the qemu guest, where the kernel has 9p
+# ---------------------------------------------------------------------------------------------
+# The host kernel has no 9p, so a 9p session with cpud in a container is checked in the guest:
+# Debian's runc (8.7 MB, with libseccomp and libc) is copied into the guest's initramfs with
+# an OCI bundle made from the image's layer; the container gets CAP_SYS_ADMIN and nothing
+# else. (podman in the guest would also need conmon, its storage and configuration: runc is
+# the runtime podman itself runs here.)
+make_bundle() { # make_bundle DIR: rootfs from the image's layer, config.json from `runc spec`
+	local dir=$1 layer
+	layer=$(python3 -c '
+import json, sys
+d = sys.argv[1] + "/blobs/sha256/"
+idx = json.load(open(sys.argv[1] + "/index.json"))["manifests"][0]["digest"]
+man = json.load(open(d + idx.split(":")[1]))["manifests"][0]["digest"]
+print(d + json.load(open(d + man.split(":")[1]))["layers"][0]["digest"].split(":")[1])' "$W/img/layout") || return 1
+	mkdir -p "$dir/rootfs" && tar -xzf "$layer" -C "$dir/rootfs" && runc spec -b "$dir" || return 1
+	python3 - "$dir/config.json" <<'PY'
+import json, sys
+path = sys.argv[1]
+c = json.load(open(path))
+p = c["process"]
+p["terminal"] = False
+p["args"] = ["/bin/cpud", "-pk", "/key.pub", "-statedir", "/etc/cpud"]
+p["env"] = ["PATH=/bin", "HOME=/root"]
+p["capabilities"] = {k: ["CAP_SYS_ADMIN"] for k in ("bounding", "effective", "permitted")}
+c["root"]["readonly"] = False
+c["hostname"] = "cpud-runc"
+c["mounts"] += [{"destination": d, "type": "bind", "source": "/keys" + d, "options": ["bind", "ro"]}
+                for d in ("/key", "/key.pub")]
+json.dump(c, open(path, "w"), indent=1)
+PY
+}
+
+run_vmrunc_group() {
+	command -v qemu-system-x86_64 >/dev/null || { skip "[vm runc] qemu-system-x86_64 is not installed"; return; }
+	command -v runc >/dev/null || { skip "[vm runc] runc is not installed (apt-get install runc)"; return; }
+	if [ ! -f "$W/img/cpu-all-oci.tar" ]; then mkdir -p "$W/img" && build_image "$W/img" || { ko "oci/mkoci failed"; return; }; fi
+	make_bundle "$W/bundle" || { ko "[vm runc] making the bundle"; return; }
+	local files=(-f "$(readlink -f "$(command -v runc)"):/usr/sbin/runc" -f "$W/bundle:/bundle"
+		-f "$W/key:/keys/key" -f "$W/key.pub:/keys/key.pub") lib
+	for lib in $(ldd "$(command -v runc)" | grep -o '/[^ ]*'); do files+=(-f "$(readlink -f "$lib"):$lib"); done
+	local script='
+r="runc --root /tmp/runc"
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
+# --no-pivot: an initramfs root cannot be pivot_root(2)ed away.
+$r run -d --no-pivot --bundle /bundle cpud </dev/null >/tmp/cpud.log 2>&1
+rc=$?
+echo "[oci-vm] run=$rc"
+i=0; while [ $rc = 0 ] && [ $i -lt 240 ] && ! grep -q "Listening on" /tmp/cpud.log; do sleep 0.5; i=$((i + 1)); done
+sed "s/^/[oci-vm] log: /" /tmp/cpud.log
+out=$($r exec --env PWD=/root cpud /bin/cpu -key /key localhost /bin/cat /proc/mounts </dev/null 2>/tmp/cpu.err)
+echo "[oci-vm] mounts=$? $(echo "$out" | grep " /tmp/cpu " | cut -d" " -f2,3)"
+out=$($r exec --env PWD=/root cpud /bin/cpu -key /key localhost /bin/sh -c "read -r t k c </tmp/cpu/key.pub; echo \$c; grep CapEff /proc/self/status" </dev/null 2>>/tmp/cpu.err)
+echo "[oci-vm] session=$? $(echo $out)"
+sed "s/^/[oci-vm] cpu stderr: /" /tmp/cpu.err
+$r kill cpud KILL; true'
+	local log="$W/vmrunc.log" rc=0
+	timeout 900 "$VM" --wait -m 768 "${files[@]}" -c "$script" "$BIN" 2>&1 | sed 's/^\[vm\] //' >"$log"
+	rc=${PIPESTATUS[0]}
+	check "[vm runc] runc started the image's cpud in the guest" "[oci-vm] run=0" "$(grep -a -m1 '^\[oci-vm\] run=' "$log")"
+	check "[vm runc] in-container cpu localhost: the guest kernel mounted the client's files (9p on /tmp/cpu)" \
+		"[oci-vm] mounts=0 /tmp/cpu 9p" "$(grep -a -m1 '^\[oci-vm\] mounts=' "$log")"
+	check "[vm runc] the session reads the container's /key.pub through /tmp/cpu, with CAP_SYS_ADMIN only" \
+		"[oci-vm] session=0 cpu-oci-user CapEff: 0000000000200000" "$(grep -a -m1 '^\[oci-vm\] session=' "$log" | tr '\t' ' ')"
+	if [ $rc != 0 ] || ! grep -aq '^\[oci-vm\] session=0' "$log"; then
+		echo "    guest exit $rc; log tail:"
+		grep -a -v '^\[ *[0-9.]*\] ' "$log" | tail -n 25 | sed 's/^/    /'
+	fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# entrypoint-arm64: the same flow with a foreign-architecture image against an arm64 guest
+# ---------------------------------------------------------------------------------------------
+# Needs an aarch64 static cpu-all for cpud in the guest (make static ARCH=aarch64, or
+# OCI_ARM64_BIN) and qemu-system-aarch64. The image is Debian arm64's bash, libc6 and libtinfo6
+# (apt-get download with a private apt state, as vm/boot-test-vm fetches the arm64 kernel);
+# the entrypoint is the host's own x86-64 cpu, so nothing is emulated on the host: only the
+# guest runs the image's arm64 bash.
+arm64_apt() {
+	local d="$VM_CACHE/apt-arm64"
+	mkdir -p "$d/lists/partial" "$d/archives/partial"; touch "$d/status"
+	apt-get -o APT::Architecture=arm64 -o APT::Architectures::=arm64 \
+		-o Dir::State::Lists="$d/lists" -o Dir::State::status="$d/status" \
+		-o Dir::Cache::Archives="$d/archives" -o Dir::Cache::pkgcache="$d/pkgcache.bin" \
+		-o Dir::Cache::srcpkgcache="$d/srcpkgcache.bin" "$@"
+}
+
+run_entrypoint_arm64_group() {
+	local arm_bin=${OCI_ARM64_BIN:-$ROOT/target/aarch64-unknown-linux-musl/release/cpu-all}
+	[ -f "$arm_bin" ] || { skip "[entrypoint arm64] no aarch64 cpu-all ($arm_bin: make static ARCH=aarch64)"; return; }
+	command -v qemu-system-aarch64 >/dev/null || { skip "[entrypoint arm64] qemu-system-aarch64 is not installed"; return; }
+	setup_podman || return
+	VM_CACHE=${VM_CACHE:-${HOME:-/tmp}/.cache/cpu-vm}
+	local debs="$W/debs" tree="$W/userland-arm64" pkgs=(bash libc6 libtinfo6)
+	mkdir -p "$debs" "$tree"
+	if ! (cd "$debs" && arm64_apt download -q -o APT::Sandbox::User=root "${pkgs[@]}" >/dev/null 2>&1); then
+		arm64_apt update -q >/dev/null 2>&1
+		(cd "$debs" && arm64_apt download -q -o APT::Sandbox::User=root "${pkgs[@]}" >/dev/null 2>&1) ||
+			{ skip "[entrypoint arm64] cannot download Debian arm64 ${pkgs[*]}"; return; }
+	fi
+	local deb
+	for deb in "$debs"/*.deb; do dpkg -x "$deb" "$tree" || { ko "[entrypoint arm64] dpkg -x $deb"; return; }; done
+	rm -rf "$tree/usr/share" "$tree"/usr/lib/*/gconv
+	mkdir -p "$tree"/{etc,tmp,root,home,usr,lib64}
+	MARKER=$RANDOM$RANDOM
+	echo "userland $MARKER" >"$tree/etc/userland-marker"
+	echo "root:x:0:0:root:/root:/bin/bash" >"$tree/etc/passwd"
+	tar -C "$tree" --owner=0 --group=0 -cf "$W/userland-arm64.tar" .
+	local out rc
+	out=$(timeout 300 "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' "$W/userland-arm64.tar" localhost/userland-arm64:test 2>&1) ||
+		{ ko "[entrypoint arm64] podman import: $out"; return; }
+	[ -f "$W/hostkey" ] || ssh-keygen -q -t ed25519 -N '' -C cpud-host -f "$W/hostkey" </dev/null
+	if ! out=$("$VM" --state "$W/vm64" --keep -f "$W/hostkey:/etc/cpud/hostkey" -f "$W/key.pub:/etc/cpud/authorized_keys" \
+		"$arm_bin" -hk /etc/cpud/hostkey -pk /etc/cpud/authorized_keys 2>"$W/boot64.log"); then
+		ko "[entrypoint arm64] cpud did not start in the arm64 guest: $(tail -3 "$W/boot64.log")"
+		VM_STATE="$W/vm64"
+		return
+	fi
+	eval "$out"
+	ok "[entrypoint arm64] arm64 guest up with cpud as PID 1 ($VM_ACCEL, ${VM_BOOT_SECONDS}s), host port $HOST_PORT"
+	mkdir -p "$W/ssh"
+	cp "$W/key" "$W/ssh/id_ed25519"
+	cp "$W/hostkey.pub" "$W/ssh/hostkey.pub"
+	out=$(timeout -k 5 $((TIMEOUT * 3)) "${PODMAN[@]}" run --rm "${RUN_OPTS[@]}" --network host \
+		-v "$BIN:/cpu:ro" -v "$W/ssh:/root/.ssh:ro" --entrypoint /cpu localhost/userland-arm64:test \
+		-key /root/.ssh/id_ed25519 -hk /root/.ssh/hostkey.pub -sp "$HOST_PORT" 127.0.0.1 \
+		/bin/bash -c 'echo "$HOSTTYPE"; read -r line </etc/userland-marker; echo "$line"' </dev/null 2>"$W/err"); rc=$?
+	check "[entrypoint arm64] an x86-64 host runs the arm64 image's /bin/bash on the arm64 guest" \
+		"0 aarch64 userland $MARKER" "$rc $(echo $out)"
+	if [ $rc != 0 ]; then
+		tail -n 5 "$W/err" | sed 's/^/    client: /'
+		grep -a -v '^\[ *[0-9.]*\] ' "$VM_CONSOLE" | tail -n 10 | sed 's/^/    guest: /'
+	fi
+	"$VM" stop "$VM_STATE" >/dev/null 2>&1
+	VM_STATE=""
+}
+
 for group in $GROUPS_TO_RUN; do
 	case $group in
 	image) run_image_group ;;
 	podman) run_podman_group ;;
 	entrypoint) run_entrypoint_group ;;
-	*) echo "oci-tests: unknown group $group (image, podman, entrypoint)" >&2; exit 2 ;;
+	vmrunc) run_vmrunc_group ;;
+	entrypoint-arm64) run_entrypoint_arm64_group ;;
+	*) echo "oci-tests: unknown group $group (image, podman, entrypoint, entrypoint-arm64, vmrunc)" >&2; exit 2 ;;
 	esac
 done
 finish
