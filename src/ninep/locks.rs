@@ -134,8 +134,8 @@ impl LockTable {
             let mut new = Range { owner: owner.clone(), kind, start, end };
             next.retain(|r| {
                 let touches = r.kind == kind
-                    && r.end.checked_add(1).is_none_or(|e| e >= new.start)
-                    && new.end.checked_add(1).is_none_or(|e| e >= r.start);
+                    && (r.end == u64::MAX || r.end + 1 >= new.start)
+                    && (new.end == u64::MAX || new.end + 1 >= r.start);
                 if touches {
                     new.start = new.start.min(r.start);
                     new.end = new.end.max(r.end);
