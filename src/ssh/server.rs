@@ -190,6 +190,15 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match shared.admission.admit(Source::of_peer(&peer)) {
+                    admission::Verdict::Refused(admission::Refusal::PerSource { limit }) => {
+                        let source = Source::of_peer(&peer);
+                        match shared.admission.queue(&source) {
+                            Some(place) => {
+                                connections.spawn(wait_for_turn(stream, peer, source, shared.clone(), place));
+                            }
+                            None => drops.note(&peer, &admission::Refusal::PerSource { limit }),
+                        }
+                    }
                     admission::Verdict::Refused(why) => drops.note(&peer, &why),
                     admission::Verdict::Admitted { ticket, evicted } => {
                         match spawn_connection(stream, peer.clone(), shared.clone(), ticket, evicted) {
@@ -244,6 +253,33 @@ impl DropLog {
                 log::info!("dropping connection from {peer}: {why}");
                 self.last_summary = Some(now);
             }
+        }
+    }
+}
+
+/// A connection over its source's limit: waits (without a thread) for one of the source's
+/// handshakes to end, for at most [`AdmissionConfig::queue_wait`]; then runs like any other.
+async fn wait_for_turn(
+    stream: BoxStream,
+    peer: String,
+    source: Source,
+    shared: Arc<Shared>,
+    place: admission::QueuePlace,
+) {
+    let wait = shared.admission.config().queue_wait;
+    let verdict = shared.admission.admit_when_possible(source, wait).await;
+    drop(place);
+    match verdict {
+        admission::Verdict::Admitted { ticket, evicted } => {
+            match spawn_connection(stream, peer.clone(), shared, ticket, evicted) {
+                Ok(done) => {
+                    let _ = done.await;
+                }
+                Err(e) => log::warn!("dropping connection from {peer}: no thread for it: {e}"),
+            }
+        }
+        admission::Verdict::Refused(why) => {
+            log::debug!("dropping connection from {peer} after waiting: {why}")
         }
     }
 }
