@@ -729,3 +729,64 @@ async fn rsa_user_keys_under_1024_bits_are_refused() {
         "a 768-bit key was accepted"
     );
 }
+
+// ---- forwarded connections whose local end stops reading ----
+
+#[tokio::test]
+async fn a_forward_whose_local_end_stops_reading_cannot_stall_the_session() {
+    if Command::new("python3").arg("-c").arg("pass").output().is_err() {
+        eprintln!("SKIP: needs python3 (a reader with a small socket buffer)");
+        return;
+    }
+    let dir = TempDir::new("fwdstall");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let mut client = connect(server.port, &key).await.expect("connect");
+    let port = client.handle.tcpip_forward("127.0.0.1", 0).await.expect("forward");
+    let mut session = client.handle.channel_open_session().await.expect("session");
+    // A background holder connects to the forward (with a small receive buffer) and never
+    // reads; the command itself ends after a second. The holder is killed by PID at the end.
+    let pidfile = dir.path("holder.pid");
+    let holder = format!(
+        "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\ns.connect((\"127.0.0.1\", {port}))\ntime.sleep(40)"
+    );
+    let cmd = format!(
+        "python3 -c '{holder}' </dev/null >/dev/null 2>&1 & echo $! > {}; sleep 1; echo done",
+        pidfile.display()
+    );
+    session.exec(true, cmd.as_bytes()).await.expect("exec");
+    let fwd = tokio::time::timeout(TIMEOUT, client.forwarded.recv())
+        .await
+        .expect("no forwarded connection")
+        .expect("forwarded channel");
+    let (mut fwd_read, fwd_write) = fwd.channel.split();
+    tokio::spawn(async move { while fwd_read.wait().await.is_some() {} });
+    // 32 MB toward a reader that never reads (bounded; errors end it once the channel closes).
+    let flood = tokio::spawn(async move {
+        let chunk = vec![0x55u8; 32 << 10];
+        let mut sent = 0usize;
+        for _ in 0..1024 {
+            if fwd_write.data(&chunk[..]).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let start = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), collect(&mut session)).await;
+    if let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+        // SAFETY: kill(2) on the holder this test started (its PID from the pidfile).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let o = outcome.unwrap_or_else(|_| {
+        panic!("the session did not end within 20 s: cpud's loop is stuck on the forward")
+    });
+    figure("sshd-session-end-with-stalled-forward-ms", ms(start.elapsed()), "ms");
+    assert_eq!(text(&o.stdout), "done\n", "stderr: {}", text(&o.stderr));
+    assert_eq!(o.status, Some(0));
+    flood.abort();
+    if let Ok(sent) = flood.await {
+        eprintln!("the client got {sent} bytes into the forward");
+    }
+}
