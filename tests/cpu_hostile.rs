@@ -154,7 +154,10 @@ impl Handler for Hostile {
 
 /// Serves one connection with `plan`; returns the port and what happened, and the raw fd of
 /// the accepted socket (to cut the connection from outside the server's loop).
-fn start_hostile(plan: Plan) -> (u16, Arc<Mutex<Record>>, Arc<Mutex<Option<i32>>>) {
+/// The raw descriptor of the hostile server's accepted socket, once there is one.
+type SocketFd = Arc<Mutex<Option<i32>>>;
+
+fn start_hostile(plan: Plan) -> (u16, Arc<Mutex<Record>>, SocketFd) {
     let record = Arc::new(Mutex::new(Record::default()));
     let fd = Arc::new(Mutex::new(None));
     let (port_tx, port_rx) = std::sync::mpsc::channel();

@@ -35,7 +35,7 @@ fn packet(payload: &[u8]) -> Vec<u8> {
     let mut v = ((payload.len() + pad + 1) as u32).to_be_bytes().to_vec();
     v.push(pad as u8);
     v.extend_from_slice(payload);
-    v.extend(std::iter::repeat_n(0u8, pad));
+    v.resize(v.len() + pad, 0u8);
     v
 }
 
@@ -462,6 +462,7 @@ async fn a_legitimate_login_gets_through_idle_and_key_exchange_floods_from_other
 async fn figures() {
     let bin = std::env::var("CPU_ALL_BIN").unwrap_or_else(|_| BIN.to_string());
     flood_scenario(&bin, "figures").await;
+    env_flood_scenario(&bin).await;
 }
 
 // ---- key exchange ----
@@ -615,10 +616,15 @@ async fn env_requests_past_128_or_64_kib_are_refused_one_by_one() {
 
 #[tokio::test]
 async fn an_env_flood_neither_grows_cpud_nor_stalls_another_connection() {
+    env_flood_scenario(BIN).await;
+}
+
+/// 2,000 env requests of 30 kB on one connection while another connection's session echoes.
+async fn env_flood_scenario(bin: &str) {
     let dir = TempDir::new("envflood");
     let key = keygen(&dir, "id", "ed25519");
     let ak = authorized(&dir, &public_line(&key));
-    let cpud = Cpud::start(BIN, &ak);
+    let cpud = Cpud::start(bin, &ak);
     let before = cpud.status_kb("RssAnon:");
     let flooder = connect(cpud.port, &key).await.expect("flooder connects");
     let victim = connect(cpud.port, &key).await.expect("victim connects");
