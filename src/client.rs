@@ -708,7 +708,9 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     drop(out_tx);
     let _ = tokio::task::spawn_blocking(move || output.join()).await;
     drop(_raw);
-    let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+    // Bounded: a server that stopped reading must not keep cpu from exiting.
+    let bye = conn.handle.disconnect(russh::Disconnect::ByApplication, "", "en");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
     match ending {
         Ending::Escape => {
             eprintln!("cpu: connection to {} closed (~.)", target.host);

@@ -37,7 +37,7 @@ fn packet(payload: &[u8]) -> Vec<u8> {
     let mut v = ((payload.len() + pad + 1) as u32).to_be_bytes().to_vec();
     v.push(pad as u8);
     v.extend_from_slice(payload);
-    v.extend(std::iter::repeat_n(0u8, pad));
+    v.resize(v.len() + pad, 0u8);
     v
 }
 
@@ -464,6 +464,7 @@ async fn a_legitimate_login_gets_through_idle_and_key_exchange_floods_from_other
 async fn figures() {
     let bin = std::env::var("CPU_ALL_BIN").unwrap_or_else(|_| BIN.to_string());
     flood_scenario(&bin, "figures").await;
+    env_flood_scenario(&bin).await;
 }
 
 // ---- key exchange ----
@@ -617,22 +618,32 @@ async fn env_requests_past_128_or_64_kib_are_refused_one_by_one() {
 
 #[tokio::test]
 async fn an_env_flood_neither_grows_cpud_nor_stalls_another_connection() {
+    env_flood_scenario(BIN).await;
+}
+
+/// 2,000 env requests of 30 kB on one connection while another connection's session echoes.
+async fn env_flood_scenario(bin: &str) {
     let dir = TempDir::new("envflood");
     let key = keygen(&dir, "id", "ed25519");
     let ak = authorized(&dir, &public_line(&key));
-    let cpud = Cpud::start(BIN, &ak);
+    let cpud = Cpud::start(bin, &ak);
     let before = cpud.status_kb("RssAnon:");
-    let flooder = connect(cpud.port, &key).await.expect("flooder connects");
     let victim = connect(cpud.port, &key).await.expect("victim connects");
-    // 2,000 x 30 kB: 60 MB if cpud kept it all.
+    // 2,000 x 30 kB: 60 MB if cpud kept it all. The flooder has a thread and runtime of its
+    // own, so its encryption work does not delay the victim's measurements here.
     let value = "y".repeat(30_000);
     let vars: Vec<(String, String)> = (0..2000).map(|i| (format!("F{i}"), value.clone())).collect();
-    let flood = tokio::spawn(async move {
-        let r = env_session(&flooder, vars, "echo flooded").await;
-        (r, flooder)
+    let (port, flood_key) = (cpud.port, key.clone());
+    let flood = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let flooder = connect(port, &flood_key).await.expect("flooder connects");
+            env_session(&flooder, vars, "echo flooded").await
+        })
     });
     let (median, max) = echo_round_trips(&victim, 10).await.expect("victim's session during the flood");
-    let ((replies, out, _), _flooder) = flood.await.expect("flood task");
+    let (replies, out, _) =
+        tokio::task::spawn_blocking(move || flood.join()).await.expect("join task").expect("flood thread");
     let after = cpud.status_kb("RssAnon:");
     figure("sshd-echo-rtt-under-env-flood-median-ms", ms(median), "ms");
     figure("sshd-echo-rtt-under-env-flood-max-ms", ms(max), "ms");
@@ -730,4 +741,65 @@ async fn rsa_user_keys_under_1024_bits_are_refused() {
         Ok(false),
         "a 768-bit key was accepted"
     );
+}
+
+// ---- forwarded connections whose local end stops reading ----
+
+#[tokio::test]
+async fn a_forward_whose_local_end_stops_reading_cannot_stall_the_session() {
+    if Command::new("python3").arg("-c").arg("pass").output().is_err() {
+        eprintln!("SKIP: needs python3 (a reader with a small socket buffer)");
+        return;
+    }
+    let dir = TempDir::new("fwdstall");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let mut client = connect(server.port, &key).await.expect("connect");
+    let port = client.handle.tcpip_forward("127.0.0.1", 0).await.expect("forward");
+    let mut session = client.handle.channel_open_session().await.expect("session");
+    // A background holder connects to the forward (with a small receive buffer) and never
+    // reads; the command itself ends after a second. The holder is killed by PID at the end.
+    let pidfile = dir.path("holder.pid");
+    let holder = format!(
+        "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\ns.connect((\"127.0.0.1\", {port}))\ntime.sleep(40)"
+    );
+    let cmd = format!(
+        "python3 -c '{holder}' </dev/null >/dev/null 2>&1 & echo $! > {}; sleep 1; echo done",
+        pidfile.display()
+    );
+    session.exec(true, cmd.as_bytes()).await.expect("exec");
+    let fwd = tokio::time::timeout(TIMEOUT, client.forwarded.recv())
+        .await
+        .expect("no forwarded connection")
+        .expect("forwarded channel");
+    let (mut fwd_read, fwd_write) = fwd.channel.split();
+    tokio::spawn(async move { while fwd_read.wait().await.is_some() {} });
+    // 32 MB toward a reader that never reads (bounded; errors end it once the channel closes).
+    let flood = tokio::spawn(async move {
+        let chunk = vec![0x55u8; 32 << 10];
+        let mut sent = 0usize;
+        for _ in 0..1024 {
+            if fwd_write.data(&chunk[..]).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let start = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), collect(&mut session)).await;
+    if let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+        // SAFETY: kill(2) on the holder this test started (its PID from the pidfile).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let o = outcome.unwrap_or_else(|_| {
+        panic!("the session did not end within 20 s: cpud's loop is stuck on the forward")
+    });
+    figure("sshd-session-end-with-stalled-forward-ms", ms(start.elapsed()), "ms");
+    assert_eq!(text(&o.stdout), "done\n", "stderr: {}", text(&o.stderr));
+    assert_eq!(o.status, Some(0));
+    flood.abort();
+    if let Ok(sent) = flood.await {
+        eprintln!("the client got {sent} bytes into the forward");
+    }
 }

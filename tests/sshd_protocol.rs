@@ -343,7 +343,9 @@ async fn a_missing_shell_is_reported_with_status_127() {
 #[test]
 fn too_many_unfinished_handshakes_from_one_source_are_shed_until_they_time_out() {
     let (_dir, key, server) = setup("startups");
-    let per_source = cpu_all::ssh::admission::AdmissionConfig::default().per_source;
+    // The source's handshakes and its waiting line.
+    let limits = cpu_all::ssh::admission::AdmissionConfig::default();
+    let per_source = limits.per_source + limits.queue_per_source;
     let hogs: Vec<_> = (0..per_source)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect"))
         .collect();

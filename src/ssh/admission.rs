@@ -13,6 +13,11 @@
 //! that source's oldest handshake instead of being dropped at random. Sources that hold one
 //! handshake each (a real botnet) still meet random early drop, as with OpenSSH.
 //!
+//! A connection over its source's limit is not dropped at once: it may wait (without a
+//! thread, at most [`AdmissionConfig::queue_per_source`] per source) for one of its source's
+//! handshakes to finish, so a burst of legitimate logins from one machine (`decpu -n`, a
+//! script starting 50 `cpu`s) is served a little later instead of refused.
+//!
 //! A [`Ticket`] stands for one admitted handshake until it is released (the peer
 //! authenticated) or dropped (the connection ended); an evicted connection learns it through
 //! the receiver handed out with its ticket.
@@ -70,13 +75,22 @@ pub struct AdmissionConfig {
     pub max_startups: MaxStartups,
     /// Handshakes in progress from one source at once.
     pub per_source: usize,
+    /// Connections from one source that may wait for one of its handshakes to end.
+    pub queue_per_source: usize,
+    /// How long such a connection may wait.
+    pub queue_wait: std::time::Duration,
 }
 
 impl Default for AdmissionConfig {
     /// 16:30:64 and 8 per source: the ceiling bounds cpud's memory (a handshake runs on a
     /// thread of its own); 8 per source leaves room for `decpu -n` and parallel scripts.
     fn default() -> AdmissionConfig {
-        AdmissionConfig { max_startups: MaxStartups { start: 16, rate: 30, full: 64 }, per_source: 8 }
+        AdmissionConfig {
+            max_startups: MaxStartups { start: 16, rate: 30, full: 64 },
+            per_source: 8,
+            queue_per_source: 64,
+            queue_wait: std::time::Duration::from_secs(30),
+        }
     }
 }
 
@@ -160,6 +174,9 @@ struct State {
 pub struct Admission {
     config: AdmissionConfig,
     state: Mutex<State>,
+    /// Woken whenever a handshake stops counting.
+    released: tokio::sync::Notify,
+    queued: Mutex<HashMap<Source, usize>>,
 }
 
 impl Admission {
@@ -172,6 +189,8 @@ impl Admission {
         Arc::new(Admission {
             config,
             state: Mutex::new(State { in_progress: 0, sources: HashMap::new(), next_id: 0, rng: seed | 1 }),
+            released: tokio::sync::Notify::new(),
+            queued: Mutex::new(HashMap::new()),
         })
     }
 
@@ -227,6 +246,41 @@ impl Admission {
         Verdict::Admitted { ticket: Ticket { admission: Some(self.clone()), source, id }, evicted }
     }
 
+    /// A place in `source`'s waiting line, if it has room.
+    pub fn queue(self: &Arc<Self>, source: &Source) -> Option<QueuePlace> {
+        let mut q = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.entry(source.clone()).or_insert(0);
+        if *n >= self.config.queue_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(QueuePlace { admission: self.clone(), source: source.clone() })
+    }
+
+    /// Waits (at most `limit`) until `source` may start a handshake; the verdict then, or the
+    /// per-source refusal when the time ran out.
+    pub async fn admit_when_possible(
+        self: &Arc<Self>,
+        source: Source,
+        limit: std::time::Duration,
+    ) -> Verdict {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Registered before the check, so a release between the two is not missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.admit(source.clone()) {
+                Verdict::Refused(Refusal::PerSource { limit }) => {
+                    if tokio::time::timeout_at(deadline, released).await.is_err() {
+                        return Verdict::Refused(Refusal::PerSource { limit });
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn forget(&self, source: &Source, id: u64) {
         let mut st = self.lock();
         let Some(list) = st.sources.get_mut(source) else { return };
@@ -239,6 +293,8 @@ impl Admission {
             st.sources.remove(source);
         }
         st.in_progress -= 1;
+        drop(st);
+        self.released.notify_waiters();
     }
 }
 
@@ -261,6 +317,24 @@ fn random_seed() -> u64 {
         _ => {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new().build_hasher().finish()
+        }
+    }
+}
+
+/// A connection waiting for its source's turn; leaves the line when dropped.
+pub struct QueuePlace {
+    admission: Arc<Admission>,
+    source: Source,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        let mut q = self.admission.queued.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = q.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                q.remove(&self.source);
+            }
         }
     }
 }
@@ -340,7 +414,12 @@ mod tests {
     #[test]
     fn per_source_limit_and_release() {
         let a = Admission::with_seed(
-            AdmissionConfig { max_startups: MaxStartups { start: 100, rate: 30, full: 100 }, per_source: 2 },
+            AdmissionConfig {
+                max_startups: MaxStartups { start: 100, rate: 30, full: 100 },
+                per_source: 2,
+                queue_per_source: 1,
+                queue_wait: std::time::Duration::ZERO,
+            },
             1,
         );
         let (mut t1, _) = admitted(a.admit(v4(2)));
@@ -358,7 +437,12 @@ mod tests {
     #[test]
     fn hard_limit_drops_everyone_alike_when_no_source_is_greedy() {
         let a = Admission::with_seed(
-            AdmissionConfig { max_startups: MaxStartups { start: 3, rate: 100, full: 3 }, per_source: 5 },
+            AdmissionConfig {
+                max_startups: MaxStartups { start: 3, rate: 100, full: 3 },
+                per_source: 5,
+                queue_per_source: 1,
+                queue_wait: std::time::Duration::ZERO,
+            },
             7,
         );
         let held: Vec<_> = (2..5).map(|i| admitted(a.admit(v4(i)))).collect();
@@ -373,7 +457,12 @@ mod tests {
     #[test]
     fn a_new_source_evicts_the_oldest_handshake_of_the_busiest_source() {
         let a = Admission::with_seed(
-            AdmissionConfig { max_startups: MaxStartups { start: 4, rate: 100, full: 4 }, per_source: 8 },
+            AdmissionConfig {
+                max_startups: MaxStartups { start: 4, rate: 100, full: 4 },
+                per_source: 8,
+                queue_per_source: 1,
+                queue_wait: std::time::Duration::ZERO,
+            },
             3,
         );
         let mut greedy: Vec<_> = (0..3).map(|_| admitted(a.admit(v4(2)))).collect();
@@ -399,7 +488,12 @@ mod tests {
     #[test]
     fn early_drop_is_random_between_start_and_full() {
         let a = Admission::with_seed(
-            AdmissionConfig { max_startups: MaxStartups { start: 1, rate: 50, full: 1000 }, per_source: 1 },
+            AdmissionConfig {
+                max_startups: MaxStartups { start: 1, rate: 50, full: 1000 },
+                per_source: 1,
+                queue_per_source: 1,
+                queue_wait: std::time::Duration::ZERO,
+            },
             42,
         );
         let _first = admitted(a.admit(Source::Other("first".into())));
@@ -412,5 +506,36 @@ mod tests {
             }
         }
         assert!(dropped > 50 && !kept.is_empty(), "dropped {dropped}, kept {}", kept.len());
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_its_sources_limit_waits_for_a_place() {
+        let a = Admission::with_seed(
+            AdmissionConfig {
+                max_startups: MaxStartups { start: 10, rate: 30, full: 10 },
+                per_source: 1,
+                queue_per_source: 1,
+                queue_wait: std::time::Duration::ZERO,
+            },
+            5,
+        );
+        let (mut first, _) = admitted(a.admit(v4(2)));
+        let place = a.queue(&v4(2)).expect("room in the line");
+        assert!(a.queue(&v4(2)).is_none(), "the line holds one");
+        // Nothing frees up: refused after the wait.
+        let r = a.admit_when_possible(v4(2), std::time::Duration::from_millis(50)).await;
+        assert!(matches!(r, Verdict::Refused(Refusal::PerSource { limit: 1 })));
+        // The first handshake ends while the second waits: it gets in.
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(
+                async move { a.admit_when_possible(v4(2), std::time::Duration::from_secs(30)).await },
+            )
+        };
+        tokio::task::yield_now().await;
+        first.release();
+        let (_second, _) = admitted(waiter.await.expect("waiter"));
+        drop(place);
+        assert!(a.queue(&v4(2)).is_some(), "the place was given back");
     }
 }

@@ -4,13 +4,20 @@
 //!
 //! The session itself (pty, env, exec, I/O) is driven by [`crate::client`]; this module owns
 //! everything about the connection that comes before and around it.
+//!
+//! The server is trusted only so far: every channel it opens is refused except a
+//! `forwarded-tcpip` to the forward we asked for, and that one reaches the 9P server through a
+//! [`Backchannel`] pump that never makes russh wait: a remote that floods requests without
+//! reading replies loses its 9P channel instead of stalling the connection (and with it the
+//! session's exit status).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use russh::client::{self, Handle, Msg};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
-use russh::{Channel, ChannelOpenFailure, ChannelStream};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure};
+use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
@@ -105,7 +112,80 @@ impl HostKeyCheck {
 
 /// The remote forward we asked for: the address string as sent, the allocated port, and where
 /// its forwarded connections go.
-type Forward = (String, u32, mpsc::UnboundedSender<ChannelStream<Msg>>);
+type Forward = (String, u32, mpsc::UnboundedSender<Backchannel>);
+
+/// A forwarded connection as the 9P server sees it: one end of an in-memory pipe, pumped to
+/// and from the SSH channel by [`pump_backchannel`].
+pub type Backchannel = DuplexStream;
+
+/// Bytes the remote may have sent ahead of the 9P server before it counts as a flood (a few
+/// of the largest messages; a real 9P client waits for replies).
+const BACKCHANNEL_BACKLOG: usize = 8 << 20;
+/// The in-memory pipe between the pump and the 9P server, each way.
+const BACKCHANNEL_PIPE: usize = 256 << 10;
+
+/// Connects `channel` to a new in-memory pipe and returns the 9P server's end. Three tasks:
+/// one takes every message off the channel as it arrives (so russh's connection loop never
+/// waits for the 9P server) and queues the data; one feeds the queue to the 9P server; one
+/// carries replies back, waiting for the remote's window when it must (only it waits). Past
+/// [`BACKCHANNEL_BACKLOG`] bytes not yet taken by the 9P server, the channel is closed.
+fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
+    let (ours, theirs) = tokio::io::duplex(BACKCHANNEL_PIPE);
+    let (mut from_9p, mut to_9p) = tokio::io::split(ours);
+    let (mut from_remote, to_remote) = channel.split();
+    let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let fed = backlog.clone();
+    let feeder = tokio::spawn(async move {
+        while let Some(data) = queue_rx.recv().await {
+            if to_9p.write_all(&data).await.is_err() {
+                return;
+            }
+            fed.fetch_sub(data.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+        let _ = to_9p.shutdown().await;
+    });
+    let mut writer = to_remote.make_writer();
+    // When the 9P side is done (served connection over, or a wrong nonce refused), EOF then
+    // close: the dialer on the remote sees the end instead of a channel that swallows data.
+    let mut replies = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_9p, &mut writer).await;
+        let _ = writer.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut queue_tx = Some(queue_tx);
+        loop {
+            let msg = tokio::select! {
+                msg = from_remote.wait() => msg,
+                _ = &mut replies => break,
+            };
+            let Some(msg) = msg else { break };
+            match msg {
+                ChannelMsg::Data { data } => {
+                    let pending =
+                        backlog.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst) + data.len();
+                    if pending > BACKCHANNEL_BACKLOG {
+                        log::warn!(
+                            "9p back-channel: the remote sent {pending} bytes of requests without reading the replies; closing it"
+                        );
+                        break;
+                    }
+                    if let Some(q) = &queue_tx {
+                        let _ = q.send(data.to_vec());
+                    }
+                }
+                // The feeder shuts the pipe down once it has passed everything on.
+                ChannelMsg::Eof => queue_tx = None,
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        feeder.abort();
+        replies.abort();
+        let _ = to_remote.close().await;
+    });
+    theirs
+}
 
 impl HostKeyCheck {
     /// The algorithms of the keys this check would accept, when it knows any.
@@ -194,7 +274,7 @@ impl client::Handler for CpuHandler {
                     "forwarded connection to {connected_address}:{connected_port} from {originator_address}:{originator_port}"
                 );
                 reply.accept().await;
-                if tx.send(channel.into_stream()).is_err() {
+                if tx.send(pump_backchannel(channel)).is_err() {
                     log::debug!("the 9p back-channel is no longer accepted; connection dropped");
                 }
             }
@@ -207,6 +287,80 @@ impl client::Handler for CpuHandler {
         }
         Ok(())
     }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("session", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("auth-agent@openssh.com", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("direct-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("x11", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("forwarded-streamlocal@openssh.com", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("direct-streamlocal@openssh.com", reply).await;
+        Ok(())
+    }
+}
+
+/// Refuses a channel the server opened (cpu asks for none but its forward).
+async fn refuse_channel(kind: &str, reply: client::ChannelOpenHandle) {
+    log::warn!("refused a {kind} channel the server tried to open");
+    reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
 }
 
 impl CpuHandler {
@@ -371,9 +525,7 @@ impl Connection {
 
     /// Asks the server to listen on loopback port 0 for us (127.0.0.1, else ::1) and returns the
     /// address string sent, the allocated port, and the receiver of its forwarded channels.
-    pub async fn forward_loopback(
-        &self,
-    ) -> Result<(String, u16, mpsc::UnboundedReceiver<ChannelStream<Msg>>)> {
+    pub async fn forward_loopback(&self) -> Result<(String, u16, mpsc::UnboundedReceiver<Backchannel>)> {
         let mut last_error = String::new();
         for addr in ["127.0.0.1", "::1"] {
             // Register first: the remote may connect as soon as the reply is on its way.

@@ -191,7 +191,7 @@ mod tests {
         let mut v = ((payload.len() + pad + 1) as u32).to_be_bytes().to_vec();
         v.push(pad as u8);
         v.extend_from_slice(payload);
-        v.extend(std::iter::repeat_n(0, pad));
+        v.resize(v.len() + pad, 0);
         v
     }
 

@@ -190,6 +190,15 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match shared.admission.admit(Source::of_peer(&peer)) {
+                    admission::Verdict::Refused(admission::Refusal::PerSource { limit }) => {
+                        let source = Source::of_peer(&peer);
+                        match shared.admission.queue(&source) {
+                            Some(place) => {
+                                connections.spawn(wait_for_turn(stream, peer, source, shared.clone(), place));
+                            }
+                            None => drops.note(&peer, &admission::Refusal::PerSource { limit }),
+                        }
+                    }
                     admission::Verdict::Refused(why) => drops.note(&peer, &why),
                     admission::Verdict::Admitted { ticket, evicted } => {
                         match spawn_connection(stream, peer.clone(), shared.clone(), ticket, evicted) {
@@ -244,6 +253,33 @@ impl DropLog {
                 log::info!("dropping connection from {peer}: {why}");
                 self.last_summary = Some(now);
             }
+        }
+    }
+}
+
+/// A connection over its source's limit: waits (without a thread) for one of the source's
+/// handshakes to end, for at most [`AdmissionConfig::queue_wait`]; then runs like any other.
+async fn wait_for_turn(
+    stream: BoxStream,
+    peer: String,
+    source: Source,
+    shared: Arc<Shared>,
+    place: admission::QueuePlace,
+) {
+    let wait = shared.admission.config().queue_wait;
+    let verdict = shared.admission.admit_when_possible(source, wait).await;
+    drop(place);
+    match verdict {
+        admission::Verdict::Admitted { ticket, evicted } => {
+            match spawn_connection(stream, peer.clone(), shared, ticket, evicted) {
+                Ok(done) => {
+                    let _ = done.await;
+                }
+                Err(e) => log::warn!("dropping connection from {peer}: no thread for it: {e}"),
+            }
+        }
+        admission::Verdict::Refused(why) => {
+            log::debug!("dropping connection from {peer} after waiting: {why}")
         }
     }
 }
@@ -873,44 +909,70 @@ async fn forward_accept_loop(
 /// a TCP half-close; the client's CLOSE (e.g. it refused a wrong nonce) or the end of the
 /// SSH connection tears the TCP connection down at once, so the dialer on this side sees the
 /// refusal instead of a connection that silently swallows what it writes.
+///
+/// Messages are taken off the channel as they arrive and queued for the socket, so a local
+/// program that stops reading its end never makes russh's connection loop wait (which would
+/// stall every session on the connection, exit statuses included); past
+/// [`FORWARD_BACKLOG`] bytes it has not read, the forwarded connection is closed.
 async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<russh::server::Msg>) {
     use tokio::io::AsyncWriteExt;
 
     let (mut from_client, to_client) = channel.split();
     let (mut socket_read, mut socket_write) = socket.into_split();
-    let to_socket = async move {
-        while let Some(msg) = from_client.wait().await {
-            let keep_going = match msg {
-                russh::ChannelMsg::Data { data } => socket_write.write_all(&data).await.is_ok(),
-                russh::ChannelMsg::Eof => {
-                    let _ = socket_write.shutdown().await;
-                    true
+    let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<Option<Vec<u8>>>();
+    let written = backlog.clone();
+    // Dropping the write half (here, or by aborting this task) closes the TCP connection.
+    let mut to_socket = tokio::spawn(async move {
+        while let Some(item) = queue_rx.recv().await {
+            match item {
+                Some(data) => {
+                    if socket_write.write_all(&data).await.is_err() {
+                        return;
+                    }
+                    written.fetch_sub(data.len(), std::sync::atomic::Ordering::SeqCst);
                 }
-                russh::ChannelMsg::Close => false,
-                _ => true,
-            };
-            if !keep_going {
-                break;
+                None => {
+                    let _ = socket_write.shutdown().await;
+                }
             }
         }
-        // Dropping the write half (and, below, the read half) closes the TCP connection.
-    };
+    });
     let writer = to_client.make_writer();
     let from_socket = async move {
         let mut writer = writer;
         let _ = tokio::io::copy(&mut socket_read, &mut writer).await;
         let _ = writer.shutdown().await; // EOF to the client
     };
-    tokio::pin!(to_socket, from_socket);
+    tokio::pin!(from_socket);
     let mut socket_done = false;
     loop {
         tokio::select! {
+            msg = from_client.wait() => match msg {
+                Some(russh::ChannelMsg::Data { data }) => {
+                    let pending = backlog.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst) + data.len();
+                    if pending > FORWARD_BACKLOG {
+                        log::warn!("forwarded connection: its local end left {pending} bytes unread; closed");
+                        break;
+                    }
+                    let _ = queue_tx.send(Some(data.to_vec()));
+                }
+                Some(russh::ChannelMsg::Eof) => {
+                    let _ = queue_tx.send(None);
+                }
+                Some(russh::ChannelMsg::Close) | None => break,
+                Some(_) => {}
+            },
             _ = &mut to_socket => break,
             _ = &mut from_socket, if !socket_done => socket_done = true,
         }
     }
+    to_socket.abort();
     let _ = to_client.close().await;
 }
+
+/// Bytes a forwarded connection's local end may leave unread before it is closed.
+const FORWARD_BACKLOG: usize = 8 << 20;
 
 #[cfg(test)]
 mod tests {
