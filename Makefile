@@ -15,6 +15,7 @@ ifeq ($(TRIPLE),)
 $(error ARCH=$(ARCH) is not one of $(ARCHES))
 endif
 STATIC_BIN := $(TARGET_DIR)/$(TRIPLE)/release/cpu-all
+OCI ?= $(TARGET_DIR)/oci/cpu-all
 INITRAMFS ?= $(TARGET_DIR)/cpu-all-initramfs$(if $(filter-out x86_64,$(ARCH)),-$(ARCH)).cpio.gz
 PREFIX ?= /usr/local
 SYSTEMD_UNIT_DIR_SET := $(SYSTEMD_UNIT_DIR)
@@ -23,7 +24,7 @@ APPLETS := cpu cpud decpu decpud
 # ring builds C for musl: plain gcc works when musl-gcc is absent (no libc headers needed).
 export CC_x86_64_unknown_linux_musl ?= $(shell command -v musl-gcc >/dev/null 2>&1 && echo musl-gcc || echo gcc)
 
-.PHONY: all build static static-all install size test unit lint fmt vmtest demo bench help initramfs setup
+.PHONY: all build static static-all oci install size test unit lint fmt vmtest demo bench help initramfs setup
 
 all: build
 
@@ -35,6 +36,9 @@ static: ## fully static musl release binary for ARCH (x86_64 default, aarch64, a
 
 static-all: ## static binaries for all four architectures
 	@for a in $(ARCHES); do tools/build-static $$a >/dev/null || exit 1; done
+
+oci: static ## OCI image (FROM scratch, entrypoint cpud) of every static build, multi-arch index: $(OCI) and $(OCI).tar
+	tools/mkoci $(OCI) $(foreach a,$(ARCHES),$(if $(wildcard $(TARGET_DIR)/$(TRIPLE_$(a))/release/cpu-all),$(a)=$(TARGET_DIR)/$(TRIPLE_$(a))/release/cpu-all))
 
 install: static ## install cpu-all and the applet links into $(PREFIX)/bin (INSTALL_SERVICES=1: also enable-able service files)
 	install -d $(DESTDIR)$(PREFIX)/bin
@@ -63,6 +67,7 @@ size: static ## size in bytes of ARCH's static binary (built if needed), then of
 		if [ -f $$f ]; then printf '%-8s %9s bytes  %s\n' $$a $$(stat -c %s $$f) $$f; \
 		else printf '%-8s %9s        (make static ARCH=%s)\n' $$a "not built" $$a; fi; \
 	done
+	@if [ -f $(OCI).tar ]; then printf '%-8s %9s bytes  %s\n' oci $$(stat -c %s $(OCI).tar) $(OCI).tar; fi
 
 setup: ## install what a fresh Debian machine lacks (apt packages, the musl target)
 	tools/setup-host
