@@ -28,10 +28,14 @@ for t in runc skopeo umoci nsenter ssh-keygen python3; do
 done
 W=$(mktemp -d /tmp/cpu-oci-test.XXXXXX)
 ID=arch-oci-test-$$
-cleanup() {
+PID=""
+stop_container() {
 	runc kill "$ID" KILL >/dev/null 2>&1
 	for _ in $(seq 50); do runc state "$ID" 2>/dev/null | grep -q '"status": "running"' || break; sleep 0.1; done
 	runc delete -f "$ID" >/dev/null 2>&1
+}
+cleanup() {
+	stop_container
 	rm -rf "$W"
 }
 trap cleanup EXIT
@@ -42,46 +46,58 @@ skopeo copy -q --override-arch amd64 "oci:$W/layout:latest" "oci:$W/amd64:latest
 	{ ko "skopeo copy / umoci unpack failed: $(tail -n 2 "$W/skopeo.log" "$W/umoci.log")"; finish; }
 check "the image's entrypoint is cpud -pk /key.pub -hk /key" "/bin/cpud -pk /key.pub -hk /key" \
 	"$(python3 -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["process"]["args"]))' "$W/bundle/config.json")"
-
+cp "$W/bundle/config.json" "$W/config.orig.json"
 ssh-keygen -q -t ed25519 -N '' -C cpu-oci -f "$W/key" || { ko ssh-keygen; finish; }
-# The upstream README's `docker run -v $KEY.pub:/key.pub -v $KEY:/key -v /tmp --privileged`:
-# bind the keys, a tmpfs /tmp, all capabilities (what --privileged gives), no terminal.
-python3 - "$W/bundle/config.json" "$W/key" <<'EOF' || { ko "cannot edit config.json"; finish; }
+
+# configure CAP...: the upstream README's `docker run -v $KEY.pub:/key.pub -v $KEY:/key -v /tmp`:
+# the keys bound, a tmpfs /tmp, no terminal, no seccomp filter, and these capabilities
+# ("none": an empty set).
+configure() {
+	python3 - "$W/config.orig.json" "$W/bundle/config.json" "$W/key" "$@" <<'PY'
 import json, sys
-path, key = sys.argv[1], sys.argv[2]
-c = json.load(open(path))
+src, path, key, caps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+caps = [x for x in caps if x != "none"]
+c = json.load(open(src))
 c["process"]["terminal"] = False
 c["mounts"] += [
     {"destination": "/key.pub", "type": "bind", "source": key + ".pub", "options": ["bind", "ro"]},
     {"destination": "/key", "type": "bind", "source": key, "options": ["bind", "ro"]},
     {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]},
 ]
-caps = ["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
-        "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_NET_ADMIN", "CAP_MKNOD"]
-for k in ("bounding", "effective", "permitted"):
-    c["process"].setdefault("capabilities", {})[k] = caps
-c["process"]["capabilities"].pop("ambient", None)
-c["process"]["capabilities"].pop("inheritable", None)
+c["process"]["capabilities"] = {k: caps for k in ("bounding", "effective", "permitted")}
 c["linux"].pop("seccomp", None)
 c["linux"]["maskedPaths"] = []
 c["linux"]["readonlyPaths"] = []
 c["root"]["readonly"] = False
 json.dump(c, open(path, "w"))
-EOF
+PY
+}
+# start_container CAP...: runs the image's cpud (PID 1 of a container with its own network
+# namespace); sets PID; fails unless it listens on 17010 within 60 s.
+start_container() {
+	stop_container
+	configure "$@" || { ko "cannot edit config.json"; return 1; }
+	(cd "$W/bundle" && runc run -d --pid-file "$W/pid" "$ID" </dev/null >"$W/cpud.out" 2>"$W/cpud.err") ||
+		{ ko "runc run failed: $(tail -n 3 "$W/cpud.err")"; return 1; }
+	PID=$(cat "$W/pid" 2>/dev/null)
+	for _ in $(seq 300); do
+		nsenter -t "$PID" -n awk '$4=="0A" && $2 ~ /:4272$/ {f=1} END{exit !f}' /proc/net/tcp /proc/net/tcp6 2>/dev/null && return 0
+		runc state "$ID" 2>/dev/null | grep -q '"status": "running"' || break
+		sleep 0.2
+	done
+	ko "cpud in the container ($*) did not listen on 17010: $(tail -n 5 "$W/cpud.err" "$W/cpud.out")"
+	return 1
+}
+# host_cpu CMD...: the host's cpu in the container's network namespace (what -p 17010:17010 gives)
+host_cpu() {
+	(cd / && timeout -k 5 120 nsenter -t "$PID" -n "$X86_BIN" cpu -key "$W/key" -hk "$W/key.pub" -9p=false \
+		127.0.0.1 "$@" </dev/null)
+}
 
-(cd "$W/bundle" && runc run -d --pid-file "$W/pid" "$ID" </dev/null >"$W/cpud.out" 2>"$W/cpud.err") ||
-	{ ko "runc run failed: $(tail -n 3 "$W/cpud.err")"; finish; }
-PID=$(cat "$W/pid" 2>/dev/null)
-listening=0
-for _ in $(seq 300); do   # up to 60 s
-	if nsenter -t "$PID" -n awk '$4=="0A" && $2 ~ /:4272$/ {f=1} END{exit !f}' /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
-		listening=1; break
-	fi
-	runc state "$ID" 2>/dev/null | grep -q '"status": "running"' || break
-	sleep 0.2
-done
-if [ $listening = 1 ]; then ok "cpud from the image listens on 17010 in its container (runc, PID $PID)"
-else ko "cpud in the container did not listen on 17010: $(tail -n 5 "$W/cpud.err" "$W/cpud.out")"; finish; fi
+# Roughly what --privileged gives: the capabilities cpud could use, no seccomp filter.
+start_container CAP_SYS_ADMIN CAP_SETUID CAP_SETGID CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER CAP_KILL \
+	CAP_NET_BIND_SERVICE CAP_SYS_CHROOT CAP_NET_ADMIN CAP_MKNOD || finish
+ok "cpud from the image listens on 17010 in its container (runc, PID $PID)"
 
 want="cpu-all 0.1.0"
 got=$(timeout -k 5 120 runc exec "$ID" /bin/cpu -key /key -hk /key.pub -9p=false localhost /bin/cpu-all --version 2>"$W/exec.err")
@@ -93,11 +109,24 @@ if [ $rc != 0 ] && grep -q "no 9p support" "$W/exec9p.err"; then ok "in the cont
 elif [ $rc = 0 ]; then ok "in the container with 9p: the session ran (this kernel has 9p)"
 else ko "in the container with 9p: status $rc, [$(tail -n 2 "$W/exec9p.err")]"; fi
 
-got=$(cd / && timeout -k 5 120 nsenter -t "$PID" -n "$X86_BIN" cpu -key "$W/key" -hk "$W/key.pub" -9p=false \
-	127.0.0.1 /bin/cpu-all --version </dev/null 2>"$W/host.err")
+got=$(host_cpu /bin/cpu-all --version 2>"$W/host.err")
 case $got in "$want "*) ok "from the host into the container's network: cpu -key \$KEY 127.0.0.1 ($got)" ;;
 *) ko "from the host: [$got] $(tail -n 3 "$W/host.err")" ;; esac
-(cd / && timeout -k 5 120 nsenter -t "$PID" -n "$X86_BIN" cpu -key "$W/key" -hk "$W/key.pub" -9p=false \
-	127.0.0.1 /no/such/program </dev/null >/dev/null 2>&1)
+host_cpu /no/such/program >/dev/null 2>&1
 check "from the host: the remote exit status comes back (127: no such program in the image)" 127 $?
+
+# The narrower set, measured: CAP_SYS_ADMIN alone runs a session (its mount namespace and
+# mounts); with no capability at all the session cannot set up and says why.
+if start_container CAP_SYS_ADMIN; then
+	got=$(host_cpu /bin/cpu-all --version 2>"$W/host.err")
+	case $got in "$want "*) ok "capabilities: CAP_SYS_ADMIN alone runs a session" ;;
+	*) ko "capabilities: CAP_SYS_ADMIN alone: [$got] $(tail -n 3 "$W/host.err")" ;; esac
+fi
+if start_container none; then
+	host_cpu /bin/cpu-all --version >/dev/null 2>"$W/host.err"
+	rc=$?
+	if [ $rc != 0 ] && [ -s "$W/host.err" ]; then ok "capabilities: none: the session fails (status $rc: $(tail -n 1 "$W/host.err"))"
+	else ko "capabilities: none: expected a failed session, got status $rc"; fi
+fi
+stop_container
 finish
