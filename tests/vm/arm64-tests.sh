@@ -12,6 +12,8 @@
 #     fails with ENOEXEC, and cpud says so in one line (exit status 126);
 #   - the armv7 and riscv64 builds' cpu (under qemu-user on this host) serve the host's files
 #     to the guest's 9p mount (skipped when those builds or qemu-user-static are missing);
+#   - cpu as the entrypoint of a runc container whose root is the arm64 tree: the board runs
+#     the container's bash on the container's files;
 #   - decpud in the guest announces arch=arm64 (seen by a decpu in the same guest).
 # AARCH64_STATIC_BIN defaults to target/aarch64-unknown-linux-musl/release/cpu-all, built
 # with tools/build-static when missing. Prints PASS/FAIL/SKIP lines and "N passed, M failed".
@@ -175,6 +177,45 @@ for a in armv7:arm:armv7-unknown-linux-musleabihf riscv64:riscv64:riscv64gc-unkn
 	if [ -n "$got" ] && [ "$got" = "$want" ]; then ok "the $name cpu's 9P server: 1 MiB written in the guest is the same on the host"
 	else ko "the $name cpu's 9P server: guest-written file: guest sha256 [$got], host [$want]"; fi
 done
+
+# 8. cpu as a container's entrypoint (issue 16; the upstream README's `docker run --entrypoint
+# /home/me/bin/cpu ... ubuntu-arm64 board`): a runc container whose root is the arm64 tree,
+# on the host's network, runs the x86_64 static cpu; the board runs the container's bash.
+if [ -n "${TREE:-}" ] && command -v runc >/dev/null && command -v python3 >/dev/null; then
+	B="$W/entry"
+	mkdir -p "$B/keys" "$B/home"
+	cp -a "$TREE" "$B/rootfs" && mkdir -p "$B/rootfs/home" "$B/rootfs/keys" "$B/rootfs/tmp" && : >"$B/rootfs/cpu"
+	cp "$W/userkey" "$W/hostkey.pub" "$B/keys/"
+	echo "a file of the container" >"$B/home/marker"
+	(cd "$B" && runc spec) && python3 - "$B/config.json" "$W/cpu-all" "$B" "$HOST_PORT" <<'EOF2' || ko "entrypoint: cannot write the runc bundle"
+import json, sys
+path, cpu, b, port = sys.argv[1:]
+c = json.load(open(path))
+c["root"] = {"path": "rootfs", "readonly": True}
+p = c["process"]
+p["terminal"] = False
+p["env"] = ["PATH=/bin:/usr/bin", "HOME=/tmp", "TERM=dumb"]
+p["args"] = ["/cpu", "-key", "/keys/userkey", "-hk", "/keys/hostkey.pub", "-sp", port, "127.0.0.1",
+             "/bin/bash", "-c", 'echo "$(uname -m) bash ${BASH_VERSINFO[0]}"; cat /home/marker; echo from-the-board > /home/reply']
+c["linux"]["namespaces"] = [n for n in c["linux"]["namespaces"] if n["type"] != "network"]
+c["mounts"] += [
+    {"destination": "/cpu", "type": "bind", "source": cpu, "options": ["bind", "ro"]},
+    {"destination": "/keys", "type": "bind", "source": b + "/keys", "options": ["bind", "ro"]},
+    {"destination": "/home", "type": "bind", "source": b + "/home", "options": ["bind", "rw"]},
+    {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]},
+]
+json.dump(c, open(path, "w"))
+EOF2
+	got=$(cd "$B" && timeout -k 10 "$CPU_TIMEOUT" runc run "arch-entry-$$" </dev/null 2>"$W/entry.err")
+	runc delete -f "arch-entry-$$" >/dev/null 2>&1
+	check "cpu as a container's entrypoint: the board runs the container's arm64 bash and reads its files" \
+		"aarch64 bash 5"$'\n'"a file of the container" "$got"
+	check "cpu as a container's entrypoint: what the board writes lands in the container's /home" \
+		from-the-board "$(cat "$B/home/reply" 2>/dev/null)"
+	[ -n "$got" ] || tail -n 5 "$W/entry.err" | sed 's/^/    /'
+else
+	echo "SKIP: [arm64] cpu as a container's entrypoint: needs runc, python3 and the arm64 tree"
+fi
 
 # 7. decpud in the arm64 guest announces arch=arm64: a decpud on another port and a decpu in
 # the same guest that accepts only arch=arm64 servers (keys: the test's, through /tmp/cpu).
