@@ -354,7 +354,7 @@ fn set_default_env() {
         ("LOGNAME", if root { "root" } else { "" }),
     ];
     for (name, value) in defaults {
-        if !value.is_empty() && !std::env::var_os(name).is_some_and(|v| !v.is_empty()) {
+        if !value.is_empty() && std::env::var_os(name).is_none_or(|v| v.is_empty()) {
             std::env::set_var(name, value);
         }
     }

@@ -390,7 +390,7 @@ fn errors_carry_linux_errno() {
     assert_eq!(c.unlinkat(0, "missing", 0).unwrap_err(), ENOENT);
     assert_eq!(c.walk(0, 3, &["a/b"]).unwrap_err(), EINVAL);
     assert_eq!(c.walk(0, 3, &[""]).unwrap_err(), EINVAL);
-    let many: Vec<&str> = std::iter::repeat("full").take(17).collect();
+    let many: Vec<&str> = std::iter::repeat_n("full", 17).collect();
     assert_eq!(c.walk(0, 3, &many).unwrap_err(), EINVAL);
     // Walk to a fid number that is taken.
     assert_eq!(c.walk(0, 2, &["full"]).unwrap_err(), 9);
