@@ -24,8 +24,32 @@ fn main() {
         .unwrap_or(false);
     let commit = if dirty && commit != "unknown" { format!("{commit}-dirty") } else { commit };
     println!("cargo:rustc-env=CPU_ALL_COMMIT={commit}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    // Not .git/index: `git status` above rewrites it, so every build would rerun this script
-    // and relink everything. The "-dirty" mark is therefore as of the last commit or checkout.
-    println!("cargo:rerun-if-changed=.git/refs/heads");
+    // Rerun when HEAD moves: HEAD itself and the branch it names, asked from git because in a
+    // worktree `.git` is a file (a path under it never exists, and cargo reruns a script with a
+    // missing rerun-if-changed path on every build, relinking everything). Only existing paths
+    // are named. Not the index: `git status` above rewrites it, so every build would rerun;
+    // the "-dirty" mark is therefore as of the last commit or checkout.
+    println!("cargo:rerun-if-changed=build.rs");
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let mut watched = vec![git(&["rev-parse", "--git-path", "HEAD"])];
+    if let Some(branch) =
+        git(&["rev-parse", "--symbolic-full-name", "HEAD"]).filter(|b| b.starts_with("refs/"))
+    {
+        watched.push(git(&["rev-parse", "--git-path", &branch]));
+        watched.push(git(&["rev-parse", "--git-path", "packed-refs"]));
+    }
+    for path in watched.into_iter().flatten() {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
 }

@@ -4,7 +4,8 @@
 
 mod cpu_support;
 
-use cpu_support::skip;
+#[path = "common/skip.rs"]
+mod skip;
 
 use std::time::Duration;
 

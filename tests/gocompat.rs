@@ -6,6 +6,8 @@
 
 mod cpu_support;
 mod gocompat_support;
+#[path = "common/skip.rs"]
+mod skip;
 
 use std::io::Read;
 use std::path::Path;

@@ -3,9 +3,6 @@
 //! a timeout, and driving it through a pseudo-terminal.
 #![allow(dead_code)]
 
-#[path = "../common/skip.rs"]
-pub mod skip;
-
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -60,12 +57,13 @@ pub fn sshd_skip_reason() -> Option<String> {
     None
 }
 
-/// Skips the calling test with a clear message when sshd cannot run.
+/// Skips the calling test with a clear message when sshd cannot run (the test crate declares
+/// `#[path = "common/skip.rs"] mod skip;`).
 #[macro_export]
 macro_rules! need_sshd {
     () => {
         if let Some(why) = cpu_support::sshd_skip_reason() {
-            cpu_support::skip::here(&why);
+            $crate::skip::here(&why);
             return;
         }
     };

@@ -4,8 +4,6 @@
 //! of any child with a timeout.
 #![allow(dead_code)]
 
-pub use crate::cpu_support::skip;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -115,14 +113,15 @@ fn build_go_programs() -> Result<GoPrograms, String> {
     Ok(GoPrograms { gocpu, gocpud })
 }
 
-/// Skips the calling test with a clear message when the Go peers cannot be built here.
+/// Skips the calling test with a clear message when the Go peers cannot be built here (the
+/// test crate declares `#[path = "common/skip.rs"] mod skip;`).
 #[macro_export]
 macro_rules! need_go {
     () => {
         match gocompat_support::go_programs() {
             Ok(go) => go,
             Err(why) => {
-                gocompat_support::skip::here(&why);
+                $crate::skip::here(&why);
                 return;
             }
         }
