@@ -57,6 +57,18 @@ fn decpud(ns: &Netns, n: usize, enter: Enter, args: &[&str]) -> Helper {
 
 /// decpu's selection in namespace `n`; returns (its result lines, its stderr).
 fn decpu(ns: &Netns, n: usize, enter: Enter, args: &[&str], connect: &str) -> (Vec<String>, String) {
+    decpu_browsing(ns, n, enter, args, connect, BROWSE_MS)
+}
+
+/// [`decpu`] with the browse time given in milliseconds.
+fn decpu_browsing(
+    ns: &Netns,
+    n: usize,
+    enter: Enter,
+    args: &[&str],
+    connect: &str,
+    browse_ms: &str,
+) -> (Vec<String>, String) {
     let mut all = vec!["-d"];
     all.extend_from_slice(args);
     let joined = all.join("\n");
@@ -64,7 +76,7 @@ fn decpu(ns: &Netns, n: usize, enter: Enter, args: &[&str], connect: &str) -> (V
         n,
         enter,
         "decpu",
-        &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", BROWSE_MS)],
+        &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", browse_ms)],
     );
     let status = h.wait(Duration::from_secs(40));
     let out = h.stdout_text(Duration::from_secs(1));
@@ -156,6 +168,12 @@ fn discovery_lo_only_namespace_both_ways_with_avahi() {
     let (lines, err) = decpu(&ns, 1, Enter::IpNetnsExec, &["dnssd://?role=lo", "date"], "tcp");
     assert_eq!(lines, ["connect 127.0.0.1 17010", "status 0"], "{err}");
     assert!(err.contains("dnssd: interfaces lo"), "{err}");
+    // A browse time too short for any answer: decpu listens on for one more query round
+    // instead of giving up.
+    let (lines, err) =
+        decpu_browsing(&ns, 1, Enter::IpNetnsExec, &["dnssd://?role=lo", "date"], "record", "0");
+    assert_eq!(lines, ["connect 127.0.0.1 17010", "status 0"], "{err}");
+    assert!(err.contains("dnssd: no usable server after 0ns; listening up to 3.5s in all"), "{err}");
 
     if let Some(why) = avahi_unavailable() {
         eprintln!("SKIP: discovery lo-only avahi part: {why}");
