@@ -252,3 +252,29 @@ fn discovery_link_local_only_server_is_dialed_with_its_zone() {
     let (lines, err) = decpu(&ns, 2, Enter::IpNetnsExec, &["dnssd://?role=ll", "date"], "tcp");
     assert_eq!(lines, ["connect fe80::1%eth0 17010", "status 0"], "{err}");
 }
+
+#[test]
+fn discovery_decpud_announces_once_its_interface_comes_up() {
+    let Some(ns) = netns_or_skip("late", || Netns::pair("late", "eth0", true)) else { return };
+    // A board whose network is not up yet when decpud starts (PID 1, DHCP later).
+    let down =
+        std::process::Command::new("ip").args(["-n", ns.name(1), "link", "set", "eth0", "down"]).status();
+    assert!(down.as_ref().is_ok_and(|s| s.success()), "ip link set eth0 down: {down:?}");
+    let mut server = decpud(&ns, 1, Enter::IpNetnsExec, &["-dsInterface", "eth0", "-dsTxt", "role=late"]);
+    let err = server.stderr_seen(Duration::from_millis(200));
+    assert!(
+        err.contains("warning: dnssd: network interface \"eth0\" is down; announcing once it is ready"),
+        "{err}"
+    );
+    let up = std::process::Command::new("ip").args(["-n", ns.name(1), "link", "set", "eth0", "up"]).status();
+    assert!(up.as_ref().is_ok_and(|s| s.success()), "ip link set eth0 up: {up:?}");
+    // The library rescans addresses every 5 s; a few browses cover that on a slow machine.
+    let mut last = (Vec::new(), String::new());
+    for _ in 0..8 {
+        last = decpu(&ns, 2, Enter::IpNetnsExec, &["dnssd://?role=late", "date"], "record");
+        if last.0 == [format!("connect {} 17010", Netns::addr(1)), "status 0".into()] {
+            return;
+        }
+    }
+    panic!("decpud never announced after eth0 came up: {:?}\n{}", last.0, last.1);
+}

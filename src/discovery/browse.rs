@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
 
-use crate::discovery::interfaces::{self, LinkLocal};
+use crate::discovery::interfaces;
 use crate::error::{Error, Result};
 
 /// How long decpu listens for answers (Go: exactly 1 s; the extra half second lets a lost
@@ -174,7 +174,7 @@ pub fn browse(
         .collect();
     let daemon =
         ServiceDaemon::new().map_err(|e| Error::Connect(format!("dnssd: cannot start mDNS: {e}")))?;
-    let result = interfaces::apply(&daemon, &chosen, LinkLocal::Keep)
+    let result = interfaces::apply(&daemon, &interfaces::browse_plan(&chosen))
         .and_then(|()| collect(&daemon, browse_name, (duration, stop_at), &zones, usable));
     if let Ok(done) = daemon.shutdown() {
         let _ = done.recv_timeout(Duration::from_secs(1));
