@@ -59,6 +59,18 @@ fn decpud(ns: &Netns, n: usize, enter: Enter, args: &[&str]) -> Helper {
 
 /// decpu's selection in namespace `n`; returns (its result lines, its stderr).
 fn decpu(ns: &Netns, n: usize, enter: Enter, args: &[&str], connect: &str) -> (Vec<String>, String) {
+    decpu_browsing(ns, n, enter, args, connect, BROWSE_MS)
+}
+
+/// [`decpu`] with the browse time given in milliseconds.
+fn decpu_browsing(
+    ns: &Netns,
+    n: usize,
+    enter: Enter,
+    args: &[&str],
+    connect: &str,
+    browse_ms: &str,
+) -> (Vec<String>, String) {
     let mut all = vec!["-d"];
     all.extend_from_slice(args);
     let joined = all.join("\n");
@@ -66,7 +78,7 @@ fn decpu(ns: &Netns, n: usize, enter: Enter, args: &[&str], connect: &str) -> (V
         n,
         enter,
         "decpu",
-        &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", BROWSE_MS)],
+        &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", browse_ms)],
     );
     let status = h.wait(Duration::from_secs(40));
     let out = h.stdout_text(Duration::from_secs(1));
@@ -235,4 +247,42 @@ fn discovery_link_local_only_server_is_dialed_with_its_zone() {
     let _server = decpud(&ns, 1, Enter::IpNetnsExec, &["-dsInstance", "ll-cpud", "-dsTxt", "role=ll"]);
     let (lines, err) = decpu(&ns, 2, Enter::IpNetnsExec, &["dnssd://?role=ll", "date"], "tcp");
     assert_eq!(lines, ["connect fe80::1%eth0 17010", "status 0"], "{err}");
+}
+
+#[test]
+fn discovery_decpud_announces_once_its_interface_comes_up() {
+    let Some(ns) = netns_or_skip("late", || Netns::pair("late", "eth0", true)) else { return };
+    // A board whose network is not up yet when decpud starts (PID 1, DHCP later).
+    let down =
+        std::process::Command::new("ip").args(["-n", ns.name(1), "link", "set", "eth0", "down"]).status();
+    assert!(down.as_ref().is_ok_and(|s| s.success()), "ip link set eth0 down: {down:?}");
+    let mut server = decpud(&ns, 1, Enter::IpNetnsExec, &["-dsInterface", "eth0", "-dsTxt", "role=late"]);
+    let err = server.stderr_seen(Duration::from_millis(200));
+    assert!(
+        err.contains("warning: dnssd: network interface \"eth0\" is down; announcing once it is ready"),
+        "{err}"
+    );
+    let up = std::process::Command::new("ip").args(["-n", ns.name(1), "link", "set", "eth0", "up"]).status();
+    assert!(up.as_ref().is_ok_and(|s| s.success()), "ip link set eth0 up: {up:?}");
+    // The library rescans addresses every 5 s; a few browses cover that on a slow machine.
+    let mut last = (Vec::new(), String::new());
+    for _ in 0..8 {
+        last = decpu(&ns, 2, Enter::IpNetnsExec, &["dnssd://?role=late", "date"], "record");
+        if last.0 == [format!("connect {} 17010", Netns::addr(1)), "status 0".into()] {
+            return;
+        }
+    }
+    panic!("decpud never announced after eth0 came up: {:?}\n{}", last.0, last.1);
+}
+
+#[test]
+fn discovery_decpu_listens_on_when_nothing_answered_in_the_browse_time() {
+    let Some(ns) = netns_or_skip("extend", || Netns::lo_only("extend")) else { return };
+    let _server = decpud(&ns, 1, Enter::IpNetnsExec, &["-dsTxt", "role=extend"]);
+    // A browse time too short for any answer: decpu listens on for one more query round
+    // instead of giving up.
+    let (lines, err) =
+        decpu_browsing(&ns, 1, Enter::IpNetnsExec, &["dnssd://?role=extend", "date"], "record", "0");
+    assert_eq!(lines, ["connect 127.0.0.1 17010", "status 0"], "{err}");
+    assert!(err.contains("dnssd: no usable server after 0ns; listening up to 3.5s in all"), "{err}");
 }

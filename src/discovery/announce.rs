@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use mdns_sd::{ServiceDaemon, ServiceInfo};
 
-use crate::discovery::interfaces::{self, LinkLocal};
+use crate::discovery::interfaces;
 use crate::discovery::query::Query;
 use crate::discovery::sysinfo::Metadata;
 use crate::error::{Error, Result};
@@ -69,9 +69,8 @@ struct State {
 }
 
 impl Announcer {
-    /// Registers the service on every up, multicast-capable interface (or `opts.interface`)
-    /// and starts refreshing. IPv6 link-local addresses are announced only on an interface
-    /// that has no other address.
+    /// Registers the service on the interfaces [`interfaces::announce_plan`] picks for
+    /// `opts.interface` and starts refreshing.
     pub fn start(opts: &DnssdOptions, port: u16) -> Result<Announcer> {
         Self::start_with_interval(opts, port, REFRESH_INTERVAL)
     }
@@ -97,10 +96,14 @@ impl Announcer {
             )));
         }
         let metadata = Metadata::new(&opts.txt)?;
-        let chosen = interfaces::choose(&opts.interface)?;
+        let plan = interfaces::announce_plan(
+            &opts.interface,
+            &interfaces::list()?,
+            interfaces::name_to_index(&opts.interface).is_some(),
+        )?;
         let daemon =
             ServiceDaemon::new().map_err(|e| Error::Daemon(format!("dnssd: cannot start mDNS: {e}")))?;
-        if let Err(e) = interfaces::apply(&daemon, &chosen, LinkLocal::OnlyWhenAlone) {
+        if let Err(e) = interfaces::apply(&daemon, &plan) {
             let _ = daemon.shutdown();
             return Err(e);
         }

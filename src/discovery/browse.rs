@@ -18,12 +18,17 @@ use std::time::{Duration, Instant};
 
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
 
-use crate::discovery::interfaces::{self, LinkLocal};
+use crate::discovery::interfaces;
 use crate::error::{Error, Result};
 
 /// How long decpu listens for answers (Go: exactly 1 s; the extra half second lets a lost
 /// first query be retried once).
 pub const DEFAULT_BROWSE_TIME: Duration = Duration::from_millis(1500);
+
+/// When nothing usable has turned up within the browse time, decpu listens until this long
+/// after the start before giving up: the mDNS library queries at 0 s, 1 s and 3 s, so this
+/// covers one more query and its answers. Costs nothing when a server answers in time.
+pub const EXTENDED_BROWSE_TIME: Duration = Duration::from_millis(3500);
 
 /// TXT keys decpud fills with numbers; anything else in them is a malformed record.
 const NUMERIC_KEYS: [&str; 5] = ["cores", "cpu.pcnt", "mem.avail", "mem.total", "tenants"];
@@ -148,7 +153,9 @@ pub fn usable_addresses(addrs: impl Iterator<Item = IpAddr>) -> (Vec<IpAddr>, Ve
 
 /// Browses `browse_name` (e.g. `_ncpu._tcp.local.`) for `duration` and returns every resolved
 /// instance in the order first seen. With `stop_at` (a full instance name), returns as soon
-/// as that instance has been resolved to an address that can be dialed.
+/// as that instance has been resolved to an address that can be dialed. If no instance that
+/// `usable` accepts has been seen by the end of `duration`, listens on until
+/// [`EXTENDED_BROWSE_TIME`] (or returns as soon as one turns up then).
 ///
 /// `interface` restricts browsing to one interface (`-dsInterface`); empty: every interface
 /// that is up and multicast-capable, loopback included.
@@ -157,6 +164,7 @@ pub fn browse(
     duration: Duration,
     stop_at: Option<&str>,
     interface: &str,
+    usable: &dyn Fn(&Candidate) -> bool,
 ) -> Result<Vec<Candidate>> {
     let chosen = interfaces::choose(interface)?;
     let zones: Vec<String> = chosen
@@ -166,8 +174,8 @@ pub fn browse(
         .collect();
     let daemon =
         ServiceDaemon::new().map_err(|e| Error::Connect(format!("dnssd: cannot start mDNS: {e}")))?;
-    let result = interfaces::apply(&daemon, &chosen, LinkLocal::Keep)
-        .and_then(|()| collect(&daemon, browse_name, duration, stop_at, &zones));
+    let result = interfaces::apply(&daemon, &interfaces::browse_plan(&chosen))
+        .and_then(|()| collect(&daemon, browse_name, (duration, stop_at), &zones, usable));
     if let Ok(done) = daemon.shutdown() {
         let _ = done.recv_timeout(Duration::from_secs(1));
     }
@@ -177,30 +185,47 @@ pub fn browse(
 fn collect(
     daemon: &ServiceDaemon,
     browse_name: &str,
-    duration: Duration,
-    stop_at: Option<&str>,
+    (duration, stop_at): (Duration, Option<&str>),
     zones: &[String],
+    usable: &dyn Fn(&Candidate) -> bool,
 ) -> Result<Vec<Candidate>> {
     let events = daemon
         .browse(browse_name)
         .map_err(|e| Error::Usage(format!("dnssd: cannot browse {browse_name:?}: {e}")))?;
-    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let first_deadline = start + duration;
+    let last_deadline = start + duration.max(EXTENDED_BROWSE_TIME);
+    let mut deadline = first_deadline;
     let mut found: Vec<Candidate> = Vec::new();
     let mut removed: HashSet<String> = HashSet::new();
-    while let Ok(event) = events.recv_deadline(deadline) {
+    let any_usable = |found: &[Candidate], removed: &HashSet<String>| {
+        found.iter().any(|c| !removed.contains(&c.fullname.to_ascii_lowercase()) && usable(c))
+    };
+    loop {
+        let Ok(event) = events.recv_deadline(deadline) else {
+            if deadline == first_deadline && last_deadline > first_deadline && !any_usable(&found, &removed) {
+                log::debug!(
+                    "dnssd: no usable server after {duration:?}; listening up to {EXTENDED_BROWSE_TIME:?} in all"
+                );
+                deadline = last_deadline;
+                continue;
+            }
+            break;
+        };
         match event {
             ServiceEvent::ServiceResolved(info) => {
                 let candidate = Candidate::from_service(&info, zones);
                 let key = candidate.fullname.to_ascii_lowercase();
                 removed.remove(&key);
                 // Stop early only once it can be dialed: the A record may come after the AAAA.
-                let done = !candidate.addresses.is_empty()
+                let done = !candidate.dial_hosts().is_empty()
                     && stop_at.is_some_and(|s| s.eq_ignore_ascii_case(&candidate.fullname));
                 match found.iter_mut().find(|c| c.fullname.eq_ignore_ascii_case(&candidate.fullname)) {
                     Some(old) => *old = candidate,
                     None => found.push(candidate),
                 }
-                if done {
+                // In the extra time, the first usable server ends the wait.
+                if done || (deadline != first_deadline && any_usable(&found, &removed)) {
                     break;
                 }
             }
@@ -212,6 +237,9 @@ fn collect(
     }
     let _ = daemon.stop_browse(browse_name);
     found.retain(|c| !removed.contains(&c.fullname.to_ascii_lowercase()));
+    if deadline != first_deadline {
+        log::debug!("dnssd: browsed for {:?}", start.elapsed());
+    }
     Ok(found)
 }
 

@@ -7,7 +7,9 @@
 //!
 //! By default every interface that is up and multicast-capable is used, loopback included
 //! (as Go's DNS-SD library does: `ip link set lo multicast on` makes lo one of them); the
-//! mDNS library leaves loopback out unless asked, so the choice is always spelled out to it.
+//! mDNS library leaves loopback out unless asked, so it is always told. `-dsInterface` names
+//! the one interface to use. decpu browses what is there now ([`choose`], [`browse_plan`]);
+//! decpud also announces on what comes up later ([`announce_plan`]).
 
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
@@ -120,8 +122,9 @@ pub fn name_to_index(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// The interfaces DNS-SD uses: `wanted` alone (`-dsInterface`), or, when empty, every
-/// interface that is up, multicast-capable and has an address.
+/// The interfaces decpu browses: `wanted` alone (`-dsInterface`), or, when empty, every
+/// interface that is up, multicast-capable and has an address. Anything else is an error
+/// that says what to do.
 pub fn choose(wanted: &str) -> Result<Vec<Interface>> {
     choose_from(wanted, list()?, name_to_index(wanted).is_some())
 }
@@ -157,44 +160,94 @@ pub fn choose_from(wanted: &str, all: Vec<Interface>, exists: bool) -> Result<Ve
     Ok(vec![found])
 }
 
-/// Which addresses an mDNS daemon binds to (and, announcing, announces).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum LinkLocal {
-    /// Every address of the chosen interfaces (browsing).
-    Keep,
-    /// Leave out IPv6 link-local addresses of interfaces that have another address: a peer
-    /// that gets a link-local address cannot tell its zone (Go's decpu dials it and fails).
-    OnlyWhenAlone,
+/// Interface selections for the mDNS library, applied in order (a later one wins where both
+/// match), and what to warn about.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// (enable, kind) steps.
+    pub steps: Vec<(bool, IfKind)>,
+    pub warnings: Vec<String>,
+    /// For `-d`: which interfaces, in words.
+    pub summary: String,
 }
 
-/// The mDNS library's interface selections for `chosen`, in the order to apply them (later
-/// ones win): everything off, the chosen interfaces on by name (loopback included), then,
-/// with [`LinkLocal::OnlyWhenAlone`], the link-local addresses that are not needed off.
-pub fn selections(chosen: &[Interface], link_local: LinkLocal) -> (Vec<IfKind>, Vec<IfKind>) {
-    let enable: Vec<IfKind> = chosen.iter().map(|i| IfKind::Name(i.name.clone())).collect();
-    let mut disable = vec![IfKind::All];
-    if link_local == LinkLocal::OnlyWhenAlone {
-        let drop: BTreeSet<Ipv6Addr> = chosen
-            .iter()
-            .filter(|i| i.has_routable())
-            .flat_map(|i| i.link_local().collect::<Vec<_>>())
-            .collect();
-        disable.extend(drop.into_iter().map(|a| IfKind::Addr(IpAddr::V6(a))));
-    }
-    (enable, disable)
-}
-
-/// Applies [`selections`] to `daemon`.
-pub fn apply(daemon: &ServiceDaemon, chosen: &[Interface], link_local: LinkLocal) -> Result<()> {
-    let (enable, mut disable) = selections(chosen, link_local);
-    let rest = disable.split_off(1);
+/// Browsing: exactly the `chosen` interfaces (loopback included), every address of theirs.
+pub fn browse_plan(chosen: &[Interface]) -> Plan {
+    let mut steps = vec![(false, IfKind::All)];
+    steps.extend(chosen.iter().map(|i| (true, IfKind::Name(i.name.clone()))));
     let names: Vec<&str> = chosen.iter().map(|i| i.name.as_str()).collect();
-    daemon
-        .disable_interface(disable)
-        .and_then(|()| daemon.enable_interface(enable))
-        .and_then(|()| if rest.is_empty() { Ok(()) } else { daemon.disable_interface(rest) })
-        .map_err(|e| Error::Daemon(format!("dnssd: cannot select interfaces {}: {e}", names.join(", "))))?;
-    log::debug!("dnssd: interfaces {}", names.join(", "));
+    Plan { steps, warnings: Vec::new(), summary: names.join(", ") }
+}
+
+/// Announcing (decpud) on `wanted`, or on every interface when it is empty, given this
+/// namespace's interfaces `all` and whether if_nametoindex knows `wanted`.
+///
+/// decpud may start before its network is configured (PID 1 on a board, DHCP later), so
+/// only a name that does not exist is an error: an interface that is down or has no address
+/// yet is announced on once it is ready (the library rescans addresses), with a warning. By
+/// default every interface is used, including ones that appear later (the library's own
+/// default), plus the loopback interfaces that are up and multicast-capable, which the
+/// library leaves out unless asked.
+///
+/// IPv6 link-local addresses are left out on interfaces that have another address: a peer
+/// that gets a link-local address cannot tell its zone (Go's decpu dials it and fails).
+pub fn announce_plan(wanted: &str, all: &[Interface], exists: bool) -> Result<Plan> {
+    let mut plan = Plan::default();
+    let considered: Vec<&Interface> = if wanted.is_empty() {
+        let loopbacks: Vec<&Interface> = all.iter().filter(|i| i.loopback && i.up && i.multicast).collect();
+        plan.steps.extend(loopbacks.iter().map(|i| (true, IfKind::Name(i.name.clone()))));
+        let mut names = vec!["all".to_string()];
+        names.extend(loopbacks.iter().map(|i| i.name.clone()));
+        plan.summary = names.join(", ");
+        all.iter().collect()
+    } else {
+        if !exists {
+            return Err(Error::Usage(format!(
+                "dnssd: no network interface {wanted:?} in this network namespace"
+            )));
+        }
+        plan.steps.push((false, IfKind::All));
+        plan.steps.push((true, IfKind::Name(wanted.to_string())));
+        plan.summary = wanted.to_string();
+        let found = all.iter().find(|i| i.name == wanted);
+        let not_ready = match found {
+            None => Some("has no IP address yet"),
+            Some(i) if !i.up => Some("is down"),
+            Some(i) if !i.multicast => Some("is not multicast-capable (ip link set IF multicast on)"),
+            Some(_) => None,
+        };
+        if let Some(why) = not_ready {
+            plan.warnings.push(format!(
+                "dnssd: network interface {wanted:?} {}; announcing once it is ready",
+                why.replace("IF", wanted)
+            ));
+        }
+        found.into_iter().collect()
+    };
+    let drop: BTreeSet<Ipv6Addr> = considered
+        .iter()
+        .filter(|i| i.has_routable())
+        .flat_map(|i| i.link_local().collect::<Vec<_>>())
+        .collect();
+    plan.steps.extend(drop.into_iter().map(|a| (false, IfKind::Addr(IpAddr::V6(a)))));
+    Ok(plan)
+}
+
+/// Hands `plan` to `daemon` (consecutive steps of one kind in one call), logging its
+/// warnings.
+pub fn apply(daemon: &ServiceDaemon, plan: &Plan) -> Result<()> {
+    for w in &plan.warnings {
+        log::warn!("{w}");
+    }
+    let mut rest = plan.steps.as_slice();
+    while let Some((enable, _)) = rest.first() {
+        let run = rest.iter().take_while(|(e, _)| e == enable).count();
+        let kinds: Vec<IfKind> = rest[..run].iter().map(|(_, k)| k.clone()).collect();
+        let done = if *enable { daemon.enable_interface(kinds) } else { daemon.disable_interface(kinds) };
+        done.map_err(|e| Error::Daemon(format!("dnssd: cannot select interfaces {}: {e}", plan.summary)))?;
+        rest = &rest[run..];
+    }
+    log::debug!("dnssd: interfaces {}", plan.summary);
     Ok(())
 }
 
@@ -246,19 +299,58 @@ mod tests {
         );
     }
 
+    fn show(plan: &Plan) -> Vec<String> {
+        plan.steps.iter().map(|(on, k)| format!("{}{k:?}", if *on { "+" } else { "-" })).collect()
+    }
+
     #[test]
-    fn link_local_is_left_out_only_where_another_address_exists() {
-        let chosen = vec![
+    fn browsing_uses_exactly_the_chosen_interfaces() {
+        let chosen = vec![iface("lo", true, true, &["127.0.0.1"]), iface("eth0", true, true, &["fe80::1"])];
+        let plan = browse_plan(&chosen);
+        assert_eq!(show(&plan), ["-All", "+Name(\"lo\")", "+Name(\"eth0\")"]);
+        assert_eq!(plan.summary, "lo, eth0");
+    }
+
+    #[test]
+    fn announcing_leaves_out_link_local_only_where_another_address_exists() {
+        let all = vec![
+            iface("lo", true, true, &["127.0.0.1", "::1"]),
             iface("eth0", true, true, &["10.0.0.2", "fe80::1"]),
             iface("usb0", true, true, &["fe80::2"]),
             iface("eth1", true, true, &["2001:db8::3", "fe80::3"]),
         ];
-        let show = |kinds: Vec<IfKind>| kinds.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>();
-        let (enable, disable) = selections(&chosen, LinkLocal::OnlyWhenAlone);
-        assert_eq!(show(enable), ["Name(\"eth0\")", "Name(\"usb0\")", "Name(\"eth1\")"]);
-        assert_eq!(show(disable), ["All", "Addr(fe80::1)", "Addr(fe80::3)"]);
-        let (_, disable) = selections(&chosen, LinkLocal::Keep);
-        assert_eq!(show(disable), ["All"]);
+        let plan = announce_plan("", &all, false).unwrap();
+        assert_eq!(show(&plan), ["+Name(\"lo\")", "-Addr(fe80::1)", "-Addr(fe80::3)"]);
+        assert_eq!(plan.summary, "all, lo");
+        assert!(plan.warnings.is_empty());
+        let plan = announce_plan("usb0", &all, true).unwrap();
+        assert_eq!(show(&plan), ["-All", "+Name(\"usb0\")"]);
+        let plan = announce_plan("eth0", &all, true).unwrap();
+        assert_eq!(show(&plan), ["-All", "+Name(\"eth0\")", "-Addr(fe80::1)"]);
+        // A loopback without multicast stays out, as the library has it.
+        let quiet_lo = vec![iface("lo", true, false, &["127.0.0.1"])];
+        assert!(show(&announce_plan("", &quiet_lo, false).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn announcing_on_an_interface_that_is_not_ready_warns_and_waits() {
+        let all = vec![iface("eth0", false, true, &["10.0.0.2"]), iface("lo", true, false, &["127.0.0.1"])];
+        let warning = |name: &str, exists: bool| announce_plan(name, &all, exists).unwrap().warnings.join("");
+        assert_eq!(
+            warning("eth0", true),
+            "dnssd: network interface \"eth0\" is down; announcing once it is ready"
+        );
+        assert_eq!(
+            warning("wlan0", true),
+            "dnssd: network interface \"wlan0\" has no IP address yet; announcing once it is ready"
+        );
+        assert_eq!(
+            warning("lo", true),
+            "dnssd: network interface \"lo\" is not multicast-capable (ip link set lo multicast on); \
+             announcing once it is ready"
+        );
+        let e = announce_plan("vref0", &all, false).unwrap_err();
+        assert_eq!(e.to_string(), "dnssd: no network interface \"vref0\" in this network namespace");
     }
 
     #[test]

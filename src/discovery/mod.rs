@@ -65,7 +65,10 @@ pub fn run_decpu_with(
     }
     let browse_name = query.browse_name()?;
     log::debug!("dnssd: browsing {browse_name} for {browse_time:?}");
-    let found = browse(&browse_name, browse_time, query.instance_fullname().as_deref(), &opts.ds_interface)?;
+    let usable =
+        |c: &Candidate| c.port != 0 && !c.dial_hosts().is_empty() && query.check(&c.fullname, &c.txt).kept;
+    let found =
+        browse(&browse_name, browse_time, query.instance_fullname().as_deref(), &opts.ds_interface, &usable)?;
     let candidates = select(&query, found);
     if candidates.is_empty() {
         return Err(Error::Connect(format!(
