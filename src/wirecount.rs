@@ -239,7 +239,7 @@ mod tests {
         assert_eq!(
             counts.summary(),
             format!(
-                "9p requests: 6 ({} bytes, replies 0 bytes): walk 2, getattr 1, version 1, read 1, write 1",
+                "9p requests: 6 ({} bytes, replies 13 bytes): walk 2, getattr 1, version 1, read 1, write 1",
                 wire.len()
             )
         );
