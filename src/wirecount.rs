@@ -159,7 +159,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = result {
+            self.counts.reply_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -228,13 +232,14 @@ mod tests {
         let mut buffered = tokio::io::BufWriter::new(&mut wr);
         buffered.write_all(b"Rversion").await.unwrap();
         buffered.flush().await.unwrap();
-        let mut reply = [0u8; 8];
+        wr.write_all(b"Rwalk").await.unwrap();
+        let mut reply = [0u8; 13];
         near.read_exact(&mut reply).await.unwrap();
-        assert_eq!(&reply, b"Rversion");
+        assert_eq!(&reply, b"RversionRwalk");
         assert_eq!(
             counts.summary(),
             format!(
-                "9p requests: 6 ({} bytes, replies 0 bytes): walk 2, getattr 1, version 1, read 1, write 1",
+                "9p requests: 6 ({} bytes, replies 13 bytes): walk 2, getattr 1, version 1, read 1, write 1",
                 wire.len()
             )
         );

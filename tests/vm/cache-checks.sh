@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# tests/vm/cache-checks.sh STATIC_BIN — what the 9p cache defaults must never break, checked
+# against cpud as PID 1 in a qemu guest (Debian 6.1 kernel), with cpu on the host:
+#   - the mounts: cache=mmap on /tmp/cpu, cache=loose on the system mount, binds from it
+#   - a host file changed between two sessions is seen changed by the second
+#   - a file the guest wrote is complete on the host when cpu returns (dd, then stat)
+#   - a writable shared mmap works, and its bytes are on the host when cpu returns
+#     (the host's python3 through the default namespace)
+#   - -mountopts cache=none (what a Go-like setup asks for) gives one mount, no system mount
+# Prints PASS/FAIL/SKIP lines and "N passed, M failed".
+set -uo pipefail
+BIN=$(readlink -f "${1:?usage: $0 STATIC_BIN}")
+HERE=$(cd "$(dirname "$0")" && pwd)
+VM="$HERE/../../vm/boot-test-vm"
+pass=0 fail=0
+ok() { echo "PASS: $*"; pass=$((pass + 1)); }
+ko() { echo "FAIL: $*"; fail=$((fail + 1)); }
+finish() { echo "$pass passed, $fail failed"; [ "$fail" = 0 ]; exit $?; }
+command -v qemu-system-x86_64 >/dev/null || { echo "SKIP: cache-checks: qemu-system-x86_64 missing"; finish; }
+PY=/usr/bin/python3
+W=$(mktemp -d /tmp/cpu-cachecheck.XXXXXX)
+VM_STATE=""
+cleanup() { [ -n "$VM_STATE" ] && "$VM" stop "$VM_STATE" >/dev/null 2>&1; rm -rf "$W"; }
+trap cleanup EXIT
+ssh-keygen -q -t ed25519 -N '' -f "$W/hk" && ssh-keygen -q -t ed25519 -N '' -f "$W/uk" || { ko "ssh-keygen"; finish; }
+out=$("$VM" --state "$W/vm" -f "$W/hk:/etc/cpud/hostkey" -f "$W/uk.pub:/etc/cpud/authorized_keys" \
+	"$BIN" -hk /etc/cpud/hostkey -pk /etc/cpud/authorized_keys 2>"$W/boot.log") || {
+	ko "VM boot: $(tail -5 "$W/boot.log")"
+	finish
+}
+eval "$out"
+BB=/tmp/local/bin/busybox
+G="/tmp/cpu$W"
+# run CPU-FLAGS... -- COMMAND...: one session from /; output in $W/out and $W/err, status in $rc.
+run() {
+	local flags=()
+	while [ $# -gt 0 ] && [ "$1" != -- ]; do flags+=("$1"); shift; done
+	shift
+	(cd / && timeout -k 5 300 "$BIN" cpu -sp "$HOST_PORT" -key "$W/uk" -hk "$W/hk.pub" "${flags[@]}" 127.0.0.1 "$@" \
+		</dev/null >"$W/out" 2>"$W/err")
+	rc=$?
+}
+why() { echo "status $rc, stdout [$(head -c 300 "$W/out")], stderr [$(tail -3 "$W/err" | tr '\n' ' ')]"; }
+
+# The mounts the default namespace gets.
+run -- $BB grep -E ' /tmp/cpu | /tmp/.cpu-system | /usr ' /proc/self/mountinfo
+mounts=$(cat "$W/out")
+# 6.1 shows the mode as ",mmap" / ",loose"; 6.6 and later as ",cache=<bitmask>" (mmap 5, loose f).
+echo "$mounts" | grep ' /tmp/cpu .*- 9p ' | grep -Eq ',(mmap|cache=5)(,|$)' && ok "/tmp/cpu is 9p with cache=mmap" || ko "main mount: $(why)"
+echo "$mounts" | grep ' /tmp/.cpu-system .*- 9p ' | grep -Eq ',(loose|cache=f)(,|$)' && ok "system mount with cache=loose" || ko "system mount: $(why)"
+echo "$mounts" | grep -q ' /usr .*- 9p ' && ok "/usr is bound from the client" || ko "/usr bind: $(why)"
+
+# A host file changed between two sessions.
+echo first >"$W/f"
+run -namespace= -- $BB cat "$G/f"
+[ "$rc" = 0 ] && [ "$(cat "$W/out")" = first ] && ok "session 1 reads the host file" || ko "session 1: $(why)"
+echo second-and-longer >"$W/f"
+run -namespace= -- $BB cat "$G/f"
+[ "$rc" = 0 ] && [ "$(cat "$W/out")" = second-and-longer ] && ok "session 2 sees the file changed on the host" || ko "session 2: $(why)"
+# Changed on the host while a session runs, read again in the same session (cache=mmap reads
+# through): the guest waits for a marker the host writes after changing the file.
+echo before >"$W/g"
+rm -f "$W/changed"
+(
+	for _ in $(seq 600); do [ -e "$W/ready" ] && break; sleep 0.1; done
+	echo after-change >"$W/g"
+	touch "$W/changed"
+) &
+helper=$!
+run -namespace= -- $BB sh -c "cat $G/g; touch $G/ready; i=0; while [ ! -e $G/changed ] && [ \$i -lt 600 ]; do sleep 0.1; i=\$((i+1)); done; cat $G/g"
+wait "$helper" 2>/dev/null
+rm -f "$W/ready"
+[ "$rc" = 0 ] && [ "$(cat "$W/out")" = "$(printf 'before\nafter-change')" ] && ok "a change on the host during a session is seen" || ko "change during a session: $(why)"
+
+# A guest write is on the host when cpu returns.
+run -namespace= -- $BB dd if=/dev/zero of="$G/written" bs=65536 count=64
+size=$(stat -c %s "$W/written" 2>/dev/null)
+[ "$rc" = 0 ] && [ "$size" = 4194304 ] && ok "4 MiB written by the guest are on the host at exit" || ko "write: size ${size:-none}, $(why)"
+
+# Writable shared mmap, through the host's python3 and the default namespace.
+if [ -x "$PY" ]; then
+	printf 'xxxxxxxxxx' >"$W/m"
+	run -- "$PY" -c "import mmap; f = open('$G/m', 'r+b'); m = mmap.mmap(f.fileno(), 0); m[0:5] = b'HELLO'; m.close(); f.close(); print('mapped')"
+	[ "$rc" = 0 ] && [ "$(cat "$W/m")" = HELLOxxxxx ] && ok "writable shared mmap: bytes on the host at exit" || ko "shared mmap: host has [$(cat "$W/m")], $(why)"
+else
+	echo "SKIP: writable shared mmap: no $PY on the host"
+fi
+
+# An explicit cache mode is applied to everything, with one mount.
+run -mountopts cache=none -msize 65536 -- $BB grep -E ' /tmp/cpu | /tmp/.cpu-system ' /proc/self/mountinfo
+case $(cat "$W/out") in *".cpu-system"*) ko "cache=none: a system mount anyway: $(why)" ;; *" /tmp/cpu "*msize=65536*) ok "-mountopts cache=none -msize 65536: one mount, as asked" ;; *) ko "cache=none: $(why)" ;; esac
+finish
