@@ -748,7 +748,7 @@ async fn rsa_user_keys_under_1024_bits_are_refused() {
 #[tokio::test]
 async fn a_forward_whose_local_end_stops_reading_cannot_stall_the_session() {
     if Command::new("python3").arg("-c").arg("pass").output().is_err() {
-        eprintln!("SKIP: needs python3 (a reader with a small socket buffer)");
+        skip::here("needs python3 (a reader with a small socket buffer)");
         return;
     }
     let dir = TempDir::new("fwdstall");
