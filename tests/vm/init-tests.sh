@@ -24,7 +24,19 @@ PASSED=0 FAILED=0
 pass() { echo "PASS init: $*"; PASSED=$((PASSED + 1)); }
 fail() { echo "FAIL init: $*"; FAILED=$((FAILED + 1)); }
 skip() { echo "SKIP init: $*"; }
-finish() { echo "$PASSED passed, $FAILED failed"; [ "$FAILED" = 0 ]; exit $?; }
+finish() {
+	# A failure says why: the tail of each guest's console (cpud's log is on it).
+	if [ "$FAILED" != 0 ] && [ -n "${WORK:-}" ]; then
+		for l in "$WORK"/[ab].log; do
+			[ -f "$l" ] || continue
+			echo "    --- guest console ${l##*/} (tail) ---"
+			tail -n 25 "$l" | tr -d '\r' | sed 's/^/    /'
+		done
+	fi
+	echo "$PASSED passed, $FAILED failed"
+	[ "$FAILED" = 0 ]
+	exit $?
+}
 check() { if eval "$2"; then pass "$1"; else fail "$1"; fi; }
 
 [ -n "$BIN" ] && [ -f "$BIN" ] || { skip "no static binary given (usage: $0 STATIC_BIN)"; finish; }
