@@ -89,7 +89,7 @@ lint: ## rustfmt check, clippy -D warnings, and every test skip going through th
 
 unit: ## every cargo test (unit, in-process and black-box); ends with the skips and why
 	$(skip_reset)
-	$(CARGO) test
+	$(CARGO) test --no-fail-fast
 	$(skip_summary)
 
 # The stages one after the other, each timed; the skips of all of them are summed up at the

@@ -328,6 +328,31 @@ fn user_at_host_runs_as_cpuds_own_user() {
     daemon.stop();
 }
 
+/// `make test`'s last word on skips: the count, then each reason once with its multiplicity.
+#[test]
+fn skip_summary_counts_every_skip_and_groups_reasons() {
+    let dir = tempdir::TempDir::new("cpu-all-skips");
+    let log = dir.path().join("skipped.log");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/skip-summary");
+    let mut c = Command::new(&script);
+    c.arg(&log);
+    let out = run(c);
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "0 skipped\n".to_string()));
+    std::fs::write(
+        &log,
+        "SKIP: a::t1: needs root\nSKIP: vm/init-tests.sh: init: qemu missing\nSKIP: a::t1: needs root\n",
+    )
+    .expect("write log");
+    let mut c = Command::new(&script);
+    c.arg(&log);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "3 skipped:\n  (x2) a::t1: needs root\n  vm/init-tests.sh: init: qemu missing\n"
+    );
+}
+
 /// `cpud` on 127.0.0.1 with a kernel-chosen port; killed (by its pid) when dropped.
 struct Daemon {
     child: std::process::Child,

@@ -4,13 +4,14 @@
 #
 # The kernel and its modules come from the VM harness's cache (boot-test-vm prepare).
 # Boot 1: cpud -init mounts the basic file systems, loads virtio/9p modules from
-#   /etc/cpud/modules, brings lo up, applies ip=, and keeps the server running: a server
-#   that fails is restarted with a growing pause, PID 1 never exits (no kernel panic).
+#   /etc/cpud/modules, brings lo up, applies ip=, and keeps the server running: a killed
+#   server is restarted, PID 1 never exits (no kernel panic). (The growing pause between
+#   restarts is unit-tested in tests/init_supervise.rs.)
 #   Ctrl-Alt-Del (sent through the qemu monitor) reaches PID 1 as SIGINT: without -poweroff
 #   it stops everything and restarts the server.
 # Boot 2: with -poweroff -klog in /etc/cpud/flags, Ctrl-Alt-Del powers the guest off cleanly,
 #   and cpud's log lines go through the kernel log.
-# With a working SSH server (the stub fails on purpose), boot 1 also runs cpu against it:
+# Boot 1 also runs cpu against it:
 #   a double-forking command leaves no zombie, a crashing session does not take PID 1 down,
 #   and a killed server is restarted.
 # Prints PASS/FAIL/SKIP lines and ends with "N passed, M failed"; exit 1 if any failed.
@@ -23,7 +24,19 @@ PASSED=0 FAILED=0
 pass() { echo "PASS init: $*"; PASSED=$((PASSED + 1)); }
 fail() { echo "FAIL init: $*"; FAILED=$((FAILED + 1)); }
 skip() { echo "SKIP init: $*"; }
-finish() { echo "$PASSED passed, $FAILED failed"; [ "$FAILED" = 0 ]; exit $?; }
+finish() {
+	# A failure says why: the tail of each guest's console (cpud's log is on it).
+	if [ "$FAILED" != 0 ] && [ -n "${WORK:-}" ]; then
+		for l in "$WORK"/[ab].log; do
+			[ -f "$l" ] || continue
+			echo "    --- guest console ${l##*/} (tail) ---"
+			tail -n 25 "$l" | tr -d '\r' | sed 's/^/    /'
+		done
+	fi
+	echo "$PASSED passed, $FAILED failed"
+	[ "$FAILED" = 0 ]
+	exit $?
+}
 check() { if eval "$2"; then pass "$1"; else fail "$1"; fi; }
 
 [ -n "$BIN" ] && [ -f "$BIN" ] || { skip "no static binary given (usage: $0 STATIC_BIN)"; finish; }

@@ -41,7 +41,16 @@ PASS=0 FAIL=0 SKIP=0
 ok() { echo "PASS: $*"; PASS=$((PASS + 1)); }
 ko() { echo "FAIL: $*"; FAIL=$((FAIL + 1)); }
 skip() { echo "SKIP: $*"; SKIP=$((SKIP + 1)); }
-finish() { echo "$PASS passed, $FAIL failed"; [ "$FAIL" = 0 ]; exit $?; }
+finish() {
+	# A failure says why: the tail of the guest console.
+	if [ "$FAIL" != 0 ] && [ -n "${VM_CONSOLE:-}" ] && [ -f "$VM_CONSOLE" ]; then
+		echo "    --- guest console (tail) ---"
+		tail -n 25 "$VM_CONSOLE" | tr -d '\r' | sed 's/^/    /'
+	fi
+	echo "$PASS passed, $FAIL failed"
+	[ "$FAIL" = 0 ]
+	exit $?
+}
 
 VM=${VM_HARNESS:-}
 for c in "$REPO/vm/boot-test-vm"; do
