@@ -900,9 +900,14 @@ impl<B: Backend> Session<B> {
                 let owner = LockOwner { proc_id: t.proc_id, client_id: t.client_id.as_bytes().to_vec() };
                 let held = lock(&self.locks).get((a.dev, a.ino), &owner, kind, t.start, end);
                 let r = match held {
-                    None => Getlock { ty: LOCK_TYPE_UNLCK, ..t },
-                    Some(h) => Getlock {
-                        fid: t.fid,
+                    None => Rgetlock {
+                        ty: LOCK_TYPE_UNLCK,
+                        start: t.start,
+                        length: t.length,
+                        proc_id: t.proc_id,
+                        client_id: t.client_id,
+                    },
+                    Some(h) => Rgetlock {
                         ty: if h.kind == locks::Kind::Read { LOCK_TYPE_RDLCK } else { LOCK_TYPE_WRLCK },
                         start: h.start,
                         length: if h.end == u64::MAX { 0 } else { h.end - h.start + 1 },

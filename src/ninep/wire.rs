@@ -301,10 +301,13 @@ wire_struct! {
         pub fid: u32, pub ty: u8, pub flags: u32, pub start: u64, pub length: u64,
         pub proc_id: u32, pub client_id: P9String,
     }
-    /// Tgetlock and Rgetlock share a layout.
+    /// Tgetlock (Rgetlock is the same without the fid).
     pub struct Getlock {
         pub fid: u32, pub ty: u8, pub start: u64, pub length: u64, pub proc_id: u32,
         pub client_id: P9String,
+    }
+    pub struct Rgetlock {
+        pub ty: u8, pub start: u64, pub length: u64, pub proc_id: u32, pub client_id: P9String,
     }
     pub struct Tlink { pub dfid: u32, pub fid: u32, pub name: P9String }
     pub struct Tmkdir { pub dfid: u32, pub name: P9String, pub mode: u32, pub gid: u32 }
@@ -438,7 +441,7 @@ messages! {
         Readdir(Rreaddir) = 41,
         Fsync(Empty) = 51,
         Lock(Rlock) = 53,
-        GetLock(Getlock) = 55,
+        GetLock(Rgetlock) = 55,
         Link(Empty) = 71,
         Mkdir(Rqid) = 73,
         RenameAt(Empty) = 75,
@@ -551,6 +554,21 @@ mod tests {
     }
 
     #[test]
+    fn rgetlock_has_no_fid() {
+        // Linux reads Rgetlock as type[1] start[8] length[8] proc_id[4] client_id[s]; a fid
+        // there made every F_GETLK that reached the server fail with EFAULT.
+        let r = Rmessage::GetLock(Rgetlock { ty: 1, start: 2, length: 3, proc_id: 4, client_id: "c".into() });
+        let mut w = Vec::new();
+        encode_rmessage(&mut w, 7, &r);
+        let mut want = vec![31, 0, 0, 0, 55, 7, 0, 1];
+        want.extend_from_slice(&2u64.to_le_bytes());
+        want.extend_from_slice(&3u64.to_le_bytes());
+        want.extend_from_slice(&4u32.to_le_bytes());
+        want.extend_from_slice(&[1, 0, b'c']);
+        assert_eq!(w, want);
+    }
+
+    #[test]
     fn twrite_borrows_frame() {
         let msg = Tmessage::Write(Twrite { fid: 3, offset: 9, data: Payload::new(b"hello".to_vec()) });
         let bytes = encode_tmessage(5, &msg);
@@ -591,7 +609,7 @@ mod tests {
             Rmessage::Walk(Rwalk { qids: vec![Qid { ty: QTDIR, version: 1, path: 7 }] }),
             Rmessage::Read(Rread { data: Payload::new(vec![1, 2, 3]) }),
             Rmessage::Getattr(Rgetattr { valid: 0x7ff, size: 42, ..Default::default() }),
-            Rmessage::GetLock(Getlock { fid: 1, ty: 2, client_id: "x".into(), ..Default::default() }),
+            Rmessage::GetLock(Rgetlock { ty: 2, client_id: "x".into(), ..Default::default() }),
             Rmessage::Flush(Empty {}),
         ];
         for r in replies {

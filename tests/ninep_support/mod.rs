@@ -313,12 +313,12 @@ impl Client {
         }
     }
 
-    pub fn getlock(&mut self, fid: u32, ty: u8, start: u64, length: u64) -> R<Getlock> {
+    pub fn getlock(&mut self, fid: u32, ty: u8, start: u64, length: u64) -> R<Rgetlock> {
         self.getlock_as(1, fid, ty, start, length)
     }
 
     /// Tgetlock on behalf of remote process `proc_id`.
-    pub fn getlock_as(&mut self, proc_id: u32, fid: u32, ty: u8, start: u64, length: u64) -> R<Getlock> {
+    pub fn getlock_as(&mut self, proc_id: u32, fid: u32, ty: u8, start: u64, length: u64) -> R<Rgetlock> {
         let t = Getlock { fid, ty, start, length, proc_id, client_id: "c".into() };
         match self.rpc(Tmessage::GetLock(t))? {
             Rmessage::GetLock(l) => Ok(l),
