@@ -215,6 +215,7 @@ impl Admission {
         if mine >= self.config.per_source {
             return Verdict::Refused(Refusal::PerSource { limit: self.config.per_source });
         }
+        let mut evicted_one = false;
         if st.in_progress >= limits.start {
             let busiest = st
                 .sources
@@ -229,6 +230,7 @@ impl Admission {
                         let _ = victim.evict.send(());
                     }
                     st.in_progress -= 1;
+                    evicted_one = true;
                 }
                 None => {
                     let percent = limits.drop_percent(st.in_progress);
@@ -243,6 +245,11 @@ impl Admission {
         let (evict, evicted) = oneshot::channel();
         st.sources.entry(source.clone()).or_default().push(Pending { id, evict });
         st.in_progress += 1;
+        drop(st);
+        if evicted_one {
+            // The victim's source has room again for one of its waiting connections.
+            self.released.notify_waiters();
+        }
         Verdict::Admitted { ticket: Ticket { admission: Some(self.clone()), source, id }, evicted }
     }
 
