@@ -9,13 +9,17 @@
 //! allocated port returned, the bind address echoed verbatim in `forwarded-tcpip`).
 //!
 //! Robustness against unauthenticated peers: admission control on accept
-//! ([`crate::ssh::admission`]: MaxStartups random early drop, a per-source limit, eviction of
-//! the busiest source's oldest handshake); a short grace for the client's identification line
-//! and a bounded time to authenticate (a connection past either is cut: its stream starts
-//! failing, which ends russh's loop); key exchange limited to algorithms whose cost a peer
-//! cannot inflate ([`SERVER_KEX`]); and each connection runs on a thread of its own with its
-//! own current-thread runtime, so one peer's handshake crypto never stalls another
-//! connection's sessions. Nothing read from the network can panic this module.
+//! ([`crate::ssh::admission`]: MaxStartups random early drop, a per-source limit with a
+//! bounded waiting line, eviction of the busiest source's oldest handshake); a short grace for
+//! the client's identification line and a bounded time to authenticate (a connection past
+//! either is cut: its stream starts failing, which ends russh's loop); key exchange limited to
+//! algorithms whose cost a peer cannot inflate ([`SERVER_KEX`]), DH values checked as OpenSSH
+//! does and one modp exponentiation at a time daemon-wide ([`crate::ssh::kexcheck`]); and each
+//! connection runs on a thread of its own with its own current-thread runtime, so one peer's
+//! handshake crypto never stalls another connection's sessions. Against authenticated ones:
+//! per-session env caps, channel and forward caps, and forwarded connections pumped so that a
+//! local end that stops reading never stalls the connection. Nothing read from the network
+//! can panic this module.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
