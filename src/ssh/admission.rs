@@ -560,9 +560,7 @@ mod tests {
 
     #[test]
     fn the_waiting_line_is_bounded_per_source_and_in_all() {
-        let mut config = AdmissionConfig::default();
-        config.queue_per_source = 2;
-        config.queue_total = 3;
+        let config = AdmissionConfig { queue_per_source: 2, queue_total: 3, ..AdmissionConfig::default() };
         let a = Admission::with_seed(config, 9);
         let p1 = a.queue(&v4(2)).expect("first");
         let _p2 = a.queue(&v4(2)).expect("second");
