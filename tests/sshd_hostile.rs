@@ -803,3 +803,32 @@ async fn a_forward_whose_local_end_stops_reading_cannot_stall_the_session() {
         eprintln!("the client got {sent} bytes into the forward");
     }
 }
+
+#[test]
+fn openssh_logs_in_with_every_offered_key_exchange_and_not_with_others() {
+    let dir = TempDir::new("kexssh");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    for kex in [
+        "curve25519-sha256",
+        "curve25519-sha256@libssh.org",
+        "ecdh-sha2-nistp256",
+        "diffie-hellman-group14-sha256",
+    ] {
+        let mut c = ssh_command(server.port, &key);
+        c.args(["-o", &format!("KexAlgorithms={kex}"), "127.0.0.1", "echo in"]);
+        let out = run_timeout(c, None, TIMEOUT);
+        assert_eq!(text(&out.stdout), "in\n", "{kex}: {}", text(&out.stderr));
+    }
+    for kex in [
+        "diffie-hellman-group16-sha512",
+        "diffie-hellman-group14-sha1",
+        "diffie-hellman-group-exchange-sha256",
+    ] {
+        let mut c = ssh_command(server.port, &key);
+        c.args(["-o", &format!("KexAlgorithms={kex}"), "127.0.0.1", "echo in"]);
+        let out = run_timeout(c, None, TIMEOUT);
+        assert_eq!(out.status.code(), Some(255), "{kex} was negotiated: {}", text(&out.stdout));
+        assert!(out.stdout.is_empty(), "{kex} ran the command");
+    }
+}

@@ -14,7 +14,8 @@
 //! handshake each (a real botnet) still meet random early drop, as with OpenSSH.
 //!
 //! A connection over its source's limit is not dropped at once: it may wait (without a
-//! thread, at most [`AdmissionConfig::queue_per_source`] per source) for one of its source's
+//! thread; at most [`AdmissionConfig::queue_per_source`] per source and
+//! [`AdmissionConfig::queue_total`] in all) for one of its source's
 //! handshakes to finish, so a burst of legitimate logins from one machine (`decpu -n`, a
 //! script starting 50 `cpu`s) is served a little later instead of refused.
 //!
@@ -77,6 +78,8 @@ pub struct AdmissionConfig {
     pub per_source: usize,
     /// Connections from one source that may wait for one of its handshakes to end.
     pub queue_per_source: usize,
+    /// Waiting connections from all sources together (each holds a descriptor).
+    pub queue_total: usize,
     /// How long such a connection may wait.
     pub queue_wait: std::time::Duration,
 }
@@ -88,7 +91,8 @@ impl Default for AdmissionConfig {
         AdmissionConfig {
             max_startups: MaxStartups { start: 16, rate: 30, full: 64 },
             per_source: 8,
-            queue_per_source: 64,
+            queue_per_source: 192,
+            queue_total: 256,
             queue_wait: std::time::Duration::from_secs(30),
         }
     }
@@ -215,6 +219,7 @@ impl Admission {
         if mine >= self.config.per_source {
             return Verdict::Refused(Refusal::PerSource { limit: self.config.per_source });
         }
+        let mut evicted_one = false;
         if st.in_progress >= limits.start {
             let busiest = st
                 .sources
@@ -229,6 +234,7 @@ impl Admission {
                         let _ = victim.evict.send(());
                     }
                     st.in_progress -= 1;
+                    evicted_one = true;
                 }
                 None => {
                     let percent = limits.drop_percent(st.in_progress);
@@ -243,12 +249,20 @@ impl Admission {
         let (evict, evicted) = oneshot::channel();
         st.sources.entry(source.clone()).or_default().push(Pending { id, evict });
         st.in_progress += 1;
+        drop(st);
+        if evicted_one {
+            // The victim's source has room again for one of its waiting connections.
+            self.released.notify_waiters();
+        }
         Verdict::Admitted { ticket: Ticket { admission: Some(self.clone()), source, id }, evicted }
     }
 
     /// A place in `source`'s waiting line, if it has room.
     pub fn queue(self: &Arc<Self>, source: &Source) -> Option<QueuePlace> {
         let mut q = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        if q.values().sum::<usize>() >= self.config.queue_total {
+            return None;
+        }
         let n = q.entry(source.clone()).or_insert(0);
         if *n >= self.config.queue_per_source {
             return None;
@@ -418,6 +432,7 @@ mod tests {
                 max_startups: MaxStartups { start: 100, rate: 30, full: 100 },
                 per_source: 2,
                 queue_per_source: 1,
+                queue_total: 1,
                 queue_wait: std::time::Duration::ZERO,
             },
             1,
@@ -441,6 +456,7 @@ mod tests {
                 max_startups: MaxStartups { start: 3, rate: 100, full: 3 },
                 per_source: 5,
                 queue_per_source: 1,
+                queue_total: 1,
                 queue_wait: std::time::Duration::ZERO,
             },
             7,
@@ -461,6 +477,7 @@ mod tests {
                 max_startups: MaxStartups { start: 4, rate: 100, full: 4 },
                 per_source: 8,
                 queue_per_source: 1,
+                queue_total: 1,
                 queue_wait: std::time::Duration::ZERO,
             },
             3,
@@ -492,6 +509,7 @@ mod tests {
                 max_startups: MaxStartups { start: 1, rate: 50, full: 1000 },
                 per_source: 1,
                 queue_per_source: 1,
+                queue_total: 1,
                 queue_wait: std::time::Duration::ZERO,
             },
             42,
@@ -515,6 +533,7 @@ mod tests {
                 max_startups: MaxStartups { start: 10, rate: 30, full: 10 },
                 per_source: 1,
                 queue_per_source: 1,
+                queue_total: 1,
                 queue_wait: std::time::Duration::ZERO,
             },
             5,
@@ -537,5 +556,18 @@ mod tests {
         let (_second, _) = admitted(waiter.await.expect("waiter"));
         drop(place);
         assert!(a.queue(&v4(2)).is_some(), "the place was given back");
+    }
+
+    #[test]
+    fn the_waiting_line_is_bounded_per_source_and_in_all() {
+        let config = AdmissionConfig { queue_per_source: 2, queue_total: 3, ..AdmissionConfig::default() };
+        let a = Admission::with_seed(config, 9);
+        let p1 = a.queue(&v4(2)).expect("first");
+        let _p2 = a.queue(&v4(2)).expect("second");
+        assert!(a.queue(&v4(2)).is_none(), "per source");
+        let _p3 = a.queue(&v4(3)).expect("another source");
+        assert!(a.queue(&v4(4)).is_none(), "in all");
+        drop(p1);
+        assert!(a.queue(&v4(4)).is_some());
     }
 }

@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex};
 use russh::client::{self, Handle, Msg};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
-use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
+use crate::ssh::backlog::Backlog;
 use crate::ssh::known_hosts::{self, Verdict};
 use crate::transport::BoxStream;
 
@@ -118,9 +119,6 @@ type Forward = (String, u32, mpsc::UnboundedSender<Backchannel>);
 /// and from the SSH channel by [`pump_backchannel`].
 pub type Backchannel = DuplexStream;
 
-/// Bytes the remote may have sent ahead of the 9P server before it counts as a flood (a few
-/// of the largest messages; a real 9P client waits for replies).
-const BACKCHANNEL_BACKLOG: usize = 8 << 20;
 /// The in-memory pipe between the pump and the 9P server, each way.
 const BACKCHANNEL_PIPE: usize = 256 << 10;
 
@@ -128,12 +126,13 @@ const BACKCHANNEL_PIPE: usize = 256 << 10;
 /// one takes every message off the channel as it arrives (so russh's connection loop never
 /// waits for the 9P server) and queues the data; one feeds the queue to the 9P server; one
 /// carries replies back, waiting for the remote's window when it must (only it waits). Past
-/// [`BACKCHANNEL_BACKLOG`] bytes not yet taken by the 9P server, the channel is closed.
+/// what [`Backlog`] tolerates (the remote not reading its replies for a while, or a hard cap),
+/// the channel is closed.
 fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
     let (ours, theirs) = tokio::io::duplex(BACKCHANNEL_PIPE);
     let (mut from_9p, mut to_9p) = tokio::io::split(ours);
     let (mut from_remote, to_remote) = channel.split();
-    let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backlog = Arc::new(Backlog::default());
     let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let fed = backlog.clone();
     let feeder = tokio::spawn(async move {
@@ -141,15 +140,29 @@ fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
             if to_9p.write_all(&data).await.is_err() {
                 return;
             }
-            fed.fetch_sub(data.len(), std::sync::atomic::Ordering::SeqCst);
+            fed.sub(data.len());
         }
         let _ = to_9p.shutdown().await;
     });
     let mut writer = to_remote.make_writer();
     // When the 9P side is done (served connection over, or a wrong nonce refused), EOF then
     // close: the dialer on the remote sees the end instead of a channel that swallows data.
+    let watch = backlog.clone();
     let mut replies = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut from_9p, &mut writer).await;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from_9p.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            // Waits for the remote's window: only this task waits, never russh.
+            watch.writer_waits();
+            let sent = writer.write_all(&buf[..n]).await;
+            watch.writer_done();
+            if sent.is_err() {
+                break;
+            }
+        }
         let _ = writer.shutdown().await;
     });
     tokio::spawn(async move {
@@ -162,9 +175,8 @@ fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
             let Some(msg) = msg else { break };
             match msg {
                 ChannelMsg::Data { data } => {
-                    let pending =
-                        backlog.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst) + data.len();
-                    if pending > BACKCHANNEL_BACKLOG {
+                    let pending = backlog.add(data.len());
+                    if backlog.too_much(pending) {
                         log::warn!(
                             "9p back-channel: the remote sent {pending} bytes of requests without reading the replies; closing it"
                         );

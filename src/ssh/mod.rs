@@ -2,6 +2,7 @@
 
 pub mod admission;
 pub mod authorized_keys;
+pub mod backlog;
 pub mod client;
 pub mod config;
 pub mod hostkey;

@@ -9,13 +9,17 @@
 //! allocated port returned, the bind address echoed verbatim in `forwarded-tcpip`).
 //!
 //! Robustness against unauthenticated peers: admission control on accept
-//! ([`crate::ssh::admission`]: MaxStartups random early drop, a per-source limit, eviction of
-//! the busiest source's oldest handshake); a short grace for the client's identification line
-//! and a bounded time to authenticate (a connection past either is cut: its stream starts
-//! failing, which ends russh's loop); key exchange limited to algorithms whose cost a peer
-//! cannot inflate ([`SERVER_KEX`]); and each connection runs on a thread of its own with its
-//! own current-thread runtime, so one peer's handshake crypto never stalls another
-//! connection's sessions. Nothing read from the network can panic this module.
+//! ([`crate::ssh::admission`]: MaxStartups random early drop, a per-source limit with a
+//! bounded waiting line, eviction of the busiest source's oldest handshake); a short grace for
+//! the client's identification line and a bounded time to authenticate (a connection past
+//! either is cut: its stream starts failing, which ends russh's loop); key exchange limited to
+//! algorithms whose cost a peer cannot inflate ([`SERVER_KEX`]), DH values checked as OpenSSH
+//! does and one modp exponentiation at a time daemon-wide ([`crate::ssh::kexcheck`]); and each
+//! connection runs on a thread of its own with its own current-thread runtime, so one peer's
+//! handshake crypto never stalls another connection's sessions. Against authenticated ones:
+//! per-session env caps, channel and forward caps, and forwarded connections pumped so that a
+//! local end that stops reading never stalls the connection. Nothing read from the network
+//! can panic this module.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -37,6 +41,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::error::{Error, Result};
 use crate::ssh::admission::{self, Admission, AdmissionConfig, Source, Ticket};
 use crate::ssh::authorized_keys::{AuthorizedKeys, Permissions, Verdict};
+use crate::ssh::backlog::Backlog;
 use crate::ssh::hostkey::fingerprint;
 use crate::ssh::kexcheck::ClearTextInspector;
 use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
@@ -912,14 +917,15 @@ async fn forward_accept_loop(
 ///
 /// Messages are taken off the channel as they arrive and queued for the socket, so a local
 /// program that stops reading its end never makes russh's connection loop wait (which would
-/// stall every session on the connection, exit statuses included); past
-/// [`FORWARD_BACKLOG`] bytes it has not read, the forwarded connection is closed.
+/// stall every session on the connection, exit statuses included); when the local end has
+/// left more unread than [`Backlog`] tolerates (not reading for a while, or a hard cap), the
+/// forwarded connection is closed.
 async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<russh::server::Msg>) {
     use tokio::io::AsyncWriteExt;
 
     let (mut from_client, to_client) = channel.split();
     let (mut socket_read, mut socket_write) = socket.into_split();
-    let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backlog = Arc::new(Backlog::default());
     let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<Option<Vec<u8>>>();
     let written = backlog.clone();
     // Dropping the write half (here, or by aborting this task) closes the TCP connection.
@@ -927,10 +933,13 @@ async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<r
         while let Some(item) = queue_rx.recv().await {
             match item {
                 Some(data) => {
-                    if socket_write.write_all(&data).await.is_err() {
+                    written.writer_waits();
+                    let sent = socket_write.write_all(&data).await;
+                    written.writer_done();
+                    if sent.is_err() {
                         return;
                     }
-                    written.fetch_sub(data.len(), std::sync::atomic::Ordering::SeqCst);
+                    written.sub(data.len());
                 }
                 None => {
                     let _ = socket_write.shutdown().await;
@@ -950,8 +959,8 @@ async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<r
         tokio::select! {
             msg = from_client.wait() => match msg {
                 Some(russh::ChannelMsg::Data { data }) => {
-                    let pending = backlog.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst) + data.len();
-                    if pending > FORWARD_BACKLOG {
+                    let pending = backlog.add(data.len());
+                    if backlog.too_much(pending) {
                         log::warn!("forwarded connection: its local end left {pending} bytes unread; closed");
                         break;
                     }
@@ -970,9 +979,6 @@ async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<r
     to_socket.abort();
     let _ = to_client.close().await;
 }
-
-/// Bytes a forwarded connection's local end may leave unread before it is closed.
-const FORWARD_BACKLOG: usize = 8 << 20;
 
 #[cfg(test)]
 mod tests {
