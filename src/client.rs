@@ -957,22 +957,39 @@ mod tests {
         assert_eq!(exit_code(None, None, "h"), 255);
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn backchannel_rejects_wrong_nonce_and_serves_the_right_one() {
+    /// A back-channel acceptor offering `offered` connections whose served streams (the bytes
+    /// after the nonce) are sent to the returned receiver.
+    fn recording_acceptor(
+        offered: usize,
+    ) -> (
+        String,
+        mpsc::UnboundedSender<tokio::io::DuplexStream>,
+        mpsc::UnboundedReceiver<Vec<u8>>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let nonce = "0123456789abcdef0123456789abcdef".to_string();
         let (tx, rx) = mpsc::unbounded_channel();
-        let (served_tx, mut served_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let acceptor =
-            tokio::spawn(accept_backchannel(rx, nonce.clone(), 1, move |mut s: tokio::io::DuplexStream| {
+        let (served_tx, served_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let acceptor = tokio::spawn(accept_backchannel(
+            rx,
+            nonce.clone(),
+            offered,
+            move |mut s: tokio::io::DuplexStream| {
                 let served_tx = served_tx.clone();
                 async move {
-                    // The served stream starts right after the nonce.
                     let mut rest = Vec::new();
                     s.read_to_end(&mut rest).await.map_err(|e| Error::io("read", e))?;
                     let _ = served_tx.send(rest);
                     Ok(())
                 }
-            }));
+            },
+        ));
+        (nonce, tx, served_rx, acceptor)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn backchannel_rejects_wrong_nonce_and_serves_the_right_one() {
+        let (nonce, tx, mut served_rx, acceptor) = recording_acceptor(1);
         // A wrong nonce: the acceptor closes the connection.
         let (mut bad, bad_remote) = tokio::io::duplex(1024);
         tx.send(bad_remote).unwrap();
@@ -1000,19 +1017,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn backchannel_serves_as_many_connections_as_offered_and_refuses_more() {
-        let nonce = "0123456789abcdef0123456789abcdef".to_string();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (served_tx, mut served_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let acceptor =
-            tokio::spawn(accept_backchannel(rx, nonce.clone(), 2, move |mut s: tokio::io::DuplexStream| {
-                let served_tx = served_tx.clone();
-                async move {
-                    let mut rest = Vec::new();
-                    s.read_to_end(&mut rest).await.map_err(|e| Error::io("read", e))?;
-                    let _ = served_tx.send(rest);
-                    Ok(())
-                }
-            }));
+        let (nonce, tx, mut served_rx, acceptor) = recording_acceptor(2);
         let mut ends = Vec::new();
         for name in ["main", "system"] {
             let (mut end, remote) = tokio::io::duplex(1024);
