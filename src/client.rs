@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use crate::error::{Error, Result, EXIT_CONNECTION};
 use crate::options::{CpuOptions, DEFAULT_PORT};
 use crate::protocol;
-use crate::ssh::client::{AuthMethods, HostKeyCheck, HostKeyPolicy};
+use crate::ssh::client::{AuthMethods, Connection, HostKeyCheck, HostKeyPolicy};
 use crate::ssh::config::{self, HostConfig, Tokens};
 use crate::terminal::{self, EscapeAction, EscapeFilter};
 use crate::transport::{self, Net};
@@ -52,7 +52,10 @@ pub fn run(opts: CpuOptions) -> Result<i32> {
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
-    let result = rt.block_on(session(opts));
+    let result = match crate::control::master_request() {
+        Some((path, persist)) => rt.block_on(crate::control::run_master(opts, path, persist)),
+        None => rt.block_on(session(opts)),
+    };
     // The stdin reader thread may still be blocked in read(); do not wait for it.
     rt.shutdown_background();
     result
@@ -113,6 +116,8 @@ pub struct Target {
     pub host_key_name: String,
     /// How long dialing and the handshake may take (ConnectTimeout, else 30 s).
     pub connect_timeout: Duration,
+    /// Connection reuse (ControlMaster, ControlPath, ControlPersist and their flags).
+    pub control: crate::control::ControlSettings,
 }
 
 /// The ssh_config files read, in order.
@@ -182,6 +187,21 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
         cfg.user_known_hosts_files.iter().map(|f| PathBuf::from(config::expand_path(f, &tokens))).collect()
     };
     let host_key_name = cfg.host_key_alias.clone().unwrap_or_else(|| host.clone());
+    let local_host = crate::control::local_host_name();
+    let control = crate::control::settings(
+        opts,
+        &cfg,
+        &crate::control::PathTokens {
+            home: &local.home,
+            local_user: &local.user,
+            uid: rustix::process::getuid().as_raw(),
+            local_host: &local_host,
+            host: &host,
+            port: &port,
+            remote_user: &user,
+            alias: &alias,
+        },
+    )?;
     Ok(Target {
         user,
         host,
@@ -198,6 +218,7 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
             .filter(|s| *s > 0)
             .map(Duration::from_secs)
             .unwrap_or(CONNECT_TIMEOUT),
+        control,
     })
 }
 
@@ -399,9 +420,9 @@ pub async fn accept_backchannel<S, F, Fut>(
     }
 }
 
-/// Why the I/O loop ended.
+/// Why the local side of a session ended.
 enum Ending {
-    Closed,
+    Closed(Outcome),
     Escape,
     LocalSignal(i32),
 }
@@ -455,25 +476,32 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     let net = Net::parse(&opts.net, true)?;
     let local = LocalEnv::from_process();
     let target = resolve(&opts, net, &local, &config_files(&local))?;
-    log::debug!("connecting to {} port {} as {}", target.host, target.port, target.user);
+    if !opts.control_cmd.is_empty() {
+        return crate::control::command(&target.control, &opts.control_cmd).await;
+    }
     check_key_flags(&opts, &target)?;
-    let ninep = opts.ninep && !opts.root.is_empty();
     // Build the fstab before connecting: a syntax error must not cost a connection.
-    let fstab = if opts.root.is_empty() {
-        None
-    } else {
-        let file = if opts.fstab.is_empty() {
-            None
-        } else {
-            Some(
-                std::fs::read_to_string(&opts.fstab)
-                    .map_err(|e| Error::Config(format!("cannot read -fstab {}: {e}", opts.fstab)))?,
-            )
-        };
-        Some(crate::namespace::client_fstab(&opts.namespace, file.as_deref())?)
-    };
+    let spec = SessionSpec::from_process(&opts)?;
     let check = host_key_check(&opts, &target)?;
+    match crate::control::route(&opts, &target).await? {
+        // A live master carries the session: no dial, no handshake, no authentication.
+        crate::control::Route::Mux(stream) => return crate::control::run_mux(stream, spec, &target.host).await,
+        crate::control::Route::Exit(status) => return Ok(status),
+        crate::control::Route::Direct => {}
+    }
+    let conn = connect(net, &opts, &target, check).await?;
+    let (io, ends) = session_io();
+    let tty = spec.tty.as_ref().map(|(_, ws)| *ws);
+    let result = local_session(tty, &target.host, ends, run_channel(&conn, &spec, io)).await;
+    // Bounded: a server that stopped reading must not keep cpu from exiting.
+    let bye = conn.handle.disconnect(russh::Disconnect::ByApplication, "", "en");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
+    result
+}
 
+/// Dials the target, runs the SSH handshake and authenticates.
+pub async fn connect(net: Net, opts: &CpuOptions, target: &Target, check: HostKeyCheck) -> Result<Connection> {
+    log::debug!("connecting to {} port {} as {}", target.host, target.port, target.user);
     let mut conn = tokio::time::timeout(target.connect_timeout, async {
         let stream = transport::dial(net, &target.host, &target.port, target.connect_timeout).await?;
         crate::ssh::client::connect(stream, check).await
@@ -491,15 +519,256 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     };
     conn.authenticate(&target.user, &methods).await?;
     log::debug!("authenticated as {}", target.user);
+    Ok(conn)
+}
 
+/// Everything one session needs that comes from the user's side: what a direct `cpu` takes
+/// from its own process, and what a mux client sends its master (crate::control).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSpec {
+    /// The environment to send, PWD naming the directory cpu runs in.
+    pub environ: Vec<(OsString, OsString)>,
+    /// The remote command (already defaulted to the shell).
+    pub command: Vec<OsString>,
+    /// TERM and the window size when stdin is a terminal: a pty is asked for.
+    pub tty: Option<(String, terminal::WindowSize)>,
+    /// Serve 9P on a back-channel of this session (`-9p` and a `-root`).
+    pub ninep: bool,
+    /// The exported directory, absolute.
+    pub root: String,
+    pub read_only: bool,
+    pub msize: u32,
+    pub mount_opts: String,
+    pub debug_9p: bool,
+    /// The fstab sent as CPU_FSTAB, if any.
+    pub fstab: Option<String>,
+}
+
+impl SessionSpec {
+    /// From the options and this process's environment, directory and terminal.
+    pub fn from_process(opts: &CpuOptions) -> Result<SessionSpec> {
+        let fstab = if opts.root.is_empty() {
+            None
+        } else {
+            let file = if opts.fstab.is_empty() {
+                None
+            } else {
+                Some(
+                    std::fs::read_to_string(&opts.fstab)
+                        .map_err(|e| Error::Config(format!("cannot read -fstab {}: {e}", opts.fstab)))?,
+                )
+            };
+            Some(crate::namespace::client_fstab(&opts.namespace, file.as_deref())?)
+        };
+        let mut environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+        let cwd = std::env::current_dir().ok();
+        if let Some(cwd) = &cwd {
+            environ = with_current_pwd(environ, cwd);
+        }
+        // A relative -root means the same directory wherever the session is served from.
+        let root = match (&cwd, std::path::Path::new(&opts.root).is_relative() && !opts.root.is_empty()) {
+            (Some(cwd), true) => cwd.join(&opts.root).to_string_lossy().into_owned(),
+            _ => opts.root.clone(),
+        };
+        let tty = terminal::window_size(std::io::stdin().as_fd()).map(|ws| {
+            let term = std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "dumb".into());
+            (term, ws)
+        });
+        Ok(SessionSpec {
+            environ,
+            command: remote_command(&opts.command),
+            tty,
+            ninep: opts.ninep && !opts.root.is_empty(),
+            root,
+            read_only: opts.read_only,
+            msize: opts.msize,
+            mount_opts: opts.mount_opts.clone(),
+            debug_9p: opts.debug_9p,
+            fstab,
+        })
+    }
+}
+
+/// How a session ended on the server: what [`exit_code`] turns into cpu's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub exit_status: Option<u32>,
+    pub exit_signal: Option<String>,
+    /// The session's remote forward (address, port), which a control master cancels.
+    pub forward: Option<(String, u16)>,
+}
+
+/// What the user's side asks of a running session besides stdin.
+#[derive(Debug, Clone)]
+pub enum SessionEvent {
+    Signal(Sig),
+    WindowChange(terminal::WindowSize),
+    /// The user's side is gone (a mux client that went away): end the session.
+    Hangup,
+}
+
+/// The session's side of its I/O: stdin chunks (closed: EOF), stdout/stderr chunks
+/// (`true`: stderr) and events.
+pub struct SessionIo {
+    pub stdin: mpsc::Receiver<Vec<u8>>,
+    pub output: mpsc::Sender<(bool, Vec<u8>)>,
+    pub events: mpsc::UnboundedReceiver<SessionEvent>,
+}
+
+/// The user's side of a [`SessionIo`].
+pub struct SessionEnds {
+    pub stdin: mpsc::Sender<Vec<u8>>,
+    pub output: mpsc::Receiver<(bool, Vec<u8>)>,
+    pub events: mpsc::UnboundedSender<SessionEvent>,
+}
+
+/// A connected pair of session I/O ends.
+pub fn session_io() -> (SessionIo, SessionEnds) {
+    let (stdin_tx, stdin_rx) = mpsc::channel(4);
+    let (out_tx, out_rx) = mpsc::channel(16);
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    (
+        SessionIo { stdin: stdin_rx, output: out_tx, events: ev_rx },
+        SessionEnds { stdin: stdin_tx, output: out_rx, events: ev_tx },
+    )
+}
+
+/// Aborts a task when dropped: a session cancelled half-way leaves nothing running.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The local side of a session, direct or through a master: this process's stdin (with the
+/// `~.` escape on a terminal), stdout and stderr, raw mode, and signals, around `runner`,
+/// which carries the session and returns how it ended.
+pub async fn local_session<F>(
+    tty: Option<terminal::WindowSize>,
+    host: &str,
+    ends: SessionEnds,
+    runner: F,
+) -> Result<i32>
+where
+    F: std::future::Future<Output = Result<Outcome>>,
+{
+    let SessionEnds { stdin: stdin_tx, output: out_rx, events } = ends;
+    let stdin = std::io::stdin();
+    // Raw mode from here on; the guard restores the terminal on every way out of this function.
+    let _raw = match tty {
+        Some(_) => match terminal::RawMode::enter(stdin.as_fd()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                log::warn!("cannot put the terminal in raw mode: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+
+    // Local stdin to the session, in its own task so that a slow keyboard never stops the
+    // loop below; with a terminal it filters the `~.` escape and reports it here. The session
+    // holds stdin back until its command is started.
+    let (escape_tx, mut escape_rx) = mpsc::channel::<()>(1);
+    let is_tty = tty.is_some();
+    let mut lent = LentStdin(Some(take_stdin()));
+    let stdin_task = AbortOnDrop(tokio::spawn(async move {
+        let Some(rx) = lent.0.as_mut() else { return };
+        let mut escape = EscapeFilter::new();
+        while let Some(bytes) = rx.recv().await {
+            let (out, action) = if is_tty {
+                let mut out = Vec::with_capacity(bytes.len());
+                let action = escape.feed(&bytes, &mut out);
+                (out, action)
+            } else {
+                (bytes, EscapeAction::Forward)
+            };
+            if !out.is_empty() && stdin_tx.send(out).await.is_err() {
+                return;
+            }
+            if action == EscapeAction::Disconnect {
+                let _ = escape_tx.send(()).await;
+                return;
+            }
+        }
+        // Batch mode: the session sends EOF when this sender is dropped. With a terminal,
+        // EOF is a key (^D): keep the sender until the session ends.
+        if is_tty {
+            std::future::pending::<()>().await;
+        }
+    }));
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| Error::io("SIGHUP handler", e))?;
+    let mut sigwinch = signal(SignalKind::window_change()).map_err(|e| Error::io("SIGWINCH handler", e))?;
+
+    // stdout and stderr: written by one plain thread, in order, so a slow reader only slows
+    // us down; joined before we return so nothing is lost (pitfall P19).
+    let output = std::thread::spawn(move || write_output(out_rx));
+    let (mut interrupts, mut terminations) = (0u32, 0u32);
+    let mut runner = Box::pin(runner);
+    let ending = loop {
+        tokio::select! {
+            r = &mut runner => break r.map(Ending::Closed),
+            Some(()) = escape_rx.recv() => break Ok(Ending::Escape),
+            // Signals are forwarded (the session sends them once its command started); but a
+            // server that ignores them must not make cpu unkillable.
+            _ = sigint.recv() => {
+                interrupts += 1;
+                let _ = events.send(SessionEvent::Signal(Sig::INT));
+                if interrupts >= 3 { break Ok(Ending::LocalSignal(2)); }
+            }
+            _ = sigterm.recv() => {
+                terminations += 1;
+                let _ = events.send(SessionEvent::Signal(Sig::TERM));
+                if tty.is_some() || terminations >= 2 { break Ok(Ending::LocalSignal(15)); }
+            }
+            _ = sighup.recv() => {
+                let _ = events.send(SessionEvent::Signal(Sig::HUP));
+                if tty.is_some() { break Ok(Ending::LocalSignal(1)); }
+            }
+            _ = sigwinch.recv(), if tty.is_some() => {
+                if let Some(ws) = terminal::window_size(std::io::stdin().as_fd()) {
+                    let _ = events.send(SessionEvent::WindowChange(ws));
+                }
+            }
+        }
+    };
+    drop(stdin_task);
+    // Ends the session if it still runs, which closes the output channel.
+    drop(runner);
+    let _ = tokio::task::spawn_blocking(move || output.join()).await;
+    drop(_raw);
+    match ending? {
+        Ending::Escape => {
+            eprintln!("cpu: connection to {host} closed (~.)");
+            Ok(EXIT_CONNECTION)
+        }
+        Ending::LocalSignal(n) => {
+            eprintln!("cpu: stopped by signal {n}; the remote command may still run");
+            Ok(128 + n)
+        }
+        Ending::Closed(o) => Ok(exit_code(o.exit_status, o.exit_signal.as_deref(), host)),
+    }
+}
+
+/// Runs one session on an authenticated connection: the 9P back-channel when asked, the
+/// session channel and its requests, then the I/O until the server closes the channel.
+pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -> Result<Outcome> {
+    let SessionIo { stdin: mut local_stdin, output: out_tx, mut events } = io;
     let mut backchannel = None;
-    let nonce = if ninep {
-        let (_addr, port, rx) = conn.forward_loopback().await?;
-        backchannel = Some((port, rx));
+    let nonce = if spec.ninep {
+        let (addr, port, rx) = conn.forward_loopback().await?;
+        backchannel = Some((addr, port, rx));
         Some(protocol::new_nonce()?)
     } else {
         None
     };
+    let forward = backchannel.as_ref().map(|(a, p, _)| (a.clone(), *p));
 
     let channel = conn
         .handle
@@ -508,25 +777,20 @@ async fn session(opts: CpuOptions) -> Result<i32> {
         .map_err(|e| Error::Ssh(format!("opening the session channel: {e}")))?;
     let (mut reader, writer) = channel.split();
 
-    let stdin = std::io::stdin();
-    let tty = terminal::window_size(stdin.as_fd());
     // pty-req, env and exec, all with want-reply: sent by their own task while the loop below
     // already reads the replies (a large environment would otherwise fill russh's per-channel
     // queue with replies nobody reads, and stall the connection).
     let mut requests: Vec<Request> = Vec::new();
-    if let Some(ws) = tty {
-        let term = std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "dumb".into());
-        requests.push(Request::Pty { term, ws });
+    if let Some((term, ws)) = &spec.tty {
+        requests.push(Request::Pty { term: term.clone(), ws: *ws });
     }
-    let mut environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-    if let Ok(cwd) = std::env::current_dir() {
-        environ = with_current_pwd(environ, &cwd);
-    }
-    for (k, v) in session_env(environ, nonce.as_deref(), fstab.as_deref(), opts.msize, &opts.mount_opts) {
+    for (k, v) in
+        session_env(spec.environ.clone(), nonce.as_deref(), spec.fstab.as_deref(), spec.msize, &spec.mount_opts)
+    {
         requests.push(Request::Env(k, v));
     }
-    let command = remote_command(&opts.command);
-    let exec = crate::cmdline::build_exec(backchannel.as_ref().map(|(p, _)| *p), &command);
+    let command = &spec.command;
+    let exec = crate::cmdline::build_exec(backchannel.as_ref().map(|(_, p, _)| *p), command);
     log::debug!("exec {:?}", String::from_utf8_lossy(&exec));
     requests.push(Request::Exec(exec));
     let mut pending: VecDeque<Pending> = requests.iter().map(Request::pending).collect();
@@ -548,65 +812,37 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     // For the `-d` summary (make bench reads it): round trips decide speed on a real link.
     let request_counts = Arc::new(crate::wirecount::RequestCounts::default());
     let acceptor = match (backchannel, nonce) {
-        (Some((_port, rx)), Some(nonce)) => {
+        (Some((_addr, _port, rx)), Some(nonce)) => {
             let serve_opts = crate::ninep::ServeOptions {
-                root: PathBuf::from(&opts.root),
-                read_only: opts.read_only,
-                max_msize: opts.msize,
-                trace: opts.debug_9p,
+                root: PathBuf::from(&spec.root),
+                read_only: spec.read_only,
+                max_msize: spec.msize,
+                trace: spec.debug_9p,
             };
             let counts = request_counts.clone();
-            Some(tokio::spawn(accept_backchannel(rx, nonce, BACKCHANNEL_CONNECTIONS, move |stream| {
+            Some(AbortOnDrop(tokio::spawn(accept_backchannel(rx, nonce, BACKCHANNEL_CONNECTIONS, move |stream| {
                 crate::ninep::serve(
                     crate::wirecount::Counted::new(stream, counts.clone()),
                     serve_opts.clone(),
                 )
-            })))
+            }))))
         }
         _ => None,
     };
 
-    // Raw mode from here on; the guard restores the terminal on every way out of this function.
-    let _raw = match tty {
-        Some(_) => match terminal::RawMode::enter(stdin.as_fd()) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                log::warn!("cannot put the terminal in raw mode: {e}");
-                None
-            }
-        },
-        None => None,
-    };
-
-    // Local stdin to the remote, in its own task so that neither a full remote window nor a
-    // slow keyboard ever stops this loop from reading the remote's output (which is what lets
-    // russh process the window adjustments). It starts once exec is sent; with a terminal it
-    // filters the `~.` escape and reports it here.
-    let (escape_tx, mut escape_rx) = mpsc::channel::<()>(1);
+    // The user's stdin to the remote, in its own task so that neither a full remote window nor
+    // a slow keyboard ever stops this loop from reading the remote's output (which is what
+    // lets russh process the window adjustments). It starts once exec is sent.
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     let mut go_tx = Some(go_tx);
-    let is_tty = tty.is_some();
+    let is_tty = spec.tty.is_some();
     let mut remote_stdin = writer.make_writer();
-    let mut lent = LentStdin(Some(take_stdin()));
-    let stdin_task = tokio::spawn(async move {
+    let stdin_task = AbortOnDrop(tokio::spawn(async move {
         if go_rx.await.is_err() {
             return;
         }
-        let Some(rx) = lent.0.as_mut() else { return };
-        let mut escape = EscapeFilter::new();
-        while let Some(bytes) = rx.recv().await {
-            let (out, action) = if is_tty {
-                let mut out = Vec::with_capacity(bytes.len());
-                let action = escape.feed(&bytes, &mut out);
-                (out, action)
-            } else {
-                (bytes, EscapeAction::Forward)
-            };
-            if !out.is_empty() && remote_stdin.write_all(&out).await.is_err() {
-                return;
-            }
-            if action == EscapeAction::Disconnect {
-                let _ = escape_tx.send(()).await;
+        while let Some(bytes) = local_stdin.recv().await {
+            if remote_stdin.write_all(&bytes).await.is_err() {
                 return;
             }
         }
@@ -614,22 +850,11 @@ async fn session(opts: CpuOptions) -> Result<i32> {
         if !is_tty {
             let _ = remote_stdin.shutdown().await;
         }
-    });
+    }));
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|e| Error::io("SIGHUP handler", e))?;
-    let mut sigwinch = signal(SignalKind::window_change()).map_err(|e| Error::io("SIGWINCH handler", e))?;
-
-    // stdout and stderr: written by one plain thread, in order, so a slow reader only slows
-    // us down; joined before we return so nothing is lost (pitfall P19).
-    let (out_tx, out_rx) = mpsc::channel::<(bool, Vec<u8>)>(16);
-    let output = std::thread::spawn(move || write_output(out_rx));
-    let mut exit_status: Option<u32> = None;
-    let mut exit_signal: Option<String> = None;
-    let (mut interrupts, mut terminations) = (0u32, 0u32);
-    let ending = loop {
+    let mut outcome = Outcome::default();
+    let mut events_open = true;
+    let ended: Result<()> = loop {
         tokio::select! {
             msg = reader.wait() => match msg {
                 Some(russh::ChannelMsg::Data { data }) => {
@@ -640,24 +865,24 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                         let _ = out_tx.send((true, data.to_vec())).await;
                     }
                 }
-                Some(russh::ChannelMsg::ExitStatus { exit_status: s }) => exit_status = Some(s),
+                Some(russh::ChannelMsg::ExitStatus { exit_status: s }) => outcome.exit_status = Some(s),
                 Some(russh::ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, .. }) => {
                     let name = crate::ssh::session::signal_text(&signal_name);
                     log::debug!("remote command killed by SIG{name}{} {error_message}", if core_dumped { " (core dumped)" } else { "" });
-                    exit_signal = Some(name);
+                    outcome.exit_signal = Some(name);
                 }
                 Some(russh::ChannelMsg::Success) => { pending.pop_front(); }
                 Some(russh::ChannelMsg::Failure) => match pending.pop_front() {
-                    Some(Pending::Pty) => return Err(Error::Ssh("the server refused a pseudo-terminal".into())),
-                    Some(Pending::Exec) => return Err(Error::Ssh(format!(
+                    Some(Pending::Pty) => break Err(Error::Ssh("the server refused a pseudo-terminal".into())),
+                    Some(Pending::Exec) => break Err(Error::Ssh(format!(
                         "the server refused to run the command {:?}",
-                        String::from_utf8_lossy(&crate::cmdline::build_exec(None, &command)).trim_start()
+                        String::from_utf8_lossy(&crate::cmdline::build_exec(None, command)).trim_start()
                     ))),
                     Some(Pending::Env) => log::debug!("an env request was refused (sshd's AcceptEnv)"),
                     None => {}
                 },
                 Some(russh::ChannelMsg::Eof) => log::debug!("remote EOF"),
-                Some(russh::ChannelMsg::Close) | None => break Ending::Closed,
+                Some(russh::ChannelMsg::Close) | None => break Ok(()),
                 Some(_) => {}
             },
             sent = &mut sent_rx, if !requests_sent => {
@@ -668,60 +893,39 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                             let _ = go.send(());
                         }
                     }
-                    Ok(Err(e)) => return Err(Error::Ssh(format!("starting the session: {e}"))),
-                    Err(_) => return Err(Error::Ssh("starting the session: request task ended".into())),
+                    Ok(Err(e)) => break Err(Error::Ssh(format!("starting the session: {e}"))),
+                    Err(_) => break Err(Error::Ssh("starting the session: request task ended".into())),
                 }
             }
-            Some(()) = escape_rx.recv() => break Ending::Escape,
-            // Signals wait until exec is sent (Go cpud crashes on an early signal, P10). They are
-            // sent from tasks so that a busy connection never blocks this loop.
-            _ = sigint.recv(), if requests_sent => {
-                // Forwarded; but a server that ignores it must not make cpu unkillable.
-                interrupts += 1;
-                send_signal(&writer, Sig::INT);
-                if interrupts >= 3 { break Ending::LocalSignal(2); }
-            }
-            _ = sigterm.recv(), if requests_sent => {
-                terminations += 1;
-                send_signal(&writer, Sig::TERM);
-                if tty.is_some() || terminations >= 2 { break Ending::LocalSignal(15); }
-            }
-            _ = sighup.recv(), if requests_sent => {
-                send_signal(&writer, Sig::HUP);
-                if tty.is_some() { break Ending::LocalSignal(1); }
-            }
-            _ = sigwinch.recv(), if tty.is_some() && requests_sent => {
-                if let Some(ws) = terminal::window_size(std::io::stdin().as_fd()) {
+            // Events wait until exec is sent (Go cpud crashes on an early signal, P10). They
+            // are sent from tasks so that a busy connection never blocks this loop.
+            ev = events.recv(), if requests_sent && events_open => match ev {
+                Some(SessionEvent::Signal(sig)) => send_signal(&writer, sig),
+                Some(SessionEvent::WindowChange(ws)) => {
                     let (wpx, hpx) = pixels(ws);
                     let w = writer.clone();
                     tokio::spawn(async move { let _ = w.window_change(ws.cols, ws.rows, wpx, hpx).await; });
                 }
-            }
+                Some(SessionEvent::Hangup) => {
+                    // As sshd does when its client vanishes: the channel closes, the remote
+                    // command gets SIGHUP from its terminal (or EOF).
+                    let bye = async { let _ = writer.eof().await; let _ = writer.close().await; };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+                    break Ok(());
+                }
+                None => events_open = false,
+            },
         }
     };
-    stdin_task.abort();
-    conn.stop_forwarding();
-    if let Some(a) = acceptor {
-        a.abort();
+    drop(stdin_task);
+    if let Some((addr, port)) = &forward {
+        conn.stop_forwarding(addr, *port);
+    }
+    outcome.forward = forward;
+    if acceptor.is_some() {
         log::debug!("{}", request_counts.summary());
     }
-    drop(out_tx);
-    let _ = tokio::task::spawn_blocking(move || output.join()).await;
-    drop(_raw);
-    // Bounded: a server that stopped reading must not keep cpu from exiting.
-    let bye = conn.handle.disconnect(russh::Disconnect::ByApplication, "", "en");
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
-    match ending {
-        Ending::Escape => {
-            eprintln!("cpu: connection to {} closed (~.)", target.host);
-            Ok(EXIT_CONNECTION)
-        }
-        Ending::LocalSignal(n) => {
-            eprintln!("cpu: stopped by signal {n}; the remote command may still run");
-            Ok(128 + n)
-        }
-        Ending::Closed => Ok(exit_code(exit_status, exit_signal.as_deref(), &target.host)),
-    }
+    ended.map(|()| outcome)
 }
 
 /// Sends a `signal` request without waiting in the caller.

@@ -13,7 +13,8 @@
 //! - [`ninep`]: the 9P2000.L wire codec and the client's file server.
 //! - [`namespace`]: namespace strings, fstab, and the mount/bind/unshare calls.
 //! - [`client`]: the `cpu` session (SSH session + 9P back-channel); [`terminal`]: its local
-//!   terminal (raw mode, window size, the `~.` escape).
+//!   terminal (raw mode, window size, the `~.` escape); [`control`]: connection reuse
+//!   (ControlMaster, ControlPath, ControlPersist).
 //! - [`server`]: the `cpud` daemon; [`remote`]: `cpud -remote`, the per-session side.
 //! - [`transport`]: tcp, vsock, unix and unix-vsock streams and listeners.
 //! - [`discovery`]: DNS-SD announcement (decpud) and server selection (decpu).
@@ -22,6 +23,7 @@
 
 pub mod client;
 pub mod cmdline;
+pub mod control;
 pub mod discovery;
 pub mod elf_arch;
 pub mod error;

@@ -58,6 +58,13 @@ pub struct CpuOptions {
     pub host: Option<String>,
     /// The remote command and its arguments; empty: the shell.
     pub command: Vec<OsString>,
+    /// Connection reuse (`-controlmaster`, `-controlpath`, `-controlpersist`): as written;
+    /// empty means ssh_config decides. `crate::control` gives them their meaning.
+    pub control_master: String,
+    pub control_path: String,
+    pub control_persist: String,
+    /// `-controlcmd`: `check` or `exit` a running master instead of running a command.
+    pub control_cmd: String,
 }
 
 /// After `cpu -h`'s flags: how the command words are run, and what `user@` means.
@@ -107,7 +114,12 @@ fn client_flags(name: &'static str, synopsis: &'static str, decpu: bool) -> Flag
         )
         .int("msize", MAX_MSIZE as i64, "largest 9p message size to offer (cpu-all cpud only)")
         .string("mountopts", "", "extra 9p mount options, comma separated (cpu-all cpud only)")
-        .bool("ro", false, "serve the 9p root read-only");
+        .bool("ro", false, "serve the 9p root read-only")
+        // Connection reuse as OpenSSH does it; empty: ssh_config's ControlMaster etc.
+        .string("controlmaster", "", "share one connection per host: no, yes, auto, ask, autoask (default: ssh_config ControlMaster, else no)")
+        .string("controlpath", "", "control socket path, with ssh_config's %h %p %r %u %C... tokens; none disables (default: ssh_config ControlPath)")
+        .string("controlpersist", "", "keep an idle master for: no, yes (forever), seconds, or 10m, 1h... (default: ssh_config ControlPersist, else no)")
+        .string("controlcmd", "", "ask the master at -controlpath: check (is it running?) or exit (stop it)");
     if decpu {
         f = f.int("n", 1, "number of cpu servers to use").string(
             "dsInterface",
@@ -207,7 +219,18 @@ impl CpuOptions {
             ds_interface: if decpu { p.string("dsInterface") } else { String::new() },
             host,
             command: rest.cloned().collect(),
+            control_master: p.string("controlmaster"),
+            control_path: p.string("controlpath"),
+            control_persist: p.string("controlpersist"),
+            control_cmd: p.string("controlcmd"),
         };
+        if !matches!(o.control_cmd.as_str(), "" | "check" | "exit") {
+            return Err(FlagError::BadValue {
+                flag: "controlcmd".into(),
+                value: o.control_cmd.clone(),
+                reason: "must be check or exit".into(),
+            });
+        }
         if plain_ssh {
             o.ninep = false;
             o.namespace.clear();

@@ -230,7 +230,8 @@ fn is_rsa(a: &russh::keys::Algorithm) -> bool {
 #[derive(Default)]
 struct Shared {
     host_key_error: Mutex<Option<Error>>,
-    forward: Mutex<Option<Forward>>,
+    /// One remote forward per running session (a control master runs several at once).
+    forward: Mutex<Vec<Forward>>,
 }
 
 /// The russh event handler of `cpu`.
@@ -273,12 +274,10 @@ impl client::Handler for CpuHandler {
     ) -> Result<(), Self::Error> {
         let target = {
             let forward = self.shared.forward.lock().unwrap_or_else(|p| p.into_inner());
-            match forward.as_ref() {
-                Some((addr, port, tx)) if addr == connected_address && *port == connected_port => {
-                    Some(tx.clone())
-                }
-                _ => None,
-            }
+            forward
+                .iter()
+                .find(|(addr, port, _)| addr == connected_address && *port == connected_port)
+                .map(|(_, _, tx)| tx.clone())
         };
         match target {
             Some(tx) => {
@@ -544,8 +543,11 @@ impl Connection {
             match self.handle.tcpip_forward(addr, 0).await {
                 Ok(port) if (1..=65535).contains(&port) => {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    *self.shared.forward.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some((addr.to_string(), port, tx));
+                    self.shared.forward.lock().unwrap_or_else(|p| p.into_inner()).push((
+                        addr.to_string(),
+                        port,
+                        tx,
+                    ));
                     log::debug!("the server listens on {addr} port {port} for the 9p back-channel");
                     return Ok((addr.to_string(), port as u16, rx));
                 }
@@ -558,9 +560,22 @@ impl Connection {
         )))
     }
 
-    /// Stops handing forwarded connections to the acceptor; later ones are refused.
-    pub fn stop_forwarding(&self) {
-        self.shared.forward.lock().unwrap_or_else(|p| p.into_inner()).take();
+    /// Stops handing connections of the forward `addr`:`port` to its acceptor; later ones
+    /// are refused.
+    pub fn stop_forwarding(&self, addr: &str, port: u16) {
+        self.shared
+            .forward
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(a, p, _)| !(a == addr && *p == u32::from(port)));
+    }
+
+    /// Asks the server to stop listening for the forward `addr`:`port` (a control master's
+    /// sessions come and go on one connection; a direct session just disconnects).
+    pub async fn cancel_forward(&self, addr: &str, port: u16) {
+        if let Err(e) = self.handle.cancel_tcpip_forward(addr, u32::from(port)).await {
+            log::debug!("cancel-tcpip-forward {addr}:{port}: {e}");
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 //!
 //! As in ssh, the first value obtained for a keyword wins (IdentityFile and UserKnownHostsFile
 //! accumulate), `~/.ssh/config` is read before `/etc/ssh/ssh_config`, and `Include` is followed.
-//! IdentitiesOnly, HostKeyAlias and ConnectTimeout are honoured too. `Match` blocks are skipped with a debug message rather than failing the whole file (the Go
+//! IdentitiesOnly, HostKeyAlias and ConnectTimeout are honoured too, and ControlMaster,
+//! ControlPath and ControlPersist are read for connection reuse (their meaning lives in
+//! `crate::control`). `Match` blocks are skipped with a debug message rather than failing the whole file (the Go
 //! client's library gives up on every lookup when it sees one, pitfall P2). Nothing here does
 //! I/O except reading the config files; token expansion (`~`, `%d %u %h %r %%`) is a separate,
 //! pure step so the resolution can be tested without a home directory.
@@ -30,6 +32,10 @@ pub struct HostConfig {
     pub host_key_alias: Option<String>,
     /// ConnectTimeout in seconds.
     pub connect_timeout: Option<u64>,
+    /// ControlMaster, ControlPath and ControlPersist as written (unexpanded).
+    pub control_master: Option<String>,
+    pub control_path: Option<String>,
+    pub control_persist: Option<String>,
 }
 
 /// Deepest `Include` nesting followed (ssh uses 16).
@@ -128,6 +134,9 @@ pub fn apply(text: &str, alias: &str, cfg: &mut HostConfig, include: &mut dyn Fn
             "connecttimeout" if cfg.connect_timeout.is_none() => {
                 cfg.connect_timeout = args.first().and_then(|a| a.parse().ok());
             }
+            "controlmaster" => first(&mut cfg.control_master, &args),
+            "controlpath" => first(&mut cfg.control_path, &args),
+            "controlpersist" => first(&mut cfg.control_persist, &args),
             "identitiesonly" if cfg.identities_only.is_none() => {
                 cfg.identities_only = args.first().map(|a| a.eq_ignore_ascii_case("yes"));
             }
@@ -329,6 +338,17 @@ Host *
         assert_eq!(c.identity_files, vec!["~/.ssh/board_key", "/keys/with space", "%d/.ssh/id_%r"]);
         assert_eq!(c.user_known_hosts_files, vec!["~/.ssh/kh1", "~/.ssh/kh2"]);
         assert_eq!(c.strict_host_key_checking, None);
+    }
+
+    #[test]
+    fn control_keys_first_value_wins() {
+        let text = "Host board\n  ControlMaster auto\n  ControlPath ~/.ssh/cm-%C\nHost *\n  ControlMaster no\n  ControlPersist=10m\n";
+        let c = parse(text, "board");
+        assert_eq!(c.control_master.as_deref(), Some("auto"));
+        assert_eq!(c.control_path.as_deref(), Some("~/.ssh/cm-%C"));
+        assert_eq!(c.control_persist.as_deref(), Some("10m"));
+        let c = parse(text, "other");
+        assert_eq!((c.control_master.as_deref(), c.control_path.as_deref()), (Some("no"), None));
     }
 
     #[test]
