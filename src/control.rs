@@ -659,7 +659,14 @@ async fn serve_session(
     mut rd: tokio::net::unix::OwnedReadHalf,
     mut wr: tokio::net::unix::OwnedWriteHalf,
 ) {
-    log::debug!("control master: session {:?}", spec.command);
+    let pwd = spec.environ.iter().find(|(k, _)| k == "PWD").map(|(_, v)| v.to_string_lossy().into_owned());
+    log::debug!(
+        "control master: session {:?} in {pwd:?}, 9p {} root {:?}, fstab {:?}",
+        spec.command,
+        spec.ninep,
+        spec.root,
+        spec.fstab
+    );
     let (io, ends) = client::session_io();
     let client::SessionEnds { stdin, output: mut out_rx, events } = ends;
     let _reader = client::AbortOnDrop(tokio::spawn(async move {

@@ -1,0 +1,393 @@
+//! Connection reuse: the real `cpu` binary against a real `cpud` on 127.0.0.1, with
+//! -controlmaster/-controlpath/-controlpersist. cpud's -d log proves what went over the network:
+//! one "accepted ... key" line per authenticated connection, one "running" line per session.
+//! Checked: sessions through a master give the exact bytes and exit codes of a direct session
+//! (3, 255, 137 for SIGKILL, stdin bytes, environment and directory), two mux sessions at once,
+//! each with its own 9P forward, the socket mode, a stale socket, the persist timeout,
+//! -controlcmd=check/exit, and a client of another uid refused.
+
+#[path = "common/skip.rs"]
+mod skip;
+mod cpu_support;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cpu_support::{bin, keygen, wait_output, Home, KillOnDrop, TempDir, CHILD_TIMEOUT};
+
+/// A cpud on 127.0.0.1 (port chosen by the kernel) logging with -d to a file.
+struct Cpud {
+    _child: KillOnDrop,
+    port: u16,
+    log: PathBuf,
+    host_pub: PathBuf,
+}
+
+impl Cpud {
+    fn start(dir: &Path, home: &Home) -> Cpud {
+        let hostkey = dir.join("hostkey");
+        keygen(&hostkey);
+        std::fs::write(dir.join("authorized"), format!("{}\n", home.key_pub)).unwrap();
+        let log = dir.join("cpud.log");
+        let child = Command::new(bin())
+            .args(["cpud", "-d", "-sp", "0", "-listen", "127.0.0.1", "-pk"])
+            .arg(dir.join("authorized"))
+            .arg("-hk")
+            .arg(&hostkey)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut child = KillOnDrop(child);
+        let deadline = Instant::now() + CHILD_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(rest) = text.split("Listening on 127.0.0.1:").nth(1) {
+                let port: u16 = rest.lines().next().unwrap().trim().parse().unwrap();
+                return Cpud { _child: child, port, log, host_pub: hostkey.with_extension("pub") };
+            }
+            if let Ok(Some(st)) = child.0.try_wait() {
+                panic!("cpud exited with {st} before listening: {text}");
+            }
+            assert!(Instant::now() < deadline, "cpud did not listen within {CHILD_TIMEOUT:?}: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Authenticated connections so far.
+    fn connections(&self) -> usize {
+        self.log().matches(": accepted ssh-ed25519 key").count()
+    }
+
+    /// Sessions started so far.
+    fn sessions(&self) -> usize {
+        self.log().lines().filter(|l| l.contains(": running ")).count()
+    }
+}
+
+/// One test's world: a HOME with a key, a cpud, and a directory for the control socket.
+struct World {
+    home: Home,
+    cpud: Cpud,
+    dir: TempDir,
+}
+
+impl World {
+    fn new(tag: &str) -> World {
+        let home = Home::new();
+        let dir = TempDir::new(tag);
+        let cpud = Cpud::start(dir.path(), &home);
+        World { home, cpud, dir }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("cm")
+    }
+
+    /// `cpu` with the pinned host key, the cpud port, the given control flags and no 9P
+    /// (unless `args` says otherwise), run in /tmp (a directory both sides have).
+    fn cpu(&self, control: &[&str], args: &[&str]) -> Command {
+        let mut c = cpu_support::cpu_command(&self.home, &[]);
+        c.arg("-hk").arg(&self.cpud.host_pub).args(["-sp", &self.cpud.port.to_string()]);
+        c.arg(format!("-controlpath={}", self.socket().display()));
+        c.args(control).args(args);
+        c.current_dir("/tmp").env("PWD", "/tmp").env("CPU_CONTROL_TEST", "mux-or-direct");
+        c
+    }
+
+    fn run(&self, control: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut c = self.cpu(control, args);
+        c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        if let Some(bytes) = stdin {
+            let mut w = child.stdin.take().unwrap();
+            let bytes = bytes.to_vec();
+            std::thread::spawn(move || {
+                let _ = w.write_all(&bytes);
+            });
+        }
+        wait_output(child, CHILD_TIMEOUT)
+    }
+
+    /// `-controlcmd=check`: the master's pid, or None with its output.
+    fn check(&self) -> std::result::Result<u32, String> {
+        let out = self.run(&["-controlcmd=check"], &["127.0.0.1"], None);
+        let err = text(&out.stderr);
+        match err.split("Master running (pid=").nth(1).and_then(|r| r.split(')').next()) {
+            Some(pid) if out.status.code() == Some(0) => Ok(pid.parse().unwrap()),
+            _ => Err(format!("status {:?}: {err}", out.status.code())),
+        }
+    }
+
+    /// Stops the master (if any), and makes sure its process is gone.
+    fn stop_master(&self) {
+        if let Ok(pid) = self.check() {
+            let _ = self.run(&["-controlcmd=exit"], &["127.0.0.1"], None);
+            let gone = wait_until(Duration::from_secs(20), || !process_alive(pid));
+            if !gone {
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                    rustix::process::Signal::KILL,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop_master();
+    }
+}
+
+const AUTO: &[&str] = &["-controlmaster=auto", "-controlpersist=60"];
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn process_alive(pid: u32) -> bool {
+    // A zombie still has /proc/PID; its state letter says Z.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+fn need_cpud_session() -> bool {
+    if !Path::new("/bin/sh").exists() {
+        skip::here("/bin/sh is missing");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn sessions_through_the_master_match_direct_ones_over_one_connection() {
+    if !need_cpud_session() {
+        return;
+    }
+    let w = World::new("mux");
+    let cases: &[(&[&str], Option<&[u8]>, i32, &str, &str)] = &[
+        (&["sh", "-c", "echo one; echo two >&2; exit 3"], None, 3, "one\n", "two\n"),
+        (&["sh", "-c", "exit 255"], None, 255, "", ""),
+        (&["sh", "-c", "printf 'x'; kill -9 $$"], None, 137, "x", ""),
+        (&["cat"], Some(b"bytes\x00\xff\n"), 0, "bytes\x00\u{fffd}\n", ""),
+        (&["sh", "-c", "echo \"$CPU_CONTROL_TEST $PWD\""], None, 0, "mux-or-direct /tmp\n", ""),
+    ];
+    // Direct first (-controlpath=none would do too: -controlmaster=no with no socket yet).
+    for (cmd, stdin, code, out, err) in cases {
+        let mut args = vec!["-9p=false", "127.0.0.1"];
+        args.extend_from_slice(cmd);
+        let o = w.run(&["-controlmaster=no"], &args, *stdin);
+        assert_eq!(o.status.code(), Some(*code), "direct {cmd:?}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), *out, "direct {cmd:?}");
+        assert!(text(&o.stderr).ends_with(err), "direct {cmd:?}: {}", text(&o.stderr));
+    }
+    let direct_connections = w.cpud.connections();
+    assert_eq!(direct_connections, cases.len(), "{}", w.cpud.log());
+    assert!(!w.socket().exists(), "no master with -controlmaster=no");
+
+    // Now through a master: the first run starts it, the rest reuse it.
+    for (cmd, stdin, code, out, err) in cases {
+        let mut args = vec!["-9p=false", "127.0.0.1"];
+        args.extend_from_slice(cmd);
+        let o = w.run(AUTO, &args, *stdin);
+        assert_eq!(o.status.code(), Some(*code), "mux {cmd:?}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), *out, "mux {cmd:?}");
+        assert!(text(&o.stderr).ends_with(err), "mux {cmd:?}: {}", text(&o.stderr));
+    }
+    assert_eq!(
+        w.cpud.connections(),
+        direct_connections + 1,
+        "five sessions, one authentication: {}",
+        w.cpud.log()
+    );
+    assert_eq!(w.cpud.sessions(), 2 * cases.len(), "{}", w.cpud.log());
+
+    // The socket is the user's alone.
+    let mode = std::fs::metadata(w.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    let pid = w.check().expect("a master after -controlmaster=auto");
+    assert!(process_alive(pid));
+
+    // -controlcmd=exit stops it and removes the socket.
+    let o = w.run(&["-controlcmd=exit"], &["127.0.0.1"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("Exit request sent."), "{}", text(&o.stderr));
+    assert!(!w.socket().exists(), "the socket is removed before the master answers");
+    assert!(wait_until(Duration::from_secs(20), || !process_alive(pid)), "master {pid} still runs after exit");
+    let err = w.check().unwrap_err();
+    assert!(err.contains("status Some(255)") && err.contains("no control master at"), "{err}");
+}
+
+#[test]
+fn two_mux_sessions_at_once() {
+    if !need_cpud_session() {
+        return;
+    }
+    let w = World::new("concurrent");
+    let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // A: cat, its stdin held open; B runs and ends while A waits.
+    let mut a = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "cat"]);
+    a.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut a = a.spawn().unwrap();
+    let mut a_in = a.stdin.take().unwrap();
+    a_in.write_all(b"from a\n").unwrap();
+    let b = w.run(AUTO, &["-9p=false", "127.0.0.1", "echo", "from b"], None);
+    assert_eq!((b.status.code(), text(&b.stdout)), (Some(0), "from b\n".into()), "{}", text(&b.stderr));
+    assert!(a.try_wait().unwrap().is_none(), "A still runs while B ran and ended");
+    a_in.write_all(b"more\n").unwrap();
+    drop(a_in);
+    let a = wait_output(a, CHILD_TIMEOUT);
+    assert_eq!((a.status.code(), text(&a.stdout)), (Some(0), "from a\nmore\n".into()), "{}", text(&a.stderr));
+    assert_eq!(w.cpud.connections(), 1, "{}", w.cpud.log());
+    assert_eq!(w.cpud.sessions(), 3, "{}", w.cpud.log());
+}
+
+#[test]
+fn each_mux_session_gets_its_own_9p_forward_and_options() {
+    if !need_cpud_session() {
+        return;
+    }
+    let w = World::new("ninep");
+    // The master logs with -d to this file (it keeps stderr only with -d).
+    let master_log = w.dir.path().join("master.log");
+    let mut first = w.cpu(&["-d", "-controlmaster=auto", "-controlpersist=60"], &["127.0.0.1", "true"]);
+    first.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&master_log).unwrap());
+    let _ = wait_output(first.spawn().unwrap(), CHILD_TIMEOUT);
+    // A second session with its own options: a relative -root (the client's directory decides
+    // what it means) and its own namespace.
+    let o = w.run(&[], &["-root=.", "-namespace=/usr", "127.0.0.1", "true"], None);
+    let log = std::fs::read_to_string(&master_log).unwrap();
+    assert!(
+        log.contains(
+            r#"control master: session ["true"] in Some("/tmp"), 9p true root "/tmp/.", fstab Some("\n/tmp/cpu/usr /usr none defaults,bind 0 0\n")"#
+        ),
+        "the mux client's options reach the master: {log}"
+    );
+    let ports: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("exec \"-port9p=").nth(1))
+        .map(|r| r.split(' ').next().unwrap_or(""))
+        .collect();
+    assert_eq!(ports.len(), 2, "one forward per session: {log}");
+    assert_ne!(ports[0], ports[1], "each session has its own forward: {log}");
+    // This machine's kernel has no 9p: cpud says so, through the master, with cpud's status.
+    if o.status.code() == Some(125) {
+        assert!(text(&o.stderr).contains("no 9p support"), "{}", text(&o.stderr));
+        skip::skip(
+            "cpu_control::each_mux_session_gets_its_own_9p_forward_and_options (mount part)",
+            "this kernel has no 9p; the mount through a master is for the VM",
+        );
+    } else {
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    }
+    assert_eq!(w.cpud.connections(), 1, "{}", w.cpud.log());
+}
+
+#[test]
+fn stale_socket_direct_with_no_replaced_with_auto() {
+    if !need_cpud_session() {
+        return;
+    }
+    let w = World::new("stale");
+    // A socket file nobody listens on: a master that died.
+    drop(std::os::unix::net::UnixListener::bind(w.socket()).unwrap());
+    let o = w.run(&["-d", "-controlmaster=no"], &["-9p=false", "127.0.0.1", "echo", "direct"], None);
+    assert_eq!((o.status.code(), text(&o.stdout)), (Some(0), "direct\n".into()), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("stale control socket"), "{}", text(&o.stderr));
+    assert!(w.socket().exists(), "-controlmaster=no leaves the socket alone");
+
+    let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "echo", "master"], None);
+    assert_eq!((o.status.code(), text(&o.stdout)), (Some(0), "master\n".into()), "{}", text(&o.stderr));
+    w.check().expect("auto replaced the stale socket with a live master");
+    assert_eq!(w.cpud.connections(), 2, "{}", w.cpud.log());
+}
+
+#[test]
+fn persist_time_ends_an_idle_master() {
+    if !need_cpud_session() {
+        return;
+    }
+    let w = World::new("persist");
+    let o = w.run(&["-controlmaster=auto", "-controlpersist=1s"], &["-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let pid = w.check().expect("a master right after the session");
+    let gone = wait_until(Duration::from_secs(30), || !process_alive(pid) && !w.socket().exists());
+    assert!(
+        gone,
+        "master {pid} still alive={} socket exists={} 30 s after a 1 s persist",
+        process_alive(pid),
+        w.socket().exists()
+    );
+    // Without ControlPersist, the master leaves with its last session.
+    let o = w.run(&["-controlmaster=auto"], &["-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let gone = wait_until(Duration::from_secs(30), || !w.socket().exists());
+    assert!(gone, "the socket is still there 30 s after the only session of a non-persistent master");
+}
+
+#[test]
+fn another_uid_is_refused() {
+    if !need_cpud_session() {
+        return;
+    }
+    if rustix::process::geteuid().as_raw() != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        skip::here("needs root and setpriv to connect as another uid");
+        return;
+    }
+    let w = World::new("uid");
+    let master_log = w.dir.path().join("master.log");
+    let mut first = w.cpu(&["-d", "-controlmaster=auto", "-controlpersist=60"], &["-9p=false", "127.0.0.1", "true"]);
+    first.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&master_log).unwrap());
+    let _ = wait_output(first.spawn().unwrap(), CHILD_TIMEOUT);
+    // Open the way (the 0600 socket would already stop uid 65534 at connect) so that the
+    // master's own check is what refuses.
+    std::fs::set_permissions(w.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(w.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = Command::new("/usr/bin/setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin())
+        .args(["cpu", "-controlcmd=check"])
+        .arg(format!("-controlpath={}", w.socket().display()))
+        .arg("127.0.0.1")
+        .env("HOME", "/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let o = wait_output(c.spawn().unwrap(), CHILD_TIMEOUT);
+    let err = text(&o.stderr);
+    if err.contains("setpriv:") {
+        skip::here(&format!("uid 65534 cannot run the test binary here: {err}"));
+        return;
+    }
+    assert_eq!(o.status.code(), Some(255), "{err}");
+    assert!(err.contains("refused a client with uid 65534"), "{err}");
+    let log = std::fs::read_to_string(&master_log).unwrap();
+    assert!(log.contains("refused a client with uid 65534"), "the master logs the refusal: {log}");
+    w.check().expect("the master still serves its own uid");
+}
