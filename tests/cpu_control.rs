@@ -391,3 +391,55 @@ fn another_uid_is_refused() {
     assert!(log.contains("refused a client with uid 65534"), "the master logs the refusal: {log}");
     w.check().expect("the master still serves its own uid");
 }
+
+#[test]
+fn pty_session_through_the_master_resizes_escapes_and_restores() {
+    if !need_cpud_session() {
+        return;
+    }
+    let w = World::new("pty");
+    let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let script = "echo TERM=$TERM; stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done";
+    let mut cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", script]);
+    cmd.env("TERM", "xterm-cputest");
+    let mut pty = cpu_support::PtyChild::spawn(cmd, 33, 111);
+    let t = Duration::from_secs(15);
+    assert!(pty.expect("ready", t), "no start: {:?}", text(&pty.seen));
+    let seen = text(&pty.seen);
+    assert!(seen.contains("TERM=xterm-cputest\r\n"), "{seen:?}");
+    assert!(seen.contains("33 111\r\n"), "{seen:?}");
+    pty.resize(44, 122);
+    assert!(pty.expect("44 122", t), "resize not seen: {:?}", text(&pty.seen));
+    pty.write(b"\r~.");
+    assert_eq!(pty.wait(t), Some(255), "{:?}", text(&pty.seen));
+    assert!(text(&pty.seen).contains("closed (~.)"));
+    assert!(pty.is_cooked(), "raw mode left on");
+
+    let cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", "echo hi; exit 5"]);
+    let mut pty = cpu_support::PtyChild::spawn(cmd, 24, 80);
+    assert_eq!(pty.wait(t), Some(5), "{:?}", text(&pty.seen));
+    assert!(text(&pty.seen).contains("hi\r\n"), "{:?}", text(&pty.seen));
+    assert!(pty.is_cooked(), "raw mode left on");
+    assert_eq!(w.cpud.connections(), 1, "{}", w.cpud.log());
+}
+
+#[test]
+fn signals_reach_the_command_through_the_master() {
+    if !need_cpud_session() {
+        return;
+    }
+    let w = World::new("signals");
+    let script = "trap 'echo got-int; exit 9' INT; echo ready; while :; do sleep 0.05; done";
+    let mut c = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", script]);
+    let out_file = w.dir.path().join("out");
+    c.stdin(Stdio::null()).stdout(std::fs::File::create(&out_file).unwrap()).stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    let pid = rustix::process::Pid::from_child(&child);
+    let ready = wait_until(CHILD_TIMEOUT, || std::fs::read_to_string(&out_file).unwrap_or_default().contains("ready"));
+    assert!(ready, "the command did not start: {:?}", std::fs::read_to_string(&out_file));
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let o = wait_output(child, CHILD_TIMEOUT);
+    assert_eq!(o.status.code(), Some(9), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "ready\ngot-int\n");
+}
