@@ -74,6 +74,8 @@ The command runs as a program with its arguments, not through a shell (as with G
   cpu board sh -c 'echo $HOME; ls | wc -l'     # shell syntax: ask for sh -c
 With no command, cpu runs $SHELL (with a terminal when stdin is one).
 The port goes in -sp, not in the host: cpu -sp 17011 board date
+One connection for many sessions, as ssh's ControlMaster (or the same lines in ~/.ssh/config):
+  cpu -controlmaster=auto -controlpath='~/.ssh/cpu-%C' -controlpersist=10m board date
 user@host: cpud accepts any user name and runs every session as cpud's own user.
 ";
 
