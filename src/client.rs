@@ -485,7 +485,11 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     let check = host_key_check(&opts, &target)?;
     match crate::control::route(&opts, &target).await? {
         // A live master carries the session: no dial, no handshake, no authentication.
-        crate::control::Route::Mux(stream) => return crate::control::run_mux(stream, spec, &target.host).await,
+        crate::control::Route::Mux(stream) => {
+            if let Some(stream) = crate::control::open(stream, &spec).await {
+                return crate::control::run_mux(stream, &spec, &target.host).await;
+            }
+        }
         crate::control::Route::Exit(status) => return Ok(status),
         crate::control::Route::Direct => {}
     }

@@ -27,8 +27,9 @@
 //!
 //! Socket protocol (ours, not OpenSSH's): frames of a 4-byte big-endian length, a type byte and
 //! a payload. The client sends OPEN (the session), CHECK or EXIT first; then STDIN, STDIN_EOF,
-//! SIGNAL and WINDOW. The master answers STDOUT, STDERR and finally OUTCOME or ERROR; ALIVE to
-//! CHECK, BYE to EXIT.
+//! SIGNAL and WINDOW. The master answers ACCEPTED at once (a client that gets no ACCEPTED, from
+//! a master on its way out, connects directly instead), then STDOUT, STDERR and finally OUTCOME
+//! or ERROR; ALIVE to CHECK, BYE to EXIT.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -74,6 +75,7 @@ const OUTCOME: u8 = 18;
 const ERROR: u8 = 19;
 const ALIVE: u8 = 20;
 const BYE: u8 = 21;
+const ACCEPTED: u8 = 22;
 
 /// ControlMaster: `ask` counts as `yes` and `autoask` as `auto` (there is no askpass here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,19 +386,46 @@ pub async fn command(settings: &ControlSettings, cmd: &str) -> Result<i32> {
     }
 }
 
-/// Runs a session through the master on `stream`, with this process's stdio and signals.
-pub async fn run_mux(stream: UnixStream, spec: SessionSpec, host: &str) -> Result<i32> {
-    let (io, ends) = client::session_io();
-    let tty = spec.tty.as_ref().map(|(_, ws)| *ws);
-    client::local_session(tty, host, ends, relay(stream, spec, io)).await
+/// Offers the session to the master on `stream`; None (and why, on -d) if the master did not
+/// take it, so the caller connects directly.
+pub async fn open(mut stream: UnixStream, spec: &SessionSpec) -> Option<UnixStream> {
+    let reply = async {
+        write_frame(&mut stream, OPEN, &encode_spec(spec)).await?;
+        read_frame(&mut stream).await
+    };
+    match tokio::time::timeout(HELLO_TIMEOUT, reply).await {
+        Ok(Ok(Some((ACCEPTED, _)))) => Some(stream),
+        Ok(Ok(Some((ERROR, p)))) => {
+            log::warn!("the control master refused the session: {}", String::from_utf8_lossy(&p));
+            None
+        }
+        Ok(Ok(other)) => {
+            log::debug!("the control master did not take the session ({:?}); connecting directly", other.map(|f| f.0));
+            None
+        }
+        Ok(Err(e)) => {
+            log::debug!("the control master did not take the session ({e}); connecting directly");
+            None
+        }
+        Err(_) => {
+            log::warn!("the control master did not answer within {HELLO_TIMEOUT:?}; connecting directly");
+            None
+        }
+    }
 }
 
-/// The mux client's side of one session: the spec, then stdin and events to the master, and
-/// its output and outcome back.
-async fn relay(stream: UnixStream, spec: SessionSpec, io: SessionIo) -> Result<Outcome> {
+/// Runs a session the master accepted ([`open`]), with this process's stdio and signals.
+pub async fn run_mux(stream: UnixStream, spec: &SessionSpec, host: &str) -> Result<i32> {
+    let (io, ends) = client::session_io();
+    let tty = spec.tty.as_ref().map(|(_, ws)| *ws);
+    client::local_session(tty, host, ends, relay(stream, io)).await
+}
+
+/// The mux client's side of one accepted session: stdin and events to the master, and its
+/// output and outcome back.
+async fn relay(stream: UnixStream, io: SessionIo) -> Result<Outcome> {
     let SessionIo { mut stdin, output, mut events } = io;
     let (mut rd, mut wr) = stream.into_split();
-    write_frame(&mut wr, OPEN, &encode_spec(&spec)).await?;
     // Its own task: a master slow to take stdin must never stop us reading its output.
     let _writer = client::AbortOnDrop(tokio::spawn(async move {
         let mut stdin_open = true;
@@ -609,6 +638,20 @@ async fn serve(conn: Arc<Connection>, listener: tokio::net::UnixListener, path: 
                 None => {}
             },
             _ = idle => {
+                // A session that arrived just now keeps the master.
+                match ev_rx.try_recv() {
+                    Ok(MasterEvent::Started) => {
+                        active += 1;
+                        deadline = None;
+                        continue;
+                    }
+                    Ok(MasterEvent::Exit(mut wr)) => {
+                        let _ = std::fs::remove_file(path);
+                        let _ = write_frame(&mut wr, BYE, &[]).await;
+                        return;
+                    }
+                    Ok(MasterEvent::Ended) | Err(_) => {}
+                }
                 log::debug!("control master: idle for its persist time ({persist:?}), exiting");
                 return;
             }
@@ -641,7 +684,9 @@ async fn serve_client(conn: Arc<Connection>, stream: UnixStream, events: mpsc::U
         (OPEN, payload) => match decode_spec(&payload) {
             Ok(spec) => {
                 let _ = events.send(MasterEvent::Started);
-                serve_session(conn, spec, rd, wr).await;
+                if write_frame(&mut wr, ACCEPTED, &[]).await.is_ok() {
+                    serve_session(conn, spec, rd, wr).await;
+                }
                 let _ = events.send(MasterEvent::Ended);
             }
             Err(e) => {
