@@ -482,7 +482,6 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     check_key_flags(&opts, &target)?;
     // Build the fstab before connecting: a syntax error must not cost a connection.
     let spec = SessionSpec::from_process(&opts)?;
-    let check = host_key_check(&opts, &target)?;
     match crate::control::route(&opts, &target).await? {
         // A live master carries the session: no dial, no handshake, no authentication.
         crate::control::Route::Mux(stream) => {
@@ -493,6 +492,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
         crate::control::Route::Exit(status) => return Ok(status),
         crate::control::Route::Direct => {}
     }
+    let check = host_key_check(&opts, &target)?;
     let conn = connect(net, &opts, &target, check).await?;
     let (io, ends) = session_io();
     let tty = spec.tty.as_ref().map(|(_, ws)| *ws);
