@@ -504,7 +504,12 @@ async fn session(opts: CpuOptions) -> Result<i32> {
 }
 
 /// Dials the target, runs the SSH handshake and authenticates.
-pub async fn connect(net: Net, opts: &CpuOptions, target: &Target, check: HostKeyCheck) -> Result<Connection> {
+pub async fn connect(
+    net: Net,
+    opts: &CpuOptions,
+    target: &Target,
+    check: HostKeyCheck,
+) -> Result<Connection> {
     log::debug!("connecting to {} port {} as {}", target.host, target.port, target.user);
     let mut conn = tokio::time::timeout(target.connect_timeout, async {
         let stream = transport::dial(net, &target.host, &target.port, target.connect_timeout).await?;
@@ -788,9 +793,13 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
     if let Some((term, ws)) = &spec.tty {
         requests.push(Request::Pty { term: term.clone(), ws: *ws });
     }
-    for (k, v) in
-        session_env(spec.environ.clone(), nonce.as_deref(), spec.fstab.as_deref(), spec.msize, &spec.mount_opts)
-    {
+    for (k, v) in session_env(
+        spec.environ.clone(),
+        nonce.as_deref(),
+        spec.fstab.as_deref(),
+        spec.msize,
+        &spec.mount_opts,
+    ) {
         requests.push(Request::Env(k, v));
     }
     let command = &spec.command;
@@ -824,12 +833,17 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
                 trace: spec.debug_9p,
             };
             let counts = request_counts.clone();
-            Some(AbortOnDrop(tokio::spawn(accept_backchannel(rx, nonce, BACKCHANNEL_CONNECTIONS, move |stream| {
-                crate::ninep::serve(
-                    crate::wirecount::Counted::new(stream, counts.clone()),
-                    serve_opts.clone(),
-                )
-            }))))
+            Some(AbortOnDrop(tokio::spawn(accept_backchannel(
+                rx,
+                nonce,
+                BACKCHANNEL_CONNECTIONS,
+                move |stream| {
+                    crate::ninep::serve(
+                        crate::wirecount::Counted::new(stream, counts.clone()),
+                        serve_opts.clone(),
+                    )
+                },
+            ))))
         }
         _ => None,
     };

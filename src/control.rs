@@ -134,7 +134,13 @@ pub fn parse_persist(s: &str) -> std::result::Result<Persist, String> {
     let mut number: Option<u64> = None;
     for c in s.chars() {
         if let Some(d) = c.to_digit(10) {
-            number = Some(number.unwrap_or(0).checked_mul(10).and_then(|n| n.checked_add(u64::from(d))).ok_or_else(bad)?);
+            number = Some(
+                number
+                    .unwrap_or(0)
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(d)))
+                    .ok_or_else(bad)?,
+            );
             continue;
         }
         let unit = match c.to_ascii_lowercase() {
@@ -306,8 +312,13 @@ pub async fn route(opts: &CpuOptions, target: &Target) -> Result<Route> {
 /// Starts the background master for `path` and connects to it.
 async fn start_master(opts: &CpuOptions, path: &Path, persist: Persist) -> Result<Route> {
     use std::os::unix::process::CommandExt;
-    let mut args: Vec<OsString> = vec!["-d=".to_string() + if opts.debug { "true" } else { "false" }].into_iter().map(OsString::from).collect();
-    for (flag, value) in [("-hk", &opts.host_key), ("-key", &opts.key), ("-net", &opts.net), ("-sp", &opts.port)] {
+    let mut args: Vec<OsString> = vec!["-d=".to_string() + if opts.debug { "true" } else { "false" }]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    for (flag, value) in
+        [("-hk", &opts.host_key), ("-key", &opts.key), ("-net", &opts.net), ("-sp", &opts.port)]
+    {
         if !value.is_empty() {
             args.push(flag.into());
             args.push(value.into());
@@ -363,7 +374,9 @@ async fn start_master(opts: &CpuOptions, path: &Path, persist: Persist) -> Resul
 /// `-controlcmd=check|exit`: asks the master at the settings' path.
 pub async fn command(settings: &ControlSettings, cmd: &str) -> Result<i32> {
     let Some(path) = &settings.path else {
-        return Err(Error::Usage("-controlcmd needs a control socket: give -controlpath or ssh_config ControlPath".into()));
+        return Err(Error::Usage(
+            "-controlcmd needs a control socket: give -controlpath or ssh_config ControlPath".into(),
+        ));
     };
     let mut stream = UnixStream::connect(path)
         .await
@@ -400,7 +413,10 @@ pub async fn open(mut stream: UnixStream, spec: &SessionSpec) -> Option<UnixStre
             None
         }
         Ok(Ok(other)) => {
-            log::debug!("the control master did not take the session ({:?}); connecting directly", other.map(|f| f.0));
+            log::debug!(
+                "the control master did not take the session ({:?}); connecting directly",
+                other.map(|f| f.0)
+            );
             None
         }
         Ok(Err(e)) => {
@@ -734,7 +750,12 @@ async fn serve_session(
                 Ok(Some((WINDOW, p))) => {
                     let mut d = Decoder::new(&p);
                     if let (Ok(cols), Ok(rows), Ok(w), Ok(h)) = (d.u32(), d.u32(), d.u32(), d.u32()) {
-                        let _ = events.send(SessionEvent::WindowChange(WindowSize { cols, rows, width_px: w, height_px: h }));
+                        let _ = events.send(SessionEvent::WindowChange(WindowSize {
+                            cols,
+                            rows,
+                            width_px: w,
+                            height_px: h,
+                        }));
                     }
                 }
                 Ok(Some(_)) => {}
@@ -750,7 +771,9 @@ async fn serve_session(
     let mut client_gone = false;
     while let Some((to_stderr, bytes)) = out_rx.recv().await {
         // A client that went away: keep draining so the session can end.
-        if !client_gone && write_frame(&mut wr, if to_stderr { STDERR } else { STDOUT }, &bytes).await.is_err() {
+        if !client_gone
+            && write_frame(&mut wr, if to_stderr { STDERR } else { STDOUT }, &bytes).await.is_err()
+        {
             client_gone = true;
         }
     }
@@ -858,7 +881,8 @@ impl<'a> Decoder<'a> {
         self.take(n)
     }
     fn string(&mut self) -> Result<String> {
-        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| Error::Ssh("control socket: text that is not UTF-8".into()))
+        String::from_utf8(self.bytes()?.to_vec())
+            .map_err(|_| Error::Ssh("control socket: text that is not UTF-8".into()))
     }
     fn flag(&mut self) -> Result<bool> {
         Ok(self.take(1)?[0] != 0)
@@ -977,14 +1001,17 @@ mod tests {
     #[test]
     fn control_path_tokens() {
         let t = tokens();
+        assert_eq!(expand_path("~/.ssh/cm-%r@%h:%p", &t).unwrap(), "/home/me/.ssh/cm-pi@10.0.0.7:17010");
         assert_eq!(
-            expand_path("~/.ssh/cm-%r@%h:%p", &t).unwrap(),
-            "/home/me/.ssh/cm-pi@10.0.0.7:17010"
+            expand_path("%d/%u.%i/%L/%l/%n/%%", &t).unwrap(),
+            "/home/me/me.1000/laptop/laptop.example.org/board/%"
         );
-        assert_eq!(expand_path("%d/%u.%i/%L/%l/%n/%%", &t).unwrap(), "/home/me/me.1000/laptop/laptop.example.org/board/%");
         // %C is OpenSSH's: sha1("%l%h%p%r"); this value is what `ssh -G` prints for it.
         let c = expand_path("/tmp/%C", &t).unwrap();
-        let want = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, b"laptop.example.org10.0.0.717010pi");
+        let want = ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            b"laptop.example.org10.0.0.717010pi",
+        );
         let want: String = want.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(c, format!("/tmp/{want}"));
         assert_eq!(c.len(), "/tmp/".len() + 40);
@@ -1037,8 +1064,12 @@ mod tests {
                 persist: Persist::Idle(Duration::from_secs(600))
             }
         );
-        let s = settings(&opts(&["-controlmaster=no", "-controlpath=none", "-controlpersist=yes", "h"]), &cfg, &t)
-            .unwrap();
+        let s = settings(
+            &opts(&["-controlmaster=no", "-controlpath=none", "-controlpersist=yes", "h"]),
+            &cfg,
+            &t,
+        )
+        .unwrap();
         assert_eq!(s, ControlSettings { master: MasterMode::No, path: None, persist: Persist::Forever });
         assert_eq!(settings(&opts(&["h"]), &HostConfig::default(), &t).unwrap(), ControlSettings::default());
         assert!(matches!(settings(&opts(&["-controlpersist=soon", "h"]), &cfg, &t), Err(Error::Usage(_))));
@@ -1049,7 +1080,10 @@ mod tests {
     #[test]
     fn spec_and_outcome_round_trip() {
         let spec = SessionSpec {
-            environ: vec![(OsString::from("A"), OsString::from_vec(vec![0xff, b'x'])), ("PWD".into(), "/w".into())],
+            environ: vec![
+                (OsString::from("A"), OsString::from_vec(vec![0xff, b'x'])),
+                ("PWD".into(), "/w".into()),
+            ],
             command: vec!["sh".into(), "-c".into(), "exit 3".into()],
             tty: Some(("xterm".into(), WindowSize { cols: 80, rows: 24, width_px: 1, height_px: 2 })),
             ninep: true,

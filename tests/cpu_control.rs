@@ -6,9 +6,9 @@
 //! each with its own 9P forward, the socket mode, a stale socket, the persist timeout,
 //! -controlcmd=check/exit, and a client of another uid refused.
 
+mod cpu_support;
 #[path = "common/skip.rs"]
 mod skip;
-mod cpu_support;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -184,13 +184,16 @@ fn need_cpud_session() -> bool {
     true
 }
 
+/// A command, its stdin, and the exit status, stdout and end of stderr it must give.
+type Case<'a> = (&'a [&'a str], Option<&'a [u8]>, i32, &'a str, &'a str);
+
 #[test]
 fn sessions_through_the_master_match_direct_ones_over_one_connection() {
     if !need_cpud_session() {
         return;
     }
     let w = World::new("mux");
-    let cases: &[(&[&str], Option<&[u8]>, i32, &str, &str)] = &[
+    let cases: &[Case] = &[
         (&["sh", "-c", "echo one; echo two >&2; exit 3"], None, 3, "one\n", "two\n"),
         (&["sh", "-c", "exit 255"], None, 255, "", ""),
         (&["sh", "-c", "printf 'x'; kill -9 $$"], None, 137, "x", ""),
@@ -238,7 +241,10 @@ fn sessions_through_the_master_match_direct_ones_over_one_connection() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("Exit request sent."), "{}", text(&o.stderr));
     assert!(!w.socket().exists(), "the socket is removed before the master answers");
-    assert!(wait_until(Duration::from_secs(20), || !process_alive(pid)), "master {pid} still runs after exit");
+    assert!(
+        wait_until(Duration::from_secs(20), || !process_alive(pid)),
+        "master {pid} still runs after exit"
+    );
     let err = w.check().unwrap_err();
     assert!(err.contains("status Some(255)") && err.contains("no control master at"), "{err}");
 }
@@ -362,7 +368,8 @@ fn another_uid_is_refused() {
     }
     let w = World::new("uid");
     let master_log = w.dir.path().join("master.log");
-    let mut first = w.cpu(&["-d", "-controlmaster=auto", "-controlpersist=60"], &["-9p=false", "127.0.0.1", "true"]);
+    let mut first =
+        w.cpu(&["-d", "-controlmaster=auto", "-controlpersist=60"], &["-9p=false", "127.0.0.1", "true"]);
     first.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&master_log).unwrap());
     let _ = wait_output(first.spawn().unwrap(), CHILD_TIMEOUT);
     // Open the way (the 0600 socket would already stop uid 65534 at connect) so that the
@@ -400,7 +407,8 @@ fn pty_session_through_the_master_resizes_escapes_and_restores() {
     let w = World::new("pty");
     let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let script = "echo TERM=$TERM; stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done";
+    let script =
+        "echo TERM=$TERM; stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done";
     let mut cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", script]);
     cmd.env("TERM", "xterm-cputest");
     let mut pty = cpu_support::PtyChild::spawn(cmd, 33, 111);
@@ -436,7 +444,9 @@ fn signals_reach_the_command_through_the_master() {
     c.stdin(Stdio::null()).stdout(std::fs::File::create(&out_file).unwrap()).stderr(Stdio::piped());
     let child = c.spawn().unwrap();
     let pid = rustix::process::Pid::from_child(&child);
-    let ready = wait_until(CHILD_TIMEOUT, || std::fs::read_to_string(&out_file).unwrap_or_default().contains("ready"));
+    let ready = wait_until(CHILD_TIMEOUT, || {
+        std::fs::read_to_string(&out_file).unwrap_or_default().contains("ready")
+    });
     assert!(ready, "the command did not start: {:?}", std::fs::read_to_string(&out_file));
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
     let o = wait_output(child, CHILD_TIMEOUT);
