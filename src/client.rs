@@ -717,7 +717,12 @@ where
 
     // stdout and stderr: written by one plain thread, in order, so a slow reader only slows
     // us down; joined before we return so nothing is lost (pitfall P19).
-    let output = std::thread::spawn(move || write_output(out_rx));
+    // It says when it is done, so joining it needs no blocking-pool thread of its own.
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel::<()>();
+    let output = std::thread::spawn(move || {
+        write_output(out_rx);
+        let _ = written_tx.send(());
+    });
     let (mut interrupts, mut terminations) = (0u32, 0u32);
     let mut runner = Box::pin(runner);
     let ending = loop {
@@ -750,7 +755,8 @@ where
     drop(stdin_task);
     // Ends the session if it still runs, which closes the output channel.
     drop(runner);
-    let _ = tokio::task::spawn_blocking(move || output.join()).await;
+    let _ = written_rx.await;
+    let _ = output.join();
     drop(_raw);
     match ending? {
         Ending::Escape => {
