@@ -496,7 +496,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     let conn = connect(net, &opts, &target, check).await?;
     let (io, ends) = session_io();
     let tty = spec.tty.as_ref().map(|(_, ws)| *ws);
-    let result = local_session(tty, &target.host, ends, run_channel(&conn, &spec, io)).await;
+    let result = local_session(tty, &target.host, ends, Box::pin(run_channel(&conn, &spec, io))).await;
     // Bounded: a server that stopped reading must not keep cpu from exiting.
     let bye = conn.handle.disconnect(russh::Disconnect::ByApplication, "", "en");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
@@ -654,15 +654,13 @@ impl Drop for AbortOnDrop {
 /// The local side of a session, direct or through a master: this process's stdin (with the
 /// `~.` escape on a terminal), stdout and stderr, raw mode, and signals, around `runner`,
 /// which carries the session and returns how it ended.
-pub async fn local_session<F>(
+pub async fn local_session(
     tty: Option<terminal::WindowSize>,
     host: &str,
     ends: SessionEnds,
-    runner: F,
-) -> Result<i32>
-where
-    F: std::future::Future<Output = Result<Outcome>>,
-{
+    // Boxed: one copy of this function serves direct and mux sessions.
+    mut runner: std::pin::Pin<Box<dyn std::future::Future<Output = Result<Outcome>> + '_>>,
+) -> Result<i32> {
     let SessionEnds { stdin: stdin_tx, output: out_rx, events } = ends;
     let stdin = std::io::stdin();
     // Raw mode from here on; the guard restores the terminal on every way out of this function.
@@ -724,7 +722,6 @@ where
         let _ = written_tx.send(());
     });
     let (mut interrupts, mut terminations) = (0u32, 0u32);
-    let mut runner = Box::pin(runner);
     let ending = loop {
         tokio::select! {
             r = &mut runner => break r.map(Ending::Closed),

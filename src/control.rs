@@ -434,7 +434,7 @@ pub async fn open(mut stream: UnixStream, spec: &SessionSpec) -> Option<UnixStre
 pub async fn run_mux(stream: UnixStream, spec: &SessionSpec, host: &str) -> Result<i32> {
     let (io, ends) = client::session_io();
     let tty = spec.tty.as_ref().map(|(_, ws)| *ws);
-    client::local_session(tty, host, ends, relay(stream, io)).await
+    client::local_session(tty, host, ends, Box::pin(relay(stream, io))).await
 }
 
 /// The mux client's side of one accepted session: stdin and events to the master, and its
