@@ -564,10 +564,13 @@ fn same_file(path: &Path, identity: (u64, u64)) -> bool {
     std::fs::metadata(path).map(|m| (m.dev(), m.ino()) == identity).unwrap_or(false)
 }
 
-/// Leaves the user's terminal: a new session (no SIGINT or SIGHUP from it) and stdin/stdout
-/// on /dev/null, stderr too unless -d, so no shell or pipe waits for the master.
+/// Leaves the user's terminal: a new session (no SIGINT or SIGHUP from it), the root directory,
+/// and stdin/stdout on /dev/null, stderr too unless -d, so no shell or pipe waits for the
+/// master.
 fn detach(debug: bool) {
     let _ = rustix::process::setsid();
+    // Keep no directory busy (every path a session uses is absolute by now).
+    let _ = std::env::set_current_dir("/");
     if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
         let _ = rustix::stdio::dup2_stdin(&null);
         let _ = rustix::stdio::dup2_stdout(&null);
@@ -596,6 +599,19 @@ async fn serve(conn: Arc<Connection>, listener: tokio::net::UnixListener, path: 
         Persist::Idle(d) => grace(d.max(FIRST_SESSION_GRACE)),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Killed politely, the master still removes its socket.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).ok();
+    let mut sighup = signal(SignalKind::hangup()).ok();
+    let mut sigint = signal(SignalKind::interrupt()).ok();
+    async fn received(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
     loop {
         let idle = async move {
             match deadline {
@@ -671,6 +687,9 @@ async fn serve(conn: Arc<Connection>, listener: tokio::net::UnixListener, path: 
                 log::debug!("control master: idle for its persist time ({persist:?}), exiting");
                 return;
             }
+            _ = received(&mut sigterm) => return log::debug!("control master: SIGTERM, exiting"),
+            _ = received(&mut sighup) => return log::debug!("control master: SIGHUP, exiting"),
+            _ = received(&mut sigint) => return log::debug!("control master: SIGINT, exiting"),
             _ = tick.tick() => if conn.handle.is_closed() {
                 log::warn!("control master: the connection to the server is closed, exiting");
                 return;

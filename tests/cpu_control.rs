@@ -272,6 +272,15 @@ fn two_mux_sessions_at_once() {
     assert_eq!((a.status.code(), text(&a.stdout)), (Some(0), "from a\nmore\n".into()), "{}", text(&a.stderr));
     assert_eq!(w.cpud.connections(), 1, "{}", w.cpud.log());
     assert_eq!(w.cpud.sessions(), 3, "{}", w.cpud.log());
+    // SIGTERM ends the master, and it takes its socket with it.
+    let pid = w.check().expect("a master");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let gone = wait_until(Duration::from_secs(20), || !process_alive(pid) && !w.socket().exists());
+    assert!(gone, "after SIGTERM: master alive={} socket exists={}", process_alive(pid), w.socket().exists());
 }
 
 #[test]
