@@ -716,6 +716,10 @@ async fn serve_client(conn: Arc<Connection>, stream: UnixStream, events: mpsc::U
         (EXIT, _) => {
             let _ = events.send(MasterEvent::Exit(wr));
         }
+        (OPEN, _) if conn.handle.is_closed() => {
+            // The client connects directly instead; this master leaves at its next tick.
+            let _ = write_frame(&mut wr, ERROR, b"the master's connection to the server is closed").await;
+        }
         (OPEN, payload) => match decode_spec(&payload) {
             Ok(spec) => {
                 let _ = events.send(MasterEvent::Started);

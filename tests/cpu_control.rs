@@ -58,6 +58,12 @@ impl Cpud {
         }
     }
 
+    /// Stops the server (and so every connection to it).
+    fn kill(&mut self) {
+        let _ = self._child.0.kill();
+        let _ = self._child.0.wait();
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -461,4 +467,22 @@ fn signals_reach_the_command_through_the_master() {
     let o = wait_output(child, CHILD_TIMEOUT);
     assert_eq!(o.status.code(), Some(9), "{}", text(&o.stderr));
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "ready\ngot-int\n");
+}
+
+#[test]
+fn master_leaves_when_the_server_goes() {
+    if !need_cpud_session() {
+        return;
+    }
+    let mut w = World::new("servergone");
+    let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let pid = w.check().expect("a master");
+    w.cpud.kill();
+    let gone = wait_until(Duration::from_secs(30), || !process_alive(pid) && !w.socket().exists());
+    assert!(gone, "server gone: master alive={} socket exists={}", process_alive(pid), w.socket().exists());
+    // With no master and no server, cpu says it cannot connect, as a direct session would.
+    let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(o.status.code(), Some(255), "{}", text(&o.stderr));
+    assert!(!w.socket().exists());
 }
