@@ -357,12 +357,14 @@ fn persist_time_ends_an_idle_master() {
     let w = World::new("persist");
     let o = w.run(&["-controlmaster=auto", "-controlpersist=1s"], &["-9p=false", "127.0.0.1", "true"], None);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let pid = w.check().expect("a master right after the session");
-    let gone = wait_until(Duration::from_secs(30), || !process_alive(pid) && !w.socket().exists());
+    // Its pid, unless (on a very busy machine) the second has already passed.
+    let pid = w.check().ok();
+    let alive = || pid.map(process_alive).unwrap_or(false);
+    let gone = wait_until(Duration::from_secs(30), || !alive() && !w.socket().exists());
     assert!(
         gone,
-        "master {pid} still alive={} socket exists={} 30 s after a 1 s persist",
-        process_alive(pid),
+        "master {pid:?} still alive={} socket exists={} 30 s after a 1 s persist",
+        alive(),
         w.socket().exists()
     );
     // Without ControlPersist, the master leaves with its last session.
