@@ -572,7 +572,7 @@ async fn env_session(
 }
 
 #[tokio::test]
-async fn env_requests_past_128_or_64_kib_are_refused_one_by_one() {
+async fn env_requests_past_1024_or_256_kib_are_refused_one_by_one() {
     let dir = TempDir::new("envcap");
     let key = keygen(&dir, "id", "ed25519");
     let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
@@ -581,34 +581,32 @@ async fn env_requests_past_128_or_64_kib_are_refused_one_by_one() {
     let mut bystander = client.handle.channel_open_session().await.expect("bystander session");
     bystander.exec(true, "read line; echo got $line").await.expect("bystander exec");
 
-    // PATH and V0..V126 make 128 ordinary variables (the cpu form's environment is exactly
+    // PATH and V0..V1022 make 1024 ordinary variables (the cpu form's environment is exactly
     // what the client sent).
     let mut vars: Vec<(String, String)> = vec![("PATH".into(), "/usr/bin:/bin".into())];
-    vars.extend((0..200).map(|i| (format!("V{i}"), format!("{i}"))));
+    vars.extend((0..1100).map(|i| (format!("V{i}"), format!("{i}"))));
     vars.insert(5, ("BAD=NAME".into(), "x".into()));
     vars.push(("CPU_MSIZE".into(), "65536".into()));
     let (replies, out, status) =
-        env_session(&client, vars, " 'sh' '-c' 'echo $V0 $V126 ${V127-unset} ${V199-unset}'").await;
+        env_session(&client, vars, " 'sh' '-c' 'echo $V0 $V1022 ${V1023-unset} ${V1099-unset}'").await;
     let accepted = replies.iter().filter(|r| **r).count();
-    // 128 ordinary variables, then refusals; the bad name refused; CPU_MSIZE (a protocol variable) and exec accepted.
-    assert_eq!(accepted, 128 + 2, "replies: {replies:?}");
+    // 1024 ordinary variables, then refusals; the bad name refused; CPU_MSIZE (a protocol variable) and exec accepted.
+    assert_eq!(accepted, 1024 + 2, "replies: {replies:?}");
     assert!(!replies[5], "a name with '=' was accepted");
-    assert!(replies[..129].iter().enumerate().all(|(i, r)| *r || i == 5));
-    assert_eq!(out, "0 126 unset unset\n");
+    assert!(replies[..1025].iter().enumerate().all(|(i, r)| *r || i == 5));
+    assert_eq!(out, "0 1022 unset unset\n");
     assert!(replies[replies.len() - 2], "CPU_MSIZE, past the cap, was refused");
     assert_eq!(status, Some(0));
 
-    // Size: two 30 kB values fit in 64 KiB, the third does not; a small one still does.
+    // Size: eight 30 kB values fit in 256 KiB, the ninth does not; a small one still does.
     let big = "x".repeat(30_000);
-    let vars = vec![
-        ("PATH".to_string(), "/usr/bin:/bin".to_string()),
-        ("A".to_string(), big.clone()),
-        ("B".to_string(), big.clone()),
-        ("C".to_string(), big),
-        ("D".to_string(), "small".to_string()),
-    ];
-    let (replies, out, _) = env_session(&client, vars, " 'sh' '-c' 'echo ${#A} ${#B} ${C-unset} $D'").await;
-    assert_eq!(replies, [true, true, true, false, true, true]);
+    let mut vars = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
+    vars.extend((b'A'..=b'I').map(|c| ((c as char).to_string(), big.clone())));
+    vars.push(("Z".to_string(), "small".to_string()));
+    let (replies, out, _) = env_session(&client, vars, " 'sh' '-c' 'echo ${#A} ${#H} ${I-unset} $Z'").await;
+    let mut expected = vec![true; 9];
+    expected.extend([false, true, true]);
+    assert_eq!(replies, expected);
     assert_eq!(out, "30000 30000 unset small\n");
 
     bystander.data(&b"still here\n"[..]).await.expect("bystander data");

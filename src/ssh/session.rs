@@ -157,11 +157,14 @@ pub struct Plan {
     pub cwd: PathBuf,
 }
 
-/// Env requests a session may make (OpenSSH's sshd allows 128), not counting the cpu
-/// protocol's own variables ([`PROTOCOL_ENV`]).
-pub const MAX_ENV_VARS: usize = 128;
-/// Total bytes of names and values a session's env requests may carry, likewise.
-pub const MAX_ENV_BYTES: usize = 64 * 1024;
+/// Env requests a session may make, not counting the cpu protocol's own variables
+/// ([`PROTOCOL_ENV`]). OpenSSH's sshd allows 128, but every cpu client sends its whole
+/// environment and the Go client of 2024 ends the session at the first refusal, so the cap
+/// is set where no real environment reaches it; [`MAX_ENV_BYTES`] is what bounds memory.
+pub const MAX_ENV_VARS: usize = 1024;
+/// Total bytes of names and values a session's env requests may carry, likewise (Linux's
+/// execve takes far more, but a real environment is a few KiB).
+pub const MAX_ENV_BYTES: usize = 256 * 1024;
 /// The cpu protocol's variables: always admitted (each is bounded by the packet size, and a
 /// repeat replaces the value), so a large client environment cannot crowd out the nonce.
 pub const PROTOCOL_ENV: &[&str] = &[
