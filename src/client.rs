@@ -48,6 +48,8 @@ pub const DEFAULT_KEY_FILES: &[&str] = &["cpu_rsa", "id_ed25519", "id_ecdsa", "i
 
 /// Runs `cpu` with parsed options and returns the remote command's exit status.
 pub fn run(opts: CpuOptions) -> Result<i32> {
+    // Before any thread starts, so that all of them inherit it.
+    crate::sched::request_short_slice();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -492,20 +494,25 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     conn.authenticate(&target.user, &methods).await?;
     log::debug!("authenticated as {}", target.user);
 
-    let mut backchannel = None;
-    let nonce = if ninep {
-        let (_addr, port, rx) = conn.forward_loopback().await?;
-        backchannel = Some((port, rx));
-        Some(protocol::new_nonce()?)
-    } else {
-        None
+    // tcpip-forward and the session channel's open are independent: one round trip for both
+    // (only the exec string needs the forwarded port, and it is sent after both replies).
+    let forward = async {
+        match ninep {
+            true => conn.forward_loopback().await.map(Some),
+            false => Ok(None),
+        }
     };
-
-    let channel = conn
-        .handle
-        .channel_open_session()
-        .await
-        .map_err(|e| Error::Ssh(format!("opening the session channel: {e}")))?;
+    let open = conn.handle.channel_open_session();
+    let (forward, channel) = tokio::join!(forward, open);
+    let mut backchannel = None;
+    let nonce = match forward? {
+        Some((_addr, port, rx)) => {
+            backchannel = Some((port, rx));
+            Some(protocol::new_nonce()?)
+        }
+        None => None,
+    };
+    let channel = channel.map_err(|e| Error::Ssh(format!("opening the session channel: {e}")))?;
     let (mut reader, writer) = channel.split();
 
     let stdin = std::io::stdin();
