@@ -14,7 +14,7 @@ pub mod recording;
 pub mod session;
 
 pub use fstab::{parse_fstab, translate_options, FstabEntry, MountOptions, MsFlags};
-pub use ops::{MountOps, PathKind, SystemOps};
+pub use ops::{BindSource, MountOps, PathKind, SystemOps};
 pub use recording::{Call, RecordingOps};
 pub use session::{prepare_session, Prepared, SessionSettings};
 

@@ -521,6 +521,14 @@ fn ensure_mount_point(
     }
 }
 
+/// An absolute spec with its symlinks resolved (so the mount names the real directory).
+fn resolved_spec(ops: &dyn MountOps, spec: &str) -> String {
+    if !spec.starts_with('/') {
+        return spec.to_string();
+    }
+    ops.resolve(Path::new(spec)).map(|p| p.display().to_string()).unwrap_or_else(|| spec.to_string())
+}
+
 /// Applies the fstab in order; every failure is a warning and the next line is tried.
 pub fn apply_fstab(
     ops: &mut dyn MountOps,
@@ -536,17 +544,24 @@ pub fn apply_fstab(
             skipped_client_paths += 1;
             continue;
         }
-        let spec = if entry.spec.starts_with('/') {
-            ops.resolve(Path::new(&entry.spec))
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| entry.spec.clone())
-        } else {
-            entry.spec.clone()
+        // A bind source held open is checked and bound with one lookup (see open_bind_source).
+        let held = match options.is_bind() && entry.spec.starts_with('/') {
+            true => ops.open_bind_source(Path::new(&entry.spec)),
+            false => None,
+        };
+        let (spec, source_kind, _held) = match held {
+            Some(Ok(source)) => (source.mount_path(), Some(source.kind), Some(source)),
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => (entry.spec.clone(), Some(PathKind::Missing), None),
+            Some(Err(e)) => {
+                log::debug!("fstab line {}: cannot open {} ({e}); binding by path", entry.line, entry.spec);
+                (resolved_spec(ops, &entry.spec), None, None)
+            }
+            None => (resolved_spec(ops, &entry.spec), None, None),
         };
         let target = ops.resolve(Path::new(&entry.file)).unwrap_or_else(|| PathBuf::from(&entry.file));
         let mut file_source = false;
         if options.is_bind() {
-            match ops.path_kind(Path::new(&spec)) {
+            match source_kind.unwrap_or_else(|| ops.path_kind(Path::new(&spec))) {
                 PathKind::Missing => {
                     let what = match Path::new(&entry.spec).strip_prefix(MOUNT_POINT) {
                         Ok(rest) if from_client => format!("the client has no /{}", rest.display()),
@@ -584,12 +599,13 @@ fn mount_entry(
     warnings: &mut Vec<String>,
 ) {
     if let Err(e) = ops.mount(spec, target, &entry.vfstype, flags, data) {
+        let shown = if spec.starts_with("/proc/self/fd/") { entry.spec.as_str() } else { spec };
         warn(
             warnings,
             format!(
                 "fstab line {}: mount {} on {} ({}, {}) failed: {e}",
                 entry.line,
-                spec,
+                shown,
                 target.display(),
                 entry.vfstype,
                 entry.options
