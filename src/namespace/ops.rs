@@ -255,15 +255,21 @@ impl MountOps for SystemOps {
         if std::fs::symlink_metadata("/proc/self/fd").is_err() {
             return None;
         }
-        let opened = rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).and_then(|fd| {
-            let stat = rustix::fs::fstat(&fd)?;
-            let kind = match FileType::from_raw_mode(stat.st_mode) {
-                FileType::Directory => PathKind::Directory,
-                FileType::RegularFile => PathKind::File,
-                _ => PathKind::Other,
-            };
-            Ok(BindSource { handle: fd, kind })
-        });
+        // Most binds are directories: O_DIRECTORY tells without a stat (on the coherent 9p
+        // mount a stat is a getattr round trip; the lookup has the type already).
+        let flags = OFlags::PATH | OFlags::CLOEXEC;
+        let opened = match rustix::fs::open(path, flags | OFlags::DIRECTORY, Mode::empty()) {
+            Ok(fd) => Ok(BindSource { handle: fd, kind: PathKind::Directory }),
+            Err(rustix::io::Errno::NOTDIR) => rustix::fs::open(path, flags, Mode::empty()).and_then(|fd| {
+                let kind = match FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) {
+                    FileType::Directory => PathKind::Directory,
+                    FileType::RegularFile => PathKind::File,
+                    _ => PathKind::Other,
+                };
+                Ok(BindSource { handle: fd, kind })
+            }),
+            Err(e) => Err(e),
+        };
         Some(opened.map_err(to_io))
     }
 }
@@ -298,5 +304,21 @@ mod tests {
         assert_eq!(ops.resolve(Path::new("/proc/../")), Some(PathBuf::from("/")));
         assert!(ops.filesystem_supported("proc"));
         assert!(!ops.filesystem_supported("no-such-fs"));
+    }
+
+    #[test]
+    fn bind_sources_held_open_know_their_kind() {
+        let mut ops = SystemOps;
+        let kind = |ops: &mut SystemOps, p: &str| {
+            ops.open_bind_source(Path::new(p)).expect("/proc is mounted here").map(|s| s.kind)
+        };
+        assert_eq!(kind(&mut ops, "/proc/self").ok(), Some(PathKind::Directory));
+        assert_eq!(kind(&mut ops, "/proc/self/status").ok(), Some(PathKind::File));
+        assert_eq!(kind(&mut ops, "/dev/null").ok(), Some(PathKind::Other));
+        let missing = kind(&mut ops, "/nonexistent/x").expect_err("missing");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        let source = ops.open_bind_source(Path::new("/proc")).expect("supported").expect("opened");
+        let shown = std::fs::read_link(source.mount_path()).expect("the magic link");
+        assert_eq!(shown, PathBuf::from("/proc"));
     }
 }
