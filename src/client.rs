@@ -48,8 +48,6 @@ pub const DEFAULT_KEY_FILES: &[&str] = &["cpu_rsa", "id_ed25519", "id_ecdsa", "i
 
 /// Runs `cpu` with parsed options and returns the remote command's exit status.
 pub fn run(opts: CpuOptions) -> Result<i32> {
-    // Before any thread starts, so that all of them inherit it.
-    crate::sched::request_short_slice();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -18,7 +18,6 @@
 //! - [`transport`]: tcp, vsock, unix and unix-vsock streams and listeners.
 //! - [`discovery`]: DNS-SD announcement (decpud) and server selection (decpu).
 //! - [`init`]: PID 1 duties for `cpud -init`.
-//! - [`sched`]: the short time slice the client and the daemon ask for (busy hosts).
 //! - [`elf_arch`]: an ELF file's architecture, for cpud's message when exec says ENOEXEC.
 
 pub mod client;
@@ -35,7 +34,6 @@ pub mod ninep;
 pub mod options;
 pub mod protocol;
 pub mod remote;
-pub mod sched;
 pub mod server;
 pub mod ssh;
 pub mod terminal;

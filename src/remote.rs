@@ -55,8 +55,6 @@ pub fn run(opts: RemoteOptions) -> Result<i32> {
             log::debug!("a 9p mount caches writes: the teardown flushes them before the exit status");
         }
     }
-    // The daemon's short slice (crate::sched) is for its own waiting, not the user's work.
-    crate::sched::restore_default_slice();
     Ok(exec_command(&command))
 }
 

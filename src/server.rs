@@ -29,8 +29,6 @@ pub fn run_with_tenants(
     on_tenants: Option<Arc<dyn Fn(usize) + Send + Sync>>,
 ) -> Result<()> {
     let config = server_config(&opts, on_tenants)?;
-    // Inherited by the connection threads and `cpud -remote`, which gives it up before exec.
-    crate::sched::request_short_slice();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
