@@ -290,11 +290,8 @@ pub fn main_mount_writes_through(settings: &SessionSettings) -> bool {
     let release = settings.kernel_release.as_deref();
     let client = settings.mount_opts.as_deref().unwrap_or("");
     let options = with_default_cache(client, release);
-    let mode = options
-        .split(',')
-        .filter_map(|w| w.trim().strip_prefix("cache="))
-        .last()
-        .unwrap_or("none");
+    let mode =
+        options.split(',').filter_map(|w| w.trim().strip_prefix("cache=")).next_back().unwrap_or("none");
     let before_6_6 = release.and_then(kernel_version).is_some_and(|v| v < (6, 6));
     match mode {
         "none" | "0" => true,
@@ -551,7 +548,9 @@ pub fn apply_fstab(
         };
         let (spec, source_kind, _held) = match held {
             Some(Ok(source)) => (source.mount_path(), Some(source.kind), Some(source)),
-            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => (entry.spec.clone(), Some(PathKind::Missing), None),
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+                (entry.spec.clone(), Some(PathKind::Missing), None)
+            }
             Some(Err(e)) => {
                 log::debug!("fstab line {}: cannot open {} ({e}); binding by path", entry.line, entry.spec);
                 (resolved_spec(ops, &entry.spec), None, None)
