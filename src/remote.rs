@@ -92,9 +92,17 @@ fn start_namespace_keeper(channels: &[std::os::fd::OwnedFd]) -> std::io::Result<
     }
 }
 
-/// Whether this process has exactly one thread (fork copies only the calling one).
+/// Whether this process has exactly one thread (fork copies only the calling one). A thread
+/// just joined (the mount watchdog) may still be listed for a moment: look again briefly.
 fn single_threaded() -> bool {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count() == 1).unwrap_or(false)
+    for _ in 0..20 {
+        match std::fs::read_dir("/proc/self/task") {
+            Ok(tasks) if tasks.count() == 1 => return true,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// The keeper's whole life: detach, wait for the command, cut the 9P connections, exit.
