@@ -96,8 +96,8 @@ fn start_namespace_keeper(channels: &[std::os::fd::OwnedFd]) -> std::io::Result<
 /// just joined (the mount watchdog) may still be listed for a moment: look again briefly.
 fn single_threaded() -> bool {
     for _ in 0..20 {
-        match std::fs::read_dir("/proc/self/task") {
-            Ok(tasks) if tasks.count() == 1 => return true,
+        match std::fs::read_dir("/proc/self/task").map(Iterator::count) {
+            Ok(1) => return true,
             Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
             Err(_) => return false,
         }
