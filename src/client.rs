@@ -470,7 +470,11 @@ async fn session(opts: CpuOptions) -> Result<i32> {
                     .map_err(|e| Error::Config(format!("cannot read -fstab {}: {e}", opts.fstab)))?,
             )
         };
-        Some(crate::namespace::client_fstab(&opts.namespace, file.as_deref())?)
+        Some(crate::namespace::client_fstab_resolved(
+            &opts.namespace,
+            file.as_deref(),
+            std::path::Path::new(&opts.root),
+        )?)
     };
     let check = host_key_check(&opts, &target)?;
 
