@@ -115,11 +115,14 @@ fn keep_namespace(command: &std::os::fd::OwnedFd, channels: &[std::os::fd::Owned
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     // The session's output ends when the command's does: hold none of its stdio.
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-        for fd in 0..3 {
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
+    for fd in 0..3 {
+        match &null {
             // SAFETY: dup2 onto the standard descriptors of this process only.
-            unsafe { libc::dup2(null.as_raw_fd(), fd) };
-        }
+            Ok(null) => unsafe { libc::dup2(null.as_raw_fd(), fd) },
+            // SAFETY: closes this process's own standard descriptor (no /dev/null here).
+            Err(_) => unsafe { libc::close(fd) },
+        };
     }
     let mut wait = libc::pollfd { fd: command.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     let exited = loop {
