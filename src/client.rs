@@ -556,6 +556,16 @@ pub struct SessionSpec {
 impl SessionSpec {
     /// From the options and this process's environment, directory and terminal.
     pub fn from_process(opts: &CpuOptions) -> Result<SessionSpec> {
+        let mut environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+        let cwd = std::env::current_dir().ok();
+        if let Some(cwd) = &cwd {
+            environ = with_current_pwd(environ, cwd);
+        }
+        // A relative -root means the same directory wherever the session is served from.
+        let root = match (&cwd, std::path::Path::new(&opts.root).is_relative() && !opts.root.is_empty()) {
+            (Some(cwd), true) => cwd.join(&opts.root).to_string_lossy().into_owned(),
+            _ => opts.root.clone(),
+        };
         let fstab = if opts.root.is_empty() {
             None
         } else {
@@ -567,17 +577,13 @@ impl SessionSpec {
                         .map_err(|e| Error::Config(format!("cannot read -fstab {}: {e}", opts.fstab)))?,
                 )
             };
-            Some(crate::namespace::client_fstab(&opts.namespace, file.as_deref())?)
-        };
-        let mut environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-        let cwd = std::env::current_dir().ok();
-        if let Some(cwd) = &cwd {
-            environ = with_current_pwd(environ, cwd);
-        }
-        // A relative -root means the same directory wherever the session is served from.
-        let root = match (&cwd, std::path::Path::new(&opts.root).is_relative() && !opts.root.is_empty()) {
-            (Some(cwd), true) => cwd.join(&opts.root).to_string_lossy().into_owned(),
-            _ => opts.root.clone(),
+            // Bind sources with the client's symlinks resolved inside the export (/lib ->
+            // /usr/lib): the remote binds them without reading links over 9P.
+            Some(crate::namespace::client_fstab_resolved(
+                &opts.namespace,
+                file.as_deref(),
+                std::path::Path::new(&root),
+            )?)
         };
         let tty = terminal::window_size(std::io::stdin().as_fd()).map(|ws| {
             let term = std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "dumb".into());
@@ -772,21 +778,26 @@ pub async fn local_session(
 /// session channel and its requests, then the I/O until the server closes the channel.
 pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -> Result<Outcome> {
     let SessionIo { stdin: mut local_stdin, output: out_tx, mut events } = io;
+    // tcpip-forward and the session channel's open are independent: one round trip for both
+    // (only the exec string needs the forwarded port, and it is sent after both replies).
+    let forward = async {
+        match spec.ninep {
+            true => conn.forward_loopback().await.map(Some),
+            false => Ok(None),
+        }
+    };
+    let open = conn.handle.channel_open_session();
+    let (forward, channel) = tokio::join!(forward, open);
     let mut backchannel = None;
-    let nonce = if spec.ninep {
-        let (addr, port, rx) = conn.forward_loopback().await?;
-        backchannel = Some((addr, port, rx));
-        Some(protocol::new_nonce()?)
-    } else {
-        None
+    let nonce = match forward? {
+        Some((addr, port, rx)) => {
+            backchannel = Some((addr, port, rx));
+            Some(protocol::new_nonce()?)
+        }
+        None => None,
     };
     let forward = backchannel.as_ref().map(|(a, p, _)| (a.clone(), *p));
-
-    let channel = conn
-        .handle
-        .channel_open_session()
-        .await
-        .map_err(|e| Error::Ssh(format!("opening the session channel: {e}")))?;
+    let channel = channel.map_err(|e| Error::Ssh(format!("opening the session channel: {e}")))?;
     let (mut reader, writer) = channel.split();
 
     // pty-req, env and exec, all with want-reply: sent by their own task while the loop below

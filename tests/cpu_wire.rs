@@ -264,7 +264,9 @@ fn wire_order_forward_env_exec_and_back_channel_checks() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let log = log.lock().unwrap().clone();
-    let fstab = "\n/tmp/cpu/bin /bin none defaults,bind 0 0\n";
+    // The client resolves its own symlinks (/bin -> usr/bin on a merged-/usr host).
+    let bin = std::fs::canonicalize("/bin").unwrap();
+    let fstab = format!("\n/tmp/cpu{} /bin none defaults,bind 0 0\n", bin.display());
     // Command::env sorts the environment; cpu keeps its order and puts TMPDIR=/tmp in place.
     let want: Vec<String> = vec![
         "tcpip-forward 127.0.0.1 0".into(),

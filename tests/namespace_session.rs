@@ -277,8 +277,12 @@ fn system_directories_from_a_second_mount_with_cached_metadata_when_the_client_o
     assert_eq!(data.len(), 2);
     assert!(data[0].ends_with(",msize=1048576,cache=mmap"), "{}", data[0]);
     assert!(data[1].ends_with(",msize=1048576,cache=loose"), "{}", data[1]);
+    // Written through (MS_SYNCHRONOUS): cache=loose would keep a write to /usr past the exit.
     assert!(ops.calls.iter().any(|c| matches!(c,
-        Call::Mount { target, fstype, .. } if fstype == "9p" && target == &PathBuf::from("/tmp/.cpu-system"))));
+        Call::Mount { target, fstype, flags, .. } if fstype == "9p" && target == &PathBuf::from("/tmp/.cpu-system")
+            && *flags == ms::NODEV | ms::NOSUID | ms::SYNCHRONOUS)));
+    assert_eq!(prepared.channels.len(), 2, "both connections kept, to be shut down after the command");
+    assert!(prepared.writes_through);
     let want: Vec<(String, String)> = [
         ("/tmp/.cpu-system/lib", "/lib"),
         ("/tmp/.cpu-system/lib64", "/lib64"),
@@ -514,4 +518,33 @@ fn a_mute_9p_server_is_an_error_not_a_retry() {
     let err = prepare_session(&mut ops, &settings(None)).unwrap_err();
     assert!(err.to_string().starts_with("cannot mount the client's files on /tmp/cpu: "), "{err}");
     assert_eq!(ninep_data(&ops.calls).len(), 1, "no msize fallback after a timeout");
+}
+
+/// The keeper (teardown after the exit status) is used only when no mount keeps dirty pages.
+#[test]
+fn writes_through_only_with_cache_modes_that_write_synchronously() {
+    let with = |release: Option<&str>, opts: Option<&str>| {
+        let mut s = settings(None);
+        s.kernel_release = release.map(str::to_string);
+        s.mount_opts = opts.map(str::to_string);
+        cpu_all::namespace::session::main_mount_writes_through(&s)
+    };
+    assert!(with(Some("6.1.0-56-amd64"), None), "default mmap on 6.1");
+    assert!(with(Some("6.1.0"), Some("cache=none")));
+    assert!(with(Some("6.12.3"), Some("cache=none")));
+    assert!(with(None, None), "no cache mode: the kernel's none");
+    assert!(!with(Some("6.6.0"), None), "6.6's mmap has writeback");
+    assert!(!with(Some("6.1.0"), Some("cache=loose")));
+    assert!(!with(Some("6.1.0"), Some("cache=fscache")));
+    let mut ops = client_tree(RecordingOps::new()).with_memory_root();
+    let mut s = settings(None);
+    s.mount_opts = Some("cache=loose".into());
+    let prepared = prepare_session(&mut ops, &s).unwrap();
+    assert!(!prepared.writes_through);
+    assert_eq!(prepared.channels.len(), 1);
+    let mut ops = RecordingOps::new().with_memory_root();
+    let mut s = settings(None);
+    s.nonce = None;
+    let prepared = prepare_session(&mut ops, &s).unwrap();
+    assert!(!prepared.writes_through && prepared.channels.is_empty(), "no 9p mount, nothing to keep");
 }

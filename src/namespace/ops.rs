@@ -74,6 +74,32 @@ pub trait MountOps {
     fn mounted_msize(&self, target: &Path) -> Option<u32>;
     /// chdir(2).
     fn change_dir(&mut self, path: &Path) -> io::Result<()>;
+    /// Opens a bind source as a handle (O_PATH, following symlinks) and says what it is, so
+    /// that checking and binding it cost one lookup: on the coherent 9p mount every lookup of
+    /// a path is a walk and a getattr, and dentries are dropped as soon as they are unused, so
+    /// resolving, checking and binding by path walked the client three times (8 requests).
+    /// `None`: not supported here; the caller resolves, checks and binds by path.
+    fn open_bind_source(&mut self, path: &Path) -> Option<io::Result<BindSource>> {
+        let _ = path;
+        None
+    }
+}
+
+/// A bind source held open: bind it through [`BindSource::mount_path`] while it is held.
+#[derive(Debug)]
+pub struct BindSource {
+    /// The O_PATH descriptor.
+    pub handle: OwnedFd,
+    /// What it is.
+    pub kind: PathKind,
+}
+
+impl BindSource {
+    /// The path that names exactly this file for mount(2) (the fd's magic link).
+    pub fn mount_path(&self) -> String {
+        use std::os::fd::AsRawFd;
+        format!("/proc/self/fd/{}", self.handle.as_raw_fd())
+    }
 }
 
 /// How long a loopback dial of the back-channel may take.
@@ -222,6 +248,30 @@ impl MountOps for SystemOps {
     fn change_dir(&mut self, path: &Path) -> io::Result<()> {
         std::env::set_current_dir(path)
     }
+
+    fn open_bind_source(&mut self, path: &Path) -> Option<io::Result<BindSource>> {
+        use rustix::fs::{FileType, Mode, OFlags};
+        // The magic link must work: /proc mounted (an early initramfs may lack it).
+        if std::fs::symlink_metadata("/proc/self/fd").is_err() {
+            return None;
+        }
+        // Most binds are directories: O_DIRECTORY tells without a stat (on the coherent 9p
+        // mount a stat is a getattr round trip; the lookup has the type already).
+        let flags = OFlags::PATH | OFlags::CLOEXEC;
+        let opened = match rustix::fs::open(path, flags | OFlags::DIRECTORY, Mode::empty()) {
+            Ok(fd) => Ok(BindSource { handle: fd, kind: PathKind::Directory }),
+            Err(rustix::io::Errno::NOTDIR) => rustix::fs::open(path, flags, Mode::empty()).and_then(|fd| {
+                let kind = match FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) {
+                    FileType::Directory => PathKind::Directory,
+                    FileType::RegularFile => PathKind::File,
+                    _ => PathKind::Other,
+                };
+                Ok(BindSource { handle: fd, kind })
+            }),
+            Err(e) => Err(e),
+        };
+        Some(opened.map_err(to_io))
+    }
 }
 
 /// The `msize=` of the last mount on `target` in /proc/self/mountinfo text.
@@ -254,5 +304,21 @@ mod tests {
         assert_eq!(ops.resolve(Path::new("/proc/../")), Some(PathBuf::from("/")));
         assert!(ops.filesystem_supported("proc"));
         assert!(!ops.filesystem_supported("no-such-fs"));
+    }
+
+    #[test]
+    fn bind_sources_held_open_know_their_kind() {
+        let mut ops = SystemOps;
+        let kind = |ops: &mut SystemOps, p: &str| {
+            ops.open_bind_source(Path::new(p)).expect("/proc is mounted here").map(|s| s.kind)
+        };
+        assert_eq!(kind(&mut ops, "/proc/self").ok(), Some(PathKind::Directory));
+        assert_eq!(kind(&mut ops, "/proc/self/status").ok(), Some(PathKind::File));
+        assert_eq!(kind(&mut ops, "/dev/null").ok(), Some(PathKind::Other));
+        let missing = kind(&mut ops, "/nonexistent/x").expect_err("missing");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        let source = ops.open_bind_source(Path::new("/proc")).expect("supported").expect("opened");
+        let shown = std::fs::read_link(source.mount_path()).expect("the magic link");
+        assert_eq!(shown, PathBuf::from("/proc"));
     }
 }

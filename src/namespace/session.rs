@@ -9,7 +9,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::fstab::{ms, parse_fstab, translate_options, FstabEntry, MsFlags};
@@ -46,6 +46,8 @@ pub const SYSTEM_MOUNT_POINT: &str = "/tmp/.cpu-system";
 /// `cache=mmap` alone, figures in bench/baseline.txt). The user's data (/home, /etc, the
 /// working directory) stays on the coherent `cache=mmap` mount.
 pub const SYSTEM_DIRS: [&str; 7] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr"];
+/// Flags of the system mount: writes through (see [`mount_system_files`]).
+pub const SYSTEM_MOUNT_FLAGS: MsFlags = ms::NODEV | ms::NOSUID | ms::SYNCHRONOUS;
 /// Mount options the client may not override through CPU_MOUNTOPTS: they carry the channel.
 const RESERVED_OPTIONS: [&str; 5] = ["trans", "rfdno", "wfdno", "msize", "version"];
 
@@ -95,7 +97,7 @@ impl SessionSettings {
 }
 
 /// What the setup did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Prepared {
     /// The msize the 9p mount was made with (None: no 9p mount).
     pub msize: Option<u32>,
@@ -105,21 +107,31 @@ pub struct Prepared {
     pub pwd_fallback: bool,
     /// Every warning printed (for tests and the debug log).
     pub warnings: Vec<String>,
+    /// This process's ends of the 9P back-channel connections (the kernel holds its own
+    /// references): shutting them down makes the kernel's clunks at unmount fail at once
+    /// instead of each costing a round trip to the client.
+    pub channels: Vec<OwnedFd>,
+    /// Whether every 9p mount writes through: a `write` (and the writeback of a shared mmap
+    /// when it is unmapped) has reached the client when it returns, so the command's writes are
+    /// on the client once it has exited, before the namespace is torn down.
+    pub writes_through: bool,
 }
 
 /// Runs the whole setup sequence. On `Err` the session must not run the command.
 pub fn prepare_session(ops: &mut dyn MountOps, settings: &SessionSettings) -> Result<Prepared> {
     let mut warnings = Vec::new();
+    let mut channels = Vec::new();
     enter_private_namespace(ops)?;
     mount_session_tmp(ops, &mut warnings)?;
     let msize = match &settings.nonce {
-        Some(nonce) => Some(mount_client_files(ops, settings, nonce)?),
+        Some(nonce) => Some(mount_client_files(ops, settings, nonce, &mut channels)?),
         None => None,
     };
     let system_mount = match (&settings.nonce, msize) {
-        (Some(nonce), Some(msize)) => mount_system_files(ops, settings, nonce, msize),
+        (Some(nonce), Some(msize)) => mount_system_files(ops, settings, nonce, msize, &mut channels),
         _ => false,
     };
+    let writes_through = msize.is_some() && main_mount_writes_through(settings);
     if let Some(text) = &settings.fstab {
         let mut entries = parse_fstab(text);
         if system_mount {
@@ -128,7 +140,7 @@ pub fn prepare_session(ops: &mut dyn MountOps, settings: &SessionSettings) -> Re
         apply_fstab(ops, &entries, msize.is_some(), &mut warnings);
     }
     let (working_dir, pwd_fallback) = enter_working_directory(ops, settings.pwd.as_deref(), &mut warnings)?;
-    Ok(Prepared { msize, working_dir, pwd_fallback, warnings })
+    Ok(Prepared { msize, working_dir, pwd_fallback, warnings, channels, writes_through })
 }
 
 fn warn(warnings: &mut Vec<String>, message: String) {
@@ -269,6 +281,25 @@ pub fn ninep_mount_data(fd: i32, uname: &str, msize: u32, extra: &str) -> String
     data
 }
 
+/// Whether the main mount (`/tmp/cpu`) writes through, from the cache mode in effect:
+/// `none` always (direct I/O); `mmap` before 6.6 (`write` goes to the server, and a shared
+/// mapping's dirty pages are written back when it is unmapped, which the command's exit
+/// does); `loose`, `fscache` and 6.6's cache bitmasks keep dirty pages until writeback or
+/// unmount, so for them the teardown must stay before the exit status.
+pub fn main_mount_writes_through(settings: &SessionSettings) -> bool {
+    let release = settings.kernel_release.as_deref();
+    let client = settings.mount_opts.as_deref().unwrap_or("");
+    let options = with_default_cache(client, release);
+    let mode =
+        options.split(',').filter_map(|w| w.trim().strip_prefix("cache=")).next_back().unwrap_or("none");
+    let before_6_6 = release.and_then(kernel_version).is_some_and(|v| v < (6, 6));
+    match mode {
+        "none" | "0" => true,
+        "mmap" => before_6_6,
+        _ => false,
+    }
+}
+
 /// Whether mount options name a cache mode.
 fn names_cache(options: &str) -> bool {
     options.split(',').any(|w| w.trim() == "cache" || w.trim().starts_with("cache="))
@@ -278,7 +309,13 @@ fn names_cache(options: &str) -> bool {
 /// offered it (CPU_SYSTEM_MOUNT=1, sent by cpu-all; a Go client never does), named no cache
 /// mode itself (an explicit choice is applied to everything), and the kernel is one we chose
 /// a cached default for. Any failure leaves the binds on the main mount; never fatal.
-fn mount_system_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce: &str, msize: u32) -> bool {
+fn mount_system_files(
+    ops: &mut dyn MountOps,
+    settings: &SessionSettings,
+    nonce: &str,
+    msize: u32,
+    channels: &mut Vec<OwnedFd>,
+) -> bool {
     let client_opts = settings.mount_opts.as_deref().unwrap_or("");
     if !settings.system_mount
         || names_cache(client_opts)
@@ -305,9 +342,13 @@ fn mount_system_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce:
         opts => format!("cache=loose,{opts}"),
     };
     let data = ninep_mount_data(channel.as_raw_fd(), &sanitize_uname(&settings.user), msize, &extra);
-    match ops.mount_9p(&channel, target, ms::NODEV | ms::NOSUID, &data, NINEP_MOUNT_DEADLINE) {
+    // MS_SYNCHRONOUS: cache=loose buffers writes, and a write into the client's /usr must be
+    // on the client when the command's exit status is sent (the namespace is torn down after
+    // that). Reads, lookups and attributes stay cached; writes there are rare.
+    match ops.mount_9p(&channel, target, SYSTEM_MOUNT_FLAGS, &data, NINEP_MOUNT_DEADLINE) {
         Ok(()) => {
-            log::debug!("9p: system directories from {SYSTEM_MOUNT_POINT} (cache=loose)");
+            log::debug!("9p: system directories from {SYSTEM_MOUNT_POINT} (cache=loose, sync)");
+            channels.push(channel);
             true
         }
         Err(e) => {
@@ -361,7 +402,12 @@ fn dial_backchannel(ops: &mut dyn MountOps, port: u16, nonce: &str) -> Result<st
 }
 
 /// Dials the back-channel and mounts the client's files on /tmp/cpu. Returns the msize used.
-fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce: &str) -> Result<u32> {
+fn mount_client_files(
+    ops: &mut dyn MountOps,
+    settings: &SessionSettings,
+    nonce: &str,
+    channels: &mut Vec<OwnedFd>,
+) -> Result<u32> {
     let extra = with_default_cache(
         &validate_mount_opts(settings.mount_opts.as_deref().unwrap_or(""))?,
         settings.kernel_release.as_deref(),
@@ -390,6 +436,7 @@ fn mount_client_files(ops: &mut dyn MountOps, settings: &SessionSettings, nonce:
                     "9p: mounted the client's files on {MOUNT_POINT} with msize={msize} (kernel reports {})",
                     negotiated.map(|n| n.to_string()).unwrap_or_else(|| "nothing".into())
                 );
+                channels.push(channel);
                 return Ok(negotiated.unwrap_or(msize));
             }
             Err(e) if e.raw_os_error() == Some(ENODEV) => return Err(Error::Namespace(NO_9P_SUPPORT.into())),
@@ -471,6 +518,14 @@ fn ensure_mount_point(
     }
 }
 
+/// An absolute spec with its symlinks resolved (so the mount names the real directory).
+fn resolved_spec(ops: &dyn MountOps, spec: &str) -> String {
+    if !spec.starts_with('/') {
+        return spec.to_string();
+    }
+    ops.resolve(Path::new(spec)).map(|p| p.display().to_string()).unwrap_or_else(|| spec.to_string())
+}
+
 /// Applies the fstab in order; every failure is a warning and the next line is tried.
 pub fn apply_fstab(
     ops: &mut dyn MountOps,
@@ -486,17 +541,26 @@ pub fn apply_fstab(
             skipped_client_paths += 1;
             continue;
         }
-        let spec = if entry.spec.starts_with('/') {
-            ops.resolve(Path::new(&entry.spec))
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| entry.spec.clone())
-        } else {
-            entry.spec.clone()
+        // A bind source held open is checked and bound with one lookup (see open_bind_source).
+        let held = match options.is_bind() && entry.spec.starts_with('/') {
+            true => ops.open_bind_source(Path::new(&entry.spec)),
+            false => None,
+        };
+        let (spec, source_kind, _held) = match held {
+            Some(Ok(source)) => (source.mount_path(), Some(source.kind), Some(source)),
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+                (entry.spec.clone(), Some(PathKind::Missing), None)
+            }
+            Some(Err(e)) => {
+                log::debug!("fstab line {}: cannot open {} ({e}); binding by path", entry.line, entry.spec);
+                (resolved_spec(ops, &entry.spec), None, None)
+            }
+            None => (resolved_spec(ops, &entry.spec), None, None),
         };
         let target = ops.resolve(Path::new(&entry.file)).unwrap_or_else(|| PathBuf::from(&entry.file));
         let mut file_source = false;
         if options.is_bind() {
-            match ops.path_kind(Path::new(&spec)) {
+            match source_kind.unwrap_or_else(|| ops.path_kind(Path::new(&spec))) {
                 PathKind::Missing => {
                     let what = match Path::new(&entry.spec).strip_prefix(MOUNT_POINT) {
                         Ok(rest) if from_client => format!("the client has no /{}", rest.display()),
@@ -534,12 +598,13 @@ fn mount_entry(
     warnings: &mut Vec<String>,
 ) {
     if let Err(e) = ops.mount(spec, target, &entry.vfstype, flags, data) {
+        let shown = if spec.starts_with("/proc/self/fd/") { entry.spec.as_str() } else { spec };
         warn(
             warnings,
             format!(
                 "fstab line {}: mount {} on {} ({}, {}) failed: {e}",
                 entry.line,
-                spec,
+                shown,
                 target.display(),
                 entry.vfstype,
                 entry.options

@@ -7,6 +7,9 @@
 #   - a writable shared mmap works, and its bytes are on the host when cpu returns
 #     (the host's python3 through the default namespace)
 #   - -mountopts cache=none (what a Go-like setup asks for) gives one mount, no system mount
+#   - the namespace teardown comes after the exit status (src/remote.rs, the keeper): the
+#     system mount writes through (sync), a shared mapping the command never unmapped is on
+#     the host when cpu returns, and no keeper outlives its session
 # Prints PASS/FAIL/SKIP lines and "N passed, M failed".
 set -uo pipefail
 BIN=$(readlink -f "${1:?usage: $0 STATIC_BIN}")
@@ -49,6 +52,7 @@ mounts=$(cat "$W/out")
 echo "$mounts" | grep ' /tmp/cpu .*- 9p ' | grep -Eq ',(mmap|cache=5)(,|$)' && ok "/tmp/cpu is 9p with cache=mmap" || ko "main mount: $(why)"
 echo "$mounts" | grep ' /tmp/.cpu-system .*- 9p ' | grep -Eq ',(loose|cache=f)(,|$)' && ok "system mount with cache=loose" || ko "system mount: $(why)"
 echo "$mounts" | grep -q ' /usr .*- 9p ' && ok "/usr is bound from the client" || ko "/usr bind: $(why)"
+echo "$mounts" | grep ' /tmp/.cpu-system ' | grep -Eq '[ ,]sync[ ,]' && ok "system mount writes through (sync)" || ko "system mount without sync: $(why)"
 
 # A host file changed between two sessions.
 echo first >"$W/f"
@@ -85,6 +89,21 @@ if [ -x "$PY" ]; then
 else
 	echo "SKIP: writable shared mmap: no $PY on the host"
 fi
+
+# The command exits with a dirty shared mapping it never unmapped or closed: the exit writes
+# it back (cache=mmap), before the status is sent and before the keeper tears the mounts down.
+if [ -x "$PY" ]; then
+	printf 'xxxxxxxxxx' >"$W/m2"
+	run -- "$PY" -c "import mmap, os; f = open('$G/m2', 'r+b'); m = mmap.mmap(f.fileno(), 0); m[0:3] = b'BYE'; os._exit(7)"
+	[ "$rc" = 7 ] && [ "$(cat "$W/m2")" = BYExxxxxxx ] && ok "mapping left dirty at exit: on the host when cpu returns" || ko "dirty mapping at exit: host has [$(cat "$W/m2")], $(why)"
+else
+	echo "SKIP: dirty mapping at exit: no $PY on the host"
+fi
+
+# Keepers end with their sessions: the previous sessions' are gone (bounded wait), this one's
+# is the only one left while it runs.
+run -namespace= -- $BB sh -c "i=0; while [ \$i -lt 100 ]; do n=\$(for c in /proc/[0-9]*/cmdline; do $BB tr '\\0' ' ' <\$c 2>/dev/null; echo; done | $BB grep -c '^cpud -remo[t]e '); [ \$n -le 1 ] && break; $BB sleep 0.1; i=\$((i+1)); done; echo \$n"
+[ "$rc" = 0 ] && [ "$(cat "$W/out")" = 1 ] && ok "one keeper per running session, none left behind" || ko "keepers: $(why)"
 
 # An explicit cache mode is applied to everything, with one mount.
 run -mountopts cache=none -msize 65536 -- $BB grep -E ' /tmp/cpu | /tmp/.cpu-system ' /proc/self/mountinfo
