@@ -381,10 +381,20 @@ pub async fn command(settings: &ControlSettings, cmd: &str) -> Result<i32> {
     let mut stream = UnixStream::connect(path)
         .await
         .map_err(|e| Error::Connect(format!("no control master at {}: {e}", path.display())))?;
-    write_frame(&mut stream, if cmd == "exit" { EXIT } else { CHECK }, &[]).await?;
+    // A master that refuses us writes why and closes without reading, so a failed write
+    // still leaves its answer to read.
+    let sent = write_frame(&mut stream, if cmd == "exit" { EXIT } else { CHECK }, &[]).await;
     let reply = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream))
         .await
-        .map_err(|_| Error::Connect(format!("the control master at {} did not answer", path.display())))??;
+        .map_err(|_| Error::Connect(format!("the control master at {} did not answer", path.display())));
+    let reply = match (reply, sent) {
+        (Ok(Ok(reply @ Some(_))), _) => reply,
+        (Ok(Ok(None)), Ok(())) => None,
+        (Ok(Ok(None)) | Ok(Err(_)) | Err(_), Err(e)) => {
+            return Err(Error::Connect(format!("control master at {}: {e}", path.display())))
+        }
+        (Ok(Err(e)) | Err(e), Ok(())) => return Err(e),
+    };
     match reply {
         Some((ALIVE, p)) => {
             eprintln!("Master running (pid={})", Decoder::new(&p).u32()?);
@@ -403,8 +413,12 @@ pub async fn command(settings: &ControlSettings, cmd: &str) -> Result<i32> {
 /// take it, so the caller connects directly.
 pub async fn open(mut stream: UnixStream, spec: &SessionSpec) -> Option<UnixStream> {
     let reply = async {
-        write_frame(&mut stream, OPEN, &encode_spec(spec)).await?;
-        read_frame(&mut stream).await
+        // As in `command`: a refusal is read even when the write failed.
+        let sent = write_frame(&mut stream, OPEN, &encode_spec(spec)).await;
+        match read_frame(&mut stream).await {
+            Ok(None) => sent.map(|()| None),
+            other => other,
+        }
     };
     match tokio::time::timeout(HELLO_TIMEOUT, reply).await {
         Ok(Ok(Some((ACCEPTED, _)))) => Some(stream),
