@@ -171,8 +171,9 @@ fn set_time(t: SetTime) -> Timespec {
     match t {
         SetTime::Omit => Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
         SetTime::Now => Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_NOW },
-        // Below one second (the server checks), so it fits any platform's tv_nsec.
-        SetTime::At(s, ns) => Timespec { tv_sec: s, tv_nsec: ns.try_into().unwrap_or_default() },
+        // Below one second (the server checks), so it fits any platform's tv_nsec (i64, or
+        // a 32-bit c_long).
+        SetTime::At(s, ns) => Timespec { tv_sec: s, tv_nsec: ns as _ },
     }
 }
 
@@ -650,7 +651,7 @@ mod tests {
         std::fs::write(dir.join("target"), b"t").expect("target");
         std::os::unix::fs::symlink("target", dir.join("s")).expect("symlink");
         let o = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let link = rfs::open(&dir.join("s"), o, Mode::empty()).expect("O_PATH of the symlink");
+        let link = rfs::open(dir.join("s"), o, Mode::empty()).expect("O_PATH of the symlink");
         let d =
             rfs::open(&dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).expect("dir");
         link_by_proc(link.as_fd(), d.as_fd(), OsStr::new("hard")).expect("link");
