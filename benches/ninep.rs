@@ -2,7 +2,9 @@
 //! Unix socketpair with msize 64 KiB and 1 MiB, and walk+getattr operations per second on
 //! small files. Prints `name value unit` lines. The client is the blocking test client,
 //! one request outstanding at a time (as one reading process in the kernel), except for
-//! the `-pipelined` figures which keep several in flight.
+//! the `-pipelined` figures which keep several in flight. `ninep-rtt-floor` is a bare
+//! socketpair echo between two threads at the same moment: the least one unpipelined round
+//! trip costs on this machine, server or not (walk+getattr+clunk is three of them).
 
 #[path = "../tests/ninep_support/mod.rs"]
 mod ninep_support;
@@ -246,6 +248,38 @@ fn getattr_rtt(dir: &Scratch, seconds: f64) -> u64 {
     (ops as f64 / t.as_secs_f64()) as u64
 }
 
+/// The floor under every unpipelined figure: one small message and its reply over the same
+/// kind of socketpair between two threads, with nothing but an echo on the other side. A
+/// walk+getattr+clunk is three such round trips, so `3 * floor` is the least it can cost on
+/// this machine at this moment (a loaded host raises it far above the server's own work).
+fn socketpair_rtt_floor(seconds: f64) -> f64 {
+    use std::io::{Read, Write};
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = b.read(&mut buf) {
+            if n == 0 || b.write_all(&buf[..7]).is_err() {
+                break;
+            }
+        }
+    });
+    let msg = [0u8; 19];
+    let mut reply = [0u8; 7];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        for _ in 0..200 {
+            a.write_all(&msg).expect("echo request");
+            a.read_exact(&mut reply).expect("echo reply");
+            n += 1;
+        }
+    }
+    let t = start.elapsed();
+    drop(a);
+    let _ = echo.join();
+    t.as_secs_f64() * 1e6 / n as f64
+}
+
 fn main() {
     if let Some(only) = std::env::var_os("NINEP_BENCH_ONLY") {
         // Profiling aid: run one metadata figure alone.
@@ -254,7 +288,10 @@ fn main() {
             fs::write(dir.join(&format!("small{i}")), b"small file").expect("small file");
         }
         match only.to_str() {
-            Some("walk") => println!("ninep-walk-getattr {} ops/s", walk_getattr(&dir, 3.0)),
+            Some("walk") => {
+                println!("ninep-rtt-floor {:.1} us", socketpair_rtt_floor(1.0));
+                println!("ninep-walk-getattr {} ops/s", walk_getattr(&dir, 3.0));
+            }
             _ => println!("ninep-walk-getattr-pipelined {} ops/s", walk_getattr_pipelined(&dir, 3.0, 16)),
         }
         return;
@@ -273,6 +310,7 @@ fn main() {
     println!("ninep-seq-read-1m-pipelined {} MB/s", seq_read_pipelined(&dir, 1 << 20, gib, 4));
     println!("ninep-seq-write-1m {} MB/s", seq_write(&dir, 1 << 20, gib / 2));
     println!("ninep-seq-write-64k {} MB/s", seq_write(&dir, 64 << 10, gib / 4));
+    println!("ninep-rtt-floor {:.1} us", socketpair_rtt_floor(1.0));
     println!("ninep-walk-getattr {} ops/s", walk_getattr(&dir, 2.0));
     println!("ninep-walk-getattr-pipelined {} ops/s", walk_getattr_pipelined(&dir, 2.0, 16));
     // Round trips: one answered on the I/O thread (Tflush of an idle tag) and one that goes

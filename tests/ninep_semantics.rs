@@ -149,6 +149,10 @@ fn modes_are_exactly_the_requested_ones_whatever_the_umask() {
     }
     c.setattr(Tsetattr { fid: 3, mode: 0o1640, ..setattr(SET_MODE) }).unwrap();
     assert_eq!(mode("f666"), 0o1640);
+    // On a directory both bits carry no privilege: chmod 07777 works as locally.
+    c.walk(0, 6, &["d777"]).unwrap();
+    c.setattr(Tsetattr { fid: 6, mode: 0o7777, ..setattr(SET_MODE) }).unwrap();
+    assert_eq!(mode("d777"), 0o7777);
     // Creating an existing file without O_EXCL opens it and leaves its mode alone.
     c.walk(0, 4, &[]).unwrap();
     c.lcreate(4, "f666", O_RDWR | O_CREAT, 0o600).unwrap();
@@ -288,5 +292,215 @@ fn as_a_normal_user_the_group_is_honoured_where_chown_allows() {
     c.setattr(Tsetattr { fid: 2, valid: SET_ATIME | SET_MTIME, ..Default::default() }).unwrap();
     c.setattr(Tsetattr { fid: 2, valid: SET_MODE, mode: 0o600, ..Default::default() }).unwrap();
     assert_eq!(owner("f").2, 0o600);
+    h.finish().unwrap();
+}
+
+/// Tlink of a symlink's fid links the symlink itself (link(2) does not follow), through
+/// whichever way the server links an inode: as root (AT_EMPTY_PATH) or as a normal user
+/// (the inode's /proc/self/fd name), both checked here.
+fn link_a_symlink(dir: &Scratch, c: &mut Client) {
+    fs::write(dir.join("target"), b"the target").unwrap();
+    c.symlink(0, "s", "target").unwrap();
+    c.walk(0, 1, &["s"]).unwrap();
+    c.link(0, 1, "hard").unwrap();
+    let s = fs::symlink_metadata(dir.join("s")).unwrap();
+    let hard = fs::symlink_metadata(dir.join("hard")).unwrap();
+    assert!(hard.file_type().is_symlink(), "the link is a symlink, not the target: {hard:?}");
+    assert_eq!((hard.ino(), hard.nlink()), (s.ino(), 2), "same inode as the symlink");
+    assert_eq!(fs::read_link(dir.join("hard")).unwrap(), std::path::Path::new("target"));
+    assert_eq!(fs::metadata(dir.join("target")).unwrap().nlink(), 1, "the target was not linked");
+    // The fid keeps its file: replacing the name does not change what it links.
+    fs::remove_file(dir.join("s")).unwrap();
+    fs::write(dir.join("s"), b"a file now").unwrap();
+    c.link(0, 1, "hard2").unwrap();
+    assert_eq!(fs::symlink_metadata(dir.join("hard2")).unwrap().ino(), s.ino());
+}
+
+#[test]
+fn a_hard_link_to_a_symlink_links_the_symlink_itself() {
+    let dir = Scratch::new("linksym");
+    let mut h = start_attached(options(&dir.path));
+    link_a_symlink(&dir, &mut h.client);
+    h.finish().unwrap();
+}
+
+#[test]
+fn a_hard_link_to_a_symlink_without_privileges() {
+    if !is_root() {
+        // As a normal user the server takes the same path this test forces below.
+        let dir = Scratch::new("linksym-user");
+        let mut h = start_attached(options(&dir.path));
+        link_a_symlink(&dir, &mut h.client);
+        h.finish().unwrap();
+        return;
+    }
+    let dir = Scratch::new("linksym-user");
+    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o777)).unwrap();
+    // The server thread (and its pool threads) run as 4321, without CAP_DAC_READ_SEARCH.
+    let mut h = start_with(options(&dir.path), || {
+        // SAFETY: plain syscalls with valid arguments; they affect only this thread.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresgid, 4321, 4321, 4321), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, 4321, 4321, 4321), 0);
+        }
+    });
+    let c = &mut h.client;
+    c.version(1 << 20).unwrap();
+    attach_as(c, 0, 4321);
+    link_a_symlink(&dir, c);
+    assert_eq!(fs::symlink_metadata(dir.join("hard")).unwrap().uid(), 4321);
+    h.finish().unwrap();
+}
+
+/// A raw `system.posix_acl_*` value: version 2, then (tag, perm, id) entries.
+fn posix_acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend(tag.to_le_bytes());
+        v.extend(perm.to_le_bytes());
+        v.extend(id.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn a_default_acl_shapes_new_files_as_on_a_local_file_system() {
+    let dir = Scratch::new("defacl");
+    fs::create_dir(dir.join("d")).unwrap();
+    const UNDEFINED: u32 = u32::MAX;
+    // user::rwx user:4321:rwx group::r-x mask::r-x other::r-x
+    let default = posix_acl(&[
+        (0x01, 7, UNDEFINED),
+        (0x02, 7, 4321),
+        (0x04, 5, UNDEFINED),
+        (0x10, 5, UNDEFINED),
+        (0x20, 5, UNDEFINED),
+    ]);
+    let d = dir.join("d");
+    if let Err(e) =
+        rustix::fs::setxattr(&d, "system.posix_acl_default", &default, rustix::fs::XattrFlags::empty())
+    {
+        skip::skip("default ACL", &format!("{} does not take POSIX ACLs: {e}", dir.path.display()));
+        return;
+    }
+    // What a local create gives (no umask under a default ACL) ...
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    fs::File::create(d.join("local")).unwrap();
+    fs::create_dir(d.join("localdir")).unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    // ... and the same through 9P: a file 0666, a directory 0777.
+    c.walk(0, 1, &["d"]).unwrap();
+    c.lcreate(1, "remote", O_RDWR | O_CREAT, 0o666).unwrap();
+    c.walk(0, 2, &["d"]).unwrap();
+    c.mkdir(2, "remotedir", 0o777).unwrap();
+    rustix::process::umask(old);
+    let mode = |p: &str| fs::metadata(d.join(p)).unwrap().permissions().mode() & 0o7777;
+    let acl = |p: &str| {
+        let mut buf = [0u8; 256];
+        let n = rustix::fs::getxattr(d.join(p), "system.posix_acl_access", &mut buf).unwrap();
+        buf[..n].to_vec()
+    };
+    // The mask is r-- (the default mask r-x narrowed by the mode's rw-): 0644 shown.
+    assert_eq!((mode("local"), mode("remote")), (0o644, 0o644));
+    assert_eq!((mode("localdir"), mode("remotedir")), (0o755, 0o755));
+    // The inherited access ACLs are the local ones, mask entry (0x10) included.
+    assert_eq!(acl("local"), acl("remote"));
+    assert_eq!(acl("localdir"), acl("remotedir"));
+    let mask = |v: &[u8]| v[4..].chunks(8).find(|e| e[0] == 0x10).map(|e| e[2]);
+    assert_eq!(mask(&acl("remote")), Some(4), "mask r--");
+    h.finish().unwrap();
+}
+
+const EINVAL: u32 = 22;
+const EOVERFLOW: u32 = 75;
+
+#[test]
+fn lock_ranges_are_checked_as_fcntl_checks_them() {
+    let dir = Scratch::new("lockrange");
+    fs::write(dir.join("f"), b"x").unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    c.walk(0, 1, &["f"]).unwrap();
+    c.lopen(1, O_RDWR).unwrap();
+    const WR: u8 = 1;
+    let max = i64::MAX as u64;
+    // A start that would be a negative off_t: EINVAL, for set and get.
+    assert_eq!(c.lock(1, WR, 0, 1 << 63, 1).unwrap_err(), EINVAL);
+    assert_eq!(c.lock(1, WR, 0, u64::MAX, 0).unwrap_err(), EINVAL);
+    assert_eq!(c.getlock(1, WR, u64::MAX, 1).unwrap_err(), EINVAL);
+    // An end past the largest offset: EOVERFLOW (and no wrap to a small range).
+    assert_eq!(c.lock(1, WR, 0, max, 2).unwrap_err(), EOVERFLOW);
+    assert_eq!(c.lock(1, WR, 0, 10, u64::MAX).unwrap_err(), EOVERFLOW);
+    assert_eq!(c.getlock(1, WR, 1, max + 1).unwrap_err(), EOVERFLOW);
+    // Nothing was taken by those: another process may lock everything.
+    assert_eq!(c.getlock_as(2, 1, WR, 0, 0).unwrap().ty, 2, "unlocked");
+    // The last byte itself is a fine range, reported back exactly.
+    assert_eq!(c.lock(1, WR, 0, max, 1).unwrap(), 0);
+    let held = c.getlock_as(2, 1, WR, 0, 0).unwrap();
+    assert_eq!((held.ty, held.start, held.length, held.proc_id), (WR, max, 1, 1));
+    h.finish().unwrap();
+}
+
+#[test]
+fn offsets_and_sizes_beyond_off_t_are_refused() {
+    let dir = Scratch::new("offsets");
+    fs::write(dir.join("f"), b"contents").unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    c.walk(0, 1, &["f"]).unwrap();
+    c.lopen(1, O_RDWR).unwrap();
+    for off in [1u64 << 63, u64::MAX] {
+        assert_eq!(c.read(1, off, 10).unwrap_err(), EINVAL, "read at {off}");
+        assert_eq!(c.write(1, off, b"zz").unwrap_err(), EINVAL, "write at {off}");
+        let t = Tsetattr { fid: 1, valid: SET_SIZE, size: off, ..Default::default() };
+        assert_eq!(c.setattr(t).unwrap_err(), EINVAL, "truncate to {off}");
+    }
+    assert_eq!(fs::read(dir.join("f")).unwrap(), b"contents");
+    c.walk(0, 2, &[]).unwrap();
+    c.lopen(2, O_RDONLY | O_DIRECTORY).unwrap();
+    let r = c.rpc(Tmessage::Readdir(Treaddir { fid: 2, offset: u64::MAX, count: 4096 }));
+    assert_eq!(r.unwrap_err(), EINVAL);
+    h.finish().unwrap();
+}
+
+#[test]
+fn times_before_1970_survive_the_round_trip() {
+    let dir = Scratch::new("oldtimes");
+    fs::write(dir.join("f"), b"").unwrap();
+    let mut h = start_attached(options(&dir.path));
+    let c = &mut h.client;
+    c.walk(0, 1, &["f"]).unwrap();
+    // 1969-12-31 00:00:00.5 and 1901-12-13 20:45:52 (the smallest 32-bit time_t), sent as
+    // the Linux client sends them: the two's-complement bits of tv_sec.
+    let (day_before, old) = (-86_400i64, -2_147_483_648i64);
+    let t = Tsetattr {
+        fid: 1,
+        valid: SET_ATIME | SET_MTIME | SET_ATIME_SET | SET_MTIME_SET,
+        atime_sec: old as u64,
+        atime_nsec: 0,
+        mtime_sec: day_before as u64,
+        mtime_nsec: 500_000_000,
+        ..Default::default()
+    };
+    c.setattr(t).unwrap();
+    let m = fs::metadata(dir.join("f")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec(), m.atime()), (day_before, 500_000_000, old));
+    let a = c.getattr(1).unwrap();
+    assert_eq!((a.mtime_sec as i64, a.mtime_nsec, a.atime_sec as i64), (day_before, 500_000_000, old));
+    // Nanoseconds of a second or more are refused, including the values that mean "now" and
+    // "leave it" to utimensat(2): the times stay as they are.
+    for nsec in [1_000_000_000u64, (1 << 30) - 1, (1 << 30) - 2, u64::MAX] {
+        let t = Tsetattr {
+            fid: 1,
+            valid: SET_MTIME | SET_MTIME_SET,
+            mtime_sec: 5,
+            mtime_nsec: nsec,
+            ..Default::default()
+        };
+        assert_eq!(c.setattr(t).unwrap_err(), EINVAL, "nsec {nsec}");
+    }
+    assert_eq!(fs::metadata(dir.join("f")).unwrap().mtime(), day_before);
     h.finish().unwrap();
 }

@@ -26,6 +26,9 @@ pub struct Attr {
     pub size: u64,
     pub blksize: u64,
     pub blocks: u64,
+    /// Times as (seconds, nanoseconds); the seconds are a two's-complement time64_t (a
+    /// time before 1970 is a value near `u64::MAX`), as Rgetattr carries them and as the
+    /// Linux client reads them back into its signed `tv_sec`.
     pub atime: (u64, u64),
     pub mtime: (u64, u64),
     pub ctime: (u64, u64),
@@ -46,12 +49,13 @@ impl Attr {
     }
 }
 
-/// A time to set: leave it, set it to now, or set it to a value (seconds, nanoseconds).
+/// A time to set: leave it, set it to now, or set it to a value (seconds since 1970, which
+/// may be negative, and nanoseconds below one second).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetTime {
     Omit,
     Now,
-    At(u64, u64),
+    At(i64, u32),
 }
 
 /// The changes of one Tsetattr, already decoded from its `valid` mask.

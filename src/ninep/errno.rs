@@ -29,6 +29,7 @@ pub const ENOTEMPTY: Errno = Errno(39);
 pub const ELOOP: Errno = Errno(40);
 pub const ENODATA: Errno = Errno(61);
 pub const EPROTO: Errno = Errno(71);
+pub const EOVERFLOW: Errno = Errno(75);
 pub const EOPNOTSUPP: Errno = Errno(95);
 
 impl From<io::Error> for Errno {

@@ -13,10 +13,11 @@
 //! (readlink), never resolved here: the remote kernel resolves it in its own namespace.
 //!
 //! New objects get exactly the requested permission bits (created under the process umask,
-//! then set through the new descriptor, so they are never wider than asked), owned by the
+//! then set through the new descriptor, so they are never wider than asked; under a default
+//! ACL the kernel's own result is kept, as a local create would leave it), owned by the
 //! attaching user and the requested group when this process may give files away (root), and
-//! otherwise by us with the requested group where chown(2) allows it. Set-user-ID bits (and
-//! set-group-ID on anything but a directory) are never set; device nodes are never made.
+//! otherwise by us with the requested group where chown(2) allows it. Set-user-ID and
+//! set-group-ID bits are never set on anything but a directory; device nodes are never made.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -53,10 +54,11 @@ pub struct HostNode {
     fd: Arc<OwnedFd>,
 }
 
-/// Permission bits the remote may set: no set-user-ID ever, set-group-ID only on a directory
-/// (there it means "new entries inherit the group", not a privilege).
+/// Permission bits the remote may set: set-user-ID and set-group-ID only on a directory,
+/// where they carry no privilege on Linux (set-group-ID means "new entries inherit the
+/// group"; set-user-ID is ignored), so `chmod 07777 dir` works as on a local file system.
 pub fn allowed_mode(mode: u32, is_dir: bool) -> u32 {
-    let keep = if is_dir { 0o3777 } else { 0o1777 };
+    let keep = if is_dir { 0o7777 } else { 0o1777 };
     mode & keep
 }
 
@@ -115,9 +117,9 @@ fn stat_to_attr(st: &Stat) -> Attr {
         size: st.st_size as u64,
         blksize: st.st_blksize as u64,
         blocks: st.st_blocks as u64,
-        atime: (st.st_atime as u64, st.st_atime_nsec as u64),
-        mtime: (st.st_mtime as u64, st.st_mtime_nsec as u64),
-        ctime: (st.st_ctime as u64, st.st_ctime_nsec as u64),
+        atime: wire_time(st.st_atime as i64, st.st_atime_nsec as i64),
+        mtime: wire_time(st.st_mtime as i64, st.st_mtime_nsec as i64),
+        ctime: wire_time(st.st_ctime as i64, st.st_ctime_nsec as i64),
     }
 }
 
@@ -159,11 +161,19 @@ pub fn dtype_of(ft: FileType) -> u8 {
     }
 }
 
+/// A host time as Rgetattr carries it: the seconds' two's-complement bits (before 1970 is
+/// negative), nanoseconds as they are (the kernel keeps them within 0..1e9).
+fn wire_time(sec: i64, nsec: i64) -> (u64, u64) {
+    (u64::from_ne_bytes(sec.to_ne_bytes()), nsec.clamp(0, 999_999_999) as u64)
+}
+
 fn set_time(t: SetTime) -> Timespec {
     match t {
         SetTime::Omit => Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_OMIT },
         SetTime::Now => Timespec { tv_sec: 0, tv_nsec: rfs::UTIME_NOW },
-        SetTime::At(s, ns) => Timespec { tv_sec: s as i64, tv_nsec: ns as _ },
+        // Below one second (the server checks), so it fits any platform's tv_nsec (i64, or
+        // a 32-bit c_long).
+        SetTime::At(s, ns) => Timespec { tv_sec: s, tv_nsec: ns as _ },
     }
 }
 
@@ -243,9 +253,15 @@ impl HostFs {
         Ok(cur)
     }
 
-    /// Gives a new object to `owner` (when we may) and exactly `mode` (no umask), through
-    /// its own descriptor. Returns its attributes.
-    fn adopt(&self, fd: BorrowedFd<'_>, mode: Option<u32>, owner: Owner) -> io::Result<Attr> {
+    /// Gives a new object in `dir` to `owner` (when we may) and exactly `mode` (no umask),
+    /// through its own descriptor. Returns its attributes.
+    fn adopt(
+        &self,
+        dir: BorrowedFd<'_>,
+        fd: BorrowedFd<'_>,
+        mode: Option<u32>,
+        owner: Owner,
+    ) -> io::Result<Attr> {
         let st = retry(|| rfs::fstat(fd))?;
         if self.as_root {
             if st.st_uid != owner.uid || st.st_gid != owner.gid {
@@ -263,9 +279,12 @@ impl HostFs {
         if let Some(mode) = mode {
             let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
             let want = allowed_mode(mode, is_dir);
-            // chown may have cleared set-group-ID, and the umask narrowed the rest.
+            // chown may have cleared set-group-ID, and the umask narrowed the rest. Under a
+            // default ACL the kernel applied no umask: the mode and the inherited ACL (its
+            // mask narrowed by the mode) are already what a local create gives, and a chmod
+            // would widen that mask to the mode's group bits.
             let st = retry(|| rfs::fstat(fd))?;
-            if st.st_mode & 0o7777 != want {
+            if st.st_mode & 0o7777 != want && !has_default_acl(dir) {
                 chmod_fd(fd, want)?;
             }
         }
@@ -300,6 +319,18 @@ fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => via_proc(fd, |p| rfs::chmod(p.as_c_str(), mode)),
         other => other,
     }
+}
+
+/// Whether directory `dir` carries a default ACL (new entries inherit it instead of getting
+/// the umask). An error reading it counts as no.
+fn has_default_acl(dir: BorrowedFd<'_>) -> bool {
+    via_proc(dir, |p| rfs::getxattr_query(p.as_c_str(), c"system.posix_acl_default")).is_ok_and(|n| n > 0)
+}
+
+/// Links the inode behind `fd` as `dir/name` through its /proc/self/fd name (no privilege
+/// needed, unlike AT_EMPTY_PATH before Linux 6.10); a symlink is linked itself.
+fn link_by_proc(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    via_proc(fd, |p| rfs::linkat(rfs::CWD, p.as_c_str(), dir, name, AtFlags::SYMLINK_FOLLOW))
 }
 
 fn is_symlink(fd: BorrowedFd<'_>) -> io::Result<bool> {
@@ -371,7 +402,7 @@ impl Backend for HostFs {
         for _ in 0..8 {
             match retry(|| rfs::openat(&*dir.fd, name, o | OFlags::CREATE | OFlags::EXCL, perm)) {
                 Ok(fd) => {
-                    self.adopt(fd.as_fd(), Some(mode), owner)?;
+                    self.adopt(dir.fd.as_fd(), fd.as_fd(), Some(mode), owner)?;
                     return Ok(HostFile::new(fd));
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) && !flags.exclusive => {
@@ -390,13 +421,13 @@ impl Backend for HostFs {
     fn mkdir(&self, dir: &HostNode, name: &OsStr, mode: u32, owner: Owner) -> io::Result<Attr> {
         retry(|| rfs::mkdirat(&*dir.fd, name, Mode::from_raw_mode(allowed_mode(mode, true))))?;
         let fd = Self::entry(dir, name)?;
-        self.adopt(fd.as_fd(), Some(mode), owner)
+        self.adopt(dir.fd.as_fd(), fd.as_fd(), Some(mode), owner)
     }
 
     fn symlink(&self, dir: &HostNode, name: &OsStr, target: &OsStr, owner: Owner) -> io::Result<Attr> {
         retry(|| rfs::symlinkat(target, &*dir.fd, name))?;
         let fd = Self::entry(dir, name)?;
-        self.adopt(fd.as_fd(), None, owner)
+        self.adopt(dir.fd.as_fd(), fd.as_fd(), None, owner)
     }
 
     fn mknod(&self, dir: &HostNode, name: &OsStr, mode: u32, rdev: u64, owner: Owner) -> io::Result<Attr> {
@@ -408,17 +439,25 @@ impl Backend for HostFs {
         let perm = Mode::from_raw_mode(allowed_mode(mode, false));
         retry(|| rfs::mknodat(&*dir.fd, name, ft, perm, rdev))?;
         let fd = Self::entry(dir, name)?;
-        self.adopt(fd.as_fd(), Some(mode), owner)
+        self.adopt(dir.fd.as_fd(), fd.as_fd(), Some(mode), owner)
     }
 
     fn link(&self, target: &HostNode, target_path: &Path, dir: &HostNode, name: &OsStr) -> io::Result<()> {
-        // linkat(AT_EMPTY_PATH) links the very inode but needs CAP_DAC_READ_SEARCH; without
-        // it the kernel says ENOENT and we link by name (never following a symlink).
+        // linkat(AT_EMPTY_PATH) links the very inode (a symlink itself, never what it points
+        // to) but needs CAP_DAC_READ_SEARCH; without it the kernel says ENOENT. Then the
+        // inode's /proc/self/fd name with AT_SYMLINK_FOLLOW: following that magic link lands
+        // on the inode itself (for a symlink: the link, not its target), the documented way
+        // to link an O_TMPFILE. Only without /proc do we link by name (never following).
         match retry(|| rfs::linkat(&*target.fd, c"", &*dir.fd, name, AtFlags::EMPTY_PATH)) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EPERM)) => {
-                let (tdir, tname) = split(target_path);
-                let td = self.dir(tdir)?;
-                retry(|| rfs::linkat(&td, tname, &*dir.fd, name, AtFlags::empty()))
+                match link_by_proc(target.fd.as_fd(), dir.fd.as_fd(), name) {
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        let (tdir, tname) = split(target_path);
+                        let td = self.dir(tdir)?;
+                        retry(|| rfs::linkat(&td, tname, &*dir.fd, name, AtFlags::empty()))
+                    }
+                    other => other,
+                }
             }
             other => other,
         }
@@ -596,5 +635,32 @@ impl BackendFile for HostFile {
         } else {
             retry(|| rfs::fsync(&*self.fd))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_proc_fallback_links_a_symlink_itself() {
+        let dir = std::env::temp_dir().join(format!("ninep-hostfs-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).expect("scratch dir");
+        std::fs::write(dir.join("target"), b"t").expect("target");
+        std::os::unix::fs::symlink("target", dir.join("s")).expect("symlink");
+        let o = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let link = rfs::open(dir.join("s"), o, Mode::empty()).expect("O_PATH of the symlink");
+        let d =
+            rfs::open(&dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).expect("dir");
+        link_by_proc(link.as_fd(), d.as_fd(), OsStr::new("hard")).expect("link");
+        let (s, hard) = (dir.join("s").symlink_metadata(), dir.join("hard").symlink_metadata());
+        let (s, hard) = (s.expect("s"), hard.expect("hard"));
+        let target_links = std::fs::metadata(dir.join("target")).map(|m| m.nlink());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(hard.file_type().is_symlink());
+        assert_eq!((hard.ino(), hard.nlink()), (s.ino(), 2));
+        assert_eq!(target_links.ok(), Some(1));
     }
 }

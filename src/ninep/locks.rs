@@ -74,13 +74,32 @@ impl Default for LockTable {
     }
 }
 
-/// The inclusive end of `length` bytes from `start` (0 = to the end); None if it overflows.
-pub fn range_end(start: u64, length: u64) -> Option<u64> {
-    if length == 0 {
-        Some(u64::MAX)
-    } else {
-        start.checked_add(length - 1)
+/// Why a range from the wire is not one fcntl(2) would accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRange {
+    /// The start is not a valid file offset (an off_t is signed: above `i64::MAX` it would
+    /// be negative). fcntl says EINVAL.
+    Start,
+    /// The last byte lies beyond the largest file offset. fcntl says EOVERFLOW.
+    End,
+}
+
+/// The inclusive end of `length` bytes from `start` (0 = to the end of any file, kept as
+/// `u64::MAX`), checked as fcntl checks l_start and l_len: both ends are file offsets.
+pub fn range_end(start: u64, length: u64) -> Result<u64, BadRange> {
+    const OFFSET_MAX: u64 = i64::MAX as u64;
+    if start > OFFSET_MAX {
+        return Err(BadRange::Start);
     }
+    if length == 0 {
+        return Ok(u64::MAX);
+    }
+    // start <= OFFSET_MAX and length >= 1: neither subtraction wraps, and the sum is
+    // only formed when it stays within OFFSET_MAX.
+    if length - 1 > OFFSET_MAX - start {
+        return Err(BadRange::End);
+    }
+    Ok(start + (length - 1))
 }
 
 fn conflicts(held: &Range, owner: &LockOwner, kind: Kind, start: u64, end: u64) -> bool {
@@ -245,8 +264,13 @@ mod tests {
         assert_eq!(t.len(), 3);
         let c = t.get(F, &owner(3), Kind::Read, 0, 0).expect("write lock");
         assert_eq!((c.kind, c.end), (Kind::Write, 49));
-        assert_eq!(range_end(5, 0), Some(u64::MAX));
-        assert_eq!(range_end(u64::MAX, 2), None);
+        assert_eq!(range_end(5, 0), Ok(u64::MAX));
+        assert_eq!(range_end(5, 10), Ok(14));
+        assert_eq!(range_end(u64::MAX, 2), Err(BadRange::Start));
+        assert_eq!(range_end(1 << 63, 0), Err(BadRange::Start));
+        assert_eq!(range_end(i64::MAX as u64, 1), Ok(i64::MAX as u64));
+        assert_eq!(range_end(i64::MAX as u64, 2), Err(BadRange::End));
+        assert_eq!(range_end(1, u64::MAX), Err(BadRange::End));
     }
 
     #[test]

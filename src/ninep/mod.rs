@@ -22,13 +22,17 @@
 //!   uid and the requested gid where chown(2) allows it.
 //! - Tlock/Tgetlock follow POSIX: locks belong to the remote process (proc_id, client_id),
 //!   kept in a per-session table ([`locks`]); a lock that would wait answers BLOCKED at once.
-//! - What a remote may not do: make device nodes (EPERM), set set-user-ID (or set-group-ID
-//!   on non-directories) bits (EPERM), write `security.*`/`trusted.*` xattrs (EPERM), use
+//! - What a remote may not do: make device nodes (EPERM), set set-user-ID or set-group-ID
+//!   bits on anything but a directory (EPERM), write `security.*`/`trusted.*` xattrs (EPERM), use
 //!   NOFID as a new fid (EBADF), hold more than `server::MAX_FIDS` fids (EMFILE) or
 //!   `server::XATTR_BUDGET` bytes of xattr buffers (ENOMEM), or make us queue replies it does
 //!   not read (we stop reading its requests instead).
 //! - Txattrcreate with size 0 removes the attribute (as the Linux client expects).
 //! - Read-only export: every change is EROFS (opening for write or with O_TRUNC included).
+//! - Numbers from the wire are checked before they reach the host: offsets and sizes above
+//!   `i64::MAX` (a negative off_t) are EINVAL, lock ranges as fcntl checks them (EINVAL,
+//!   EOVERFLOW), nanoseconds of Tsetattr below one second (EINVAL); seconds are
+//!   two's-complement both ways, so times before 1970 survive the round trip.
 
 pub mod backend;
 pub mod errno;

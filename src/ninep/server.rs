@@ -790,20 +790,24 @@ impl<B: Backend> Session<B> {
                 use setattr_bits::*;
                 let time = |set: u32, exact: u32, s: u64, ns: u64| {
                     if t.valid & set == 0 {
-                        SetTime::Omit
+                        Ok(SetTime::Omit)
                     } else if t.valid & exact != 0 {
-                        SetTime::At(s, ns)
+                        set_time_from_wire(s, ns)
                     } else {
-                        SetTime::Now
+                        Ok(SetTime::Now)
                     }
+                };
+                let size = match t.valid & SIZE {
+                    0 => None,
+                    _ => Some(file_offset(t.size)?),
                 };
                 let attr = SetAttr {
                     mode: (t.valid & MODE != 0).then_some(t.mode),
                     uid: (t.valid & UID != 0).then_some(t.uid),
                     gid: (t.valid & GID != 0).then_some(t.gid),
-                    size: (t.valid & SIZE != 0).then_some(t.size),
-                    atime: time(ATIME, ATIME_SET, t.atime_sec, t.atime_nsec),
-                    mtime: time(MTIME, MTIME_SET, t.mtime_sec, t.mtime_nsec),
+                    size,
+                    atime: time(ATIME, ATIME_SET, t.atime_sec, t.atime_nsec)?,
+                    mtime: time(MTIME, MTIME_SET, t.mtime_sec, t.mtime_nsec)?,
                 };
                 io(self.backend.setattr(&self.node_of(t.fid)?, &attr))?;
                 self.reply(buf, tag, Rmessage::Setattr(Empty {}))
@@ -873,7 +877,7 @@ impl<B: Backend> Session<B> {
             Tmessage::Lock(t) => {
                 let file = self.open_file(t.fid)?;
                 let kind = lock_kind(t.ty)?;
-                let end = locks::range_end(t.start, t.length).ok_or(errno::EINVAL)?;
+                let end = lock_range_end(t.start, t.length)?;
                 let a = io(file.stat())?;
                 let owner = LockOwner { proc_id: t.proc_id, client_id: t.client_id.as_bytes().to_vec() };
                 // Never wait here: BLOCKED makes the kernel sleep and retry.
@@ -895,7 +899,7 @@ impl<B: Backend> Session<B> {
                 // Linux (v9fs_file_getlock, through 6.x) asks with type UNLCK, having lost
                 // the type of the F_GETLK: report any range another process holds.
                 let kind = lock_kind(t.ty)?.unwrap_or(locks::Kind::Write);
-                let end = locks::range_end(t.start, t.length).ok_or(errno::EINVAL)?;
+                let end = lock_range_end(t.start, t.length)?;
                 let a = io(file.stat())?;
                 let owner = LockOwner { proc_id: t.proc_id, client_id: t.client_id.as_bytes().to_vec() };
                 let held = lock(&self.locks).get((a.dev, a.ino), &owner, kind, t.start, end);
@@ -993,7 +997,7 @@ impl<B: Backend> Session<B> {
         };
         buf.resize(IO_HEADER_LEN + count, 0);
         let n = match src {
-            Source::File(f) => io(f.read_at(&mut buf[IO_HEADER_LEN..], t.offset))?,
+            Source::File(f) => io(f.read_at(&mut buf[IO_HEADER_LEN..], file_offset(t.offset)?))?,
             Source::Bytes(v) => {
                 let start = (t.offset.min(v.len() as u64)) as usize;
                 let n = (v.len() - start).min(count);
@@ -1023,7 +1027,7 @@ impl<B: Backend> Session<B> {
             }
         };
         self.writable()?;
-        let n = io(file.write_at(&t.data, t.offset))?;
+        let n = io(file.write_at(&t.data, file_offset(t.offset)?))?;
         Ok(n as u32)
     }
 
@@ -1042,7 +1046,7 @@ impl<B: Backend> Session<B> {
         buf.clear();
         buf.resize(IO_HEADER_LEN, 0);
         let mut used = 0usize;
-        io(file.readdir(t.offset, &mut |e| {
+        io(file.readdir(file_offset(t.offset)?, &mut |e| {
             let need = dirent_size(e.name.len());
             if used + need > count {
                 return false;
@@ -1123,6 +1127,36 @@ fn rflush(tag: u16) -> Vec<u8> {
     let mut w = Vec::with_capacity(7);
     encode_rmessage(&mut w, tag, &Rmessage::Flush(Empty {}));
     w
+}
+
+/// The inclusive end of a wire lock range, refused as fcntl(2) refuses it.
+fn lock_range_end(start: u64, length: u64) -> Res<u64> {
+    locks::range_end(start, length).map_err(|bad| match bad {
+        locks::BadRange::Start => errno::EINVAL,
+        locks::BadRange::End => errno::EOVERFLOW,
+    })
+}
+
+/// A file offset or size from the wire as the host takes it: an off_t is signed, so a value
+/// above `i64::MAX` would reach the host as a negative one. Refused as pread(2),
+/// lseek(2) and truncate(2) refuse a negative offset.
+fn file_offset(value: u64) -> Res<u64> {
+    if value > i64::MAX as u64 {
+        Err(errno::EINVAL)
+    } else {
+        Ok(value)
+    }
+}
+
+/// A Tsetattr time: seconds are a two's-complement time64_t on the wire (Linux v9fs sends
+/// `ia_atime.tv_sec` as u64, so 1969 arrives as a value near `u64::MAX`); nanoseconds must
+/// be a real fraction (a value in the range of UTIME_NOW/UTIME_OMIT would otherwise turn
+/// into one of those requests).
+fn set_time_from_wire(sec: u64, nsec: u64) -> Res<SetTime> {
+    if nsec >= 1_000_000_000 {
+        return Err(errno::EINVAL);
+    }
+    Ok(SetTime::At(i64::from_ne_bytes(sec.to_ne_bytes()), nsec as u32))
 }
 
 /// The lock kind of a wire lock type; None is an unlock.
@@ -1370,6 +1404,9 @@ where
     tokio::pin!(writer);
 
     let read_result = tokio::select! {
+        // Reader first: the replies it queues in this poll are written in the same poll,
+        // instead of after another turn of the runtime (an extra epoll_wait per request).
+        biased;
         r = &mut reader => r,
         // The writer only stops early when writing failed: the connection is unusable.
         w = &mut writer => {
