@@ -41,10 +41,12 @@ fn main() {
 /// Link options for the musl release binary (panic = "abort"); bytes in README "Size".
 /// - `-z pack-relative-relocs`: x86_64 musl links a static PIE; its ~4,500 relative
 ///   relocations take 107 KB as RELA and 1.4 KB as RELR, which musl's self-relocation applies.
+///   (riscv64 is a static PIE too, but zig, its linker here, rejects the option.)
 /// - The toolchain's rust-lld with `--icf=all` (x86_64, aarch64: the targets linked through
 ///   gcc): identical functions folded, 27 KB. Only code: lld folds no data without
 ///   `--ignore-data-address-equality`, and Rust promises no distinct function addresses.
-/// - `.eh_frame` and its header discarded (~440 KB on x86_64): with panic = "abort" nothing
+/// - `.eh_frame` and its header discarded (~440 KB on x86_64; also aarch64 and riscv64, while
+///   armv7 unwinds with its small .ARM.exidx): with panic = "abort" nothing
 ///   unwinds; they served only RUST_BACKTRACE, which in a stripped binary lists `<unknown>`
 ///   frames. A panic still prints its message and aborts. `-C force-unwind-tables=no` cannot
 ///   do it: under fat LTO std's bitcode keeps the module's uwtable flag. crtbegin's own entry
@@ -57,10 +59,10 @@ fn static_release_link_args(target: &str) {
     if target.starts_with("x86_64-") {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
-    if !(target.starts_with("x86_64-") || target.starts_with("aarch64-")) {
+    if !(target.starts_with("x86_64-") || target.starts_with("aarch64-") || target.starts_with("riscv64")) {
         return;
     }
-    if let Some(gcc_ld) = rust_lld_dir() {
+    if let Some(gcc_ld) = rust_lld_dir().filter(|_| !target.starts_with("riscv64")) {
         println!("cargo:rustc-link-arg-bins=-fuse-ld=lld");
         println!("cargo:rustc-link-arg-bins=-B{}", gcc_ld.display());
         println!("cargo:rustc-link-arg-bins=-Wl,--icf=all");
