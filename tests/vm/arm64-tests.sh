@@ -15,8 +15,10 @@
 #   - cpu as the entrypoint of a runc container whose root is the arm64 tree: the board runs
 #     the container's bash on the container's files;
 #   - decpud in the guest announces arch=arm64 (seen by a decpu in the same guest).
-# AARCH64_STATIC_BIN defaults to target/aarch64-unknown-linux-musl/release/cpu-all, built
-# with tools/build-static when missing. Prints PASS/FAIL/SKIP lines and "N passed, M failed".
+# AARCH64_STATIC_BIN defaults to `tools/build-static --profile vmtest aarch64` (Cargo.toml's
+# vmtest profile: the release code without fat LTO; a no-op when up to date; VMTEST_PROFILE=
+# release tests the shipped build), the armv7 and riscv64 builds of section 6 likewise (make
+# vmtest builds them first). Prints PASS/FAIL/SKIP lines and "N passed, M failed".
 set -uo pipefail
 export LC_ALL=C
 HERE=$(cd "${0%/*}" && pwd)
@@ -35,14 +37,16 @@ check() { # check NAME EXPECTED ACTUAL
 }
 
 X86_BIN=${1:?usage: $0 X86_STATIC_BIN [AARCH64_STATIC_BIN]}
-ARM_BIN=${2:-$ROOT/target/aarch64-unknown-linux-musl/release/cpu-all}
+PROFILE=${VMTEST_PROFILE:-vmtest}
+ARM_BIN=${2:-}
 [ -f "$X86_BIN" ] || { echo "arm64-tests: $X86_BIN does not exist (make static)" >&2; exit 2; }
 command -v qemu-system-aarch64 >/dev/null ||
 	skip_all "qemu-system-aarch64 is not installed (apt-get install qemu-system-arm; tools/setup-host does)"
 command -v ssh-keygen >/dev/null || skip_all "needs ssh-keygen (openssh-client) for the test keys"
-if [ ! -f "$ARM_BIN" ]; then
-	echo "arm64-tests: building $ARM_BIN (tools/build-static aarch64)" >&2
-	ARM_BIN=$("$ROOT/tools/build-static" aarch64) || { ko "tools/build-static aarch64 failed"; finish; }
+if [ -z "$ARM_BIN" ]; then
+	ARM_BIN=$("$ROOT/tools/build-static" --profile "$PROFILE" aarch64 2>/tmp/arm64-build.$$.log) ||
+		{ ko "tools/build-static --profile $PROFILE aarch64 failed: $(tail -n 3 /tmp/arm64-build.$$.log | tr '\n' '|')"; rm -f /tmp/arm64-build.$$.log; finish; }
+	rm -f /tmp/arm64-build.$$.log
 fi
 file -L "$ARM_BIN" | grep -q 'ARM aarch64.*static' || { ko "$ARM_BIN is not a static aarch64 binary: $(file -L "$ARM_BIN")"; finish; }
 
@@ -164,9 +168,9 @@ fi
 # qemu-user and serves the host's files to the arm64 guest's kernel (the real 9p mount).
 for a in armv7:arm:armv7-unknown-linux-musleabihf riscv64:riscv64:riscv64gc-unknown-linux-musl; do
 	IFS=: read -r name q triple <<<"$a"
-	fb="$ROOT/target/$triple/release/cpu-all"
+	fb="${CARGO_TARGET_DIR:-$ROOT/target}/$triple/$PROFILE/cpu-all"
 	if ! command -v "qemu-$q-static" >/dev/null; then echo "SKIP: [arm64] $name cpu: no qemu-$q-static (qemu-user-static)"; continue; fi
-	if [ ! -f "$fb" ]; then echo "SKIP: [arm64] $name cpu: no $fb (make static ARCH=$name; tests/vm/qemu-user-tests.sh builds it)"; continue; fi
+	if [ ! -f "$fb" ]; then echo "SKIP: [arm64] $name cpu: no $fb (tools/build-static --profile $PROFILE $name; make vmtest builds it)"; continue; fi
 	cp "$fb" "$W/cpu-all-$name"
 	FCPU=("qemu-$q-static" "$W/cpu-all-$name" cpu -sp "$HOST_PORT" -key "$W/userkey" -hk "$W/hostkey.pub")
 	want=$(sha256sum "$D/big" | cut -d' ' -f1)

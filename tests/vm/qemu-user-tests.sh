@@ -11,7 +11,9 @@
 # or network changes. No 9p here: this host kernel has none (the 9P server of these builds
 # is exercised by tests/vm/arm64-tests.sh, which runs their `cpu` against the arm64 guest).
 #
-# Missing builds are made with tools/build-static (minutes each); QEMU_USER_ARCHES selects
+# The foreign builds come from `tools/build-static --profile vmtest ARCH` (Cargo.toml's vmtest
+# profile: the release code without fat LTO; a no-op when they are up to date, minutes when
+# not; VMTEST_PROFILE=release tests the shipped builds instead); QEMU_USER_ARCHES selects
 # (default "armv7 riscv64"). Prints PASS/FAIL/SKIP lines and "N passed, M failed".
 set -uo pipefail
 export LC_ALL=C
@@ -80,11 +82,9 @@ for A in ${QEMU_USER_ARCHES:-armv7 riscv64}; do
 	if [ ! -f "$conf" ] || ! command -v "qemu-$q-static" >/dev/null; then
 		echo "SKIP: [qemu-user $A] qemu-$q-static is not installed (apt-get install qemu-user-static)"; continue
 	fi
-	bin="$ROOT/target/$triple/release/cpu-all"
-	if [ ! -f "$bin" ]; then
-		echo "qemu-user-tests: building $bin (tools/build-static $A)" >&2
-		bin=$("$ROOT/tools/build-static" "$A") || { ko "tools/build-static $A failed"; continue; }
-	fi
+	# Up to date with the sources (make vmtest built them already: then a no-op).
+	bin=$("$ROOT/tools/build-static" --profile "${VMTEST_PROFILE:-vmtest}" "$A" 2>"$W/build.log") ||
+		{ ko "tools/build-static --profile ${VMTEST_PROFILE:-vmtest} $A failed: $(tail -n 3 "$W/build.log" | tr '\n' '|')"; continue; }
 	cp "$bin" "$W/cpu-all-$A" && : >"$W/err"
 	fails_before=$FAIL
 	res=$(timeout -k 10 900 unshare --user --map-root-user --mount --net --fork \
