@@ -83,6 +83,15 @@ build_image() { # build_image OUTDIR
 	SOURCE_DATE_EPOCH=1700000000 "$MKOCI" --bin "amd64=$BIN" "${bb[@]}" --tag test \
 		-o "$1/layout" --archive "$1/cpu-all-oci.tar" >"$1/mkoci.out" 2>&1
 }
+# The aarch64 cpu-all: OCI_ARM64_BIN, else the release build, else the `vmtest` profile's
+# build that `make vmtest` makes for the arm64 group (same code without fat LTO).
+arm64_bin() {
+	local t=$ROOT/target/aarch64-unknown-linux-musl
+	if [ -n "${OCI_ARM64_BIN:-}" ]; then echo "$OCI_ARM64_BIN"
+	elif [ -f "$t/release/cpu-all" ] || [ ! -f "$t/vmtest/cpu-all" ]; then echo "$t/release/cpu-all"
+	else echo "$t/vmtest/cpu-all"; fi
+}
+
 blob() { echo "$W/img/layout/blobs/sha256/${1#sha256:}"; }
 
 run_image_group() {
@@ -137,7 +146,7 @@ with tarfile.open(sys.argv[1]) as t:
 	else
 		skip "skopeo is not installed: the archive is not read back by a second implementation"
 	fi
-	local arm_bin=${OCI_ARM64_BIN:-$ROOT/target/aarch64-unknown-linux-musl/release/cpu-all}
+	local arm_bin=$(arm64_bin)
 	if ! command -v skopeo >/dev/null; then
 		skip "multi-arch index: skopeo is not installed"
 	elif [ -f "$arm_bin" ] && "$MKOCI" --bin "amd64=$BIN" --bin "arm64=$arm_bin" --tag multi -o "$W/img4" \
@@ -424,7 +433,7 @@ arm64_apt() {
 }
 
 run_entrypoint_arm64_group() {
-	local arm_bin=${OCI_ARM64_BIN:-$ROOT/target/aarch64-unknown-linux-musl/release/cpu-all}
+	local arm_bin=$(arm64_bin)
 	[ -f "$arm_bin" ] || { skip "[entrypoint arm64] no aarch64 cpu-all ($arm_bin: make static ARCH=aarch64)"; return; }
 	command -v qemu-system-aarch64 >/dev/null || { skip "[entrypoint arm64] qemu-system-aarch64 is not installed"; return; }
 	setup_podman || return
