@@ -204,30 +204,23 @@ pub fn connection_hash(t: &PathTokens<'_>) -> String {
 /// token is an error, as in ssh.
 pub fn expand_path(template: &str, t: &PathTokens<'_>) -> std::result::Result<String, String> {
     let text = crate::ssh::config::expand_tilde(template, t.home);
-    let mut out = String::new();
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('%') => out.push('%'),
-            Some('C') => out.push_str(&connection_hash(t)),
-            Some('d') => out.push_str(&t.home.to_string_lossy()),
-            Some('h') => out.push_str(t.host),
-            Some('i') => out.push_str(&t.uid.to_string()),
-            Some('L') => out.push_str(t.local_host.split('.').next().unwrap_or("")),
-            Some('l') => out.push_str(t.local_host),
-            Some('n') => out.push_str(t.alias),
-            Some('p') => out.push_str(t.port),
-            Some('r') => out.push_str(t.remote_user),
-            Some('u') => out.push_str(t.local_user),
-            Some(other) => return Err(format!("ControlPath {template:?}: unknown token %{other}")),
-            None => return Err(format!("ControlPath {template:?}: a lone % at the end")),
-        }
-    }
-    Ok(out)
+    crate::ssh::config::expand_percent(&text, |c| match c {
+        'C' => Some(connection_hash(t)),
+        'd' => Some(t.home.to_string_lossy().into_owned()),
+        'h' => Some(t.host.to_string()),
+        'i' => Some(t.uid.to_string()),
+        'L' => Some(t.local_host.split('.').next().unwrap_or("").to_string()),
+        'l' => Some(t.local_host.to_string()),
+        'n' => Some(t.alias.to_string()),
+        'p' => Some(t.port.to_string()),
+        'r' => Some(t.remote_user.to_string()),
+        'u' => Some(t.local_user.to_string()),
+        _ => None,
+    })
+    .map_err(|bad| match bad {
+        Some(other) => format!("ControlPath {template:?}: unknown token %{other}"),
+        None => format!("ControlPath {template:?}: a lone % at the end"),
+    })
 }
 
 /// The local host name (uname's nodename), for `%l`, `%L` and `%C`.

@@ -267,9 +267,30 @@ pub struct Tokens<'a> {
 
 /// Expands `~` and the `%d %u %h %r %p %%` tokens; an unknown token is kept as written.
 pub fn expand_path(path: &str, t: &Tokens<'_>) -> String {
-    let path = expand_tilde(path, t.home);
+    let token = |c| match c {
+        'd' => Some(t.home.to_string_lossy().into_owned()),
+        'u' => Some(t.local_user.to_string()),
+        'h' => Some(t.host.to_string()),
+        'r' => Some(t.remote_user.to_string()),
+        'p' => Some(t.port.to_string()),
+        other => Some(format!("%{other}")),
+    };
+    let text = expand_tilde(path, t.home);
+    // `token` refuses nothing, so the only error is a lone `%` at the end: kept as written.
+    expand_percent(&text, token).unwrap_or_else(|_| {
+        let head = &text[..text.len() - 1];
+        expand_percent(head, token).unwrap_or_default() + "%"
+    })
+}
+
+/// The `%` scanning shared by the ssh_config expanders: `%%` is `%`, every other `%x` is
+/// `token(x)`. Err(Some(x)) for a token `token` refuses, Err(None) for a lone `%` at the end.
+pub fn expand_percent(
+    text: &str,
+    mut token: impl FnMut(char) -> Option<String>,
+) -> std::result::Result<String, Option<char>> {
     let mut out = String::new();
-    let mut chars = path.chars();
+    let mut chars = text.chars();
     while let Some(c) = chars.next() {
         if c != '%' {
             out.push(c);
@@ -277,19 +298,11 @@ pub fn expand_path(path: &str, t: &Tokens<'_>) -> String {
         }
         match chars.next() {
             Some('%') => out.push('%'),
-            Some('d') => out.push_str(&t.home.to_string_lossy()),
-            Some('u') => out.push_str(t.local_user),
-            Some('h') => out.push_str(t.host),
-            Some('r') => out.push_str(t.remote_user),
-            Some('p') => out.push_str(t.port),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
+            Some(c) => out.push_str(&token(c).ok_or(Some(c))?),
+            None => return Err(None),
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
