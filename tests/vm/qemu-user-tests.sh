@@ -62,12 +62,18 @@ cpu sh -c 'exit 3' </dev/null 2>>"$W/err"; echo "exit $?"
 echo "stdin $(printf 'a\nb\nc\n' | cpu wc -l 2>>"$W/err")"
 cpu sh -c 'kill -TERM $$' </dev/null 2>>"$W/err"; echo "selfkill $?"
 echo "parent $(cpu sh -c 'readlink /proc/$PPID/exe' </dev/null 2>>"$W/err")"
-cpu sh -c 'echo started; exec sleep 300' </dev/null >"$W/sleep.out" 2>>"$W/err" &
+# SIGTERM to the client: `exec`, so that $c is the client's own `timeout` (which passes the
+# signal on), not a subshell whose death would orphan the client with the pipe of $(...) open.
+# The remote shell traps TERM and exits 7: status 7 and its line prove the signal went to the
+# remote; a client that just died of the signal would give 143.
+(exec timeout -k 5 180 "$X86" cpu -9p=false -sp $PORT -key "$W/uk" -hk "$W/hk.pub" 127.0.0.1 \
+	sh -c 'trap "echo term-received; kill \$!; exit 7" TERM; echo started; sleep 300 </dev/null >/dev/null 2>&1 & wait' \
+	</dev/null >"$W/sleep.out" 2>>"$W/err") &
 c=$!
 for _ in $(seq 600); do grep -q started "$W/sleep.out" 2>/dev/null && break; kill -0 $c 2>/dev/null || break; sleep 0.2; done
 kill -TERM $c 2>/dev/null
 for _ in $(seq 300); do kill -0 $c 2>/dev/null || break; sleep 0.1; done
-if kill -0 $c 2>/dev/null; then kill -KILL $c; echo "sigterm still-running-after-30s"; else wait $c; echo "sigterm $?"; fi
+if kill -0 $c 2>/dev/null; then kill -KILL $c; echo "sigterm still-running-after-30s"; else wait $c; echo "sigterm $? $(grep -c term-received "$W/sleep.out")"; fi
 kill $cpud 2>/dev/null; wait $cpud 2>/dev/null
 INSIDE
 
@@ -97,7 +103,7 @@ for A in ${QEMU_USER_ARCHES:-armv7 riscv64}; do
 	check "-9p=false: remote exit status 3 reaches the client" 3 "$(val exit)"
 	check "-9p=false: stdin pipe reaches the command" 3 "$(val stdin | tr -d ' ')"
 	check "-9p=false: a command killed by SIGTERM gives 128+15" 143 "$(val selfkill)"
-	check "-9p=false: SIGTERM to the client is forwarded; status 128+15" 143 "$(val sigterm)"
+	check "-9p=false: SIGTERM to the client reaches the remote command (its trap's status 7, its line once)" "7 1" "$(val sigterm)"
 	case $(val parent) in
 	*qemu-$q*) ok "the session's parent is the emulated cpud ($(val parent))" ;;
 	*) ko "the session's parent is [$(val parent)], not qemu-$q-static" ;;
