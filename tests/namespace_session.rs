@@ -295,6 +295,47 @@ fn system_directories_from_a_second_mount_with_cached_metadata_when_the_client_o
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
     assert_eq!(binds(&ops.calls), want);
+    // Every source is on a client mount and none is under an earlier target: one batch.
+    let sources: Vec<PathBuf> = want.iter().map(|(source, _)| PathBuf::from(source)).collect();
+    assert_eq!(ops.opened_together, [sources]);
+}
+
+#[test]
+fn bind_sources_opened_together_only_where_no_earlier_line_can_shadow_them() {
+    let fstab = "/tmp/cpu/usr /usr none bind 0 0\n\
+                 /tmp/cpu/opt /tmp/cpu/home none bind 0 0\n\
+                 /tmp/cpu/home/me /me none bind 0 0\n\
+                 /tmp/cpu/etc /etc none bind 0 0\n\
+                 proc /proc2 proc defaults 0 0\n\
+                 /tmp/local/etc /etc2 none bind 0 0\n\
+                 /tmp/cpu/usr/lib /usr/lib none bind 0 0\n";
+    let tree = |ops: RecordingOps| {
+        ops.with_mount_contents(
+            "/tmp/cpu",
+            &["/tmp/cpu/usr", "/tmp/cpu/usr/lib", "/tmp/cpu/opt", "/tmp/cpu/home/me", "/tmp/cpu/etc"],
+            &[],
+        )
+    };
+    let mut ops = tree(RecordingOps::new().with_memory_root());
+    let prepared = prepare_session(&mut ops, &settings(Some(fstab.into()))).unwrap();
+    // /tmp/cpu/home/me lies under the target of the line before it; /proc and /tmp/local are
+    // not the client's; /tmp/cpu/usr/lib is under /usr's source, not under a target.
+    let want: Vec<PathBuf> =
+        ["/tmp/cpu/usr", "/tmp/cpu/opt", "/tmp/cpu/etc", "/tmp/cpu/usr/lib"].map(PathBuf::from).into();
+    assert_eq!(ops.opened_together, [want]);
+    // The double opens nothing together, so every line still binds at its turn, in order.
+    let targets: Vec<String> = binds(&ops.calls).into_iter().map(|(_, target)| target).collect();
+    assert_eq!(targets, ["/usr", "/tmp/cpu/home", "/me", "/etc", "/usr/lib"], "{:?}", prepared.warnings);
+
+    // Without the 9p mount, or with a single client source, there is nothing to overlap.
+    let mut ops = tree(RecordingOps::new().with_memory_root());
+    let mut s = settings(Some(fstab.into()));
+    s.nonce = None;
+    prepare_session(&mut ops, &s).unwrap();
+    assert!(ops.opened_together.is_empty());
+    let mut ops = tree(RecordingOps::new().with_memory_root());
+    prepare_session(&mut ops, &settings(Some("/tmp/cpu/usr /usr none bind 0 0\n".into()))).unwrap();
+    assert!(ops.opened_together.is_empty());
 }
 
 #[test]

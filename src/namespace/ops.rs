@@ -83,6 +83,14 @@ pub trait MountOps {
         let _ = path;
         None
     }
+    /// Opens several bind sources at once, as [`MountOps::open_bind_source`] would, but only
+    /// along paths without symlinks: the lookups of independent paths on a 9p mount then
+    /// overlap (one round trip for all instead of one each). An entry is `None` where this did
+    /// not open it (a symlink on the way, missing, any error, or not supported here): the
+    /// caller opens that one at its turn, which also reports the error.
+    fn open_bind_sources_together(&mut self, paths: &[PathBuf]) -> Vec<Option<BindSource>> {
+        paths.iter().map(|_| None).collect()
+    }
 }
 
 /// A bind source held open: bind it through [`BindSource::mount_path`] while it is held.
@@ -272,6 +280,48 @@ impl MountOps for SystemOps {
         };
         Some(opened.map_err(to_io))
     }
+
+    fn open_bind_sources_together(&mut self, paths: &[PathBuf]) -> Vec<Option<BindSource>> {
+        if std::fs::symlink_metadata("/proc/self/fd").is_err() {
+            return paths.iter().map(|_| None).collect();
+        }
+        let mut opened = Vec::with_capacity(paths.len());
+        for chunk in paths.chunks(MAX_SOURCES_TOGETHER) {
+            std::thread::scope(|scope| {
+                let lookups: Vec<_> =
+                    chunk.iter().map(|path| scope.spawn(move || open_without_symlinks(path))).collect();
+                // A thread that could not be joined opened nothing the caller relies on.
+                opened.extend(lookups.into_iter().map(|lookup| lookup.join().ok().flatten()));
+            });
+        }
+        opened
+    }
+}
+
+/// How many bind sources [`SystemOps`] opens at once (a session has a handful; the cap only
+/// bounds the threads a long fstab could ask for).
+const MAX_SOURCES_TOGETHER: usize = 16;
+
+/// Opens `path` as a bind source if no component of it is a symlink (openat2
+/// RESOLVE_NO_SYMLINKS, Linux 5.6+); `None` on any error.
+fn open_without_symlinks(path: &Path) -> Option<BindSource> {
+    use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, CWD};
+    let flags = OFlags::PATH | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::NO_SYMLINKS;
+    match rustix::fs::openat2(CWD, path, flags | OFlags::DIRECTORY, Mode::empty(), resolve) {
+        Ok(fd) => Some(BindSource { handle: fd, kind: PathKind::Directory }),
+        Err(rustix::io::Errno::NOTDIR) => {
+            let fd = rustix::fs::openat2(CWD, path, flags, Mode::empty(), resolve).ok()?;
+            let kind = match FileType::from_raw_mode(rustix::fs::fstat(&fd).ok()?.st_mode) {
+                FileType::Directory => PathKind::Directory,
+                FileType::RegularFile => PathKind::File,
+                FileType::Symlink => return None,
+                _ => PathKind::Other,
+            };
+            Some(BindSource { handle: fd, kind })
+        }
+        Err(_) => None,
+    }
 }
 
 /// The `msize=` of the last mount on `target` in /proc/self/mountinfo text.
@@ -304,6 +354,21 @@ mod tests {
         assert_eq!(ops.resolve(Path::new("/proc/../")), Some(PathBuf::from("/")));
         assert!(ops.filesystem_supported("proc"));
         assert!(!ops.filesystem_supported("no-such-fs"));
+    }
+
+    #[test]
+    fn bind_sources_opened_together_skip_symlinked_paths() {
+        let mut ops = SystemOps;
+        let paths: Vec<PathBuf> =
+            ["/proc", "/dev/null", "/proc/self", "/nonexistent/x", "/proc/self/status"].map(PathBuf::from).into();
+        let opened = ops.open_bind_sources_together(&paths);
+        let kinds: Vec<Option<PathKind>> = opened.iter().map(|o| o.as_ref().map(|s| s.kind)).collect();
+        // /proc/self is a symlink, and so is a path through it: left to the caller.
+        assert_eq!(kinds, [Some(PathKind::Directory), Some(PathKind::Other), None, None, None]);
+        let proc_source = opened[0].as_ref().expect("/proc opened");
+        assert_eq!(std::fs::read_link(proc_source.mount_path()).expect("magic link"), PathBuf::from("/proc"));
+        let many: Vec<PathBuf> = (0..MAX_SOURCES_TOGETHER + 3).map(|_| PathBuf::from("/proc")).collect();
+        assert!(ops.open_bind_sources_together(&many).iter().all(Option::is_some));
     }
 
     #[test]

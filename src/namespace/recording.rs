@@ -41,6 +41,9 @@ pub struct RecordingOps {
     module_loads: Vec<(String, String)>,
     failures: Vec<(Predicate, i32)>,
     msize_limit: Option<u32>,
+    /// The paths of every `open_bind_sources_together` call (nothing is opened: the caller
+    /// then opens each at its turn, as without the call).
+    pub opened_together: Vec<Vec<PathBuf>>,
 }
 
 impl Default for RecordingOps {
@@ -62,6 +65,7 @@ impl RecordingOps {
             module_loads: Vec::new(),
             failures: Vec::new(),
             msize_limit: None,
+            opened_together: Vec::new(),
         };
         r.paths.insert("/".into(), PathKind::Directory);
         r.paths.insert("/tmp".into(), PathKind::Directory);
@@ -280,5 +284,10 @@ impl MountOps for RecordingOps {
             PathKind::Directory => Ok(()),
             _ => Err(io::Error::from_raw_os_error(ENOENT)),
         }
+    }
+
+    fn open_bind_sources_together(&mut self, paths: &[PathBuf]) -> Vec<Option<super::ops::BindSource>> {
+        self.opened_together.push(paths.to_vec());
+        paths.iter().map(|_| None).collect()
     }
 }
