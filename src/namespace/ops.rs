@@ -51,6 +51,20 @@ pub trait MountOps {
         let _ = (channel, deadline);
         self.mount("localhost", target, "9p", flags, data)
     }
+    /// Starts [`MountOps::mount_9p`] beside the caller's next calls (the real calls: in a
+    /// thread), so two 9p mounts over two connections make their round trips at the same
+    /// time; [`PendingMount::wait`] gives the result. `channel` must stay open until then
+    /// (`data` names its descriptor). The default mounts before returning.
+    fn start_mount_9p(
+        &mut self,
+        channel: &OwnedFd,
+        target: &Path,
+        flags: MsFlags,
+        data: &str,
+        deadline: Duration,
+    ) -> PendingMount {
+        PendingMount::Done(self.mount_9p(channel, target, flags, data, deadline))
+    }
     /// umount2(2) with MNT_DETACH.
     fn unmount(&mut self, target: &Path) -> io::Result<()>;
     /// mkdir -p with mode 0755.
@@ -90,6 +104,27 @@ pub trait MountOps {
     /// caller opens that one at its turn, which also reports the error.
     fn open_bind_sources_together(&mut self, paths: &[PathBuf]) -> Vec<Option<BindSource>> {
         paths.iter().map(|_| None).collect()
+    }
+}
+
+/// A 9p mount started by [`MountOps::start_mount_9p`].
+#[derive(Debug)]
+pub enum PendingMount {
+    /// Already done.
+    Done(io::Result<()>),
+    /// Going on in this thread.
+    Running(std::thread::JoinHandle<io::Result<()>>),
+}
+
+impl PendingMount {
+    /// Waits for the mount to finish (bounded by the deadline it was started with).
+    pub fn wait(self) -> io::Result<()> {
+        match self {
+            PendingMount::Done(result) => result,
+            PendingMount::Running(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the thread mounting 9p ended without a result"))),
+        }
     }
 }
 
@@ -182,6 +217,30 @@ impl MountOps for SystemOps {
                 format!("the client's 9p server did not answer within {} s", deadline.as_secs()),
             )),
             other => other,
+        }
+    }
+
+    fn start_mount_9p(
+        &mut self,
+        channel: &OwnedFd,
+        target: &Path,
+        flags: MsFlags,
+        data: &str,
+        deadline: Duration,
+    ) -> PendingMount {
+        // The thread gets its own descriptor of the socket for the watchdog; the kernel reads
+        // the one `data` names, which the caller keeps open.
+        let channel = match channel.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => return PendingMount::Done(Err(e)),
+        };
+        let (target, data) = (target.to_path_buf(), data.to_string());
+        let thread = std::thread::Builder::new()
+            .name("mount-9p".into())
+            .spawn(move || SystemOps.mount_9p(&channel, &target, flags, &data, deadline));
+        match thread {
+            Ok(thread) => PendingMount::Running(thread),
+            Err(e) => PendingMount::Done(Err(e)),
         }
     }
 

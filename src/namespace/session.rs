@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::fstab::{ms, parse_fstab, translate_options, FstabEntry, MsFlags};
-use super::ops::{BindSource, MountOps, PathKind};
+use super::ops::{BindSource, MountOps, PathKind, PendingMount};
 use crate::error::{Error, Result};
 use crate::options::MAX_MSIZE;
 use crate::protocol::{
@@ -46,7 +46,7 @@ pub const SYSTEM_MOUNT_POINT: &str = "/tmp/.cpu-system";
 /// `cache=mmap` alone, figures in bench/baseline.txt). The user's data (/home, /etc, the
 /// working directory) stays on the coherent `cache=mmap` mount.
 pub const SYSTEM_DIRS: [&str; 7] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr"];
-/// Flags of the system mount: writes through (see [`mount_system_files`]).
+/// Flags of the system mount: writes through (see [`start_system_mount`]).
 pub const SYSTEM_MOUNT_FLAGS: MsFlags = ms::NODEV | ms::NOSUID | ms::SYNCHRONOUS;
 /// Mount options the client may not override through CPU_MOUNTOPTS: they carry the channel.
 const RESERVED_OPTIONS: [&str; 5] = ["trans", "rfdno", "wfdno", "msize", "version"];
@@ -123,14 +123,12 @@ pub fn prepare_session(ops: &mut dyn MountOps, settings: &SessionSettings) -> Re
     let mut channels = Vec::new();
     enter_private_namespace(ops)?;
     mount_session_tmp(ops, &mut warnings)?;
-    let msize = match &settings.nonce {
-        Some(nonce) => Some(mount_client_files(ops, settings, nonce, &mut channels)?),
-        None => None,
-    };
-    let system_mount = match (&settings.nonce, msize) {
-        (Some(nonce), Some(msize)) => mount_system_files(ops, settings, nonce, msize, &mut channels),
-        _ => false,
-    };
+    // The system mount, when there is one, goes on beside the main mount; it is waited for
+    // whatever the main mount's outcome (its thread names a descriptor this process holds).
+    let mut system = None;
+    let main = settings.nonce.as_ref().map(|nonce| mount_client_files(ops, settings, nonce, &mut channels, &mut system));
+    let system_mount = finish_system_mount(system, &mut channels);
+    let msize = main.transpose()?;
     let writes_through = msize.is_some() && main_mount_writes_through(settings);
     if let Some(text) = &settings.fstab {
         let mut entries = parse_fstab(text);
@@ -305,47 +303,17 @@ fn names_cache(options: &str) -> bool {
     options.split(',').any(|w| w.trim() == "cache" || w.trim().starts_with("cache="))
 }
 
-/// The second mount, for the system directories, with `cache=loose`: only when the client
-/// offered it (CPU_SYSTEM_MOUNT=1, sent by cpu-all; a Go client never does), named no cache
-/// mode itself (an explicit choice is applied to everything), and the kernel is one we chose
-/// a cached default for. Any failure leaves the binds on the main mount; never fatal.
-fn mount_system_files(
-    ops: &mut dyn MountOps,
-    settings: &SessionSettings,
-    nonce: &str,
-    msize: u32,
-    channels: &mut Vec<OwnedFd>,
-) -> bool {
-    let client_opts = settings.mount_opts.as_deref().unwrap_or("");
-    if !settings.system_mount
-        || names_cache(client_opts)
-        || default_cache_mode(settings.kernel_release.as_deref()).is_none()
-    {
-        return false;
-    }
-    let Some(port) = settings.port9p else { return false };
-    let channel = match dial_backchannel(ops, port, nonce) {
-        Ok(fd) => fd,
-        Err(e) => {
-            log::debug!("9p: no second connection for the system directories: {e}");
-            return false;
-        }
-    };
-    let target = Path::new(SYSTEM_MOUNT_POINT);
-    if let Err(e) = ops.mkdir_all(target) {
-        log::debug!("9p: cannot create {SYSTEM_MOUNT_POINT}: {e}");
-        return false;
-    }
-    // validate_mount_opts already accepted these for the main mount.
-    let extra = match client_opts.trim() {
-        "" => "cache=loose".to_string(),
-        opts => format!("cache=loose,{opts}"),
-    };
-    let data = ninep_mount_data(channel.as_raw_fd(), &sanitize_uname(&settings.user), msize, &extra);
-    // MS_SYNCHRONOUS: cache=loose buffers writes, and a write into the client's /usr must be
-    // on the client when the command's exit status is sent (the namespace is torn down after
-    // that). Reads, lookups and attributes stay cached; writes there are rare.
-    match ops.mount_9p(&channel, target, SYSTEM_MOUNT_FLAGS, &data, NINEP_MOUNT_DEADLINE) {
+/// The system mount while it is being made: its connection, and the mount.
+#[derive(Debug)]
+pub struct StartedSystemMount {
+    channel: OwnedFd,
+    pending: PendingMount,
+}
+
+/// Waits for the system mount; whether the system directories come from it.
+fn finish_system_mount(started: Option<StartedSystemMount>, channels: &mut Vec<OwnedFd>) -> bool {
+    let Some(StartedSystemMount { channel, pending }) = started else { return false };
+    match pending.wait() {
         Ok(()) => {
             log::debug!("9p: system directories from {SYSTEM_MOUNT_POINT} (cache=loose, sync)");
             channels.push(channel);
@@ -358,6 +326,51 @@ fn mount_system_files(
             false
         }
     }
+}
+
+/// Starts the second mount, for the system directories, with `cache=loose`: only when the
+/// client offered it (CPU_SYSTEM_MOUNT=1, sent by cpu-all; a Go client never does), named no
+/// cache mode itself (an explicit choice is applied to everything), and the kernel is one we
+/// chose a cached default for. It runs beside the main mount (their round trips overlap), so
+/// it asks for the requested msize, not the one the main mount ends up with. Any failure
+/// leaves the binds on the main mount; never fatal.
+fn start_system_mount(
+    ops: &mut dyn MountOps,
+    settings: &SessionSettings,
+    nonce: &str,
+) -> Option<StartedSystemMount> {
+    let client_opts = settings.mount_opts.as_deref().unwrap_or("");
+    if !settings.system_mount
+        || names_cache(client_opts)
+        || default_cache_mode(settings.kernel_release.as_deref()).is_none()
+    {
+        return None;
+    }
+    let port = settings.port9p?;
+    let channel = match dial_backchannel(ops, port, nonce) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::debug!("9p: no second connection for the system directories: {e}");
+            return None;
+        }
+    };
+    let target = Path::new(SYSTEM_MOUNT_POINT);
+    if let Err(e) = ops.mkdir_all(target) {
+        log::debug!("9p: cannot create {SYSTEM_MOUNT_POINT}: {e}");
+        return None;
+    }
+    let msize = requested_msize(settings.msize.as_deref());
+    // validate_mount_opts already accepted these for the main mount.
+    let extra = match client_opts.trim() {
+        "" => "cache=loose".to_string(),
+        opts => format!("cache=loose,{opts}"),
+    };
+    let data = ninep_mount_data(channel.as_raw_fd(), &sanitize_uname(&settings.user), msize, &extra);
+    // MS_SYNCHRONOUS: cache=loose buffers writes, and a write into the client's /usr must be
+    // on the client when the command's exit status is sent (the namespace is torn down after
+    // that). Reads, lookups and attributes stay cached; writes there are rare.
+    let pending = ops.start_mount_9p(&channel, target, SYSTEM_MOUNT_FLAGS, &data, NINEP_MOUNT_DEADLINE);
+    Some(StartedSystemMount { channel, pending })
 }
 
 /// Bind lines whose source is a system directory of the client take it from the system mount.
@@ -401,12 +414,15 @@ fn dial_backchannel(ops: &mut dyn MountOps, port: u16, nonce: &str) -> Result<st
     })
 }
 
-/// Dials the back-channel and mounts the client's files on /tmp/cpu. Returns the msize used.
+/// Dials the back-channel and mounts the client's files on /tmp/cpu; once the first
+/// connection is up, starts the system mount into `system` (see [`start_system_mount`]).
+/// Returns the msize used.
 fn mount_client_files(
     ops: &mut dyn MountOps,
     settings: &SessionSettings,
     nonce: &str,
     channels: &mut Vec<OwnedFd>,
+    system: &mut Option<StartedSystemMount>,
 ) -> Result<u32> {
     let extra = with_default_cache(
         &validate_mount_opts(settings.mount_opts.as_deref().unwrap_or(""))?,
@@ -424,6 +440,7 @@ fn mount_client_files(
         return Err(Error::Namespace(NO_9P_SUPPORT.into()));
     }
     let channel = dial_backchannel(ops, port, nonce)?;
+    *system = start_system_mount(ops, settings, nonce);
     let uname = sanitize_uname(&settings.user);
     let target = Path::new(MOUNT_POINT);
     let mut last_error: Option<(io::Error, String)> = None;
