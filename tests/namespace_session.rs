@@ -279,7 +279,8 @@ fn system_directories_from_a_second_mount_with_cached_metadata_when_the_client_o
     assert_eq!(data.len(), 2);
     assert!(data[0].ends_with(",msize=1048576,cache=loose"), "{}", data[0]);
     assert!(data[1].ends_with(",msize=1048576,cache=mmap"), "{}", data[1]);
-    let first_mount = ops.calls.iter().position(|c| matches!(c, Call::Mount { fstype, .. } if fstype == "9p"));
+    let first_mount =
+        ops.calls.iter().position(|c| matches!(c, Call::Mount { fstype, .. } if fstype == "9p"));
     let last_dial = ops.calls.iter().rposition(|c| matches!(c, Call::Dial { .. }));
     assert!(last_dial < first_mount, "{:?}", ops.calls);
     // Written through (MS_SYNCHRONOUS): cache=loose would keep a write to /usr past the exit.
@@ -379,7 +380,8 @@ fn one_mount_for_a_go_client_an_explicit_cache_mode_or_a_failed_second_mount() {
 
     // A kernel that refuses the requested msize: the main mount falls back to a smaller one;
     // the system mount, made beside it with the requested msize, fails and is not retried.
-    let mut ops = with_system_mount(client_tree(RecordingOps::new()).with_memory_root()).with_msize_limit(256 * 1024);
+    let mut ops =
+        with_system_mount(client_tree(RecordingOps::new()).with_memory_root()).with_msize_limit(256 * 1024);
     let prepared = prepare_session(&mut ops, &s).unwrap();
     assert_eq!(prepared.msize, Some(256 * 1024));
     assert!(all_from_main(&ops), "{:?}", binds(&ops.calls));

@@ -418,8 +418,9 @@ mod tests {
     #[test]
     fn bind_sources_opened_together_skip_symlinked_paths() {
         let mut ops = SystemOps;
-        let paths: Vec<PathBuf> =
-            ["/proc", "/dev/null", "/proc/self", "/nonexistent/x", "/proc/self/status"].map(PathBuf::from).into();
+        let paths: Vec<PathBuf> = ["/proc", "/dev/null", "/proc/self", "/nonexistent/x", "/proc/self/status"]
+            .map(PathBuf::from)
+            .into();
         let opened = ops.open_bind_sources_together(&paths);
         let kinds: Vec<Option<PathKind>> = opened.iter().map(|o| o.as_ref().map(|s| s.kind)).collect();
         // /proc/self is a symlink, and so is a path through it: left to the caller.

@@ -126,7 +126,10 @@ pub fn prepare_session(ops: &mut dyn MountOps, settings: &SessionSettings) -> Re
     // The system mount, when there is one, goes on beside the main mount; it is waited for
     // whatever the main mount's outcome (its thread names a descriptor this process holds).
     let mut system = None;
-    let main = settings.nonce.as_ref().map(|nonce| mount_client_files(ops, settings, nonce, &mut channels, &mut system));
+    let main = settings
+        .nonce
+        .as_ref()
+        .map(|nonce| mount_client_files(ops, settings, nonce, &mut channels, &mut system));
     let system_mount = finish_system_mount(system, &mut channels);
     let msize = main.transpose()?;
     let writes_through = msize.is_some() && main_mount_writes_through(settings);
