@@ -452,10 +452,47 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
         }
     };
     let plan = plan(&launch, &setup.env, setup.pty.as_ref(), &remote_program);
-    log::debug!("session {id}: running {:?} {:?} (pty: {})", plan.program, plan.args, setup.pty.is_some());
-    let (child, io) = match spawn(&plan, setup.pty.as_ref()) {
+    // A cpu-form session without 9P or fstab needs no `cpud -remote`: run its command here.
+    let direct = match &launch {
+        Launch::Exec(cmd) if crate::cmdline::is_cpu_form(cmd) => {
+            crate::remote::direct_session(&plan.args, &plan.env)
+        }
+        _ => None,
+    };
+    let (plan, namespace) = match direct {
+        Some(d) => match crate::remote::SessionTmp::new(&d.cwd) {
+            Ok(tmp) => (direct_plan(d), Some(tmp)),
+            Err(_) => (plan, None),
+        },
+        None => (plan, None),
+    };
+    log::debug!(
+        "session {id}: running {:?} {:?} (pty: {}, {})",
+        plan.program,
+        plan.args,
+        setup.pty.is_some(),
+        if namespace.is_some() { "directly" } else { "as planned" }
+    );
+    let direct = namespace.is_some();
+    let (child, io) = match spawn(&plan, setup.pty.as_ref(), namespace) {
         Ok(x) => x,
-        Err(e) => {
+        Err(SpawnError::Exec(e)) if direct => {
+            // What `cpud -remote` would have printed on its stderr and exited with.
+            let path_var = plan.env.iter().find(|(n, _)| n == "PATH").map(|(_, v)| OsString::from(v));
+            let (message, code) = crate::remote::exec_failure(&plan.arg0, &e, path_var.as_deref(), &plan.cwd);
+            log::debug!("session {id}: {message}");
+            let (mut out, end) = match setup.pty {
+                Some(_) => (tx.make_writer_ext(None), "\r\n"),
+                None => (tx.make_writer_ext(Some(1)), "\n"),
+            };
+            let _ = out.write_all(format!("{message}{end}").as_bytes()).await;
+            drop(out);
+            let _ = tx.exit_status(code as u32).await;
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+            return;
+        }
+        Err(SpawnError::Exec(e) | SpawnError::Setup(e)) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
             let what = format!("cannot run {}: {e}", plan.program.display());
             log::warn!("session {id}: {what}");
@@ -595,11 +632,54 @@ enum ChildIo {
     Pty(Arc<PtyMaster>),
 }
 
-fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::process::Child, ChildIo)> {
+/// The plan of a session run without `cpud -remote`: the command itself, in the client's
+/// directory (entered by [`crate::remote::SessionTmp::enter`] in the child).
+fn direct_plan(d: crate::remote::DirectSession) -> Plan {
+    let mut words = d.command.into_iter();
+    let arg0 = words.next().unwrap_or_default();
+    Plan { program: PathBuf::from(&arg0), arg0, args: words.collect(), env: d.env, cwd: d.cwd }
+}
+
+/// Why a session's process did not start.
+enum SpawnError {
+    /// Before the fork (terminal, pipes).
+    Setup(std::io::Error),
+    /// The fork or the exec (a direct session's namespace steps report their own failures
+    /// from the child, which then exits with status 125).
+    Exec(std::io::Error),
+}
+
+impl From<std::io::Error> for SpawnError {
+    fn from(e: std::io::Error) -> SpawnError {
+        SpawnError::Setup(e)
+    }
+}
+
+/// Starts the plan's process. With `namespace`, the child first builds the session's mount
+/// namespace and enters the working directory itself (the directory may be one only the
+/// namespace has, so the spawn does not chdir).
+fn spawn(
+    plan: &Plan,
+    pty: Option<&PtyRequest>,
+    namespace: Option<crate::remote::SessionTmp>,
+) -> Result<(tokio::process::Child, ChildIo), SpawnError> {
     let mut cmd = tokio::process::Command::new(&plan.program);
-    cmd.arg0(&plan.arg0).args(&plan.args).env_clear().current_dir(&plan.cwd).kill_on_drop(false);
+    cmd.arg0(&plan.arg0).args(&plan.args).env_clear().kill_on_drop(false);
     for (n, v) in &plan.env {
         cmd.env(n, v);
+    }
+    match namespace {
+        // SAFETY: the closure runs in the forked child before exec; `SessionTmp::enter` makes
+        // only async-signal-safe system calls on strings prepared here, and takes no lock.
+        Some(tmp) => unsafe {
+            cmd.pre_exec(move || {
+                tmp.enter();
+                Ok(())
+            });
+        },
+        None => {
+            cmd.current_dir(&plan.cwd);
+        }
     }
     match pty {
         Some(p) => {
@@ -620,17 +700,17 @@ fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::proce
                     Ok(())
                 });
             }
-            let child = cmd.spawn()?;
+            let child = cmd.spawn().map_err(SpawnError::Exec)?;
             drop(cmd); // closes our copies of the slave
             Ok((child, ChildIo::Pty(Arc::new(PtyMaster::new(pair.master)?))))
         }
         None => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-            let mut child = cmd.spawn()?;
+            let mut child = cmd.spawn().map_err(SpawnError::Exec)?;
             let (Some(stdin), Some(stdout), Some(stderr)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())
             else {
-                return Err(std::io::Error::other("child stdio missing"));
+                return Err(SpawnError::Setup(std::io::Error::other("child stdio missing")));
             };
             Ok((child, ChildIo::Pipes { stdin, stdout, stderr }))
         }
