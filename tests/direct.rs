@@ -196,6 +196,24 @@ fn ninep_session_still_goes_through_cpud_remote() {
 }
 
 #[test]
+fn stdin_eof_alone_and_stdin_bytes_reach_the_command() {
+    let Some(rig) = Rig::start("stdin") else { return };
+    // No input at all, only EOF: the stdin pipe is closed without a writer thread.
+    let got = rig.both_ways(&["sh", "-c", "cat; echo done"]);
+    assert_eq!(got, (Some(0), "done\n".into(), String::new()));
+    // Input: the writer thread starts with the first chunk and ends with EOF.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut c = rig.cpu(&["-9p=false"], &["sh", "-c", "wc -c; exit 3"], false);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut input, &data));
+    let out = wait_output(child, CHILD_TIMEOUT);
+    assert!(writer.join().unwrap().is_ok());
+    assert_eq!((out.status.code(), text(&out.stdout).trim().to_string()), (Some(3), "200000".into()), "{}", text(&out.stderr));
+}
+
+#[test]
 fn session_without_pwd_runs_in_root_with_pwd_set() {
     let Some(rig) = Rig::start("nopwd") else { return };
     // OpenSSH's ssh sends no environment: the cpu form then gets PWD=/ from cpud.

@@ -323,7 +323,7 @@ async fn connection(
     let inspector =
         ClearTextInspector::new(&SERVER_KEX.iter().map(|n| n.as_ref()).collect::<Vec<_>>(), MODP_KEX);
     let stream = Killable {
-        inner: stream,
+        inner: tokio::io::BufReader::with_capacity(READ_BUFFER, stream),
         kill: kill_rx,
         dead: false,
         disarmed: false,
@@ -394,6 +394,9 @@ async fn connection(
     while tasks_rx.recv().await.is_some() {}
 }
 
+/// What one read of the connection's socket may take in (see [`Killable::inner`]).
+const READ_BUFFER: usize = 16 * 1024;
+
 type PermitFuture = Pin<
     Box<dyn Future<Output = std::result::Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>,
 >;
@@ -404,7 +407,9 @@ type PermitFuture = Pin<
 /// KEXDH_INIT until the daemon-wide modp permit is free (kept until russh writes its reply,
 /// i.e. until the exponentiations are done).
 struct Killable {
-    inner: BoxStream,
+    /// Buffered: russh reads every packet with two small exact reads, which pipelined
+    /// requests (a cpu client's ~35 env requests) turned into ~100 recvfrom calls a session.
+    inner: tokio::io::BufReader<BoxStream>,
     kill: oneshot::Receiver<()>,
     dead: bool,
     disarmed: bool,

@@ -531,6 +531,9 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
                 running.stdin = None;
             }
             Step::Message(Some(ChannelMsg::Data { data })) => {
+                if running.stdin.is_some() {
+                    running.input_arrived();
+                }
                 if let Some(q) = &running.stdin {
                     match q.try_send(data.to_vec()) {
                         Ok(()) => {}
@@ -539,7 +542,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
                     }
                 }
             }
-            Step::Message(Some(ChannelMsg::Eof)) => running.stdin = None,
+            Step::Message(Some(ChannelMsg::Eof)) => running.end_input(),
             Step::Message(Some(ChannelMsg::Signal { signal })) => running.signal(&signal_text(&signal)),
             Step::Message(Some(ChannelMsg::WindowChange {
                 col_width,
@@ -723,6 +726,10 @@ enum InputTask {
     Task(JoinHandle<()>),
     /// A stdin pipe: a thread (see `pipe_io`), told to stop through this flag.
     Thread(Arc<AtomicBool>),
+    /// A stdin pipe nothing was written to yet: its thread starts with the first input (most
+    /// sessions get none, only EOF, and then the empty pipe is closed from here: with nothing
+    /// in it, the child cannot be holding its lock across a 9P round trip).
+    Idle(std::os::fd::OwnedFd, mpsc::Receiver<Chunk>),
 }
 
 impl InputTask {
@@ -730,6 +737,7 @@ impl InputTask {
         match self {
             InputTask::Task(t) => t.abort(),
             InputTask::Thread(stop) => stop.store(true, Ordering::SeqCst),
+            InputTask::Idle(..) => {}
         }
     }
 }
@@ -760,28 +768,30 @@ impl Running {
         let (pty, input_task, pumps) = match io {
             ChildIo::Pipes { stdin, stdout, stderr } => {
                 // The pipes are read and written on threads of their own (see `pipe_io`).
-                let stdout = pipe_io::Output::start(stdout.into_owned_fd(), "stdout");
-                let stderr = pipe_io::Output::start(stderr.into_owned_fd(), "stderr");
+                let (stdout, stderr) =
+                    pipe_io::Output::start_pair(stdout.into_owned_fd(), stderr.into_owned_fd());
                 let out = tokio::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
                 let err =
                     tokio::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
-                (
-                    None,
-                    InputTask::Thread(pipe_io::feed(stdin.into_owned_fd(), early, stdin_rx)),
-                    vec![out, err],
-                )
+                let input = match (stdin.into_owned_fd(), early) {
+                    // EOF before exec and no input: closing the pipe is all there is to do.
+                    (Ok(_pipe), None) if early_eof => None,
+                    (Ok(pipe), None) => Some(InputTask::Idle(pipe, stdin_rx)),
+                    (pipe, early) => Some(InputTask::Thread(pipe_io::feed(pipe, early, stdin_rx))),
+                };
+                (None, input, vec![out, err])
             }
             ChildIo::Pty(master) => {
                 let io = PtyIo(master.clone());
                 let out = tokio::spawn(pump(io.clone(), tx.make_writer(), exited_rx, DRAIN_IDLE_PTY));
-                (Some(master), InputTask::Task(tokio::spawn(feed(io, early, stdin_rx))), vec![out])
+                (Some(master), Some(InputTask::Task(tokio::spawn(feed(io, early, stdin_rx)))), vec![out])
             }
         };
         Running {
             pid,
             pty,
             stdin: (!early_eof).then_some(stdin_tx),
-            input_task: Some(input_task),
+            input_task,
             pumps,
             exited,
         }
@@ -807,6 +817,24 @@ impl Running {
             if let Err(e) = m.set_size(size) {
                 log::debug!("window-change: {e}");
             }
+        }
+    }
+
+    /// Input is about to be queued: a stdin pipe's thread must be running.
+    fn input_arrived(&mut self) {
+        if let Some(InputTask::Idle(..)) = &self.input_task {
+            if let Some(InputTask::Idle(pipe, queue)) = self.input_task.take() {
+                self.input_task = Some(InputTask::Thread(pipe_io::feed(Ok(pipe), None, queue)));
+            }
+        }
+    }
+
+    /// The client's input ended: the queue closes (its thread closes the pipe after the last
+    /// chunk), or an idle pipe is closed now.
+    fn end_input(&mut self) {
+        self.stdin = None;
+        if let Some(InputTask::Idle(..)) = &self.input_task {
+            self.input_task = None;
         }
     }
 
@@ -918,7 +946,7 @@ mod pipe_io {
 
     use super::Chunk;
 
-    /// How long a thread waits for its pipe before checking whether it is still wanted.
+    /// How long a thread waits for its pipes before checking whether they are still wanted.
     const POLL_MS: libc::c_int = 250;
     const CHUNK: usize = 16 * 1024;
     /// Chunks read ahead of the channel writer.
@@ -958,36 +986,72 @@ mod pipe_io {
     }
 
     impl Output {
-        pub fn start(pipe: io::Result<OwnedFd>, name: &str) -> Output {
-            let (tx, chunks) = mpsc::channel(READ_AHEAD);
-            match pipe {
-                Ok(fd) => spawn(name, move || read_loop(fd, tx)),
-                Err(e) => log::error!("the command's {name}: {e}"),
-            }
+        fn new(chunks: mpsc::Receiver<Chunk>) -> Output {
             Output { chunks, current: Vec::new(), at: 0 }
+        }
+
+        /// The command's stdout and stderr, both read by one thread (a session start costs
+        /// one thread less than a thread each).
+        pub fn start_pair(stdout: io::Result<OwnedFd>, stderr: io::Result<OwnedFd>) -> (Output, Output) {
+            let (out_tx, out_rx) = mpsc::channel(READ_AHEAD);
+            let (err_tx, err_rx) = mpsc::channel(READ_AHEAD);
+            let mut ends = Vec::new();
+            for (pipe, tx, name) in [(stdout, out_tx, "stdout"), (stderr, err_tx, "stderr")] {
+                match pipe {
+                    Ok(fd) => ends.push((File::from(fd), tx)),
+                    Err(e) => log::error!("the command's {name}: {e}"),
+                }
+            }
+            spawn("output", move || read_loop(ends));
+            (Output::new(out_rx), Output::new(err_rx))
         }
     }
 
-    /// Ends when the pipe does or when the [`Output`] is dropped (checked every [`POLL_MS`],
-    /// so a background process holding the pipe open cannot keep the thread forever).
-    fn read_loop(fd: OwnedFd, tx: mpsc::Sender<Chunk>) {
-        let _ = set_nonblocking(fd.as_fd());
-        let mut file = File::from(fd);
+    /// Copies each pipe to its queue until the pipe ends or its [`Output`] is dropped (checked
+    /// every [`POLL_MS`], so a background process holding a pipe open cannot keep the thread
+    /// forever). A full queue holds the other pipe back too; both go to the same SSH channel,
+    /// whose window limits them alike.
+    fn read_loop(mut ends: Vec<(File, mpsc::Sender<Chunk>)>) {
+        for (file, _) in &ends {
+            let _ = set_nonblocking(file.as_fd());
+        }
         let mut buf = vec![0u8; CHUNK];
-        while !tx.is_closed() {
-            if !wait(file.as_fd(), libc::POLLIN) {
+        loop {
+            ends.retain(|(_, tx)| !tx.is_closed());
+            if ends.is_empty() {
+                return;
+            }
+            let mut polls: Vec<libc::pollfd> = ends
+                .iter()
+                .map(|(f, _)| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .collect();
+            // SAFETY: `polls` holds one valid pollfd per open pipe, alive across the call.
+            let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, POLL_MS) };
+            if ready <= 0 {
                 continue;
             }
-            match file.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                        return;
-                    }
+            let mut ended = vec![false; ends.len()];
+            for (i, p) in polls.iter().enumerate() {
+                if p.revents == 0 {
+                    continue;
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
-                Err(_) => return,
+                let (file, tx) = &mut ends[i];
+                match file.read(&mut buf) {
+                    Ok(0) => ended[i] = true,
+                    Ok(n) => {
+                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                            ended[i] = true;
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                    Err(_) => ended[i] = true,
+                }
             }
+            let mut i = 0;
+            ends.retain(|_| {
+                i += 1;
+                !ended[i - 1]
+            });
         }
     }
 
