@@ -332,6 +332,7 @@ async fn connection(
         gated: None,
         held: None,
         unread: Vec::new(),
+        unsent: Vec::new(),
     };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
     // Every session task holds a clone of the sender: recv() ends when the last one is done.
@@ -396,6 +397,8 @@ async fn connection(
 
 /// What one read of the connection's socket may take in (see [`Killable::inner`]).
 const READ_BUFFER: usize = 16 * 1024;
+/// Written bytes held back at most before they must go out (see [`Killable::unsent`]).
+const WRITE_COALESCE: usize = 64 * 1024;
 
 type PermitFuture = Pin<
     Box<dyn Future<Output = std::result::Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>,
@@ -420,9 +423,32 @@ struct Killable {
     held: Option<OwnedSemaphorePermit>,
     /// Bytes read but not yet handed to russh (held back for the permit).
     unread: Vec<u8>,
+    /// Packets russh wrote (and flushed) that are not on the socket yet: they go out when
+    /// russh next waits for input, or when there are [`WRITE_COALESCE`] bytes. russh writes
+    /// and flushes each reply on its own (a cpu client's ~35 env requests were ~35 sends and
+    /// as many wake-ups of the client); this sends the replies to one burst of requests in
+    /// one write. russh's session loop waits for input after every packet it handles and on
+    /// every pass of its loop, and shuts the stream down at the end, which sends the rest.
+    unsent: Vec<u8>,
 }
 
 impl Killable {
+    /// Writes out [`Killable::unsent`]; Pending (with the socket's writability registered)
+    /// while some is left.
+    fn poll_send_unsent(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.unsent.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.unsent) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.unsent.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
     fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
         if !self.dead && !self.disarmed {
             match Pin::new(&mut self.kill).poll(cx) {
@@ -447,6 +473,11 @@ impl AsyncRead for Killable {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         self.check(cx)?;
+        // russh is about to wait for input: what it wrote goes out first. If the socket is
+        // full, its writability wakes this task, which polls the read again.
+        if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
+            return Poll::Ready(Err(e));
+        }
         if let Some(gated) = self.gated.as_mut() {
             match gated.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -498,14 +529,20 @@ impl AsyncWrite for Killable {
         self.check(cx)?;
         // russh answers a KEXDH_INIT only after both exponentiations: the permit can go.
         self.held = None;
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if self.unsent.len() >= WRITE_COALESCE {
+            std::task::ready!(self.poll_send_unsent(cx))?;
+        }
+        self.unsent.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    /// Leaves the bytes in [`Killable::unsent`] (see there): russh flushes after every packet.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_send_unsent(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
