@@ -424,7 +424,8 @@ struct Killable {
     /// Bytes read but not yet handed to russh (held back for the permit).
     unread: Vec<u8>,
     /// Packets russh wrote (and flushed) that are not on the socket yet: they go out when
-    /// russh next waits for input, or when there are [`WRITE_COALESCE`] bytes. russh writes
+    /// russh next waits for input that has not arrived, or when there are [`WRITE_COALESCE`]
+    /// bytes. russh writes
     /// and flushes each reply on its own (a cpu client's ~35 env requests were ~35 sends and
     /// as many wake-ups of the client); this sends the replies to one burst of requests in
     /// one write. russh's session loop waits for input after every packet it handles and on
@@ -472,12 +473,26 @@ impl AsyncRead for Killable {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.check(cx)?;
-        // russh is about to wait for input: what it wrote goes out first. If the socket is
-        // full, its writability wakes this task, which polls the read again.
-        if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
-            return Poll::Ready(Err(e));
+        let read = self.as_mut().poll_read_now(cx, buf);
+        // russh waits for input now: what it wrote goes out. If the socket is full, its
+        // writability wakes this task, which polls the read again.
+        if read.is_pending() {
+            if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
+                return Poll::Ready(Err(e));
+            }
         }
+        read
+    }
+}
+
+impl Killable {
+    /// The read itself (held-back bytes, the key exchange checks, the modp gate).
+    fn poll_read_now(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
         if let Some(gated) = self.gated.as_mut() {
             match gated.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -513,7 +528,7 @@ impl AsyncRead for Killable {
                 self.unread = buf.filled()[before..].to_vec();
                 buf.set_filled(before);
                 self.gated = Some(Box::pin(self.modp_gate.clone().acquire_owned()));
-                return self.poll_read(cx, buf);
+                return self.poll_read_now(cx, buf);
             }
         }
         r
