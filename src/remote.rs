@@ -28,10 +28,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND};
+use crate::namespace::fstab::parse_fstab;
 use crate::namespace::session::{
     prepare_session, SessionSettings, LOCAL_ROOT, NEED_CAP_SYS_ADMIN, SESSION_TMP, SESSION_VARS,
 };
-use crate::namespace::fstab::parse_fstab;
 use crate::namespace::SystemOps;
 use crate::options::RemoteOptions;
 
@@ -167,7 +167,12 @@ fn exec_command(command: &[OsString]) -> i32 {
 /// The message (without a line end) and the shell-convention exit status for a command that
 /// could not be executed: 127 when it is missing, 126 otherwise. `path_var` is the command's
 /// $PATH and `cwd` its working directory, for naming the file that was found.
-pub fn exec_failure(program: &OsStr, err: &std::io::Error, path_var: Option<&OsStr>, cwd: &Path) -> (String, i32) {
+pub fn exec_failure(
+    program: &OsStr,
+    err: &std::io::Error,
+    path_var: Option<&OsStr>,
+    cwd: &Path,
+) -> (String, i32) {
     let name = program.to_string_lossy();
     match err.kind() {
         std::io::ErrorKind::NotFound => match find_program(program, path_var, cwd) {
@@ -315,8 +320,13 @@ impl SessionTmp {
                 fail(b"cannot create a private mount namespace", Some(errno()));
             }
             let private = libc::MS_REC | libc::MS_PRIVATE;
-            if libc::mount(std::ptr::null(), self.root.as_ptr(), std::ptr::null(), private, std::ptr::null()) != 0 {
-                fail(b"cannot make / private in the session's mount namespace; refusing to mount anything", Some(errno()));
+            if libc::mount(std::ptr::null(), self.root.as_ptr(), std::ptr::null(), private, std::ptr::null())
+                != 0
+            {
+                fail(
+                    b"cannot make / private in the session's mount namespace; refusing to mount anything",
+                    Some(errno()),
+                );
             }
             if libc::mkdir(self.tmp.as_ptr(), 0o755) != 0 && errno() != libc::EEXIST {
                 fail(b"cannot create /tmp", Some(errno()));
@@ -330,7 +340,14 @@ impl SessionTmp {
                     fail(b"cannot create a directory in /tmp", Some(errno()));
                 }
             }
-            if libc::mount(self.root.as_ptr(), self.dirs[1].as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+            if libc::mount(
+                self.root.as_ptr(),
+                self.dirs[1].as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
                 say(b"warning: cannot bind / onto /tmp/local", Some(errno()));
             }
             if libc::chdir(self.cwd.as_ptr()) != 0 {
@@ -381,4 +398,78 @@ fn fail(what: &[u8], errno: Option<i32>) -> ! {
     say(what, errno);
     // SAFETY: ends the forked child without running the daemon's destructors or atexit code.
     unsafe { libc::_exit(crate::error::EXIT_REMOTE_SETUP) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
+    fn words(w: &[&str]) -> Vec<OsString> {
+        w.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_session_without_9p_runs_directly_without_the_session_variables() {
+        let e = env(&[("PWD", "/"), ("PATH", "/usr/bin:/bin"), ("CPU_MSIZE", "1"), ("A", "b")]);
+        let d = direct_session(&words(&["-remote", "-port9p=5", "ls", "-l"]), &e).expect("direct");
+        assert_eq!(d.command, words(&["ls", "-l"]));
+        assert_eq!(d.env, env(&[("PWD", "/"), ("PATH", "/usr/bin:/bin"), ("A", "b")]));
+        assert_eq!(d.cwd, Path::new("/"));
+        // The default namespace of `cpu -9p=false`: binds of the client's files only.
+        let fstab = "/tmp/cpu/usr /usr none defaults,bind 0 0\n/tmp/cpu/home /home none bind 0 0\n";
+        let e = env(&[("PWD", "/"), (crate::protocol::ENV_FSTAB, fstab)]);
+        assert!(direct_session(&words(&["-remote", "true"]), &e).is_some());
+    }
+
+    #[test]
+    fn what_only_cpud_remote_does_keeps_it() {
+        let remote =
+            |args: &[&str], pairs: &[(&str, &str)]| direct_session(&words(args), &env(pairs)).is_none();
+        assert!(remote(&["-remote", "true"], &[("PWD", "/"), ("CPUNONCE", "ab")]));
+        assert!(remote(
+            &["-remote", "true"],
+            &[("PWD", "/"), ("CPU_FSTAB", "cpu /mnt tmpfs defaults 0 0\n")]
+        ));
+        assert!(remote(
+            &["-remote", "true"],
+            &[("PWD", "/"), ("LC_GLENDA_CPU_FSTAB", "/a /b none bind 0 0\n")]
+        ));
+        assert!(remote(&["-remote", "-d", "true"], &[("PWD", "/")]));
+        // No command and no $SHELL: the usage error is cpud -remote's.
+        assert!(remote(&["-remote"], &[("PWD", "/")]));
+        // $PWD missing here, relative, or in the session's fresh /tmp: the warning is its.
+        assert!(remote(&["-remote", "true"], &[("PWD", "/no/such/dir/here")]));
+        assert!(remote(&["-remote", "true"], &[("PWD", "usr")]));
+        assert!(remote(&["-remote", "true"], &[("PWD", "/tmp")]));
+        // A command or $PATH under /tmp: the exec failure message looks inside the namespace.
+        assert!(remote(&["-remote", "/tmp/x"], &[("PWD", "/")]));
+        assert!(remote(&["-remote", "x"], &[("PWD", "/"), ("PATH", "/bin:/tmp/bin")]));
+    }
+
+    #[test]
+    fn no_command_means_the_shell_and_no_pwd_means_root() {
+        let d = direct_session(&words(&["-remote"]), &env(&[("SHELL", "/bin/sh")])).expect("direct");
+        assert_eq!(d.command, words(&["/bin/sh"]));
+        assert_eq!(d.cwd, Path::new("/"));
+        assert_eq!(d.env, env(&[("SHELL", "/bin/sh"), ("PWD", "/")]));
+    }
+
+    #[test]
+    fn exec_failures_name_the_cause() {
+        let not_found = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let (m, code) =
+            exec_failure(OsStr::new("nope-x"), &not_found, Some(OsStr::new("/bin")), Path::new("/"));
+        assert_eq!((m.as_str(), code), ("cpud: nope-x: command not found", 127));
+        // Found in $PATH but ENOENT: the program interpreter is what is missing.
+        let (m, code) = exec_failure(OsStr::new("sh"), &not_found, Some(OsStr::new("/bin")), Path::new("/"));
+        assert!(m.contains("cannot run /bin/sh: its program interpreter"), "{m}");
+        assert_eq!(code, 127);
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        let (m, code) = exec_failure(OsStr::new("./f"), &denied, None, Path::new("/"));
+        assert_eq!((m.as_str(), code), ("cpud: ./f: Permission denied (os error 13)", 126));
+    }
 }

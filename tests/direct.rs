@@ -8,9 +8,9 @@
 //! `cpud -remote`. Needs root (the session's mount namespace).
 
 mod cpu_support;
-mod sshd_support;
 #[path = "common/skip.rs"]
 mod skip;
+mod sshd_support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -36,8 +36,8 @@ impl Rig {
             return None;
         }
         let home = Home::new();
-        let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("direct-{tag}-{}", std::process::id()));
+        let work =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("direct-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).unwrap();
         let marker = work.join("remote-runs");
@@ -210,7 +210,12 @@ fn stdin_eof_alone_and_stdin_bytes_reach_the_command() {
     let writer = std::thread::spawn(move || std::io::Write::write_all(&mut input, &data));
     let out = wait_output(child, CHILD_TIMEOUT);
     assert!(writer.join().unwrap().is_ok());
-    assert_eq!((out.status.code(), text(&out.stdout).trim().to_string()), (Some(3), "200000".into()), "{}", text(&out.stderr));
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).trim().to_string()),
+        (Some(3), "200000".into()),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

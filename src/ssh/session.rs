@@ -787,14 +787,7 @@ impl Running {
                 (Some(master), Some(InputTask::Task(tokio::spawn(feed(io, early, stdin_rx)))), vec![out])
             }
         };
-        Running {
-            pid,
-            pty,
-            stdin: (!early_eof).then_some(stdin_tx),
-            input_task,
-            pumps,
-            exited,
-        }
+        Running { pid, pty, stdin: (!early_eof).then_some(stdin_tx), input_task, pumps, exited }
     }
 
     /// Delivers a `signal` request: to the terminal's foreground group with a pty (where ^C
