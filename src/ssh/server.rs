@@ -45,7 +45,7 @@ use crate::ssh::backlog::Backlog;
 use crate::ssh::hostkey::fingerprint;
 use crate::ssh::kexcheck::ClearTextInspector;
 use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
-use crate::transport::{BoxStream, Listener};
+use crate::transport::{BoxStream, Detached, Listener};
 
 /// The key exchanges offered: fixed cost per attempt whatever the peer sends (no group16/18,
 /// no group exchange, no SHA-1 groups). mlkem768x25519 is curve25519 plus a fixed-size
@@ -193,7 +193,7 @@ pub async fn serve(
         tokio::select! {
             () = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept_detached() => match accepted {
                 Ok((stream, peer)) => match shared.admission.admit(Source::of_peer(&peer)) {
                     admission::Verdict::Refused(admission::Refusal::PerSource { limit }) => {
                         let source = Source::of_peer(&peer);
@@ -265,7 +265,7 @@ impl DropLog {
 /// A connection over its source's limit: waits (without a thread) for one of the source's
 /// handshakes to end, for at most [`AdmissionConfig::queue_wait`]; then runs like any other.
 async fn wait_for_turn(
-    stream: BoxStream,
+    stream: Detached,
     peer: String,
     source: Source,
     shared: Arc<Shared>,
@@ -292,7 +292,7 @@ async fn wait_for_turn(
 /// Runs one connection on a thread of its own (with its own current-thread runtime, so its
 /// key exchange cannot stall other connections); the receiver completes when it is over.
 fn spawn_connection(
-    stream: BoxStream,
+    stream: Detached,
     peer: String,
     shared: Arc<Shared>,
     ticket: Ticket,
@@ -302,7 +302,13 @@ fn spawn_connection(
     std::thread::Builder::new().name("cpud-conn".into()).stack_size(CONNECTION_STACK).spawn(move || {
         match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => {
-                runtime.block_on(connection(stream, peer, shared, ticket, evicted));
+                // Registered with this thread's runtime: its readiness wakes this thread only.
+                runtime.block_on(async {
+                    match stream.attach() {
+                        Ok(stream) => connection(stream, peer, shared, ticket, evicted).await,
+                        Err(e) => log::warn!("{peer}: dropped: cannot register its socket: {e}"),
+                    }
+                });
                 runtime.shutdown_timeout(CONNECTION_SHUTDOWN_GRACE);
             }
             Err(e) => log::warn!("{peer}: dropped: no runtime for it: {e}"),
