@@ -4,8 +4,10 @@
 //! Requests before `exec`/`shell` are recorded: `pty-req` (one), `env` (every variable, last
 //! duplicate wins), `window-change`, and `signal` (buffered until the child exists; the Go
 //! cpud crashes there). The exec string decides what runs ([`plan`]): the cpu form re-executes
-//! the daemon as `cpud -remote WORDS...`, anything else (OpenSSH `ssh host cmd`) goes to the
-//! user's shell with `-c`, and `shell` starts a login shell. The child gets its own session
+//! the daemon as `cpud -remote WORDS...` (or, when the session builds nothing from the client,
+//! runs the command itself in the same namespace: [`crate::remote::direct_session`]), anything
+//! else (OpenSSH `ssh host cmd`) goes to the user's shell with `-c`, and `shell` starts a login
+//! shell. The child gets its own session
 //! (pty, with the terminal as controlling tty) or process group (pipes), and signals go to
 //! that group.
 //!
