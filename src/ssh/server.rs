@@ -45,7 +45,7 @@ use crate::ssh::backlog::Backlog;
 use crate::ssh::hostkey::fingerprint;
 use crate::ssh::kexcheck::ClearTextInspector;
 use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
-use crate::transport::{BoxStream, Listener};
+use crate::transport::{BoxStream, Detached, Listener};
 
 /// The key exchanges offered: fixed cost per attempt whatever the peer sends (no group16/18,
 /// no group exchange, no SHA-1 groups). mlkem768x25519 is curve25519 plus a fixed-size
@@ -193,7 +193,7 @@ pub async fn serve(
         tokio::select! {
             () = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept_detached() => match accepted {
                 Ok((stream, peer)) => match shared.admission.admit(Source::of_peer(&peer)) {
                     admission::Verdict::Refused(admission::Refusal::PerSource { limit }) => {
                         let source = Source::of_peer(&peer);
@@ -265,7 +265,7 @@ impl DropLog {
 /// A connection over its source's limit: waits (without a thread) for one of the source's
 /// handshakes to end, for at most [`AdmissionConfig::queue_wait`]; then runs like any other.
 async fn wait_for_turn(
-    stream: BoxStream,
+    stream: Detached,
     peer: String,
     source: Source,
     shared: Arc<Shared>,
@@ -292,7 +292,7 @@ async fn wait_for_turn(
 /// Runs one connection on a thread of its own (with its own current-thread runtime, so its
 /// key exchange cannot stall other connections); the receiver completes when it is over.
 fn spawn_connection(
-    stream: BoxStream,
+    stream: Detached,
     peer: String,
     shared: Arc<Shared>,
     ticket: Ticket,
@@ -302,7 +302,13 @@ fn spawn_connection(
     std::thread::Builder::new().name("cpud-conn".into()).stack_size(CONNECTION_STACK).spawn(move || {
         match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => {
-                runtime.block_on(connection(stream, peer, shared, ticket, evicted));
+                // Registered with this thread's runtime: its readiness wakes this thread only.
+                runtime.block_on(async {
+                    match stream.attach() {
+                        Ok(stream) => connection(stream, peer, shared, ticket, evicted).await,
+                        Err(e) => log::warn!("{peer}: dropped: cannot register its socket: {e}"),
+                    }
+                });
                 runtime.shutdown_timeout(CONNECTION_SHUTDOWN_GRACE);
             }
             Err(e) => log::warn!("{peer}: dropped: no runtime for it: {e}"),
@@ -323,7 +329,7 @@ async fn connection(
     let inspector =
         ClearTextInspector::new(&SERVER_KEX.iter().map(|n| n.as_ref()).collect::<Vec<_>>(), MODP_KEX);
     let stream = Killable {
-        inner: stream,
+        inner: tokio::io::BufReader::with_capacity(READ_BUFFER, stream),
         kill: kill_rx,
         dead: false,
         disarmed: false,
@@ -332,6 +338,7 @@ async fn connection(
         gated: None,
         held: None,
         unread: Vec::new(),
+        unsent: Vec::new(),
     };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
     // Every session task holds a clone of the sender: recv() ends when the last one is done.
@@ -394,6 +401,11 @@ async fn connection(
     while tasks_rx.recv().await.is_some() {}
 }
 
+/// What one read of the connection's socket may take in (see [`Killable::inner`]).
+const READ_BUFFER: usize = 16 * 1024;
+/// Written bytes held back at most before they must go out (see [`Killable::unsent`]).
+const WRITE_COALESCE: usize = 64 * 1024;
+
 type PermitFuture = Pin<
     Box<dyn Future<Output = std::result::Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>,
 >;
@@ -404,7 +416,9 @@ type PermitFuture = Pin<
 /// KEXDH_INIT until the daemon-wide modp permit is free (kept until russh writes its reply,
 /// i.e. until the exponentiations are done).
 struct Killable {
-    inner: BoxStream,
+    /// Buffered: russh reads every packet with two small exact reads, which pipelined
+    /// requests (a cpu client's ~35 env requests) turned into ~100 recvfrom calls a session.
+    inner: tokio::io::BufReader<BoxStream>,
     kill: oneshot::Receiver<()>,
     dead: bool,
     disarmed: bool,
@@ -415,9 +429,33 @@ struct Killable {
     held: Option<OwnedSemaphorePermit>,
     /// Bytes read but not yet handed to russh (held back for the permit).
     unread: Vec<u8>,
+    /// Packets russh wrote (and flushed) that are not on the socket yet: they go out when
+    /// russh next waits for input that has not arrived, or when there are [`WRITE_COALESCE`]
+    /// bytes. russh writes
+    /// and flushes each reply on its own (a cpu client's ~35 env requests were ~35 sends and
+    /// as many wake-ups of the client); this sends the replies to one burst of requests in
+    /// one write. russh's session loop waits for input after every packet it handles and on
+    /// every pass of its loop, and shuts the stream down at the end, which sends the rest.
+    unsent: Vec<u8>,
 }
 
 impl Killable {
+    /// Writes out [`Killable::unsent`]; Pending (with the socket's writability registered)
+    /// while some is left.
+    fn poll_send_unsent(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.unsent.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.unsent) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.unsent.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
     fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
         if !self.dead && !self.disarmed {
             match Pin::new(&mut self.kill).poll(cx) {
@@ -437,6 +475,25 @@ impl Killable {
 
 impl AsyncRead for Killable {
     fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let read = self.as_mut().poll_read_now(cx, buf);
+        // russh waits for input now: what it wrote goes out. If the socket is full, its
+        // writability wakes this task, which polls the read again.
+        if read.is_pending() {
+            if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        read
+    }
+}
+
+impl Killable {
+    /// The read itself (held-back bytes, the key exchange checks, the modp gate).
+    fn poll_read_now(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
@@ -477,7 +534,7 @@ impl AsyncRead for Killable {
                 self.unread = buf.filled()[before..].to_vec();
                 buf.set_filled(before);
                 self.gated = Some(Box::pin(self.modp_gate.clone().acquire_owned()));
-                return self.poll_read(cx, buf);
+                return self.poll_read_now(cx, buf);
             }
         }
         r
@@ -493,14 +550,20 @@ impl AsyncWrite for Killable {
         self.check(cx)?;
         // russh answers a KEXDH_INIT only after both exponentiations: the permit can go.
         self.held = None;
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        if self.unsent.len() >= WRITE_COALESCE {
+            std::task::ready!(self.poll_send_unsent(cx))?;
+        }
+        self.unsent.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    /// Leaves the bytes in [`Killable::unsent`] (see there): russh flushes after every packet.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_send_unsent(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -4,8 +4,10 @@
 //! Requests before `exec`/`shell` are recorded: `pty-req` (one), `env` (every variable, last
 //! duplicate wins), `window-change`, and `signal` (buffered until the child exists; the Go
 //! cpud crashes there). The exec string decides what runs ([`plan`]): the cpu form re-executes
-//! the daemon as `cpud -remote WORDS...`, anything else (OpenSSH `ssh host cmd`) goes to the
-//! user's shell with `-c`, and `shell` starts a login shell. The child gets its own session
+//! the daemon as `cpud -remote WORDS...` (or, when the session builds nothing from the client,
+//! runs the command itself in the same namespace: [`crate::remote::direct_session`]), anything
+//! else (OpenSSH `ssh host cmd`) goes to the user's shell with `-c`, and `shell` starts a login
+//! shell. The child gets its own session
 //! (pty, with the terminal as controlling tty) or process group (pipes), and signals go to
 //! that group.
 //!
@@ -452,10 +454,47 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
         }
     };
     let plan = plan(&launch, &setup.env, setup.pty.as_ref(), &remote_program);
-    log::debug!("session {id}: running {:?} {:?} (pty: {})", plan.program, plan.args, setup.pty.is_some());
-    let (child, io) = match spawn(&plan, setup.pty.as_ref()) {
+    // A cpu-form session without 9P or fstab needs no `cpud -remote`: run its command here.
+    let direct = match &launch {
+        Launch::Exec(cmd) if crate::cmdline::is_cpu_form(cmd) => {
+            crate::remote::direct_session(&plan.args, &plan.env)
+        }
+        _ => None,
+    };
+    let (plan, namespace) = match direct {
+        Some(d) => match crate::remote::SessionTmp::new(&d.cwd) {
+            Ok(tmp) => (direct_plan(d), Some(tmp)),
+            Err(_) => (plan, None),
+        },
+        None => (plan, None),
+    };
+    log::debug!(
+        "session {id}: running {:?} {:?} (pty: {}, {})",
+        plan.program,
+        plan.args,
+        setup.pty.is_some(),
+        if namespace.is_some() { "directly" } else { "as planned" }
+    );
+    let direct = namespace.is_some();
+    let (child, io) = match spawn(&plan, setup.pty.as_ref(), namespace) {
         Ok(x) => x,
-        Err(e) => {
+        Err(SpawnError::Exec(e)) if direct => {
+            // What `cpud -remote` would have printed on its stderr and exited with.
+            let path_var = plan.env.iter().find(|(n, _)| n == "PATH").map(|(_, v)| OsString::from(v));
+            let (message, code) = crate::remote::exec_failure(&plan.arg0, &e, path_var.as_deref(), &plan.cwd);
+            log::debug!("session {id}: {message}");
+            let (mut out, end) = match setup.pty {
+                Some(_) => (tx.make_writer_ext(None), "\r\n"),
+                None => (tx.make_writer_ext(Some(1)), "\n"),
+            };
+            let _ = out.write_all(format!("{message}{end}").as_bytes()).await;
+            drop(out);
+            let _ = tx.exit_status(code as u32).await;
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+            return;
+        }
+        Err(SpawnError::Exec(e) | SpawnError::Setup(e)) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
             let what = format!("cannot run {}: {e}", plan.program.display());
             log::warn!("session {id}: {what}");
@@ -494,6 +533,9 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
                 running.stdin = None;
             }
             Step::Message(Some(ChannelMsg::Data { data })) => {
+                if running.stdin.is_some() {
+                    running.input_arrived();
+                }
                 if let Some(q) = &running.stdin {
                     match q.try_send(data.to_vec()) {
                         Ok(()) => {}
@@ -502,7 +544,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
                     }
                 }
             }
-            Step::Message(Some(ChannelMsg::Eof)) => running.stdin = None,
+            Step::Message(Some(ChannelMsg::Eof)) => running.end_input(),
             Step::Message(Some(ChannelMsg::Signal { signal })) => running.signal(&signal_text(&signal)),
             Step::Message(Some(ChannelMsg::WindowChange {
                 col_width,
@@ -595,11 +637,54 @@ enum ChildIo {
     Pty(Arc<PtyMaster>),
 }
 
-fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::process::Child, ChildIo)> {
+/// The plan of a session run without `cpud -remote`: the command itself, in the client's
+/// directory (entered by [`crate::remote::SessionTmp::enter`] in the child).
+fn direct_plan(d: crate::remote::DirectSession) -> Plan {
+    let mut words = d.command.into_iter();
+    let arg0 = words.next().unwrap_or_default();
+    Plan { program: PathBuf::from(&arg0), arg0, args: words.collect(), env: d.env, cwd: d.cwd }
+}
+
+/// Why a session's process did not start.
+enum SpawnError {
+    /// Before the fork (terminal, pipes).
+    Setup(std::io::Error),
+    /// The fork or the exec (a direct session's namespace steps report their own failures
+    /// from the child, which then exits with status 125).
+    Exec(std::io::Error),
+}
+
+impl From<std::io::Error> for SpawnError {
+    fn from(e: std::io::Error) -> SpawnError {
+        SpawnError::Setup(e)
+    }
+}
+
+/// Starts the plan's process. With `namespace`, the child first builds the session's mount
+/// namespace and enters the working directory itself (the directory may be one only the
+/// namespace has, so the spawn does not chdir).
+fn spawn(
+    plan: &Plan,
+    pty: Option<&PtyRequest>,
+    namespace: Option<crate::remote::SessionTmp>,
+) -> Result<(tokio::process::Child, ChildIo), SpawnError> {
     let mut cmd = tokio::process::Command::new(&plan.program);
-    cmd.arg0(&plan.arg0).args(&plan.args).env_clear().current_dir(&plan.cwd).kill_on_drop(false);
+    cmd.arg0(&plan.arg0).args(&plan.args).env_clear().kill_on_drop(false);
     for (n, v) in &plan.env {
         cmd.env(n, v);
+    }
+    match namespace {
+        // SAFETY: the closure runs in the forked child before exec; `SessionTmp::enter` makes
+        // only async-signal-safe system calls on strings prepared here, and takes no lock.
+        Some(tmp) => unsafe {
+            cmd.pre_exec(move || {
+                tmp.enter();
+                Ok(())
+            });
+        },
+        None => {
+            cmd.current_dir(&plan.cwd);
+        }
     }
     match pty {
         Some(p) => {
@@ -620,17 +705,17 @@ fn spawn(plan: &Plan, pty: Option<&PtyRequest>) -> std::io::Result<(tokio::proce
                     Ok(())
                 });
             }
-            let child = cmd.spawn()?;
+            let child = cmd.spawn().map_err(SpawnError::Exec)?;
             drop(cmd); // closes our copies of the slave
             Ok((child, ChildIo::Pty(Arc::new(PtyMaster::new(pair.master)?))))
         }
         None => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-            let mut child = cmd.spawn()?;
+            let mut child = cmd.spawn().map_err(SpawnError::Exec)?;
             let (Some(stdin), Some(stdout), Some(stderr)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())
             else {
-                return Err(std::io::Error::other("child stdio missing"));
+                return Err(SpawnError::Setup(std::io::Error::other("child stdio missing")));
             };
             Ok((child, ChildIo::Pipes { stdin, stdout, stderr }))
         }
@@ -643,6 +728,10 @@ enum InputTask {
     Task(JoinHandle<()>),
     /// A stdin pipe: a thread (see `pipe_io`), told to stop through this flag.
     Thread(Arc<AtomicBool>),
+    /// A stdin pipe nothing was written to yet: its thread starts with the first input (most
+    /// sessions get none, only EOF, and then the empty pipe is closed from here: with nothing
+    /// in it, the child cannot be holding its lock across a 9P round trip).
+    Idle(std::os::fd::OwnedFd, mpsc::Receiver<Chunk>),
 }
 
 impl InputTask {
@@ -650,6 +739,7 @@ impl InputTask {
         match self {
             InputTask::Task(t) => t.abort(),
             InputTask::Thread(stop) => stop.store(true, Ordering::SeqCst),
+            InputTask::Idle(..) => {}
         }
     }
 }
@@ -680,31 +770,26 @@ impl Running {
         let (pty, input_task, pumps) = match io {
             ChildIo::Pipes { stdin, stdout, stderr } => {
                 // The pipes are read and written on threads of their own (see `pipe_io`).
-                let stdout = pipe_io::Output::start(stdout.into_owned_fd(), "stdout");
-                let stderr = pipe_io::Output::start(stderr.into_owned_fd(), "stderr");
+                let (stdout, stderr) =
+                    pipe_io::Output::start_pair(stdout.into_owned_fd(), stderr.into_owned_fd());
                 let out = tokio::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
                 let err =
                     tokio::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
-                (
-                    None,
-                    InputTask::Thread(pipe_io::feed(stdin.into_owned_fd(), early, stdin_rx)),
-                    vec![out, err],
-                )
+                let input = match (stdin.into_owned_fd(), early) {
+                    // EOF before exec and no input: closing the pipe is all there is to do.
+                    (Ok(_pipe), None) if early_eof => None,
+                    (Ok(pipe), None) => Some(InputTask::Idle(pipe, stdin_rx)),
+                    (pipe, early) => Some(InputTask::Thread(pipe_io::feed(pipe, early, stdin_rx))),
+                };
+                (None, input, vec![out, err])
             }
             ChildIo::Pty(master) => {
                 let io = PtyIo(master.clone());
                 let out = tokio::spawn(pump(io.clone(), tx.make_writer(), exited_rx, DRAIN_IDLE_PTY));
-                (Some(master), InputTask::Task(tokio::spawn(feed(io, early, stdin_rx))), vec![out])
+                (Some(master), Some(InputTask::Task(tokio::spawn(feed(io, early, stdin_rx)))), vec![out])
             }
         };
-        Running {
-            pid,
-            pty,
-            stdin: (!early_eof).then_some(stdin_tx),
-            input_task: Some(input_task),
-            pumps,
-            exited,
-        }
+        Running { pid, pty, stdin: (!early_eof).then_some(stdin_tx), input_task, pumps, exited }
     }
 
     /// Delivers a `signal` request: to the terminal's foreground group with a pty (where ^C
@@ -727,6 +812,24 @@ impl Running {
             if let Err(e) = m.set_size(size) {
                 log::debug!("window-change: {e}");
             }
+        }
+    }
+
+    /// Input is about to be queued: a stdin pipe's thread must be running.
+    fn input_arrived(&mut self) {
+        if let Some(InputTask::Idle(..)) = &self.input_task {
+            if let Some(InputTask::Idle(pipe, queue)) = self.input_task.take() {
+                self.input_task = Some(InputTask::Thread(pipe_io::feed(Ok(pipe), None, queue)));
+            }
+        }
+    }
+
+    /// The client's input ended: the queue closes (its thread closes the pipe after the last
+    /// chunk), or an idle pipe is closed now.
+    fn end_input(&mut self) {
+        self.stdin = None;
+        if let Some(InputTask::Idle(..)) = &self.input_task {
+            self.input_task = None;
         }
     }
 
@@ -838,7 +941,7 @@ mod pipe_io {
 
     use super::Chunk;
 
-    /// How long a thread waits for its pipe before checking whether it is still wanted.
+    /// How long a thread waits for its pipes before checking whether they are still wanted.
     const POLL_MS: libc::c_int = 250;
     const CHUNK: usize = 16 * 1024;
     /// Chunks read ahead of the channel writer.
@@ -878,36 +981,72 @@ mod pipe_io {
     }
 
     impl Output {
-        pub fn start(pipe: io::Result<OwnedFd>, name: &str) -> Output {
-            let (tx, chunks) = mpsc::channel(READ_AHEAD);
-            match pipe {
-                Ok(fd) => spawn(name, move || read_loop(fd, tx)),
-                Err(e) => log::error!("the command's {name}: {e}"),
-            }
+        fn new(chunks: mpsc::Receiver<Chunk>) -> Output {
             Output { chunks, current: Vec::new(), at: 0 }
+        }
+
+        /// The command's stdout and stderr, both read by one thread (a session start costs
+        /// one thread less than a thread each).
+        pub fn start_pair(stdout: io::Result<OwnedFd>, stderr: io::Result<OwnedFd>) -> (Output, Output) {
+            let (out_tx, out_rx) = mpsc::channel(READ_AHEAD);
+            let (err_tx, err_rx) = mpsc::channel(READ_AHEAD);
+            let mut ends = Vec::new();
+            for (pipe, tx, name) in [(stdout, out_tx, "stdout"), (stderr, err_tx, "stderr")] {
+                match pipe {
+                    Ok(fd) => ends.push((File::from(fd), tx)),
+                    Err(e) => log::error!("the command's {name}: {e}"),
+                }
+            }
+            spawn("output", move || read_loop(ends));
+            (Output::new(out_rx), Output::new(err_rx))
         }
     }
 
-    /// Ends when the pipe does or when the [`Output`] is dropped (checked every [`POLL_MS`],
-    /// so a background process holding the pipe open cannot keep the thread forever).
-    fn read_loop(fd: OwnedFd, tx: mpsc::Sender<Chunk>) {
-        let _ = set_nonblocking(fd.as_fd());
-        let mut file = File::from(fd);
+    /// Copies each pipe to its queue until the pipe ends or its [`Output`] is dropped (checked
+    /// every [`POLL_MS`], so a background process holding a pipe open cannot keep the thread
+    /// forever). A full queue holds the other pipe back too; both go to the same SSH channel,
+    /// whose window limits them alike.
+    fn read_loop(mut ends: Vec<(File, mpsc::Sender<Chunk>)>) {
+        for (file, _) in &ends {
+            let _ = set_nonblocking(file.as_fd());
+        }
         let mut buf = vec![0u8; CHUNK];
-        while !tx.is_closed() {
-            if !wait(file.as_fd(), libc::POLLIN) {
+        loop {
+            ends.retain(|(_, tx)| !tx.is_closed());
+            if ends.is_empty() {
+                return;
+            }
+            let mut polls: Vec<libc::pollfd> = ends
+                .iter()
+                .map(|(f, _)| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .collect();
+            // SAFETY: `polls` holds one valid pollfd per open pipe, alive across the call.
+            let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, POLL_MS) };
+            if ready <= 0 {
                 continue;
             }
-            match file.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                        return;
-                    }
+            let mut ended = vec![false; ends.len()];
+            for (i, p) in polls.iter().enumerate() {
+                if p.revents == 0 {
+                    continue;
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
-                Err(_) => return,
+                let (file, tx) = &mut ends[i];
+                match file.read(&mut buf) {
+                    Ok(0) => ended[i] = true,
+                    Ok(n) => {
+                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                            ended[i] = true;
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                    Err(_) => ended[i] = true,
+                }
             }
+            let mut i = 0;
+            ends.retain(|_| {
+                i += 1;
+                !ended[i - 1]
+            });
         }
     }
 

@@ -40,6 +40,28 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 /// A boxed stream, what the SSH client and server run over.
 pub type BoxStream = Box<dyn Stream>;
 
+/// An accepted connection not yet tied to a runtime, so that the runtime that serves it also
+/// waits for its readiness ([`Listener::accept_detached`]). A tokio socket belongs to the
+/// runtime whose reactor registered it: served from another thread's runtime, every readiness
+/// event would first wake the accepting thread, which then wakes the serving one.
+pub enum Detached {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+    /// Kinds that stay where they were accepted.
+    Stream(BoxStream),
+}
+
+impl Detached {
+    /// The stream, registered with the current runtime (call it inside the one that serves it).
+    pub fn attach(self) -> io::Result<BoxStream> {
+        Ok(match self {
+            Detached::Tcp(s) => Box::new(tokio::net::TcpStream::from_std(s)?),
+            Detached::Unix(s) => Box::new(tokio::net::UnixStream::from_std(s)?),
+            Detached::Stream(s) => s,
+        })
+    }
+}
+
 /// The transport kinds of `-net`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Net {
@@ -268,6 +290,25 @@ impl Listener {
                 Ok((Box::new(s), format!("vsock CID {} port {}", peer.cid(), peer.port())))
             }
             ListenerKind::Unix(l) => l.accept().await,
+        }
+    }
+
+    /// [`Listener::accept`] for a stream another runtime will serve (see [`Detached`]).
+    pub async fn accept_detached(&self) -> io::Result<(Detached, String)> {
+        match &self.inner {
+            ListenerKind::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Detached::Tcp(s.into_std()?), peer.to_string()))
+            }
+            ListenerKind::Unix(l) => {
+                let (s, peer) = l.accept_unix().await?;
+                Ok((Detached::Unix(s.into_std()?), peer))
+            }
+            ListenerKind::Vsock(_) => {
+                let (s, peer) = self.accept().await?;
+                Ok((Detached::Stream(s), peer))
+            }
         }
     }
 

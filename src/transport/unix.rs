@@ -180,6 +180,11 @@ impl UnixSocketListener {
     }
 
     pub(super) async fn accept(&self) -> io::Result<(BoxStream, String)> {
+        let (s, peer) = self.accept_unix().await?;
+        Ok((Box::new(s), peer))
+    }
+
+    pub(super) async fn accept_unix(&self) -> io::Result<(tokio::net::UnixStream, String)> {
         let (s, _) = self.listener.accept().await?;
         let peer = match s.peer_cred() {
             Ok(c) => match c.pid() {
@@ -188,7 +193,7 @@ impl UnixSocketListener {
             },
             Err(_) => format!("unix peer on {}", self.path),
         };
-        Ok((Box::new(s), peer))
+        Ok((s, peer))
     }
 }
 
