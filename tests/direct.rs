@@ -228,3 +228,25 @@ fn session_without_pwd_runs_in_root_with_pwd_set() {
     assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "/\n/\n".into()), "{}", text(&out.stderr));
     assert_eq!(rig.remote_runs().len(), before, "ran cpud -remote");
 }
+
+/// Input the command does not read while its output is still leaving: cpud used to stop
+/// reading the channel once 128 chunks (~4 MiB) were queued, which stopped russh's whole loop,
+/// so the output could not leave, the command never got to its input, and the session hung
+/// (`cat` of 50 MB did too). Here the command writes 32 MiB before it reads 24 MiB of input.
+#[test]
+fn input_queued_while_output_leaves_never_deadlocks() {
+    let Some(rig) = Rig::start("bidi") else { return };
+    let input: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut c = rig.cpu(&["-9p=false"], &["sh", "-c", "head -c 33554432 /dev/zero; wc -c"], false);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut to_cpu = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut to_cpu, &input));
+    let out = wait_output(child, CHILD_TIMEOUT);
+    assert!(writer.join().unwrap().is_ok(), "writing the input failed: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (zeros, count) = out.stdout.split_at(out.stdout.len().min(32 << 20));
+    assert_eq!(zeros.len(), 32 << 20, "output length; stderr: {}", text(&out.stderr));
+    assert!(zeros.iter().all(|&b| b == 0), "the 32 MiB are not all zeros");
+    assert_eq!(text(count).trim(), (24u32 << 20).to_string(), "wc -c of the input");
+}

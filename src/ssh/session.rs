@@ -17,9 +17,15 @@
 //! period, SIGKILL, and the child is reaped: nothing is left behind.
 //!
 //! Input flow control: russh re-opens the SSH window as data arrives, not as it is consumed,
-//! so this task queues up to [`STDIN_QUEUE`] chunks for the child's stdin and then stops
-//! reading the channel, which backs up the connection's reader. Terminal modes in `pty-req`
-//! are applied to the new terminal (Go ignores them).
+//! and the only brake left is to stop reading the channel, which stops russh's whole
+//! connection loop: the command's output and the 9P replies of the same connection wait too.
+//! A command that is itself waiting for one of those (`cat` with its stdout full, `tar x`
+//! writing into /tmp/cpu) would never read its input again: a deadlock. So the input queue is
+//! counted in bytes ([`InputMeter`]): past [`STDIN_SOFT_LIMIT`] this task stops reading the
+//! channel, but when the command consumes nothing for [`STDIN_STALL`] it reads on, another
+//! [`STDIN_SOFT_LIMIT`] at a time up to [`STDIN_HARD_LIMIT`]. A slow reader (`dd` to a slow
+//! disk) keeps the queue near the soft limit; a blocked one gets what it waits for.
+//! Terminal modes in `pty-req` are applied to the new terminal (Go ignores them).
 //!
 //! The stdio pipes of a command are read and written on threads of their own, never on the
 //! runtime thread: Linux holds a pipe's mutex while `sendfile`/`splice` fills it from a file,
@@ -55,8 +61,52 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 const MAX_EARLY_SIGNALS: usize = 128;
 /// Input that arrives before exec is kept up to this much.
 const MAX_EARLY_INPUT: usize = 1 << 20;
-/// Input chunks queued for the child's stdin before we stop reading the channel.
-const STDIN_QUEUE: usize = 128;
+/// Input bytes queued for the child's stdin before this task stops reading the channel (see
+/// the module overview).
+const STDIN_SOFT_LIMIT: usize = 4 << 20;
+/// What the queue may grow to while the command consumes nothing.
+const STDIN_HARD_LIMIT: usize = 64 << 20;
+/// How long the command may consume nothing, with the channel not read, before it is read on.
+const STDIN_STALL: Duration = Duration::from_millis(50);
+
+/// Bytes of client input queued for the child's stdin, and written to it so far.
+#[derive(Default)]
+struct InputMeter {
+    queued: AtomicUsize,
+    written: std::sync::atomic::AtomicU64,
+}
+
+impl InputMeter {
+    fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+}
+
+/// The feeder's end of the input queue: it reports every chunk it has written.
+struct InputRx {
+    rx: mpsc::UnboundedReceiver<Chunk>,
+    meter: Arc<InputMeter>,
+}
+
+impl InputRx {
+    async fn recv(&mut self) -> Option<Chunk> {
+        self.rx.recv().await
+    }
+
+    fn blocking_recv(&mut self) -> Option<Chunk> {
+        self.rx.blocking_recv()
+    }
+
+    /// `n` bytes of a received chunk are in the child's stdin (or dropped with it).
+    fn done(&self, n: usize) {
+        self.meter.queued.fetch_sub(n, Ordering::AcqRel);
+        self.meter.written.fetch_add(n as u64, Ordering::AcqRel);
+    }
+}
 /// After the child exits, output still arriving is forwarded until it pauses this long (a
 /// background process may keep the pipe or terminal open forever).
 const DRAIN_IDLE_PIPES: Duration = Duration::from_millis(500);
@@ -514,33 +564,40 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
         running.signal(s);
     }
     // The command runs: forward input, signals and resizes until it exits or the client goes.
-    let mut pending: Option<Chunk> = None;
+    let mut input_limit = STDIN_SOFT_LIMIT;
+    let mut written_before = running.meter.written();
     let status = loop {
+        let queued = running.meter.queued();
+        if queued < STDIN_SOFT_LIMIT {
+            input_limit = STDIN_SOFT_LIMIT;
+        }
+        let paused = running.stdin.is_some() && queued > input_limit;
         let step = tokio::select! {
             st = child.wait() => Step::Exited(st),
-            permit = reserve(running.stdin.clone()), if pending.is_some() => Step::Room(permit),
-            msg = rx.wait(), if pending.is_none() => Step::Message(msg),
+            () = tokio::time::sleep(STDIN_STALL), if paused => Step::InputStalled,
+            msg = rx.wait(), if !paused => Step::Message(msg),
         };
         match step {
             Step::Exited(st) => break st,
-            Step::Room(Some(permit)) => {
-                if let Some(d) = pending.take() {
-                    permit.send(d);
+            Step::InputStalled => {
+                let written = running.meter.written();
+                if written == written_before {
+                    // Nothing consumed: the command may wait for what only this connection
+                    // brings (see the module overview). Read on.
+                    input_limit = (input_limit + STDIN_SOFT_LIMIT).min(STDIN_HARD_LIMIT);
+                    log::debug!("session {id}: input not consumed for {STDIN_STALL:?}; queueing up to {input_limit} bytes");
                 }
-            }
-            Step::Room(None) => {
-                pending = None;
-                running.stdin = None;
+                written_before = written;
             }
             Step::Message(Some(ChannelMsg::Data { data })) => {
                 if running.stdin.is_some() {
                     running.input_arrived();
                 }
                 if let Some(q) = &running.stdin {
-                    match q.try_send(data.to_vec()) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(d)) => pending = Some(d),
-                        Err(mpsc::error::TrySendError::Closed(_)) => running.stdin = None,
+                    running.meter.queued.fetch_add(data.len(), Ordering::AcqRel);
+                    if q.send(data.to_vec()).is_err() {
+                        running.meter.queued.fetch_sub(data.len(), Ordering::AcqRel);
+                        running.stdin = None;
                     }
                 }
             }
@@ -617,15 +674,9 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
 /// One thing that happened while the command runs.
 enum Step {
     Exited(std::io::Result<ExitStatus>),
-    Room(Option<mpsc::OwnedPermit<Chunk>>),
+    /// The input queue is over its limit and the channel is not being read.
+    InputStalled,
     Message(Option<ChannelMsg>),
-}
-
-async fn reserve(q: Option<mpsc::Sender<Chunk>>) -> Option<mpsc::OwnedPermit<Chunk>> {
-    match q {
-        Some(q) => q.reserve_owned().await.ok(),
-        None => None,
-    }
 }
 
 enum ChildIo {
@@ -731,7 +782,7 @@ enum InputTask {
     /// A stdin pipe nothing was written to yet: its thread starts with the first input (most
     /// sessions get none, only EOF, and then the empty pipe is closed from here: with nothing
     /// in it, the child cannot be holding its lock across a 9P round trip).
-    Idle(std::os::fd::OwnedFd, mpsc::Receiver<Chunk>),
+    Idle(std::os::fd::OwnedFd, InputRx),
 }
 
 impl InputTask {
@@ -748,7 +799,8 @@ impl InputTask {
 struct Running {
     pid: i32,
     pty: Option<Arc<PtyMaster>>,
-    stdin: Option<mpsc::Sender<Chunk>>,
+    stdin: Option<mpsc::UnboundedSender<Chunk>>,
+    meter: Arc<InputMeter>,
     input_task: Option<InputTask>,
     pumps: Vec<JoinHandle<()>>,
     exited: watch::Sender<bool>,
@@ -765,7 +817,9 @@ impl Running {
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         crate::init::note_session_child(pid);
         let (exited, exited_rx) = watch::channel(false);
-        let (stdin_tx, stdin_rx) = mpsc::channel::<Chunk>(STDIN_QUEUE);
+        let (stdin_tx, stdin_rx) = mpsc::unbounded_channel::<Chunk>();
+        let meter = Arc::new(InputMeter::default());
+        let stdin_rx = InputRx { rx: stdin_rx, meter: meter.clone() };
         let early = (!early_input.is_empty()).then_some(early_input);
         let (pty, input_task, pumps) = match io {
             ChildIo::Pipes { stdin, stdout, stderr } => {
@@ -789,7 +843,7 @@ impl Running {
                 (Some(master), Some(InputTask::Task(tokio::spawn(feed(io, early, stdin_rx)))), vec![out])
             }
         };
-        Running { pid, pty, stdin: (!early_eof).then_some(stdin_tx), input_task, pumps, exited }
+        Running { pid, pty, stdin: (!early_eof).then_some(stdin_tx), meter, input_task, pumps, exited }
     }
 
     /// Delivers a `signal` request: to the terminal's foreground group with a pty (where ^C
@@ -903,14 +957,16 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 
 /// Writes the client's input to the child: first what came before exec, then the queue.
 /// Dropping the writer at the end closes a stdin pipe (the child sees EOF).
-async fn feed<W: AsyncWrite + Unpin>(mut to: W, early: Option<Chunk>, mut queue: mpsc::Receiver<Chunk>) {
+async fn feed<W: AsyncWrite + Unpin>(mut to: W, early: Option<Chunk>, mut queue: InputRx) {
     if let Some(d) = early {
         if to.write_all(&d).await.is_err() {
             return;
         }
     }
     while let Some(d) = queue.recv().await {
-        if to.write_all(&d).await.is_err() {
+        let written = to.write_all(&d).await;
+        queue.done(d.len());
+        if written.is_err() {
             return;
         }
     }
@@ -939,7 +995,7 @@ mod pipe_io {
     use tokio::io::{AsyncRead, ReadBuf};
     use tokio::sync::mpsc;
 
-    use super::Chunk;
+    use super::{Chunk, InputRx};
 
     /// How long a thread waits for its pipes before checking whether they are still wanted.
     const POLL_MS: libc::c_int = 250;
@@ -1077,11 +1133,7 @@ mod pipe_io {
     /// Writes the client's input to the stdin pipe on a thread: first what came before exec,
     /// then the queue until it closes. The pipe closes (the child sees EOF) when the queue's
     /// senders are gone, or soon after the returned flag is set.
-    pub fn feed(
-        pipe: io::Result<OwnedFd>,
-        early: Option<Chunk>,
-        queue: mpsc::Receiver<Chunk>,
-    ) -> Arc<AtomicBool> {
+    pub fn feed(pipe: io::Result<OwnedFd>, early: Option<Chunk>, queue: InputRx) -> Arc<AtomicBool> {
         let stop = Arc::new(AtomicBool::new(false));
         match pipe {
             Ok(fd) => {
@@ -1093,7 +1145,7 @@ mod pipe_io {
         stop
     }
 
-    fn write_loop(fd: OwnedFd, early: Option<Chunk>, mut queue: mpsc::Receiver<Chunk>, stop: &AtomicBool) {
+    fn write_loop(fd: OwnedFd, early: Option<Chunk>, mut queue: InputRx, stop: &AtomicBool) {
         let _ = set_nonblocking(fd.as_fd());
         let mut file = File::from(fd);
         if let Some(d) = early {
@@ -1102,7 +1154,9 @@ mod pipe_io {
             }
         }
         while let Some(d) = queue.blocking_recv() {
-            if !write_all(&mut file, &d, stop) {
+            let written = write_all(&mut file, &d, stop);
+            queue.done(d.len());
+            if !written {
                 return;
             }
         }
