@@ -289,8 +289,8 @@ impl Requirement {
             ));
         }
         let number = |s: &str| -> std::result::Result<f64, String> {
-            match s.parse::<f64>() {
-                Ok(n) if !n.is_nan() => Ok(n),
+            match crate::flags::parse_decimal(s) {
+                Some(n) => Ok(n),
                 _ => Err(format!("{key}={first}: {s:?} is not a number")),
             }
         };
@@ -315,8 +315,8 @@ impl Requirement {
         let numeric = |bound: f64, at_most: bool| -> (bool, String) {
             let op = if at_most { '<' } else { '>' };
             let Some(v) = have else { return (false, format!("{key}{op}={bound}: key missing")) };
-            match v.parse::<f64>() {
-                Ok(x) if !x.is_nan() => {
+            match crate::flags::parse_decimal(v) {
+                Some(x) => {
                     let ok = if at_most { x <= bound } else { x >= bound };
                     (ok, format!("{key}{op}={bound}: has {v}"))
                 }
@@ -360,7 +360,7 @@ impl SortKey {
 
     /// Orders two TXT maps by this key. A missing or non-numeric value sorts after numbers.
     pub fn compare(&self, a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Ordering {
-        let number = |m: &BTreeMap<String, String>| m.get(&self.key).and_then(|v| v.parse::<f64>().ok());
+        let number = |m: &BTreeMap<String, String>| m.get(&self.key).and_then(|v| crate::flags::parse_decimal(v));
         let numeric = |reverse: bool| match (number(a), number(b)) {
             (Some(x), Some(y)) => {
                 let o = x.partial_cmp(&y).unwrap_or(Ordering::Equal);
