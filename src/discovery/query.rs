@@ -64,6 +64,9 @@ pub struct Query {
 pub struct Requirement {
     pub key: String,
     pub test: Test,
+    /// The value as the query gave it, for messages (numbers shown as typed: formatting an
+    /// f64 would cost the binary ~12 KB, README "Size").
+    pub given: String,
 }
 
 /// What a requirement asks of the server's value.
@@ -220,7 +223,7 @@ impl Query {
         for (key, value) in [("arch", go_arch()), ("os", go_os())] {
             if !self.requirements.iter().any(|r| r.key == key) {
                 self.requirements
-                    .push(Requirement { key: key.into(), test: Test::OneOf(vec![value.into()]) });
+                    .push(Requirement { key: key.into(), test: Test::OneOf(vec![value.into()]), given: value.into() });
             }
         }
     }
@@ -305,7 +308,7 @@ impl Requirement {
         } else {
             Test::OneOf(values.to_vec())
         };
-        Ok(Requirement { key: key.to_string(), test })
+        Ok(Requirement { key: key.to_string(), test, given: first.clone() })
     }
 
     /// Checks one server's TXT map; the text says what was compared.
@@ -314,13 +317,14 @@ impl Requirement {
         let have = txt.get(key);
         let numeric = |bound: f64, at_most: bool| -> (bool, String) {
             let op = if at_most { '<' } else { '>' };
-            let Some(v) = have else { return (false, format!("{key}{op}={bound}: key missing")) };
+            let shown = self.given.get(1..).unwrap_or_default();
+            let Some(v) = have else { return (false, format!("{key}{op}={shown}: key missing")) };
             match crate::flags::parse_decimal(v) {
                 Some(x) => {
                     let ok = if at_most { x <= bound } else { x >= bound };
-                    (ok, format!("{key}{op}={bound}: has {v}"))
+                    (ok, format!("{key}{op}={shown}: has {v}"))
                 }
-                _ => (false, format!("{key}{op}={bound}: {v:?} is not a number")),
+                _ => (false, format!("{key}{op}={shown}: {v:?} is not a number")),
             }
         };
         match &self.test {
