@@ -42,9 +42,14 @@ pub fn go_os() -> &'static str {
     }
 }
 
-/// Number of logical CPUs this process may use (Go's runtime.NumCPU also honours affinity).
+/// Number of logical CPUs this process may use: its affinity mask, as Go's runtime.NumCPU
+/// counts. (Not `std::thread::available_parallelism`, which also reads cgroup quotas: ~9 KB of
+/// the binary for a figure Go does not report, README "Size".)
 pub fn logical_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) if set.count() > 0 => set.count() as usize,
+        _ => 1,
+    }
 }
 
 /// Memory figures in bytes from /proc/meminfo text.
