@@ -316,7 +316,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         };
         // Digits past the 20th of a fraction are below a nanosecond even in hours.
         let fraction = &fraction[..fraction.len().min(20)];
-        let digits = |d: &str| d.bytes().try_fold(0u128, |n, b| n.checked_mul(10)?.checked_add(u128::from(b - b'0')));
+        let digits =
+            |d: &str| d.bytes().try_fold(0u128, |n, b| n.checked_mul(10)?.checked_add(u128::from(b - b'0')));
         let whole = if whole.len() > 20 { None } else { digits(whole) }.ok_or_else(too_large)?;
         let fraction_nanos = digits(fraction).unwrap_or(0) * unit_nanos / 10u128.pow(fraction.len() as u32);
         total = whole
@@ -525,7 +526,21 @@ mod tests {
 
     #[test]
     fn decimals_parse_like_core() {
-        for text in ["0", "12", "-0.5", ".5", "5.", "+3", "1e3", "2.5E-2", "0.1", "0.3", "99.999999", "123456.789", "1e-5"] {
+        for text in [
+            "0",
+            "12",
+            "-0.5",
+            ".5",
+            "5.",
+            "+3",
+            "1e3",
+            "2.5E-2",
+            "0.1",
+            "0.3",
+            "99.999999",
+            "123456.789",
+            "1e-5",
+        ] {
             assert_eq!(parse_decimal(text), text.parse::<f64>().ok(), "{text}");
         }
         for text in ["", ".", "-", "e3", "1e", "1e+", "1x", "nan", "inf", "1.2.3", " 1"] {

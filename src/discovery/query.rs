@@ -222,8 +222,11 @@ impl Query {
     fn add_client_defaults(&mut self) {
         for (key, value) in [("arch", go_arch()), ("os", go_os())] {
             if !self.requirements.iter().any(|r| r.key == key) {
-                self.requirements
-                    .push(Requirement { key: key.into(), test: Test::OneOf(vec![value.into()]), given: value.into() });
+                self.requirements.push(Requirement {
+                    key: key.into(),
+                    test: Test::OneOf(vec![value.into()]),
+                    given: value.into(),
+                });
             }
         }
     }
@@ -364,7 +367,8 @@ impl SortKey {
 
     /// Orders two TXT maps by this key. A missing or non-numeric value sorts after numbers.
     pub fn compare(&self, a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Ordering {
-        let number = |m: &BTreeMap<String, String>| m.get(&self.key).and_then(|v| crate::flags::parse_decimal(v));
+        let number =
+            |m: &BTreeMap<String, String>| m.get(&self.key).and_then(|v| crate::flags::parse_decimal(v));
         let numeric = |reverse: bool| match (number(a), number(b)) {
             (Some(x), Some(y)) => {
                 let o = x.partial_cmp(&y).unwrap_or(Ordering::Equal);

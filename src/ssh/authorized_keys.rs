@@ -152,7 +152,8 @@ fn parse_line(line: &str, number: usize) -> std::result::Result<AuthorizedKey, S
     if key_type.contains("-cert-v01@openssh.com") {
         return Err(format!("certificate keys ({key_type}) are not supported"));
     }
-    let key = crate::ssh::keys::parse_public_key_base64(b64).map_err(|e| format!("bad {key_type} key: {e}"))?;
+    let key =
+        crate::ssh::keys::parse_public_key_base64(b64).map_err(|e| format!("bad {key_type} key: {e}"))?;
     if key.algorithm().as_str() != key_type {
         return Err(format!(
             "key type {key_type} does not match the key data ({})",

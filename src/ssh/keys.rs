@@ -15,8 +15,8 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use russh::keys::agent::client::AgentClient;
 use base64ct::{Base64, Encoding};
+use russh::keys::agent::client::AgentClient;
 use russh::keys::{PrivateKey, PublicKey};
 
 use crate::error::{Error, Result};
@@ -110,18 +110,24 @@ pub async fn connect_agent() -> Option<Agent> {
 enum KeyArmour {
     Openssh,
     /// `RSA PRIVATE KEY`: PKCS#1, possibly with a legacy `DEK-Info: AES-128-CBC,IV` header.
-    Pkcs1 { aes128_cbc_iv: Option<[u8; 16]> },
+    Pkcs1 {
+        aes128_cbc_iv: Option<[u8; 16]>,
+    },
     /// `PRIVATE KEY`, `ENCRYPTED PRIVATE KEY` (PKCS#8) and `EC PRIVATE KEY` (SEC1).
     Pkcs8,
 }
 
 /// Decodes a private key file's text, with `password` for an encrypted one; an encrypted key
 /// without one gives `Error::KeyIsEncrypted`. The formats OpenSSH and the Go cpu read.
-pub fn decode_secret_key(text: &str, password: Option<&str>) -> std::result::Result<PrivateKey, russh::keys::Error> {
+pub fn decode_secret_key(
+    text: &str,
+    password: Option<&str>,
+) -> std::result::Result<PrivateKey, russh::keys::Error> {
     use russh::keys::Error as KeyError;
     if text.trim_start().starts_with("PuTTY-User-Key-File-") {
         return Err(KeyError::UnsupportedKeyType {
-            key_type_string: "PuTTY key file (convert it: puttygen KEY -O private-openssh -o KEY.openssh)".into(),
+            key_type_string: "PuTTY key file (convert it: puttygen KEY -O private-openssh -o KEY.openssh)"
+                .into(),
             key_type_raw: Vec::new(),
         });
     }
@@ -135,7 +141,9 @@ pub fn decode_secret_key(text: &str, password: Option<&str>) -> std::result::Res
             "-----BEGIN PRIVATE KEY-----" | "-----BEGIN EC PRIVATE KEY-----" => Some(KeyArmour::Pkcs8),
             // Said up front: russh would only fail to parse it, and the caller asks for a
             // passphrase on KeyIsEncrypted.
-            "-----BEGIN ENCRYPTED PRIVATE KEY-----" if password.is_none() => return Err(KeyError::KeyIsEncrypted),
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----" if password.is_none() => {
+                return Err(KeyError::KeyIsEncrypted)
+            }
             "-----BEGIN ENCRYPTED PRIVATE KEY-----" => Some(KeyArmour::Pkcs8),
             _ => continue,
         };
@@ -163,7 +171,9 @@ pub fn decode_secret_key(text: &str, password: Option<&str>) -> std::result::Res
         }
         // russh decodes PKCS#1 inside PKCS#8: wrapping it costs a few bytes of DER and keeps
         // one RSA path in the binary.
-        KeyArmour::Pkcs1 { aes128_cbc_iv: None } => russh::keys::pkcs8::decode_pkcs8(&pkcs1_in_pkcs8(&der), None),
+        KeyArmour::Pkcs1 { aes128_cbc_iv: None } => {
+            russh::keys::pkcs8::decode_pkcs8(&pkcs1_in_pkcs8(&der), None)
+        }
         KeyArmour::Pkcs8 => russh::keys::pkcs8::decode_pkcs8(&der, password.map(str::as_bytes)),
     }
 }
@@ -186,8 +196,10 @@ fn hex_16(text: &str) -> Option<[u8; 16]> {
 /// rsaEncryption algorithm with NULL parameters, the key as an OCTET STRING.
 fn pkcs1_in_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
     // AlgorithmIdentifier { 1.2.840.113549.1.1.1, NULL }, preceded by INTEGER 0.
-    const VERSION_AND_ALGORITHM: [u8; 18] =
-        [0x02, 0x01, 0x00, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00];
+    const VERSION_AND_ALGORITHM: [u8; 18] = [
+        0x02, 0x01, 0x00, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05,
+        0x00,
+    ];
     let mut key = vec![0x04];
     der_length(&mut key, pkcs1.len());
     key.extend_from_slice(pkcs1);
@@ -265,7 +277,11 @@ mod tests {
             ("ecdsa256-pem", &["-t", "ecdsa", "-b", "256", "-N", "", "-m", "PEM"], None),
             ("ecdsa384-pkcs8", &["-t", "ecdsa", "-b", "384", "-N", "", "-m", "PKCS8"], None),
             ("ecdsa521", &["-t", "ecdsa", "-b", "521", "-N", ""], None),
-            ("ecdsa256-pkcs8-enc", &["-t", "ecdsa", "-b", "256", "-N", "secret1", "-m", "PKCS8"], Some("secret1")),
+            (
+                "ecdsa256-pkcs8-enc",
+                &["-t", "ecdsa", "-b", "256", "-N", "secret1", "-m", "PKCS8"],
+                Some("secret1"),
+            ),
         ];
         for (name, args, password) in cases {
             let Some(text) = keygen(&dir, name, args) else {
@@ -279,7 +295,11 @@ mod tests {
                 );
             }
             let key = decode_secret_key(&text, *password).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(key.public_key().key_data(), public_line(&dir, name).key_data(), "{name}: public half");
+            assert_eq!(
+                key.public_key().key_data(),
+                public_line(&dir, name).key_data(),
+                "{name}: public half"
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -297,12 +317,17 @@ mod tests {
 
     #[test]
     fn der_lengths() {
-        for (len, want) in [(5usize, vec![5u8]), (127, vec![127]), (128, vec![0x81, 128]), (600, vec![0x82, 2, 0x58])] {
+        for (len, want) in
+            [(5usize, vec![5u8]), (127, vec![127]), (128, vec![0x81, 128]), (600, vec![0x82, 2, 0x58])]
+        {
             let mut out = Vec::new();
             der_length(&mut out, len);
             assert_eq!(out, want, "length {len}");
         }
-        assert_eq!(hex_16("000102030405060708090a0b0c0d0eFF"), Some([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 255]));
+        assert_eq!(
+            hex_16("000102030405060708090a0b0c0d0eFF"),
+            Some([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 255])
+        );
         assert_eq!(hex_16("0001"), None);
         assert_eq!(hex_16("zz0102030405060708090a0b0c0d0e0f"), None);
     }

@@ -43,6 +43,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::ssh::pty::{self, PtyIo, PtyMaster, WindowSize};
+use crate::task;
 
 /// A piece of client input on its way to the child.
 type Chunk = Vec<u8>;
@@ -682,9 +683,8 @@ impl Running {
                 // The pipes are read and written on threads of their own (see `pipe_io`).
                 let stdout = pipe_io::Output::start(stdout.into_owned_fd(), "stdout");
                 let stderr = pipe_io::Output::start(stderr.into_owned_fd(), "stderr");
-                let out = crate::task::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
-                let err =
-                    crate::task::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
+                let out = task::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
+                let err = task::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
                 (
                     None,
                     InputTask::Thread(pipe_io::feed(stdin.into_owned_fd(), early, stdin_rx)),
@@ -693,8 +693,8 @@ impl Running {
             }
             ChildIo::Pty(master) => {
                 let io = PtyIo(master.clone());
-                let out = crate::task::spawn(pump(io.clone(), tx.make_writer(), exited_rx, DRAIN_IDLE_PTY));
-                (Some(master), InputTask::Task(crate::task::spawn(feed(io, early, stdin_rx))), vec![out])
+                let out = task::spawn(pump(io.clone(), tx.make_writer(), exited_rx, DRAIN_IDLE_PTY));
+                (Some(master), InputTask::Task(task::spawn(feed(io, early, stdin_rx))), vec![out])
             }
         };
         Running {
@@ -864,7 +864,7 @@ mod pipe_io {
     }
 
     fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-        if let Err(e) = crate::task::thread(std::thread::Builder::new().name(name.into()), f) {
+        if let Err(e) = task::thread(std::thread::Builder::new().name(name.into()), f) {
             log::error!("cannot start a thread for the command's {name}: {e}");
         }
     }
