@@ -864,7 +864,7 @@ mod pipe_io {
     }
 
     fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-        if let Err(e) = task::thread(std::thread::Builder::new().name(name.into()), f) {
+        if let Err(e) = crate::task::thread(std::thread::Builder::new().name(name.into()), f) {
             log::error!("cannot start a thread for the command's {name}: {e}");
         }
     }
