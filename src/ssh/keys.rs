@@ -307,7 +307,7 @@ mod tests {
     #[test]
     fn putty_and_garbage_are_refused_clearly() {
         let putty = "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\n";
-        let err = decode_secret_key(putty, None).err().expect("refused").to_string();
+        let err = decode_secret_key(putty, None).expect_err("refused").to_string();
         assert!(err.contains("PuTTY key file") && err.contains("puttygen"), "{err}");
         assert!(matches!(decode_secret_key("hello\n", None), Err(russh::keys::Error::CouldNotReadKey)));
         let bad = "-----BEGIN OPENSSH PRIVATE KEY-----\n!!!!\n-----END OPENSSH PRIVATE KEY-----\n";
