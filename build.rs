@@ -56,6 +56,12 @@ fn static_release_link_args(target: &str) {
     if !release || !target.contains("-linux-musl") {
         return;
     }
+    // Where the bytes go without an unstripped rebuild: CPU_ALL_LINK_MAP=FILE writes the
+    // linker's map (every input section with its size, under its mangled symbol name).
+    println!("cargo:rerun-if-env-changed=CPU_ALL_LINK_MAP");
+    if let Some(map) = std::env::var_os("CPU_ALL_LINK_MAP").filter(|m| !m.is_empty()) {
+        println!("cargo:rustc-link-arg-bins=-Wl,-Map={}", std::path::Path::new(&map).display());
+    }
     if target.starts_with("x86_64-") {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }

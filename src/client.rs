@@ -387,7 +387,7 @@ pub async fn accept_backchannel<S, F, Fut>(
         let claimed = claimed.clone();
         let serve = serve.clone();
         let done_tx = done_tx.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let mut got = [0u8; protocol::NONCE_LEN];
             match tokio::time::timeout(NONCE_TIMEOUT, stream.read_exact(&mut got)).await {
                 Ok(Ok(_)) if protocol::nonce_matches(nonce.as_bytes(), &got) => {
@@ -687,7 +687,7 @@ pub async fn local_session(
     let (escape_tx, mut escape_rx) = mpsc::channel::<()>(1);
     let is_tty = tty.is_some();
     let mut lent = LentStdin(Some(take_stdin()));
-    let stdin_task = AbortOnDrop(tokio::spawn(async move {
+    let stdin_task = AbortOnDrop(crate::task::spawn(async move {
         let Some(rx) = lent.0.as_mut() else { return };
         let mut escape = EscapeFilter::new();
         while let Some(bytes) = rx.recv().await {
@@ -723,7 +723,7 @@ pub async fn local_session(
     // us down; joined before we return so nothing is lost (pitfall P19).
     // It says when it is done, so joining it needs no blocking-pool thread of its own.
     let (written_tx, written_rx) = tokio::sync::oneshot::channel::<()>();
-    let output = std::thread::spawn(move || {
+    let output = crate::task::spawn_thread(move || {
         write_output(out_rx);
         let _ = written_tx.send(());
     });
@@ -824,7 +824,7 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
     let writer = Arc::new(writer);
     let (sent_tx, mut sent_rx) = tokio::sync::oneshot::channel::<std::result::Result<(), russh::Error>>();
     let request_writer = writer.clone();
-    tokio::spawn(async move {
+    crate::task::spawn(async move {
         let mut result = Ok(());
         for r in requests {
             result = r.send(&request_writer).await;
@@ -847,7 +847,7 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
                 trace: spec.debug_9p,
             };
             let counts = request_counts.clone();
-            Some(AbortOnDrop(tokio::spawn(accept_backchannel(
+            Some(AbortOnDrop(crate::task::spawn(accept_backchannel(
                 rx,
                 nonce,
                 BACKCHANNEL_CONNECTIONS,
@@ -869,7 +869,7 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
     let mut go_tx = Some(go_tx);
     let is_tty = spec.tty.is_some();
     let mut remote_stdin = writer.make_writer();
-    let stdin_task = AbortOnDrop(tokio::spawn(async move {
+    let stdin_task = AbortOnDrop(crate::task::spawn(async move {
         if go_rx.await.is_err() {
             return;
         }
@@ -936,7 +936,7 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
                 Some(SessionEvent::WindowChange(ws)) => {
                     let (wpx, hpx) = pixels(ws);
                     let w = writer.clone();
-                    tokio::spawn(async move { let _ = w.window_change(ws.cols, ws.rows, wpx, hpx).await; });
+                    crate::task::spawn(async move { let _ = w.window_change(ws.cols, ws.rows, wpx, hpx).await; });
                 }
                 Some(SessionEvent::Hangup) => {
                     // As sshd does when its client vanishes: the channel closes, the remote
@@ -963,7 +963,7 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
 /// Sends a `signal` request without waiting in the caller.
 fn send_signal(writer: &Arc<russh::ChannelWriteHalf<russh::client::Msg>>, sig: Sig) {
     let w = writer.clone();
-    tokio::spawn(async move {
+    crate::task::spawn(async move {
         let _ = w.signal(sig).await;
     });
 }
@@ -977,7 +977,7 @@ static STDIN: std::sync::OnceLock<std::sync::Mutex<Option<mpsc::Receiver<Vec<u8>
 fn take_stdin() -> mpsc::Receiver<Vec<u8>> {
     let slot = STDIN.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
-        std::thread::spawn(move || {
+        crate::task::spawn_thread(move || {
             use std::io::Read;
             let mut input = std::io::stdin().lock();
             let mut buf = vec![0u8; 32 * 1024];
@@ -1206,7 +1206,7 @@ mod tests {
         let nonce = "0123456789abcdef0123456789abcdef".to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         let (served_tx, served_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let acceptor = tokio::spawn(accept_backchannel(
+        let acceptor = crate::task::spawn(accept_backchannel(
             rx,
             nonce.clone(),
             offered,

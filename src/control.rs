@@ -450,7 +450,7 @@ async fn relay(stream: UnixStream, io: SessionIo) -> Result<Outcome> {
     let SessionIo { mut stdin, output, mut events } = io;
     let (mut rd, mut wr) = stream.into_split();
     // Its own task: a master slow to take stdin must never stop us reading its output.
-    let _writer = client::AbortOnDrop(tokio::spawn(async move {
+    let _writer = client::AbortOnDrop(crate::task::spawn(async move {
         let mut stdin_open = true;
         loop {
             let sent = tokio::select! {
@@ -630,7 +630,7 @@ async fn serve(conn: Arc<Connection>, listener: tokio::net::UnixListener, path: 
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match stream.peer_cred() {
                     Ok(cred) if cred.uid() == my_uid => {
-                        tokio::spawn(serve_client(conn.clone(), stream, ev_tx.clone()));
+                        crate::task::spawn(serve_client(conn.clone(), stream, ev_tx.clone()));
                     }
                     Ok(cred) => {
                         let msg = format!(
@@ -641,7 +641,7 @@ async fn serve(conn: Arc<Connection>, listener: tokio::net::UnixListener, path: 
                         );
                         log::warn!("{msg}");
                         let mut stream = stream;
-                        tokio::spawn(async move {
+                        crate::task::spawn(async move {
                             let _ = tokio::time::timeout(HELLO_TIMEOUT, write_frame(&mut stream, ERROR, msg.as_bytes())).await;
                         });
                     }
@@ -760,7 +760,7 @@ async fn serve_session(
     );
     let (io, ends) = client::session_io();
     let client::SessionEnds { stdin, output: mut out_rx, events } = ends;
-    let _reader = client::AbortOnDrop(tokio::spawn(async move {
+    let _reader = client::AbortOnDrop(crate::task::spawn(async move {
         let mut stdin = Some(stdin);
         loop {
             match read_frame(&mut rd).await {

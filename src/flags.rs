@@ -289,33 +289,96 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if rest.is_empty() {
         return Err(format!("invalid duration {orig:?}"));
     }
-    let mut total: f64 = 0.0;
+    // Integer nanoseconds, as Go does (a fraction beyond the unit's nanoseconds is dropped);
+    // no float parsing, whose tables cost the binary ~15 KB (README "Size").
+    const MAX_NANOS: u128 = 10_000_000_000 * 1_000_000_000;
+    let too_large = || format!("duration {orig:?} is too large");
+    let mut total: u128 = 0;
     while !rest.is_empty() {
         let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        if num_len == 0 {
+        let (whole, fraction) = rest[..num_len].split_once('.').unwrap_or((&rest[..num_len], ""));
+        if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
             return Err(format!("invalid duration {orig:?}"));
         }
-        let number: f64 = rest[..num_len].parse().map_err(|_| format!("invalid duration {orig:?}"))?;
         rest = &rest[num_len..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        let scale = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
+        let unit_nanos: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
             "" => return Err(format!("missing unit in duration {orig:?}")),
             u => return Err(format!("unknown unit {u:?} in duration {orig:?}")),
         };
-        total += number * scale;
+        // Digits past the 20th of a fraction are below a nanosecond even in hours.
+        let fraction = &fraction[..fraction.len().min(20)];
+        let digits =
+            |d: &str| d.bytes().try_fold(0u128, |n, b| n.checked_mul(10)?.checked_add(u128::from(b - b'0')));
+        let whole = if whole.len() > 20 { None } else { digits(whole) }.ok_or_else(too_large)?;
+        let fraction_nanos = digits(fraction).unwrap_or(0) * unit_nanos / 10u128.pow(fraction.len() as u32);
+        total = whole
+            .checked_mul(unit_nanos)
+            .and_then(|n| n.checked_add(fraction_nanos))
+            .and_then(|n| n.checked_add(total))
+            .filter(|&n| n <= MAX_NANOS)
+            .ok_or_else(too_large)?;
     }
-    if !total.is_finite() || total > 1e10 {
-        return Err(format!("duration {orig:?} is too large"));
+    Ok(Duration::new((total / 1_000_000_000) as u64, (total % 1_000_000_000) as u32))
+}
+
+/// A decimal number (`12`, `-0.5`, `.5`, `1e3`) as f64, without core's float parser (its
+/// tables cost the binary ~15 KB: README "Size"). Correctly rounded while the significant
+/// digits fit 2^53 and the power of ten stays within 10^22, as every value compared here
+/// does (load, memory, percentages); beyond that within a few units in the last place. No
+/// `inf` or `nan`: those are not numbers to compare.
+pub fn parse_decimal(s: &str) -> Option<f64> {
+    let (negative, text) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let bytes = text.as_bytes();
+    let (mut mantissa, mut exponent, mut digits, mut dot, mut i) = (0u64, 0i32, 0usize, false, 0usize);
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'0'..=b'9' if mantissa < 100_000_000_000_000_000 => {
+                mantissa = mantissa * 10 + u64::from(b - b'0');
+                exponent -= i32::from(dot);
+            }
+            b'0'..=b'9' => exponent += i32::from(!dot),
+            b'.' if !dot => dot = true,
+            _ => break,
+        }
+        digits += usize::from(b != b'.');
+        i += 1;
     }
-    Ok(Duration::from_secs_f64(total))
+    if digits == 0 {
+        return None;
+    }
+    if let Some(&(b'e' | b'E')) = bytes.get(i) {
+        let power = &text[i + 1..];
+        let unsigned = power.strip_prefix(['+', '-']).unwrap_or(power);
+        if unsigned.is_empty() || !unsigned.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let magnitude = unsigned.bytes().fold(0i32, |n, b| (n * 10 + i32::from(b - b'0')).min(100_000));
+        exponent += if power.starts_with('-') { -magnitude } else { magnitude };
+    } else if i != bytes.len() {
+        return None;
+    }
+    let mut value = mantissa as f64;
+    // 10^k is exact for k <= 22; larger powers in steps (overflow gives inf, underflow 0).
+    while exponent != 0 && value != 0.0 && value.is_finite() {
+        let step = exponent.clamp(-22, 22);
+        let power = 10f64.powi(step.abs());
+        value = if step > 0 { value * power } else { value / power };
+        exponent -= step;
+    }
+    Some(if negative { -value } else { value })
 }
 
 impl Parsed {
@@ -448,5 +511,42 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration(".5ms").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("2.ms").unwrap(), Duration::from_millis(2));
+        assert_eq!(parse_duration("1h2m3.000000004s").unwrap(), Duration::new(3723, 4));
+        assert_eq!(parse_duration("1.0000000001s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("300us").unwrap(), Duration::from_micros(300));
+        assert!(parse_duration(".s").is_err());
+        assert!(parse_duration("1.2.3s").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("10000000001s").is_err());
+        assert!(parse_duration("99999999999999999999999999h").is_err());
+        assert_eq!(parse_duration("10000000000s").unwrap(), Duration::from_secs(10_000_000_000));
+    }
+
+    #[test]
+    fn decimals_parse_like_core() {
+        for text in [
+            "0",
+            "12",
+            "-0.5",
+            ".5",
+            "5.",
+            "+3",
+            "1e3",
+            "2.5E-2",
+            "0.1",
+            "0.3",
+            "99.999999",
+            "123456.789",
+            "1e-5",
+        ] {
+            assert_eq!(parse_decimal(text), text.parse::<f64>().ok(), "{text}");
+        }
+        for text in ["", ".", "-", "e3", "1e", "1e+", "1x", "nan", "inf", "1.2.3", " 1"] {
+            assert_eq!(parse_decimal(text), None, "{text:?}");
+        }
+        assert_eq!(parse_decimal("123456789012345678901234"), Some(123456789012345678901234.0));
+        assert_eq!(parse_decimal("1e400"), Some(f64::INFINITY));
     }
 }

@@ -38,6 +38,7 @@ pub mod protocol;
 pub mod remote;
 pub mod server;
 pub mod ssh;
+pub mod task;
 pub mod terminal;
 pub mod transport;
 pub mod wirecount;

@@ -152,7 +152,7 @@ async fn stop_signal() {
         _ = hup.recv() => {}
     }
     log::info!("signal received: no new connections; waiting for sessions to end (signal again to quit now)");
-    tokio::spawn(async move {
+    crate::task::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

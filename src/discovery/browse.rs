@@ -115,7 +115,7 @@ pub fn clean_txt<'a>(
                 continue;
             }
         };
-        if NUMERIC_KEYS.contains(&key) && value.parse::<f64>().map_or(true, f64::is_nan) {
+        if NUMERIC_KEYS.contains(&key) && crate::flags::parse_decimal(&value).is_none() {
             warnings.push(format!("{key}={value:?} is not a number"));
             continue;
         }

@@ -64,6 +64,9 @@ pub struct Query {
 pub struct Requirement {
     pub key: String,
     pub test: Test,
+    /// The value as the query gave it, for messages (numbers shown as typed: formatting an
+    /// f64 would cost the binary ~12 KB, README "Size").
+    pub given: String,
 }
 
 /// What a requirement asks of the server's value.
@@ -219,8 +222,11 @@ impl Query {
     fn add_client_defaults(&mut self) {
         for (key, value) in [("arch", go_arch()), ("os", go_os())] {
             if !self.requirements.iter().any(|r| r.key == key) {
-                self.requirements
-                    .push(Requirement { key: key.into(), test: Test::OneOf(vec![value.into()]) });
+                self.requirements.push(Requirement {
+                    key: key.into(),
+                    test: Test::OneOf(vec![value.into()]),
+                    given: value.into(),
+                });
             }
         }
     }
@@ -289,8 +295,8 @@ impl Requirement {
             ));
         }
         let number = |s: &str| -> std::result::Result<f64, String> {
-            match s.parse::<f64>() {
-                Ok(n) if !n.is_nan() => Ok(n),
+            match crate::flags::parse_decimal(s) {
+                Some(n) => Ok(n),
                 _ => Err(format!("{key}={first}: {s:?} is not a number")),
             }
         };
@@ -305,7 +311,7 @@ impl Requirement {
         } else {
             Test::OneOf(values.to_vec())
         };
-        Ok(Requirement { key: key.to_string(), test })
+        Ok(Requirement { key: key.to_string(), test, given: first.clone() })
     }
 
     /// Checks one server's TXT map; the text says what was compared.
@@ -314,13 +320,14 @@ impl Requirement {
         let have = txt.get(key);
         let numeric = |bound: f64, at_most: bool| -> (bool, String) {
             let op = if at_most { '<' } else { '>' };
-            let Some(v) = have else { return (false, format!("{key}{op}={bound}: key missing")) };
-            match v.parse::<f64>() {
-                Ok(x) if !x.is_nan() => {
+            let shown = self.given.get(1..).unwrap_or_default();
+            let Some(v) = have else { return (false, format!("{key}{op}={shown}: key missing")) };
+            match crate::flags::parse_decimal(v) {
+                Some(x) => {
                     let ok = if at_most { x <= bound } else { x >= bound };
-                    (ok, format!("{key}{op}={bound}: has {v}"))
+                    (ok, format!("{key}{op}={shown}: has {v}"))
                 }
-                _ => (false, format!("{key}{op}={bound}: {v:?} is not a number")),
+                _ => (false, format!("{key}{op}={shown}: {v:?} is not a number")),
             }
         };
         match &self.test {
@@ -360,7 +367,8 @@ impl SortKey {
 
     /// Orders two TXT maps by this key. A missing or non-numeric value sorts after numbers.
     pub fn compare(&self, a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> Ordering {
-        let number = |m: &BTreeMap<String, String>| m.get(&self.key).and_then(|v| v.parse::<f64>().ok());
+        let number =
+            |m: &BTreeMap<String, String>| m.get(&self.key).and_then(|v| crate::flags::parse_decimal(v));
         let numeric = |reverse: bool| match (number(a), number(b)) {
             (Some(x), Some(y)) => {
                 let o = x.partial_cmp(&y).unwrap_or(Ordering::Equal);

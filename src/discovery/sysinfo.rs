@@ -42,9 +42,14 @@ pub fn go_os() -> &'static str {
     }
 }
 
-/// Number of logical CPUs this process may use (Go's runtime.NumCPU also honours affinity).
+/// Number of logical CPUs this process may use: its affinity mask, as Go's runtime.NumCPU
+/// counts. (Not `std::thread::available_parallelism`, which also reads cgroup quotas: ~9 KB of
+/// the binary for a figure Go does not report, README "Size".)
 pub fn logical_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) if set.count() > 0 => set.count() as usize,
+        _ => 1,
+    }
 }
 
 /// Memory figures in bytes from /proc/meminfo text.
@@ -92,14 +97,15 @@ pub fn parse_proc_stat(text: &str) -> Option<CpuTimes> {
     Some(CpuTimes { busy: total.saturating_sub(idle), total })
 }
 
-/// Busy percentage between two samples (gopsutil `Percent(0, false)` semantics), 0..=100.
-pub fn busy_percent(previous: CpuTimes, now: CpuTimes) -> f64 {
-    let total = now.total.saturating_sub(previous.total);
-    if total == 0 {
-        return 0.0;
-    }
-    let busy = now.busy.saturating_sub(previous.busy);
-    (busy as f64 * 100.0 / total as f64).clamp(0.0, 100.0)
+/// Busy percentage between two samples (gopsutil `Percent(0, false)` semantics), 0..=100,
+/// as Go's `%f` writes it (six decimals, rounded). Integer arithmetic: float formatting would
+/// cost the binary ~12 KB (README "Size").
+pub fn busy_percent(previous: CpuTimes, now: CpuTimes) -> String {
+    let total = u128::from(now.total.saturating_sub(previous.total));
+    let busy = u128::from(now.busy.saturating_sub(previous.busy)).min(total);
+    // Millionths of a percent, rounded half up.
+    let micro = if total == 0 { 0 } else { (busy * 200_000_000 + total) / (2 * total) };
+    format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
 }
 
 /// Parses `-dsTxt`: `k=v,k2=v2,flag` (a bare `flag` means `flag=true`).
@@ -165,12 +171,12 @@ impl Metadata {
         let now = read_cpu_times();
         let pcnt = match (self.last_cpu, now) {
             (Some(prev), Some(now)) => busy_percent(prev, now),
-            _ => 0.0,
+            _ => busy_percent(CpuTimes::default(), CpuTimes::default()),
         };
         if now.is_some() {
             self.last_cpu = now;
         }
-        txt.insert("cpu.pcnt".into(), format!("{pcnt:.6}"));
+        txt.insert("cpu.pcnt".into(), pcnt);
         txt.insert("tenants".into(), tenants.to_string());
         txt
     }
@@ -213,9 +219,13 @@ mod tests {
         assert_eq!(a, CpuTimes { busy: 200, total: 1000 });
         let b = parse_proc_stat("cpu  200 0 200 1400 200 0 0 0 50 0\n").unwrap();
         assert_eq!(b, CpuTimes { busy: 400, total: 2000 });
-        assert_eq!(busy_percent(a, b), 20.0);
-        assert_eq!(busy_percent(b, b), 0.0);
-        assert_eq!(format!("{:.6}", busy_percent(a, b)), "20.000000");
+        assert_eq!(busy_percent(a, b), "20.000000");
+        assert_eq!(busy_percent(b, b), "0.000000");
+        let third = CpuTimes { busy: 1, total: 3 };
+        assert_eq!(busy_percent(CpuTimes::default(), third), format!("{:.6}", 100.0 / 3.0));
+        let two_thirds = CpuTimes { busy: 2, total: 3 };
+        assert_eq!(busy_percent(CpuTimes::default(), two_thirds), format!("{:.6}", 200.0 / 3.0));
+        assert_eq!(busy_percent(CpuTimes::default(), CpuTimes { busy: 9, total: 9 }), "100.000000");
         assert_eq!(parse_proc_stat("cpu  1 2\n"), None);
         assert_eq!(parse_proc_stat("intr 1 2 3 4\n"), None);
     }

@@ -351,7 +351,7 @@ impl<B: Backend> Session<B> {
             devices: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             pool: BufPool::default(),
-            lanes: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            lanes: crate::discovery::sysinfo::logical_cpus(),
         }
     }
 
@@ -1419,7 +1419,7 @@ where
             // request stuck in the filesystem (a FIFO, a hung NFS mount).
             // The timer is a plain thread: the caller's runtime may have no time driver.
             let (expired_tx, expired) = tokio::sync::oneshot::channel::<()>();
-            std::thread::spawn(move || {
+            crate::task::spawn_thread(move || {
                 std::thread::sleep(DRAIN_TIMEOUT);
                 let _ = expired_tx.send(());
             });

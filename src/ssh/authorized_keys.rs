@@ -152,7 +152,8 @@ fn parse_line(line: &str, number: usize) -> std::result::Result<AuthorizedKey, S
     if key_type.contains("-cert-v01@openssh.com") {
         return Err(format!("certificate keys ({key_type}) are not supported"));
     }
-    let key = russh::keys::parse_public_key_base64(b64).map_err(|e| format!("bad {key_type} key: {e}"))?;
+    let key =
+        crate::ssh::keys::parse_public_key_base64(b64).map_err(|e| format!("bad {key_type} key: {e}"))?;
     if key.algorithm().as_str() != key_type {
         return Err(format!(
             "key type {key_type} does not match the key data ({})",
@@ -458,7 +459,7 @@ mod tests {
     const ED2: &str = "AAAAC3NzaC1lZDI1NTE5AAAAILA36Davj75B3PgAJZQvcg1w0zqfFJJMRR8vb0c2K5m9";
 
     fn key(b64: &str) -> PublicKey {
-        russh::keys::parse_public_key_base64(b64).unwrap()
+        crate::ssh::keys::parse_public_key_base64(b64).unwrap()
     }
 
     fn ip(s: &str) -> Option<IpAddr> {

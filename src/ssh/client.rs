@@ -135,7 +135,7 @@ fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
     let backlog = Arc::new(Backlog::default());
     let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let fed = backlog.clone();
-    let feeder = tokio::spawn(async move {
+    let feeder = crate::task::spawn(async move {
         while let Some(data) = queue_rx.recv().await {
             if to_9p.write_all(&data).await.is_err() {
                 return;
@@ -148,7 +148,7 @@ fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
     // When the 9P side is done (served connection over, or a wrong nonce refused), EOF then
     // close: the dialer on the remote sees the end instead of a channel that swallows data.
     let watch = backlog.clone();
-    let mut replies = tokio::spawn(async move {
+    let mut replies = crate::task::spawn(async move {
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = match from_9p.read(&mut buf).await {
@@ -165,7 +165,7 @@ fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
         }
         let _ = writer.shutdown().await;
     });
-    tokio::spawn(async move {
+    crate::task::spawn(async move {
         let mut queue_tx = Some(queue_tx);
         loop {
             let msg = tokio::select! {

@@ -57,7 +57,7 @@ pub fn load_or_create(host_key_file: &str, state_dir: &str) -> Result<(PrivateKe
 pub fn load_private_key(path: &Path) -> Result<PrivateKey> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Daemon(format!("cannot read host key {}: {e}", path.display())))?;
-    russh::keys::decode_secret_key(&text, None)
+    crate::ssh::keys::decode_secret_key(&text, None)
         .map_err(|e| Error::Daemon(format!("cannot use host key {}: {e}", path.display())))
 }
 

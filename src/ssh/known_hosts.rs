@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64ct::{Base64, Encoding};
-use russh::keys::{PublicKey, PublicKeyBase64};
+use russh::keys::PublicKey;
 
 use crate::error::{Error, Result};
 use crate::ssh::config::wildcard_match;
@@ -99,7 +99,7 @@ fn parse_line(line: &str) -> Option<Entry<'_>> {
     }
     let _key_type = fields.next()?;
     let blob = fields.next()?;
-    Some(Entry { patterns, key: russh::keys::parse_public_key_base64(blob).ok() })
+    Some(Entry { patterns, key: crate::ssh::keys::parse_public_key_base64(blob).ok() })
 }
 
 /// Whether a comma-separated pattern list selects `field` (negations veto).
@@ -152,7 +152,7 @@ fn hash_with_salt(field: &str, salt: &[u8]) -> String {
 pub fn entry_line(host: &str, port: u16, key: &PublicKey, hashed: bool) -> Result<String> {
     let field = host_field(host, port);
     let field = if hashed { hash_host_field(&field)? } else { field };
-    Ok(format!("{field} {} {}", key.algorithm().as_str(), key.public_key_base64()))
+    Ok(format!("{field} {} {}", key.algorithm().as_str(), crate::ssh::keys::public_key_base64(key)))
 }
 
 /// Appends the line for `host`/`port`/`key` to `file`, creating it (and its directory, mode
@@ -193,7 +193,7 @@ pub fn parse_pinned(text: &str, what: &str) -> Result<Vec<PublicKey>> {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let key = (0..fields.len().saturating_sub(1))
             .filter(|&i| looks_like_key_type(fields[i]))
-            .find_map(|i| russh::keys::parse_public_key_base64(fields[i + 1]).ok());
+            .find_map(|i| crate::ssh::keys::parse_public_key_base64(fields[i + 1]).ok());
         match key {
             Some(k) => keys.push(k),
             None => return Err(Error::Config(format!("{what}: not a public key line: {line:?}"))),
@@ -222,7 +222,7 @@ mod tests {
     const ED2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK36i4vPSwMDeZHX1UzTPxDzvZuMdDAZxeQX+/LzKzdY";
 
     fn key(s: &str) -> PublicKey {
-        russh::keys::parse_public_key_base64(s.split_whitespace().nth(1).unwrap()).unwrap()
+        crate::ssh::keys::parse_public_key_base64(s.split_whitespace().nth(1).unwrap()).unwrap()
     }
 
     fn tmp(name: &str, text: &str) -> PathBuf {

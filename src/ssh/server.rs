@@ -45,6 +45,7 @@ use crate::ssh::backlog::Backlog;
 use crate::ssh::hostkey::fingerprint;
 use crate::ssh::kexcheck::ClearTextInspector;
 use crate::ssh::session::{self, OnEnd, SessionContext, Tenants};
+use crate::task;
 use crate::transport::{BoxStream, Detached, Listener};
 
 /// The key exchanges offered: fixed cost per attempt whatever the peer sends (no group16/18,
@@ -299,7 +300,8 @@ fn spawn_connection(
     evicted: oneshot::Receiver<()>,
 ) -> std::io::Result<oneshot::Receiver<()>> {
     let (done_tx, done_rx) = oneshot::channel();
-    std::thread::Builder::new().name("cpud-conn".into()).stack_size(CONNECTION_STACK).spawn(move || {
+    let builder = std::thread::Builder::new().name("cpud-conn".into()).stack_size(CONNECTION_STACK);
+    task::thread(builder, move || {
         match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => {
                 // Registered with this thread's runtime: its readiness wakes this thread only.
@@ -749,7 +751,7 @@ impl Handler for ConnHandler {
             }),
         };
         let task_guard = self.tasks.clone();
-        tokio::spawn(async move {
+        task::spawn(async move {
             session::run(channel, ctx).await;
             drop(task_guard);
         });
@@ -906,7 +908,7 @@ impl Handler for ConnHandler {
         };
         *port = actual;
         log::debug!("{}: forwarding {address}:{actual}", self.peer);
-        let task = tokio::spawn(forward_accept_loop(listener, session.handle(), address.to_string(), actual));
+        let task = task::spawn(forward_accept_loop(listener, session.handle(), address.to_string(), actual));
         if let Some(old) = self.forwards.insert((address.to_string(), actual), task) {
             old.abort();
         }
@@ -963,7 +965,7 @@ async fn forward_accept_loop(
         let _ = socket.set_nodelay(true);
         let handle = handle.clone();
         let address = address.clone();
-        tokio::spawn(async move {
+        task::spawn(async move {
             let origin = peer.ip().to_canonical().to_string();
             match handle.channel_open_forwarded_tcpip(address, port, origin, u32::from(peer.port())).await {
                 Ok(channel) => pump_forwarded(socket, channel).await,
@@ -992,7 +994,7 @@ async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<r
     let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<Option<Vec<u8>>>();
     let written = backlog.clone();
     // Dropping the write half (here, or by aborting this task) closes the TCP connection.
-    let mut to_socket = tokio::spawn(async move {
+    let mut to_socket = task::spawn(async move {
         while let Some(item) = queue_rx.recv().await {
             match item {
                 Some(data) => {

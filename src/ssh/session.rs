@@ -51,6 +51,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::ssh::pty::{self, PtyIo, PtyMaster, WindowSize};
+use crate::task;
 
 /// A piece of client input on its way to the child.
 type Chunk = Vec<u8>;
@@ -826,9 +827,9 @@ impl Running {
                 // The pipes are read and written on threads of their own (see `pipe_io`).
                 let (stdout, stderr) =
                     pipe_io::Output::start_pair(stdout.into_owned_fd(), stderr.into_owned_fd());
-                let out = tokio::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
+                let out = task::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
                 let err =
-                    tokio::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
+                    task::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
                 let input = match (stdin.into_owned_fd(), early) {
                     // EOF before exec and no input: closing the pipe is all there is to do.
                     (Ok(_pipe), None) if early_eof => None,
@@ -839,8 +840,8 @@ impl Running {
             }
             ChildIo::Pty(master) => {
                 let io = PtyIo(master.clone());
-                let out = tokio::spawn(pump(io.clone(), tx.make_writer(), exited_rx, DRAIN_IDLE_PTY));
-                (Some(master), Some(InputTask::Task(tokio::spawn(feed(io, early, stdin_rx)))), vec![out])
+                let out = task::spawn(pump(io.clone(), tx.make_writer(), exited_rx, DRAIN_IDLE_PTY));
+                (Some(master), Some(InputTask::Task(task::spawn(feed(io, early, stdin_rx)))), vec![out])
             }
         };
         Running { pid, pty, stdin: (!early_eof).then_some(stdin_tx), meter, input_task, pumps, exited }
@@ -1023,7 +1024,7 @@ mod pipe_io {
     }
 
     fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-        if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
+        if let Err(e) = crate::task::thread(std::thread::Builder::new().name(name.into()), f) {
             log::error!("cannot start a thread for the command's {name}: {e}");
         }
     }
