@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cpu_support::{bin, keygen, wait_output, Home, KillOnDrop, TempDir, CHILD_TIMEOUT};
+use cpu_support::{bin, keygen, text, wait_output, wait_until, Home, KillOnDrop, TempDir, CHILD_TIMEOUT};
 
 /// A cpud on 127.0.0.1 (port chosen by the kernel) logging with -d to a file.
 struct Cpud {
@@ -110,19 +110,7 @@ impl World {
     }
 
     fn run(&self, control: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut c = self.cpu(control, args);
-        c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        if let Some(bytes) = stdin {
-            let mut w = child.stdin.take().unwrap();
-            let bytes = bytes.to_vec();
-            std::thread::spawn(move || {
-                let _ = w.write_all(&bytes);
-            });
-        }
-        wait_output(child, CHILD_TIMEOUT)
+        cpu_support::run_with_input(self.cpu(control, args), stdin)
     }
 
     /// `-controlcmd=check`: the master's pid, or None with its output.
@@ -158,28 +146,12 @@ impl Drop for World {
 
 const AUTO: &[&str] = &["-controlmaster=auto", "-controlpersist=60"];
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn process_alive(pid: u32) -> bool {
     // A zombie still has /proc/PID; its state letter says Z.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
-}
-
-/// Polls `cond` every 20 ms until it holds or `limit` passes.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }
 
 fn need_cpud_session() -> bool {

@@ -9,14 +9,10 @@ mod skip;
 
 use std::time::Duration;
 
-use cpu_support::{key_part, keygen, run_cpu, Home, PtyChild, Sshd};
+use cpu_support::{key_part, keygen, run_cpu, text, Home, PtyChild, Sshd};
 
 fn port(s: &Sshd) -> String {
     s.port.to_string()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
