@@ -3,7 +3,6 @@
 
 mod sshd_support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -30,15 +29,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cpud");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(child.stderr.take().expect("stderr"));
         let mut d = Daemon { child, port: 0, log: rx, lines: Vec::new() };
         let line = d.wait_for("Listening on ");
         d.port = line

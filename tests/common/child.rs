@@ -1,13 +1,14 @@
 //! Running a child process of a test with a bound on its time: feeding its stdin from a
 //! thread, collecting stdout and stderr in threads (so a chatty child never blocks on a full
-//! pipe), and waiting at most a given time before killing it (by its own handle). What to do
+//! pipe), or line by line as they come, and waiting at most a given time before killing it (by its own handle). What to do
 //! on a timeout (panic, or report and go on) stays with the caller. Also the bounded poll of a
 //! condition (`wait_until`) that tests use to wait for what a child does.
 //! Include it from a support module with `#[path = "../common/child.rs"] mod child;`.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ExitStatus, Output};
+use std::sync::mpsc::{self, Receiver};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,11 @@ impl OutputReaders {
 
     /// Everything the child wrote, with its exit status. Returns once both pipes are closed.
     pub fn finish(self, status: ExitStatus) -> Output {
-        Output { status, stdout: self.stdout.join().unwrap_or_default(), stderr: self.stderr.join().unwrap_or_default() }
+        Output {
+            status,
+            stdout: self.stdout.join().unwrap_or_default(),
+            stderr: self.stderr.join().unwrap_or_default(),
+        }
     }
 }
 
@@ -54,6 +59,34 @@ fn read_all(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
         }
         v
     })
+}
+
+/// Collects what a child with piped stdout and stderr writes until it exits, killing it after
+/// `timeout`; the flag says whether it was killed (the caller says so, or fails).
+pub fn output_or_kill(mut child: Child, timeout: Duration) -> (Output, bool) {
+    let readers = OutputReaders::start(&mut child);
+    let (status, killed) = match wait_or_kill(&mut child, timeout) {
+        Some(status) => (status, false),
+        None => match child.wait() {
+            Ok(status) => (status, true),
+            Err(e) => panic!("reaping child {}: {e}", child.id()),
+        },
+    };
+    (readers.finish(status), killed)
+}
+
+/// Sends each line `stream` yields (a child's piped stdout or stderr) to the returned
+/// receiver, from a thread, until the stream ends or the receiver is dropped.
+pub fn lines_of(stream: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Waits (polling every 10 ms) for the child to exit; after `timeout` kills it, reaps it and

@@ -16,7 +16,6 @@ mod keys_and_ports;
 #[path = "../common/temp_dir.rs"]
 mod temp_dir;
 
-use keys_and_ports::free_loopback_port as free_port;
 #[allow(unused_imports)] // each test crate uses a different subset
 pub use child::{text, wait_until};
 pub use temp_dir::TempDir;
@@ -104,7 +103,7 @@ impl Sshd {
         std::fs::write(dir.path().join("authorized"), authorized.join("\n") + "\n").unwrap();
         let _ = std::fs::create_dir_all("/run/sshd");
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = keys_and_ports::free_loopback_port();
             let config = format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized\n\
                  PermitRootLogin yes\nUsePAM no\nStrictModes no\nPidFile none\nPasswordAuthentication no\n\
@@ -202,17 +201,12 @@ pub fn run_with_input(mut c: Command, stdin: Option<&[u8]>) -> Output {
 }
 
 /// Collects a child's stdout/stderr, killing it after `timeout`.
-pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let readers = child::OutputReaders::start(&mut child);
-    let status = match child::wait_or_kill(&mut child, timeout) {
-        Some(st) => st,
-        None => {
-            let st = child.wait().unwrap();
-            eprintln!("child killed after {timeout:?}");
-            st
-        }
-    };
-    readers.finish(status)
+pub fn wait_output(child: Child, timeout: Duration) -> Output {
+    let (output, killed) = child::output_or_kill(child, timeout);
+    if killed {
+        eprintln!("child killed after {timeout:?}");
+    }
+    output
 }
 
 /// A child running on a pseudo-terminal we hold the master side of.

@@ -8,15 +8,20 @@
 #![allow(dead_code)]
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use cpu_all::discovery::run_decpu_with;
 use cpu_all::error::Error;
 use cpu_all::options::CpuOptions;
+
+#[path = "../common/child.rs"]
+mod child;
+
+use child::lines_of;
 
 /// Environment variable that turns the test binary into a helper.
 pub const HELPER_ENV: &str = "DISCOVERY_HELPER";
@@ -147,18 +152,6 @@ pub struct Helper {
     stderr: Receiver<String>,
     seen_stdout: Vec<String>,
     seen_stderr: Vec<String>,
-}
-
-fn lines_of(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 impl Helper {

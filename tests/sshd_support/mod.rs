@@ -23,7 +23,7 @@ mod keys_and_ports;
 mod temp_dir;
 
 #[allow(unused_imports)] // each test crate uses a different subset
-pub use child::{text, wait_until};
+pub use child::{lines_of, text, wait_until};
 pub use temp_dir::TempDir;
 
 /// The real binary, for cpu-form sessions (`cpud -remote`) and black-box runs.
@@ -260,4 +260,3 @@ pub async fn collect(channel: &mut Channel<client::Msg>) -> Outcome {
 pub fn process_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
-
