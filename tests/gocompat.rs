@@ -4,6 +4,10 @@
 //! on gliderlabs/ssh the way the Go cpud uses it (tests/gocompat/). Skips, saying why, when Go
 //! or Debian's Go packages are missing.
 
+// Both support modules include the tests/common/ helpers they need, so this crate holds two
+// copies of each (with distinct types); the duplication is in the build only, not the source.
+#![allow(clippy::duplicate_mod)]
+
 mod cpu_support;
 mod gocompat_support;
 #[path = "common/skip.rs"]
