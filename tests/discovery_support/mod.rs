@@ -233,17 +233,26 @@ impl Helper {
 
     /// Waits up to `limit` for exit; kills the child if it is still running.
     pub fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let status = child::wait_or_kill(&mut self.child, limit);
+        if status.is_none() {
+            eprintln!("{}: killed after {limit:?}", self.name);
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!("{}: killed after {limit:?}", self.name);
-        None
+        status.and_then(|s| s.code())
+    }
+
+    /// The end of a `decpu` helper run: asserts it exited 0 within `limit`, and returns its
+    /// result lines (connect, refused, status, error) and its stderr.
+    pub fn decpu_result(&mut self, limit: Duration) -> (Vec<String>, String) {
+        let status = self.wait(limit);
+        let out = self.stdout_text(Duration::from_secs(1));
+        let err = self.stderr_text(Duration::from_secs(1));
+        assert_eq!(status, Some(0), "decpu helper failed: {out}\n{err}");
+        let lines = out
+            .lines()
+            .filter(|l| ["connect ", "refused ", "status ", "error "].iter().any(|p| l.starts_with(p)))
+            .map(str::to_string)
+            .collect();
+        (lines, err)
     }
 
     /// All stdout lines seen so far plus whatever arrives within `limit`.
@@ -272,15 +281,7 @@ impl Drop for Helper {
         if let Ok(None) = self.child.try_wait() {
             // Give a helper time to say goodbye and reap its children after stdin closed
             // (a running `timeout 10 avahi-browse` included), then kill it.
-            let deadline = Instant::now() + Duration::from_secs(12);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = child::wait_or_kill(&mut self.child, Duration::from_secs(12));
         }
     }
 }
