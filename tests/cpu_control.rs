@@ -396,23 +396,12 @@ fn pty_session_through_the_master_resizes_escapes_and_restores() {
     let w = World::new("pty");
     let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let script =
-        "echo TERM=$TERM; stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done";
-    let mut cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", script]);
+    let mut cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", cpu_support::TERMINAL_SCRIPT]);
     cmd.env("TERM", "xterm-cputest");
     let mut pty = cpu_support::PtyChild::spawn(cmd, 33, 111);
-    let t = Duration::from_secs(15);
-    assert!(pty.expect("ready", t), "no start: {:?}", text(&pty.seen));
-    let seen = text(&pty.seen);
-    assert!(seen.contains("TERM=xterm-cputest\r\n"), "{seen:?}");
-    assert!(seen.contains("33 111\r\n"), "{seen:?}");
-    pty.resize(44, 122);
-    assert!(pty.expect("44 122", t), "resize not seen: {:?}", text(&pty.seen));
-    pty.write(b"\r~.");
-    assert_eq!(pty.wait(t), Some(255), "{:?}", text(&pty.seen));
-    assert!(text(&pty.seen).contains("closed (~.)"));
-    assert!(pty.is_cooked(), "raw mode left on");
+    cpu_support::check_terminal_session(&mut pty);
 
+    let t = Duration::from_secs(15);
     let cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", "echo hi; exit 5"]);
     let mut pty = cpu_support::PtyChild::spawn(cmd, 24, 80);
     assert_eq!(pty.wait(t), Some(5), "{:?}", text(&pty.seen));

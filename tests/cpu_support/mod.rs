@@ -209,6 +209,29 @@ pub fn wait_output(child: Child, timeout: Duration) -> Output {
     output
 }
 
+/// The remote command of a terminal session check: says its TERM and window size, then the
+/// size again on every SIGWINCH, until it is killed.
+pub const TERMINAL_SCRIPT: &str =
+    "echo TERM=$TERM; stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done";
+
+/// Drives a `cpu ... sh -c TERMINAL_SCRIPT` session started with TERM=xterm-cputest on a
+/// 33x111 pty: TERM and the size arrive, a resize to 44x122 is seen, `~.` ends the session
+/// with 255 and "closed (~.)", and the terminal is back in cooked mode.
+pub fn check_terminal_session(pty: &mut PtyChild) {
+    let t = Duration::from_secs(15);
+    assert!(pty.expect("ready", t), "no start: {:?}", text(&pty.seen));
+    let seen = text(&pty.seen);
+    assert!(seen.contains("TERM=xterm-cputest\r\n"), "{seen:?}");
+    assert!(seen.contains("33 111\r\n"), "{seen:?}");
+    pty.resize(44, 122);
+    assert!(pty.expect("44 122", t), "resize not seen: {:?}", text(&pty.seen));
+    pty.write(b"\r~.");
+    assert_eq!(pty.wait(t), Some(255), "{:?}", text(&pty.seen));
+    assert!(text(&pty.seen).contains("closed (~.)"));
+    // Raw mode was undone.
+    assert!(pty.is_cooked(), "raw mode left on");
+}
+
 /// A child running on a pseudo-terminal we hold the master side of.
 pub struct PtyChild {
     pub child: Child,
