@@ -23,9 +23,9 @@ const IOHDRSZ: u32 = 24;
 /// dozen wake-ups of each side; the SSH channel in real use has its own window.
 static SOCKET_BUFFER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn session(dir: &Scratch, msize: u32) -> Harness {
+fn session(dir: &TempDir, msize: u32) -> Harness {
     let buf = SOCKET_BUFFER.load(std::sync::atomic::Ordering::Relaxed);
-    let mut h = start_tuned(options(&dir.path), (buf > 0).then_some(buf), || {});
+    let mut h = start_tuned(options(dir.path()), (buf > 0).then_some(buf), || {});
     h.client.version(msize).expect("version");
     h.client.attach(0, "").expect("attach");
     h
@@ -67,7 +67,7 @@ fn mb_per_s(bytes: usize, t: Duration) -> u64 {
     (bytes as f64 / t.as_secs_f64() / 1e6) as u64
 }
 
-fn seq_read(dir: &Scratch, msize: u32, total: usize) -> u64 {
+fn seq_read(dir: &TempDir, msize: u32, total: usize) -> u64 {
     let mut h = session(dir, msize);
     let c = &mut h.client;
     c.walk(0, 1, &["big"]).unwrap();
@@ -96,7 +96,7 @@ fn seq_read(dir: &Scratch, msize: u32, total: usize) -> u64 {
     mb_per_s(done, t)
 }
 
-fn seq_read_pipelined(dir: &Scratch, msize: u32, total: usize, depth: u64) -> u64 {
+fn seq_read_pipelined(dir: &TempDir, msize: u32, total: usize, depth: u64) -> u64 {
     let mut h = session(dir, msize);
     let c = &mut h.client;
     c.walk(0, 1, &["big"]).unwrap();
@@ -127,7 +127,7 @@ fn seq_read_pipelined(dir: &Scratch, msize: u32, total: usize, depth: u64) -> u6
     mb_per_s(done, t)
 }
 
-fn seq_write(dir: &Scratch, msize: u32, total: usize) -> u64 {
+fn seq_write(dir: &TempDir, msize: u32, total: usize) -> u64 {
     let mut h = session(dir, msize);
     let c = &mut h.client;
     c.walk(0, 1, &[]).unwrap();
@@ -154,7 +154,7 @@ fn seq_write(dir: &Scratch, msize: u32, total: usize) -> u64 {
     mb_per_s(done, t)
 }
 
-fn walk_getattr(dir: &Scratch, seconds: f64) -> u64 {
+fn walk_getattr(dir: &TempDir, seconds: f64) -> u64 {
     let mut h = session(dir, 1 << 20);
     let c = &mut h.client;
     let names: Vec<String> = (0..1000).map(|i| format!("small{i}")).collect();
@@ -173,7 +173,7 @@ fn walk_getattr(dir: &Scratch, seconds: f64) -> u64 {
     (ops as f64 / t.as_secs_f64()) as u64
 }
 
-fn walk_getattr_pipelined(dir: &Scratch, seconds: f64, depth: usize) -> u64 {
+fn walk_getattr_pipelined(dir: &TempDir, seconds: f64, depth: usize) -> u64 {
     let mut h = session(dir, 1 << 20);
     let c = &mut h.client;
     let start = Instant::now();
@@ -214,7 +214,7 @@ fn walk_getattr_pipelined(dir: &Scratch, seconds: f64, depth: usize) -> u64 {
     (ops as f64 / t.as_secs_f64()) as u64
 }
 
-fn flush_rtt(dir: &Scratch, seconds: f64) -> u64 {
+fn flush_rtt(dir: &TempDir, seconds: f64) -> u64 {
     let mut h = session(dir, 1 << 20);
     let c = &mut h.client;
     let start = Instant::now();
@@ -231,7 +231,7 @@ fn flush_rtt(dir: &Scratch, seconds: f64) -> u64 {
     (ops as f64 / t.as_secs_f64()) as u64
 }
 
-fn getattr_rtt(dir: &Scratch, seconds: f64) -> u64 {
+fn getattr_rtt(dir: &TempDir, seconds: f64) -> u64 {
     let mut h = session(dir, 1 << 20);
     let c = &mut h.client;
     c.walk(0, 1, &["small1"]).unwrap();
@@ -283,7 +283,7 @@ fn socketpair_rtt_floor(seconds: f64) -> f64 {
 fn main() {
     if let Some(only) = std::env::var_os("NINEP_BENCH_ONLY") {
         // Profiling aid: run one metadata figure alone.
-        let dir = Scratch::new("bench-only");
+        let dir = TempDir::new("bench-only");
         for i in 0..1000 {
             fs::write(dir.join(&format!("small{i}")), b"small file").expect("small file");
         }
@@ -296,7 +296,7 @@ fn main() {
         }
         return;
     }
-    let dir = Scratch::new("bench");
+    let dir = TempDir::new("bench");
     let data: Vec<u8> = (0..FILE_SIZE).map(|i| (i * 7 % 253) as u8).collect();
     fs::write(dir.join("big"), &data).expect("write test file");
     for i in 0..1000 {

@@ -5,6 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "common/child.rs"]
+mod child;
+#[path = "common/temp_dir.rs"]
+mod temp_dir;
+
+use child::text;
+use temp_dir::TempDir;
+
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cpu-all"))
 }
@@ -13,17 +21,11 @@ fn binary() -> PathBuf {
 fn run(mut cmd: Command) -> Output {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn cpu-all");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("cpu-all did not finish in 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let readers = child::OutputReaders::start(&mut child);
+    let Some(status) = child::wait_or_kill(&mut child, Duration::from_secs(20)) else {
+        panic!("cpu-all did not finish in 20 s");
+    };
+    readers.finish(status)
 }
 
 fn cpu_all(args: &[&str]) -> Output {
@@ -33,8 +35,8 @@ fn cpu_all(args: &[&str]) -> Output {
 }
 
 /// A directory with links named after each applet, pointing at the binary.
-fn applet_links() -> tempdir::TempDir {
-    let dir = tempdir::TempDir::new("cpu-all-links");
+fn applet_links() -> TempDir {
+    let dir = TempDir::new("links");
     for name in ["cpu", "cpud", "decpu", "decpud"] {
         std::os::unix::fs::symlink(binary(), dir.path().join(name)).expect("symlink");
     }
@@ -45,10 +47,6 @@ fn via_link(dir: &Path, applet: &str, args: &[&str]) -> Output {
     let mut c = Command::new(dir.join(applet));
     c.args(args);
     run(c)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
@@ -210,7 +208,7 @@ fn cpud_extra_argument_says_it_takes_flags_only() {
 
 #[test]
 fn port_in_the_host_points_to_sp_at_once() {
-    let home = tempdir::TempDir::new("cpu-all-hostport");
+    let home = TempDir::new("hostport");
     let mut c = Command::new(binary());
     c.args(["cpu", "-9p=false", "localhost:17011", "date"]).env("HOME", home.path());
     let out = run(c);
@@ -225,7 +223,7 @@ fn port_in_the_host_points_to_sp_at_once() {
 /// with one line naming the flag, before any network use.
 #[test]
 fn wrong_kind_of_key_is_one_line_at_start() {
-    let dir = tempdir::TempDir::new("cpu-all-keykind");
+    let dir = TempDir::new("keykind");
     let public = dir.path().join("id_ed25519.pub");
     std::fs::write(
         &public,
@@ -305,7 +303,7 @@ fn user_at_host_runs_as_cpuds_own_user() {
         skip::skip("user_at_host_runs_as_cpuds_own_user", &format!("ssh-keygen cannot run: {why}"));
         return;
     }
-    let dir = tempdir::TempDir::new("cpu-all-user");
+    let dir = TempDir::new("user");
     let key = dir.path().join("id_ed25519");
     let mut kg = Command::new("ssh-keygen");
     kg.args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key);
@@ -331,7 +329,7 @@ fn user_at_host_runs_as_cpuds_own_user() {
 /// `make test`'s last word on skips: the count, then each reason once with its multiplicity.
 #[test]
 fn skip_summary_counts_every_skip_and_groups_reasons() {
-    let dir = tempdir::TempDir::new("cpu-all-skips");
+    let dir = TempDir::new("skips");
     let log = dir.path().join("skipped.log");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/skip-summary");
     let mut c = Command::new(&script);
@@ -363,7 +361,6 @@ struct Daemon {
 
 impl Daemon {
     fn start(args: &[&str]) -> Daemon {
-        use std::io::BufRead;
         let mut child = Command::new(binary())
             .args(["cpud", "-listen", "127.0.0.1", "-sp", "0"])
             .args(args)
@@ -372,15 +369,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cpud");
-        let pipe = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = child::lines_of(child.stderr.take().expect("stderr"));
         let mut d = Daemon { child, port: 0, stderr: rx, lines: Vec::new() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while d.port == 0 {
@@ -425,33 +414,3 @@ impl Drop for Daemon {
 
 #[path = "common/skip.rs"]
 mod skip;
-
-/// A tiny self-cleaning temporary directory (no extra crate).
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new(prefix: &str) -> TempDir {
-            let base = std::env::temp_dir();
-            for i in 0..1000u32 {
-                let p = base.join(format!("{prefix}-{}-{i}", std::process::id()));
-                if std::fs::create_dir(&p).is_ok() {
-                    return TempDir(p);
-                }
-            }
-            panic!("cannot create a temporary directory in {}", base.display());
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}

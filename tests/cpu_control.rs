@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cpu_support::{bin, keygen, wait_output, Home, KillOnDrop, TempDir, CHILD_TIMEOUT};
+use cpu_support::{bin, keygen, text, wait_output, wait_until, Home, KillOnDrop, TempDir, CHILD_TIMEOUT};
 
 /// A cpud on 127.0.0.1 (port chosen by the kernel) logging with -d to a file.
 struct Cpud {
@@ -110,19 +110,7 @@ impl World {
     }
 
     fn run(&self, control: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut c = self.cpu(control, args);
-        c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        if let Some(bytes) = stdin {
-            let mut w = child.stdin.take().unwrap();
-            let bytes = bytes.to_vec();
-            std::thread::spawn(move || {
-                let _ = w.write_all(&bytes);
-            });
-        }
-        wait_output(child, CHILD_TIMEOUT)
+        cpu_support::run_with_input(self.cpu(control, args), stdin)
     }
 
     /// `-controlcmd=check`: the master's pid, or None with its output.
@@ -158,28 +146,12 @@ impl Drop for World {
 
 const AUTO: &[&str] = &["-controlmaster=auto", "-controlpersist=60"];
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn process_alive(pid: u32) -> bool {
     // A zombie still has /proc/PID; its state letter says Z.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
-}
-
-/// Polls `cond` every 20 ms until it holds or `limit` passes.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }
 
 fn need_cpud_session() -> bool {
@@ -424,23 +396,12 @@ fn pty_session_through_the_master_resizes_escapes_and_restores() {
     let w = World::new("pty");
     let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let script =
-        "echo TERM=$TERM; stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done";
-    let mut cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", script]);
+    let mut cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", cpu_support::TERMINAL_SCRIPT]);
     cmd.env("TERM", "xterm-cputest");
     let mut pty = cpu_support::PtyChild::spawn(cmd, 33, 111);
-    let t = Duration::from_secs(15);
-    assert!(pty.expect("ready", t), "no start: {:?}", text(&pty.seen));
-    let seen = text(&pty.seen);
-    assert!(seen.contains("TERM=xterm-cputest\r\n"), "{seen:?}");
-    assert!(seen.contains("33 111\r\n"), "{seen:?}");
-    pty.resize(44, 122);
-    assert!(pty.expect("44 122", t), "resize not seen: {:?}", text(&pty.seen));
-    pty.write(b"\r~.");
-    assert_eq!(pty.wait(t), Some(255), "{:?}", text(&pty.seen));
-    assert!(text(&pty.seen).contains("closed (~.)"));
-    assert!(pty.is_cooked(), "raw mode left on");
+    cpu_support::check_terminal_session(&mut pty);
 
+    let t = Duration::from_secs(15);
     let cmd = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "sh", "-c", "echo hi; exit 5"]);
     let mut pty = cpu_support::PtyChild::spawn(cmd, 24, 80);
     assert_eq!(pty.wait(t), Some(5), "{:?}", text(&pty.seen));

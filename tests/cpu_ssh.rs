@@ -9,14 +9,10 @@ mod skip;
 
 use std::time::Duration;
 
-use cpu_support::{key_part, keygen, run_cpu, Home, PtyChild, Sshd};
+use cpu_support::{key_part, keygen, run_cpu, text, Home, PtyChild, Sshd};
 
 fn port(s: &Sshd) -> String {
     s.port.to_string()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
@@ -252,31 +248,12 @@ fn pty_session_window_size_resize_and_escape() {
     let p = port(&sshd);
     let mut cmd = cpu_support::cpu_command(
         &home,
-        &[
-            "-9p=false",
-            "-sp",
-            &p,
-            "127.0.0.1",
-            "sh",
-            "-c",
-            "echo TERM=$TERM; stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done",
-        ],
+        &["-9p=false", "-sp", &p, "127.0.0.1", "sh", "-c", cpu_support::TERMINAL_SCRIPT],
     );
     cmd.env("TERM", "xterm-cputest");
     let mut pty = PtyChild::spawn(cmd, 33, 111);
     assert!(pty.is_cooked());
-    let t = Duration::from_secs(15);
-    assert!(pty.expect("ready", t), "no start: {:?}", text(&pty.seen));
-    let seen = text(&pty.seen);
-    assert!(seen.contains("TERM=xterm-cputest\r\n"), "{seen:?}");
-    assert!(seen.contains("33 111\r\n"), "{seen:?}");
-    pty.resize(44, 122);
-    assert!(pty.expect("44 122", t), "resize not seen: {:?}", text(&pty.seen));
-    pty.write(b"\r~.");
-    assert_eq!(pty.wait(t), Some(255), "{:?}", text(&pty.seen));
-    assert!(text(&pty.seen).contains("closed (~.)"));
-    // Raw mode was undone.
-    assert!(pty.is_cooked(), "raw mode left on");
+    cpu_support::check_terminal_session(&mut pty);
 }
 
 #[test]

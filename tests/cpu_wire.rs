@@ -11,7 +11,7 @@ use std::time::Duration;
 use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, ChannelMsg, Sig};
 
-use cpu_support::{keygen, Home, TempDir};
+use cpu_support::{keygen, text, Home, TempDir};
 
 /// The fake forwarded port the server announces.
 const FORWARD_PORT: u32 = 40123;
@@ -247,10 +247,6 @@ fn cpu(home: &Home, args: &[&str]) -> std::process::Command {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     c
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

@@ -2,11 +2,14 @@
 //! `-n` without a command is a usage error (exit 2) with a clear message, never a panic.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "common/child.rs"]
+mod child;
 
 /// Runs `cpu-all decpu ARGS` with a time limit; returns (exit code, stderr).
 fn decpu(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cpu-all"))
+    let child = Command::new(env!("CARGO_BIN_EXE_cpu-all"))
         .arg("decpu")
         .args(args)
         .stdin(Stdio::null())
@@ -14,17 +17,7 @@ fn decpu(args: &[&str]) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run cpu-all");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if let Ok(None) = child.try_wait() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().expect("wait cpu-all");
+    let (out, _killed) = child::output_or_kill(child, Duration::from_secs(20));
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

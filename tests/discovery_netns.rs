@@ -133,16 +133,7 @@ fn decpu(lab: &Lab, n: usize, args: &[&str], connect: &str) -> (Vec<String>, Str
         "decpu",
         &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", BROWSE_MS)],
     );
-    let status = h.wait(Duration::from_secs(30));
-    let out = h.stdout_text(Duration::from_secs(1));
-    let err = h.stderr_text(Duration::from_secs(1));
-    assert_eq!(status, Some(0), "decpu helper failed: {out}\n{err}");
-    let lines = out
-        .lines()
-        .filter(|l| ["connect ", "refused ", "status ", "error "].iter().any(|p| l.starts_with(p)))
-        .map(str::to_string)
-        .collect();
-    (lines, err)
+    h.decpu_result(Duration::from_secs(30))
 }
 
 /// Runs decpu -d with a recording runner and checks what it chose (stderr shown on failure).

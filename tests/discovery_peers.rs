@@ -80,16 +80,7 @@ fn decpu_browsing(
         "decpu",
         &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", browse_ms)],
     );
-    let status = h.wait(Duration::from_secs(40));
-    let out = h.stdout_text(Duration::from_secs(1));
-    let err = h.stderr_text(Duration::from_secs(1));
-    assert_eq!(status, Some(0), "decpu helper failed: {out}\n{err}");
-    let lines = out
-        .lines()
-        .filter(|l| ["connect ", "refused ", "status ", "error "].iter().any(|p| l.starts_with(p)))
-        .map(str::to_string)
-        .collect();
-    (lines, err)
+    h.decpu_result(Duration::from_secs(40))
 }
 
 /// avahi-daemon inside namespace `n`, up; removed (with its scratch dir) when dropped.

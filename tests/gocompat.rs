@@ -4,6 +4,10 @@
 //! on gliderlabs/ssh the way the Go cpud uses it (tests/gocompat/). Skips, saying why, when Go
 //! or Debian's Go packages are missing.
 
+// Both support modules include the tests/common/ helpers they need, so this crate holds two
+// copies of each (with distinct types); the duplication is in the build only, not the source.
+#![allow(clippy::duplicate_mod)]
+
 mod cpu_support;
 mod gocompat_support;
 #[path = "common/skip.rs"]
@@ -25,7 +29,7 @@ fn our_cpud(dir: &TempDir) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
     let host = keygen(dir, "host", "ed25519");
     let both =
         std::fs::read_to_string(public(&ed)).unwrap() + &std::fs::read_to_string(public(&rsa)).unwrap();
-    let authorized = dir.path("authorized_keys");
+    let authorized = dir.join("authorized_keys");
     std::fs::write(&authorized, both).unwrap();
     (start_cpud(dir, &authorized, &host), ed, rsa)
 }
@@ -38,7 +42,7 @@ fn gocpu(go: &GoPrograms, dir: &TempDir, port: u16, key: &Path, flags: &[&str], 
         .arg("-key")
         .arg(key)
         .arg("-report")
-        .arg(dir.path("gocpu.report"))
+        .arg(dir.join("gocpu.report"))
         .args(flags)
         .arg("--")
         .args(command)
@@ -57,7 +61,7 @@ const GOCPU_ENV_COUNT: usize = 6;
 
 /// Our `cpu` client with a clean environment, an explicit key and a private HOME.
 fn our_cpu(dir: &TempDir, port: u16, key: &Path, flags: &[&str], command: &[&str]) -> Command {
-    let home = dir.path("home");
+    let home = dir.join("home");
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     let mut cmd = Command::new(bin());
     cmd.arg("cpu")
@@ -99,7 +103,7 @@ fn go_client_exit_codes_stdin_stdout_stderr_env() {
     assert_eq!(code(&out), Some(7), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "input line\nout hello\n");
     assert_eq!(text(&out.stderr), "err\n");
-    let facts = report(&dir.path("gocpu.report"));
+    let facts = report(&dir.join("gocpu.report"));
     // Every env request was accepted (OLD x/crypto clients abort on the first refusal).
     assert_eq!(fact(&facts, "env_accepted"), Some((GOCPU_ENV_COUNT + 2).to_string()), "{facts:?}");
     assert_eq!(fact(&facts, "exec").as_deref(), Some(format!(" 'sh' '-c' '{script}'").as_str()));
@@ -117,7 +121,7 @@ fn go_client_rsa_key_uses_rsa_sha2_from_server_sig_algs() {
     assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "rsa ok\n");
     // x/crypto picks rsa-sha2-* only when our ext-info server-sig-algs lists it; else ssh-rsa.
-    let facts = report(&dir.path("gocpu.report"));
+    let facts = report(&dir.join("gocpu.report"));
     assert_eq!(fact(&facts, "sign_algo").as_deref(), Some("rsa-sha2-256"), "{facts:?}");
 }
 
@@ -133,7 +137,7 @@ fn go_client_listen_accepts_our_forwarded_tcpip() {
         let flags = ["-listen", "-listenaddr", address, "-selfdial"];
         let out = run(gocpu(go, &dir, cpud.port, &ed, &flags, &["true"]), None, TIMEOUT);
         assert_eq!(code(&out), Some(0), "{address}: {}", text(&out.stderr));
-        let facts = report(&dir.path("gocpu.report"));
+        let facts = report(&dir.join("gocpu.report"));
         assert_eq!(fact(&facts, "backchannel").as_deref(), Some("nonce-ok+reply-ok"), "{address}: {facts:?}");
         let from = fact(&facts, "forwarded_from").unwrap_or_default();
         assert!(from.starts_with(origin), "{address}: originator {from:?}");
@@ -149,7 +153,7 @@ fn forwarded_tcpip_payload_echoes_the_bind_address_string() {
     // NEW x/crypto matches forwarded-tcpip by the exact "address:port" string it asked for.
     for address in ["127.0.0.1", "::1", "localhost"] {
         let out = run(gocpu(go, &dir, cpud.port, &ed, &["-rawforward", address], &[]), None, TIMEOUT);
-        let facts = report(&dir.path("gocpu.report"));
+        let facts = report(&dir.join("gocpu.report"));
         assert_eq!(
             fact(&facts, "rawforward").as_deref(),
             Some("ok"),
@@ -160,7 +164,7 @@ fn forwarded_tcpip_payload_echoes_the_bind_address_string() {
     }
     // Deliberate deviation from the Go cpud (spec 4.5): a non-loopback bind is refused.
     let out = run(gocpu(go, &dir, cpud.port, &ed, &["-rawforward", "0.0.0.0"], &[]), None, TIMEOUT);
-    let facts = report(&dir.path("gocpu.report"));
+    let facts = report(&dir.join("gocpu.report"));
     let result = fact(&facts, "rawforward").unwrap_or_default();
     assert!(result.starts_with("tcpip-forward refused"), "{facts:?}");
     assert_eq!(code(&out), Some(87));
@@ -183,7 +187,7 @@ fn go_client_port9p_session_reaches_the_remote() {
     let cpud = gocompat_support::start_cpud_with(&dir, &public(&ed), &host, claim_9p);
     let flags = ["-listen", "-backwait", "5s"];
     let out = run(gocpu(go, &dir, cpud.port, &ed, &flags, &["echo", "ran"]), None, TIMEOUT);
-    let facts = report(&dir.path("gocpu.report"));
+    let facts = report(&dir.join("gocpu.report"));
     let port = fact(&facts, "listen_port").unwrap_or_default();
     assert_eq!(fact(&facts, "exec"), Some(format!("-port9p={port} 'echo' 'ran'")), "{facts:?}");
     let stderr = text(&out.stderr);
@@ -232,7 +236,7 @@ fn go_client_pty_window_change() {
     // stderr is merged into the pty stream.
     assert_eq!(text(&out.stdout), "hello\r\n50 132\r\nterm=ansi line=hello\r\n1\r\nerr\r\n");
     assert_eq!(text(&out.stderr), "");
-    let facts = report(&dir.path("gocpu.report"));
+    let facts = report(&dir.join("gocpu.report"));
     assert_eq!(fact(&facts, "pty").as_deref(), Some("ok"));
     assert_eq!(fact(&facts, "window_change").as_deref(), Some("ok"));
 }
@@ -251,7 +255,7 @@ fn go_client_signals_int_and_term() {
         );
         assert_eq!(code(&out), Some(want), "{name}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), "ready\n");
-        let facts = report(&dir.path("gocpu.report"));
+        let facts = report(&dir.join("gocpu.report"));
         assert_eq!(fact(&facts, "exit_signal").as_deref(), Some(name), "{facts:?}");
     }
 }
@@ -265,7 +269,7 @@ fn go_client_signal_before_exec_reaches_the_command() {
     let flags = ["-signal", "TERM", "-signalearly"];
     let out = run(gocpu(go, &dir, cpud.port, &ed, &flags, &["sleep", "20"]), None, TIMEOUT);
     assert_eq!(code(&out), Some(143), "stderr: {}", text(&out.stderr));
-    let facts = report(&dir.path("gocpu.report"));
+    let facts = report(&dir.join("gocpu.report"));
     assert_eq!(fact(&facts, "exit_signal").as_deref(), Some("TERM"), "{facts:?}");
 }
 
@@ -294,7 +298,7 @@ fn our_client_without_9p_against_gliderlabs() {
     let go = need_go!();
     let dir = TempDir::new("server-no9p");
     let ed = keygen(&dir, "user_ed25519", "ed25519");
-    let facts_file = dir.path("gocpud.report");
+    let facts_file = dir.join("gocpud.report");
     let server = start_gocpud(go, &public(&ed), &facts_file);
     for (command, want) in [(vec!["true"], 0), (vec!["false"], 1), (vec!["sh", "-c", "exit 7"], 7)] {
         let out = run(our_cpu(&dir, server.port, &ed, &["-9p=false"], &command), None, TIMEOUT);
@@ -323,7 +327,7 @@ fn our_client_bulk_data_both_ways_through_gliderlabs() {
     let go = need_go!();
     let dir = TempDir::new("server-bulk");
     let ed = keygen(&dir, "user_ed25519", "ed25519");
-    let server = start_gocpud(go, &public(&ed), &dir.path("gocpud.report"));
+    let server = start_gocpud(go, &public(&ed), &dir.join("gocpud.report"));
     let data = pattern(3 << 20);
     let out = run(our_cpu(&dir, server.port, &ed, &["-9p=false"], &["cat"]), Some(&data), TIMEOUT);
     assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
@@ -336,7 +340,7 @@ fn our_client_9p_back_channel_through_gliderlabs() {
     let go = need_go!();
     let dir = TempDir::new("server-9p");
     let rsa = keygen(&dir, "user_rsa", "rsa");
-    let facts_file = dir.path("gocpud.report");
+    let facts_file = dir.join("gocpud.report");
     let server = start_gocpud(go, &public(&rsa), &facts_file);
     let out = run(our_cpu(&dir, server.port, &rsa, &[], &["sh", "-c", "echo with9p; exit 1"]), None, TIMEOUT);
     assert_eq!(code(&out), Some(1), "stderr: {}", text(&out.stderr));
@@ -360,7 +364,7 @@ fn our_client_pty_and_window_change_against_gliderlabs() {
     let go = need_go!();
     let dir = TempDir::new("server-pty");
     let ed = keygen(&dir, "user_ed25519", "ed25519");
-    let facts_file = dir.path("gocpud.report");
+    let facts_file = dir.join("gocpud.report");
     let server = start_gocpud(go, &public(&ed), &facts_file);
     let script = "stty size; echo ready; read x; stty size; exit 5";
     let cmd = our_cpu(&dir, server.port, &ed, &["-9p=false"], &["sh", "-c", script]);
@@ -382,7 +386,7 @@ fn our_client_forwards_sigint_to_gliderlabs() {
     let go = need_go!();
     let dir = TempDir::new("server-signal");
     let ed = keygen(&dir, "user_ed25519", "ed25519");
-    let facts_file = dir.path("gocpud.report");
+    let facts_file = dir.join("gocpud.report");
     let server = start_gocpud(go, &public(&ed), &facts_file);
     let mut cmd = our_cpu(&dir, server.port, &ed, &["-9p=false"], &["sh", "-c", "echo ready; exec sleep 20"]);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -5,6 +5,8 @@
 //! The server is made to fail by giving it a port that is already taken, so this works with
 //! the real SSH server as well as with a stub.
 
+#[path = "common/child.rs"]
+mod child;
 #[path = "common/skip.rs"]
 mod skip;
 
@@ -47,28 +49,12 @@ impl Watched {
 
     /// Waits up to `limit` for `needle` in stderr.
     fn wait_for(&self, needle: &str, limit: Duration) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < limit {
-            if self.text().contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+        child::wait_until(limit, || self.text().contains(needle))
     }
 
     /// Waits up to `limit` for the exit status; kills the child on timeout.
     fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let t = Instant::now();
-        while t.elapsed() < limit {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
+        child::wait_or_kill(&mut self.child, limit)
     }
 }
 

@@ -3,12 +3,14 @@
 //! real mount calls. (This kernel has no 9p; the 9P mount is tested in the VM.) Skips with a
 //! reason when not root or when mount namespaces are not allowed here.
 
+#[path = "common/child.rs"]
+mod child;
 #[path = "common/skip.rs"]
 mod skip;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cpu-all");
 
@@ -23,16 +25,8 @@ fn remote(args: &[&str], env: &[(&str, &str)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child::output_or_kill(child, Duration::from_secs(30)).0
 }
 
 /// A scratch directory outside /tmp (the session hides /tmp under its own tmpfs).

@@ -131,12 +131,12 @@ fn decoder_never_panics_and_round_trips() {
 
 #[test]
 fn live_server_answers_every_mutated_request() {
-    let dir = Scratch::new("fuzz");
+    let dir = TempDir::new("fuzz");
     fs::create_dir(dir.join("d")).unwrap();
     fs::write(dir.join("d/f"), b"fuzz").unwrap();
     fs::write(dir.join("f"), b"fuzz").unwrap();
     // Read-only: mutated requests must not create device nodes or write anywhere.
-    let mut opts = options(&dir.path);
+    let mut opts = options(dir.path());
     opts.read_only = true;
     let mut h = start_attached(opts);
     let c = &mut h.client;

@@ -135,8 +135,8 @@ fn flood(
 
 #[test]
 fn nofid_is_never_a_new_fid() {
-    let dir = Scratch::new("nofid");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("nofid");
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     assert_eq!(c.walk(0, NOFID, &[]).unwrap_err(), EBADF);
     assert_eq!(c.xattrwalk(0, NOFID, "").unwrap_err(), EBADF);
@@ -151,8 +151,8 @@ fn the_fid_table_is_capped() {
     if !in_own_process("the_fid_table_is_capped") {
         return;
     }
-    let dir = Scratch::new("fidcap");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("fidcap");
+    let mut h = start_attached(options(dir.path()));
     let n = MAX_FIDS + 20_000;
     let (mut ok, mut refused) = (0usize, 0usize);
     flood(
@@ -182,8 +182,8 @@ fn xattr_buffers_are_capped() {
     if !in_own_process("xattr_buffers_are_capped") {
         return;
     }
-    let dir = Scratch::new("xattrcap");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("xattrcap");
+    let mut h = start_attached(options(dir.path()));
     let n = 1500usize;
     const SIZE: usize = 65536;
     let fits = XATTR_BUDGET / SIZE;
@@ -240,8 +240,8 @@ fn unread_rflush_replies_stop_the_reading_of_requests() {
     if !in_own_process("unread_rflush_replies_stop_the_reading_of_requests") {
         return;
     }
-    let dir = Scratch::new("flushflood");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("flushflood");
+    let mut h = start_attached(options(dir.path()));
     let n = 1_500_000;
     let mut flushed = 0usize;
     flood(
@@ -264,9 +264,9 @@ fn unread_big_replies_stop_the_reading_of_requests() {
     if !in_own_process("unread_big_replies_stop_the_reading_of_requests") {
         return;
     }
-    let dir = Scratch::new("readflood");
+    let dir = TempDir::new("readflood");
     std::fs::write(dir.join("big"), vec![7u8; 1 << 20]).unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     h.client.walk(0, 1, &["big"]).unwrap();
     h.client.lopen(1, O_RDONLY).unwrap();
     let n = 300;

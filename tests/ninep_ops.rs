@@ -26,8 +26,8 @@ const EACCES: u32 = 13;
 
 #[test]
 fn version_negotiates_msize_and_refuses_other_dialects() {
-    let dir = Scratch::new("version");
-    let mut opts = options(&dir.path);
+    let dir = TempDir::new("version");
+    let mut opts = options(dir.path());
     opts.max_msize = 65536;
     let mut h = start(opts);
     let v = h.client.version(1 << 20).unwrap();
@@ -51,8 +51,8 @@ fn version_negotiates_msize_and_refuses_other_dialects() {
 
 #[test]
 fn create_write_read_back() {
-    let dir = Scratch::new("rw");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("rw");
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &[]).unwrap();
     let qid = c.lcreate(1, "hello.txt", O_RDWR | O_CREAT, 0o640).unwrap();
@@ -97,9 +97,9 @@ fn create_write_read_back() {
 
 #[test]
 fn rename_link_symlink_mkdir_remove() {
-    let dir = Scratch::new("names");
+    let dir = TempDir::new("names");
     fs::write(dir.join("a"), b"AAA").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     let q = c.mkdir(0, "sub", 0o750).unwrap();
     assert_eq!(q.ty, QTDIR);
@@ -160,8 +160,8 @@ fn rename_link_symlink_mkdir_remove() {
 
 #[test]
 fn mknod_fifo() {
-    let dir = Scratch::new("mknod");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("mknod");
+    let mut h = start_attached(options(dir.path()));
     let t = Tmknod { dfid: 0, name: "fifo".into(), mode: 0o010644, major: 0, minor: 0, gid: 0 };
     match h.client.rpc(Tmessage::Mknod(t)).unwrap() {
         Rmessage::Mknod(q) => assert_eq!(q.qid.path, fs::metadata(dir.join("fifo")).unwrap().ino()),
@@ -174,13 +174,13 @@ fn mknod_fifo() {
 
 #[test]
 fn readdir_lists_types_and_resumes() {
-    let dir = Scratch::new("readdir");
+    let dir = TempDir::new("readdir");
     for i in 0..150 {
         fs::write(dir.join(&format!("file-with-a-longish-name-{i:03}")), b"x").unwrap();
     }
     fs::create_dir(dir.join("adir")).unwrap();
     std::os::unix::fs::symlink("nowhere", dir.join("alink")).unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &[]).unwrap();
     let q = c.lopen(1, O_RDONLY | O_DIRECTORY).unwrap();
@@ -192,7 +192,7 @@ fn readdir_lists_types_and_resumes() {
         entries.iter().map(|d| String::from_utf8(d.name.0.clone()).unwrap()).collect();
     names.sort();
     let mut want: Vec<String> =
-        fs::read_dir(&dir.path).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     want.push(".".into());
     want.push("..".into());
     want.sort();
@@ -221,9 +221,9 @@ fn readdir_lists_types_and_resumes() {
 
 #[test]
 fn getattr_and_setattr_match_the_disk() {
-    let dir = Scratch::new("attr");
+    let dir = TempDir::new("attr");
     fs::write(dir.join("f"), vec![7u8; 10_000]).unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
     let a = c.getattr(1).unwrap();
@@ -273,10 +273,10 @@ fn getattr_and_setattr_match_the_disk() {
 
 #[test]
 fn statfs_reports_the_real_filesystem() {
-    let dir = Scratch::new("statfs");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("statfs");
+    let mut h = start_attached(options(dir.path()));
     let s = h.client.statfs(0).unwrap();
-    let real = rustix::fs::statfs(&dir.path).unwrap();
+    let real = rustix::fs::statfs(dir.path()).unwrap();
     assert_eq!(s.ty as i64, real.f_type as i64);
     assert_eq!(s.bsize as i64, real.f_bsize as i64);
     assert_eq!(s.blocks, real.f_blocks as u64);
@@ -287,9 +287,9 @@ fn statfs_reports_the_real_filesystem() {
 
 #[test]
 fn posix_locks_belong_to_the_remote_process() {
-    let dir = Scratch::new("locks");
+    let dir = TempDir::new("locks");
     fs::write(dir.join("f"), b"data").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     // Process 10 opens the file twice (fids 1 and 2), process 20 once (fid 3).
     for fid in [1, 2, 3] {
@@ -332,16 +332,16 @@ fn posix_locks_belong_to_the_remote_process() {
 
 #[test]
 fn xattrs_read_and_written_through() {
-    let dir = Scratch::new("xattr");
+    let dir = TempDir::new("xattr");
     fs::write(dir.join("f"), b"x").unwrap();
     let probe = rustix::fs::setxattr(dir.join("f"), "user.probe", b"1", rustix::fs::XattrFlags::empty());
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
     if let Err(e) = probe {
         skip::skip(
             "ninep_ops::xattrs_read_and_written_through: the xattr value checks",
-            &format!("{} has no user xattrs ({e})", dir.path.display()),
+            &format!("{} has no user xattrs ({e})", dir.path().display()),
         );
         c.xattrcreate(1, "user.test", 3, 0).unwrap();
         c.write(1, 0, b"abc").unwrap();
@@ -383,11 +383,11 @@ fn xattrs_read_and_written_through() {
 
 #[test]
 fn errors_carry_linux_errno() {
-    let dir = Scratch::new("errors");
+    let dir = TempDir::new("errors");
     fs::write(dir.join("file"), b"x").unwrap();
     fs::create_dir(dir.join("full")).unwrap();
     fs::write(dir.join("full/x"), b"x").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     assert_eq!(c.walk(0, 1, &["missing"]).unwrap_err(), ENOENT);
     // Partial walk: first element fine, second missing → Rwalk with one qid, no new fid.
@@ -414,13 +414,13 @@ fn eacces_when_not_root() {
         skip::here("needs root to create a file another user cannot read");
         return;
     }
-    let dir = Scratch::new("eacces");
-    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = TempDir::new("eacces");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(dir.join("secret"), b"s").unwrap();
     fs::set_permissions(dir.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
     // Drop to nobody in the server thread only (raw per-thread syscalls); the runtime's
     // blocking threads are created by that thread and inherit its credentials.
-    let mut h = start_with(options(&dir.path), || {
+    let mut h = start_with(options(dir.path()), || {
         // SAFETY: plain syscalls with integer arguments; they affect only this thread.
         unsafe {
             assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), 0);
@@ -442,13 +442,13 @@ fn eacces_when_not_root() {
 
 #[test]
 fn root_confinement() {
-    let outer = Scratch::new("confine");
+    let outer = TempDir::new("confine");
     let root = outer.join("root");
     fs::create_dir(&root).unwrap();
     fs::write(outer.join("outside.txt"), b"outside").unwrap();
     fs::create_dir(root.join("d")).unwrap();
     std::os::unix::fs::symlink("..", root.join("up")).unwrap();
-    std::os::unix::fs::symlink(&outer.path, root.join("abs")).unwrap();
+    std::os::unix::fs::symlink(outer.path(), root.join("abs")).unwrap();
     std::os::unix::fs::symlink("../outside.txt", root.join("d/link")).unwrap();
     let mut h = start_attached(options(&root));
     let c = &mut h.client;
@@ -489,10 +489,10 @@ fn root_confinement() {
 
 #[test]
 fn read_only_export_refuses_changes() {
-    let dir = Scratch::new("ro");
+    let dir = TempDir::new("ro");
     fs::write(dir.join("f"), b"content").unwrap();
     fs::create_dir(dir.join("d")).unwrap();
-    let mut opts = options(&dir.path);
+    let mut opts = options(dir.path());
     opts.read_only = true;
     let mut h = start_attached(opts);
     let c = &mut h.client;

@@ -27,9 +27,9 @@ fn expect_error(c: &mut Client, tag: u16, code: u32) {
 
 #[test]
 fn malformed_messages_get_rlerror_and_the_connection_survives() {
-    let dir = Scratch::new("malformed");
+    let dir = TempDir::new("malformed");
     fs::write(dir.join("f"), b"still here").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     // Unknown type (9P2000 Topen) → ENOSYS.
     c.send_raw(&frame(112, 40, &[0, 0, 0, 0, 0]));
@@ -74,8 +74,8 @@ fn malformed_messages_get_rlerror_and_the_connection_survives() {
 
 #[test]
 fn frame_too_small_closes_the_connection() {
-    let dir = Scratch::new("tiny");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("tiny");
+    let mut h = start_attached(options(dir.path()));
     h.client.send_raw(&[3, 0, 0, 0, 1, 2, 3]);
     assert!(h.client.recv_frame().is_none(), "server should close");
     assert!(h.finish().is_err(), "serve reports the framing error");
@@ -83,8 +83,8 @@ fn frame_too_small_closes_the_connection() {
 
 #[test]
 fn frame_larger_than_msize_closes_the_connection() {
-    let dir = Scratch::new("huge");
-    let mut h = start(options(&dir.path));
+    let dir = TempDir::new("huge");
+    let mut h = start(options(dir.path()));
     h.client.version(8192).unwrap();
     let mut big = Vec::new();
     encode_frame(&mut big, 118, 1, |w| w.resize(w.len() + 9000, 0));
@@ -95,8 +95,8 @@ fn frame_larger_than_msize_closes_the_connection() {
 
 #[test]
 fn truncated_stream_ends_the_session_without_panic() {
-    let dir = Scratch::new("trunc");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("trunc");
+    let mut h = start_attached(options(dir.path()));
     // Header says 100 bytes, only 10 arrive, then the client closes.
     let mut partial = Vec::new();
     100u32.encode(&mut partial);
@@ -108,20 +108,20 @@ fn truncated_stream_ends_the_session_without_panic() {
 
 #[test]
 fn clean_close_returns_ok() {
-    let dir = Scratch::new("close");
-    let h = start_attached(options(&dir.path));
+    let dir = TempDir::new("close");
+    let h = start_attached(options(dir.path()));
     h.finish().expect("Ok(()) on a clean close");
 }
 
 #[test]
 fn sixty_four_requests_in_flight() {
-    let dir = Scratch::new("inflight");
+    let dir = TempDir::new("inflight");
     let data: Vec<u8> = (0..64 * 4096u32).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
     fs::write(dir.join("f"), &data).unwrap();
     for i in 0..64 {
         fs::write(dir.join(&format!("small{i}")), format!("{i}")).unwrap();
     }
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
     c.lopen(1, O_RDONLY).unwrap();
@@ -158,9 +158,9 @@ fn sixty_four_requests_in_flight() {
 
 #[test]
 fn flush_is_answered_after_the_flushed_reply() {
-    let dir = Scratch::new("flush");
+    let dir = TempDir::new("flush");
     fs::write(dir.join("f"), b"x").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     // Flushing a tag that is not in flight: Rflush at once.
     c.send(9, &Tmessage::Flush(Tflush { oldtag: 1234 }));
@@ -188,9 +188,9 @@ fn flush_is_answered_after_the_flushed_reply() {
 
 #[test]
 fn rread_is_clamped_to_msize() {
-    let dir = Scratch::new("clamp");
+    let dir = TempDir::new("clamp");
     fs::write(dir.join("f"), vec![1u8; 100_000]).unwrap();
-    let mut h = start(options(&dir.path));
+    let mut h = start(options(dir.path()));
     let c = &mut h.client;
     assert_eq!(c.version(8192).unwrap().msize, 8192);
     c.attach(0, "").unwrap();
@@ -212,7 +212,7 @@ fn rread_is_clamped_to_msize() {
 
 #[test]
 fn a_blocked_request_does_not_stop_the_others_and_flush_waits_for_it() {
-    let dir = Scratch::new("blocked");
+    let dir = TempDir::new("blocked");
     let fifo = dir.join("fifo");
     rustix::fs::mknodat(
         rustix::fs::CWD,
@@ -223,7 +223,7 @@ fn a_blocked_request_does_not_stop_the_others_and_flush_waits_for_it() {
     )
     .unwrap();
     fs::write(dir.join("f"), b"free").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["fifo"]).unwrap();
     // Opening a FIFO for reading waits for a writer: this request sits in the pool.

@@ -34,9 +34,9 @@ const SET_MTIME_SET: u32 = 0x100;
 
 #[test]
 fn an_open_fid_keeps_its_file_when_the_name_is_recreated() {
-    let dir = Scratch::new("fidfile");
+    let dir = TempDir::new("fidfile");
     fs::write(dir.join("f"), b"old contents").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
     c.lopen(1, O_RDWR).unwrap();
@@ -75,10 +75,10 @@ fn an_open_fid_keeps_its_file_when_the_name_is_recreated() {
 
 #[test]
 fn a_walked_fid_keeps_its_file_when_a_rename_replaces_the_name() {
-    let dir = Scratch::new("fidrename");
+    let dir = TempDir::new("fidrename");
     fs::write(dir.join("g"), b"gg").unwrap();
     fs::write(dir.join("h"), b"hhhhhhhh").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     let q = c.walk(0, 1, &["g"]).unwrap();
     fs::rename(dir.join("h"), dir.join("g")).unwrap();
@@ -98,9 +98,9 @@ fn a_walked_fid_keeps_its_file_when_a_rename_replaces_the_name() {
 
 #[test]
 fn a_directory_fid_creates_in_its_directory_after_a_rename() {
-    let dir = Scratch::new("dirfid");
+    let dir = TempDir::new("dirfid");
     fs::create_dir(dir.join("d")).unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["d"]).unwrap();
     fs::rename(dir.join("d"), dir.join("moved")).unwrap();
@@ -113,10 +113,10 @@ fn a_directory_fid_creates_in_its_directory_after_a_rename() {
 
 #[test]
 fn modes_are_exactly_the_requested_ones_whatever_the_umask() {
-    let dir = Scratch::new("modes");
+    let dir = TempDir::new("modes");
     // The process umask must not narrow what the remote asked for.
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &[]).unwrap();
     c.lcreate(1, "f666", O_RDWR | O_CREAT, 0o666).unwrap();
@@ -177,8 +177,8 @@ fn modes_are_exactly_the_requested_ones_whatever_the_umask() {
 
 #[test]
 fn device_nodes_cannot_be_made() {
-    let dir = Scratch::new("nodev");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("nodev");
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     // /dev/kmsg (char 1:11) and /dev/sda (block 8:0): refused whoever we are.
     for (name, mode, major, minor) in [("kmsg", 0o020666, 1, 11), ("sda", 0o060666, 8, 0)] {
@@ -194,9 +194,9 @@ fn device_nodes_cannot_be_made() {
 
 #[test]
 fn protected_xattrs_cannot_be_written() {
-    let dir = Scratch::new("secxattr");
+    let dir = TempDir::new("secxattr");
     fs::write(dir.join("f"), b"").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     for (fid, name) in [(1, "security.capability"), (2, "trusted.overlay.opaque"), (3, "security.selinux")] {
         c.walk(0, fid, &["f"]).unwrap();
@@ -218,8 +218,8 @@ fn new_objects_belong_to_the_attaching_user_and_requested_group() {
         skip::here("needs root to give files away");
         return;
     }
-    let dir = Scratch::new("owners");
-    let mut h = start(options(&dir.path));
+    let dir = TempDir::new("owners");
+    let mut h = start(options(dir.path()));
     let c = &mut h.client;
     c.version(1 << 20).unwrap();
     attach_as(c, 0, 4321);
@@ -258,10 +258,10 @@ fn as_a_normal_user_the_group_is_honoured_where_chown_allows() {
         skip::here("needs root to switch the server thread's user");
         return;
     }
-    let dir = Scratch::new("groups");
-    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = TempDir::new("groups");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
     // The server thread (and the pool threads it starts) runs as 4321 in groups 4321, 4400.
-    let mut h = start_with(options(&dir.path), || {
+    let mut h = start_with(options(dir.path()), || {
         let groups: [libc::gid_t; 2] = [4321, 4400];
         // SAFETY: plain syscalls with valid arguments; they affect only this thread.
         unsafe {
@@ -298,7 +298,7 @@ fn as_a_normal_user_the_group_is_honoured_where_chown_allows() {
 /// Tlink of a symlink's fid links the symlink itself (link(2) does not follow), through
 /// whichever way the server links an inode: as root (AT_EMPTY_PATH) or as a normal user
 /// (the inode's /proc/self/fd name), both checked here.
-fn link_a_symlink(dir: &Scratch, c: &mut Client) {
+fn link_a_symlink(dir: &TempDir, c: &mut Client) {
     fs::write(dir.join("target"), b"the target").unwrap();
     c.symlink(0, "s", "target").unwrap();
     c.walk(0, 1, &["s"]).unwrap();
@@ -318,8 +318,8 @@ fn link_a_symlink(dir: &Scratch, c: &mut Client) {
 
 #[test]
 fn a_hard_link_to_a_symlink_links_the_symlink_itself() {
-    let dir = Scratch::new("linksym");
-    let mut h = start_attached(options(&dir.path));
+    let dir = TempDir::new("linksym");
+    let mut h = start_attached(options(dir.path()));
     link_a_symlink(&dir, &mut h.client);
     h.finish().unwrap();
 }
@@ -328,16 +328,16 @@ fn a_hard_link_to_a_symlink_links_the_symlink_itself() {
 fn a_hard_link_to_a_symlink_without_privileges() {
     if !is_root() {
         // As a normal user the server takes the same path this test forces below.
-        let dir = Scratch::new("linksym-user");
-        let mut h = start_attached(options(&dir.path));
+        let dir = TempDir::new("linksym-user");
+        let mut h = start_attached(options(dir.path()));
         link_a_symlink(&dir, &mut h.client);
         h.finish().unwrap();
         return;
     }
-    let dir = Scratch::new("linksym-user");
-    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = TempDir::new("linksym-user");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
     // The server thread (and its pool threads) run as 4321, without CAP_DAC_READ_SEARCH.
-    let mut h = start_with(options(&dir.path), || {
+    let mut h = start_with(options(dir.path()), || {
         // SAFETY: plain syscalls with valid arguments; they affect only this thread.
         unsafe {
             assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()), 0);
@@ -366,7 +366,7 @@ fn posix_acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
 
 #[test]
 fn a_default_acl_shapes_new_files_as_on_a_local_file_system() {
-    let dir = Scratch::new("defacl");
+    let dir = TempDir::new("defacl");
     fs::create_dir(dir.join("d")).unwrap();
     const UNDEFINED: u32 = u32::MAX;
     // user::rwx user:4321:rwx group::r-x mask::r-x other::r-x
@@ -381,14 +381,14 @@ fn a_default_acl_shapes_new_files_as_on_a_local_file_system() {
     if let Err(e) =
         rustix::fs::setxattr(&d, "system.posix_acl_default", &default, rustix::fs::XattrFlags::empty())
     {
-        skip::skip("default ACL", &format!("{} does not take POSIX ACLs: {e}", dir.path.display()));
+        skip::skip("default ACL", &format!("{} does not take POSIX ACLs: {e}", dir.path().display()));
         return;
     }
     // What a local create gives (no umask under a default ACL) ...
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     fs::File::create(d.join("local")).unwrap();
     fs::create_dir(d.join("localdir")).unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     // ... and the same through 9P: a file 0666, a directory 0777.
     c.walk(0, 1, &["d"]).unwrap();
@@ -418,9 +418,9 @@ const EOVERFLOW: u32 = 75;
 
 #[test]
 fn lock_ranges_are_checked_as_fcntl_checks_them() {
-    let dir = Scratch::new("lockrange");
+    let dir = TempDir::new("lockrange");
     fs::write(dir.join("f"), b"x").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
     c.lopen(1, O_RDWR).unwrap();
@@ -445,9 +445,9 @@ fn lock_ranges_are_checked_as_fcntl_checks_them() {
 
 #[test]
 fn offsets_and_sizes_beyond_off_t_are_refused() {
-    let dir = Scratch::new("offsets");
+    let dir = TempDir::new("offsets");
     fs::write(dir.join("f"), b"contents").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
     c.lopen(1, O_RDWR).unwrap();
@@ -467,9 +467,9 @@ fn offsets_and_sizes_beyond_off_t_are_refused() {
 
 #[test]
 fn times_before_1970_survive_the_round_trip() {
-    let dir = Scratch::new("oldtimes");
+    let dir = TempDir::new("oldtimes");
     fs::write(dir.join("f"), b"").unwrap();
-    let mut h = start_attached(options(&dir.path));
+    let mut h = start_attached(options(dir.path()));
     let c = &mut h.client;
     c.walk(0, 1, &["f"]).unwrap();
     // 1969-12-31 00:00:00.5 and 1901-12-13 20:45:52 (the smallest 32-bit time_t), sent as

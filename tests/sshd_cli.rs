@@ -3,7 +3,6 @@
 
 mod sshd_support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -30,15 +29,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cpud");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(child.stderr.take().expect("stderr"));
         let mut d = Daemon { child, port: 0, log: rx, lines: Vec::new() };
         let line = d.wait_for("Listening on ");
         d.port = line
@@ -103,7 +94,7 @@ fn cpud_once(args: &[&str], cwd: &Path) -> std::process::Output {
 }
 
 fn known_hosts(dir: &TempDir, port: u16, public_line: &str) -> std::path::PathBuf {
-    let p = dir.path("known_hosts");
+    let p = dir.join("known_hosts");
     std::fs::write(&p, format!("[127.0.0.1]:{port} {public_line}\n")).expect("write known_hosts");
     p
 }
@@ -149,7 +140,7 @@ fn unusable_host_key_stops_cpud_with_exit_1() {
     let dir = TempDir::new("badhk");
     let key = keygen(&dir, "id", "ed25519");
     let ak = authorized(&dir, &public_line(&key));
-    let junk = dir.path("junk");
+    let junk = dir.join("junk");
     std::fs::write(&junk, "not a key").expect("write");
     let out = cpud_once(
         &["-pk", ak.to_str().unwrap_or_default(), "-hk", junk.to_str().unwrap_or_default()],
@@ -164,7 +155,7 @@ fn statedir_host_key_is_created_logged_and_kept() {
     let dir = TempDir::new("state");
     let key = keygen(&dir, "id", "ed25519");
     let ak = authorized(&dir, &public_line(&key));
-    let state = dir.path("state");
+    let state = dir.join("state");
     let args = ["-pk", ak.to_str().unwrap_or_default(), "-statedir", state.to_str().unwrap_or_default()];
     let mut d = Daemon::start(&args);
     let created = d.wait_for("host key ssh-ed25519 SHA256:");

@@ -705,7 +705,7 @@ async fn ssh_rsa_sha1_signatures_are_refused_and_rsa_sha2_works() {
 
 /// A PKCS#1 RSA key of `bits` made by openssl (ssh-keygen refuses under 1024), or why not.
 fn openssl_rsa(dir: &TempDir, bits: u32) -> Result<russh::keys::PrivateKey, String> {
-    let path = dir.path(&format!("rsa{bits}.pem"));
+    let path = dir.join(&format!("rsa{bits}.pem"));
     let mut c = Command::new("openssl");
     c.args(["genrsa", "-traditional", "-out"]).arg(&path).arg(bits.to_string()).stdin(Stdio::null());
     match c.output() {
@@ -758,7 +758,7 @@ async fn a_forward_whose_local_end_stops_reading_cannot_stall_the_session() {
     let mut session = client.handle.channel_open_session().await.expect("session");
     // A background holder connects to the forward (with a small receive buffer) and never
     // reads; the command itself ends after a second. The holder is killed by PID at the end.
-    let pidfile = dir.path("holder.pid");
+    let pidfile = dir.join("holder.pid");
     let holder = format!(
         "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\ns.connect((\"127.0.0.1\", {port}))\ntime.sleep(40)"
     );

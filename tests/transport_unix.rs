@@ -7,12 +7,12 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
 use cpu_all::transport::{dial, Listener, Net, UNIX_SOCKET_MODE};
-use transport_support::{abstract_name, echo_round_trip, spawn_echo_once, TempDir, STEP};
+use transport_support::{abstract_name, echo_round_trip, socket_path, spawn_echo_once, TempDir, STEP};
 
 #[tokio::test]
 async fn path_round_trip_permissions_and_cleanup() {
     let dir = TempDir::new("unix");
-    let path = dir.path("cpud.sock");
+    let path = socket_path(&dir, "cpud.sock");
     // cpud passes -sp as the port and an empty listen address.
     let listener = Listener::bind(Net::Unix, "", &path).await.unwrap();
     assert_eq!(listener.local_addr(), format!("unix socket {path}"));
@@ -39,7 +39,7 @@ async fn path_round_trip_permissions_and_cleanup() {
 #[tokio::test]
 async fn addr_is_the_path_when_port_is_empty() {
     let dir = TempDir::new("unix");
-    let path = dir.path("a.sock");
+    let path = socket_path(&dir, "a.sock");
     let listener = Listener::bind(Net::Unix, &path, "").await.unwrap();
     let server = spawn_echo_once(listener);
     let mut s = dial(Net::Unix, &path, "", STEP).await.unwrap();
@@ -51,7 +51,7 @@ async fn addr_is_the_path_when_port_is_empty() {
 #[tokio::test]
 async fn bind_unix_with_mode() {
     let dir = TempDir::new("unix");
-    let path = dir.path("shared.sock");
+    let path = socket_path(&dir, "shared.sock");
     let _l = Listener::bind_unix(&path, 0o666).await.unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o666);
 }
@@ -85,7 +85,7 @@ async fn abstract_name_in_use() {
 #[tokio::test]
 async fn stale_socket_is_replaced() {
     let dir = TempDir::new("unix");
-    let path = dir.path("stale.sock");
+    let path = socket_path(&dir, "stale.sock");
     // A dead server: std's listener leaves its socket file behind when dropped.
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
@@ -100,7 +100,7 @@ async fn stale_socket_is_replaced() {
 #[tokio::test]
 async fn live_socket_is_not_stolen() {
     let dir = TempDir::new("unix");
-    let path = dir.path("live.sock");
+    let path = socket_path(&dir, "live.sock");
     let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let err = Listener::bind(Net::Unix, "", &path).await.err().unwrap().to_string();
     assert_eq!(err, format!("cannot listen on unix socket {path}: another server is listening on it"));
@@ -113,7 +113,7 @@ async fn live_socket_is_not_stolen() {
 #[tokio::test]
 async fn regular_file_is_never_removed() {
     let dir = TempDir::new("unix");
-    let path = dir.path("precious");
+    let path = socket_path(&dir, "precious");
     std::fs::write(&path, b"do not delete").unwrap();
     let err = Listener::bind(Net::Unix, "", &path).await.err().unwrap().to_string();
     assert_eq!(
@@ -126,7 +126,7 @@ async fn regular_file_is_never_removed() {
 #[tokio::test]
 async fn dial_errors() {
     let dir = TempDir::new("unix");
-    let missing = dir.path("missing.sock");
+    let missing = socket_path(&dir, "missing.sock");
     let e = dial(Net::Unix, &missing, "", STEP).await.err().unwrap();
     assert_eq!(
         e.to_string(),

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use cpu_all::transport::{dial, parse_vsock_cid, parse_vsock_port, Listener, Net};
 use tokio::io::AsyncReadExt;
-use transport_support::{echo_round_trip, spawn_fake_hybrid, Reply, TempDir, GREETING, STEP};
+use transport_support::{echo_round_trip, socket_path, spawn_fake_hybrid, Reply, TempDir, GREETING, STEP};
 
 #[tokio::test]
 async fn unix_vsock_ok_then_data_flows() {
     let dir = TempDir::new("uv");
-    let path = dir.path("v.sock");
+    let path = socket_path(&dir, "v.sock");
     let device = spawn_fake_hybrid(&path, Reply::Ok);
     // The port goes out in decimal whatever base it was given in.
     let mut s = dial(Net::UnixVsock, &path, "0x4272", STEP).await.unwrap();
@@ -32,7 +32,7 @@ async fn unix_vsock_ok_then_data_flows() {
 #[tokio::test]
 async fn unix_vsock_bad_reply_is_quoted() {
     let dir = TempDir::new("uv");
-    let path = dir.path("v.sock");
+    let path = socket_path(&dir, "v.sock");
     let device = spawn_fake_hybrid(&path, Reply::Line("ERR no such port\n"));
     let e = dial(Net::UnixVsock, &path, "17010", STEP).await.err().unwrap();
     assert_eq!(e.to_string(), format!("bad reply to CONNECT 17010 from {path}: \"ERR no such port\""));
@@ -43,7 +43,7 @@ async fn unix_vsock_bad_reply_is_quoted() {
 #[tokio::test]
 async fn unix_vsock_partial_reply_then_close() {
     let dir = TempDir::new("uv");
-    let path = dir.path("v.sock");
+    let path = socket_path(&dir, "v.sock");
     let device = spawn_fake_hybrid(&path, Reply::Line("O"));
     let e = dial(Net::UnixVsock, &path, "5", STEP).await.err().unwrap();
     assert_eq!(
@@ -56,7 +56,7 @@ async fn unix_vsock_partial_reply_then_close() {
 #[tokio::test]
 async fn unix_vsock_closed_without_reply() {
     let dir = TempDir::new("uv");
-    let path = dir.path("v.sock");
+    let path = socket_path(&dir, "v.sock");
     let device = spawn_fake_hybrid(&path, Reply::Close);
     let e = dial(Net::UnixVsock, &path, "17010", STEP).await.err().unwrap();
     assert_eq!(
@@ -72,7 +72,7 @@ async fn unix_vsock_closed_without_reply() {
 #[tokio::test]
 async fn unix_vsock_endless_reply_is_bounded() {
     let dir = TempDir::new("uv");
-    let path = dir.path("v.sock");
+    let path = socket_path(&dir, "v.sock");
     let device = spawn_fake_hybrid(&path, Reply::Endless);
     let e = dial(Net::UnixVsock, &path, "17010", STEP).await.err().unwrap().to_string();
     assert!(e.starts_with(&format!("bad reply to CONNECT 17010 from {path}: \"xxxx")), "{e}");
@@ -83,7 +83,7 @@ async fn unix_vsock_endless_reply_is_bounded() {
 #[tokio::test]
 async fn unix_vsock_silent_device_times_out() {
     let dir = TempDir::new("uv");
-    let path = dir.path("v.sock");
+    let path = socket_path(&dir, "v.sock");
     let device = spawn_fake_hybrid(&path, Reply::Silent);
     // The outer bound only guards the test; the dial must give up on its own after 300 ms.
     let r =
@@ -97,7 +97,7 @@ async fn unix_vsock_silent_device_times_out() {
 #[tokio::test]
 async fn unix_vsock_no_device() {
     let dir = TempDir::new("uv");
-    let path = dir.path("none.sock");
+    let path = socket_path(&dir, "none.sock");
     let e = dial(Net::UnixVsock, &path, "17010", STEP).await.err().unwrap().to_string();
     assert_eq!(
         e,

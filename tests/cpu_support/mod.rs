@@ -3,13 +3,22 @@
 //! a timeout, and driving it through a pseudo-terminal.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+#[path = "../common/child.rs"]
+mod child;
+#[path = "../common/keys_and_ports.rs"]
+mod keys_and_ports;
+#[path = "../common/temp_dir.rs"]
+mod temp_dir;
+
+#[allow(unused_imports)] // each test crate uses a different subset
+pub use child::{text, wait_until};
+pub use temp_dir::TempDir;
 
 /// The binary under test: `CPU_TEST_BIN` if set (a copy, when several worktrees share one
 /// target directory and may overwrite each other's build), else the one cargo built.
@@ -18,30 +27,6 @@ pub fn bin() -> std::ffi::OsString {
 }
 /// Every child gets at most this long.
 pub const CHILD_TIMEOUT: Duration = Duration::from_secs(30);
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("cpu-test-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Why the sshd tests cannot run here, or None if they can.
 pub fn sshd_skip_reason() -> Option<String> {
@@ -81,26 +66,16 @@ impl Drop for KillOnDrop {
 
 /// Runs a helper command (ssh-keygen, ssh-add) with stdin closed and the usual timeout.
 pub fn status_of(cmd: &mut Command) -> std::process::ExitStatus {
-    let child = cmd.stdin(Stdio::null()).spawn().unwrap();
-    let mut child = child;
-    let deadline = Instant::now() + CHILD_TIMEOUT;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let mut child = cmd.stdin(Stdio::null()).spawn().unwrap();
+    match child::wait_or_kill(&mut child, CHILD_TIMEOUT) {
+        Some(st) => st,
+        None => child.wait().unwrap(),
     }
 }
 
 /// Generates an ed25519 key pair at `path` (and `path.pub`); returns the public line.
 pub fn keygen(path: &Path) -> String {
-    let st = status_of(
-        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"]).arg(path),
-    );
+    let st = status_of(&mut keys_and_ports::keygen_command(path, "ed25519", "test"));
     assert!(st.success(), "ssh-keygen failed");
     std::fs::read_to_string(path.with_extension("pub")).unwrap().trim().to_string()
 }
@@ -128,7 +103,7 @@ impl Sshd {
         std::fs::write(dir.path().join("authorized"), authorized.join("\n") + "\n").unwrap();
         let _ = std::fs::create_dir_all("/run/sshd");
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = keys_and_ports::free_loopback_port();
             let config = format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized\n\
                  PermitRootLogin yes\nUsePAM no\nStrictModes no\nPidFile none\nPasswordAuthentication no\n\
@@ -176,11 +151,6 @@ impl Drop for Sshd {
     }
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// A client HOME with ~/.ssh/id_ed25519 and a config that keeps known_hosts plain.
 pub struct Home {
     pub dir: TempDir,
@@ -216,53 +186,50 @@ pub fn cpu_command(home: &Home, args: &[&str]) -> Command {
 
 /// Runs `cpu` with `stdin` bytes (or /dev/null) and a timeout; returns its output.
 pub fn run_cpu(home: &Home, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut c = cpu_command(home, args);
+    run_with_input(cpu_command(home, args), stdin)
+}
+
+/// Runs `c` with `stdin` bytes (or /dev/null), its output piped, and the usual timeout.
+pub fn run_with_input(mut c: Command, stdin: Option<&[u8]>) -> Output {
     c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    if let Some(bytes) = stdin {
-        let mut w = child.stdin.take().unwrap();
-        let bytes = bytes.to_vec();
-        std::thread::spawn(move || {
-            let _ = w.write_all(&bytes);
-        });
-    }
+    // Not joined: a child that stops reading must not hold up the test.
+    let _writer = child::feed_stdin(&mut child, stdin.map(<[u8]>::to_vec));
     wait_output(child, CHILD_TIMEOUT)
 }
 
 /// Collects a child's stdout/stderr, killing it after `timeout`.
-pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.read_to_end(&mut v);
-        }
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_end(&mut v);
-        }
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let st = child.wait().unwrap();
-            eprintln!("child killed after {timeout:?}");
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+pub fn wait_output(child: Child, timeout: Duration) -> Output {
+    let (output, killed) = child::output_or_kill(child, timeout);
+    if killed {
+        eprintln!("child killed after {timeout:?}");
+    }
+    output
+}
+
+/// The remote command of a terminal session check: says its TERM and window size, then the
+/// size again on every SIGWINCH, until it is killed.
+pub const TERMINAL_SCRIPT: &str =
+    "echo TERM=$TERM; stty size; trap 'stty size' WINCH; echo ready; while :; do sleep 0.05; done";
+
+/// Drives a `cpu ... sh -c TERMINAL_SCRIPT` session started with TERM=xterm-cputest on a
+/// 33x111 pty: TERM and the size arrive, a resize to 44x122 is seen, `~.` ends the session
+/// with 255 and "closed (~.)", and the terminal is back in cooked mode.
+pub fn check_terminal_session(pty: &mut PtyChild) {
+    let t = Duration::from_secs(15);
+    assert!(pty.expect("ready", t), "no start: {:?}", text(&pty.seen));
+    let seen = text(&pty.seen);
+    assert!(seen.contains("TERM=xterm-cputest\r\n"), "{seen:?}");
+    assert!(seen.contains("33 111\r\n"), "{seen:?}");
+    pty.resize(44, 122);
+    assert!(pty.expect("44 122", t), "resize not seen: {:?}", text(&pty.seen));
+    pty.write(b"\r~.");
+    assert_eq!(pty.wait(t), Some(255), "{:?}", text(&pty.seen));
+    assert!(text(&pty.seen).contains("closed (~.)"));
+    // Raw mode was undone.
+    assert!(pty.is_cooked(), "raw mode left on");
 }
 
 /// A child running on a pseudo-terminal we hold the master side of.

@@ -8,15 +8,20 @@
 #![allow(dead_code)]
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use cpu_all::discovery::run_decpu_with;
 use cpu_all::error::Error;
 use cpu_all::options::CpuOptions;
+
+#[path = "../common/child.rs"]
+mod child;
+
+use child::lines_of;
 
 /// Environment variable that turns the test binary into a helper.
 pub const HELPER_ENV: &str = "DISCOVERY_HELPER";
@@ -149,18 +154,6 @@ pub struct Helper {
     seen_stderr: Vec<String>,
 }
 
-fn lines_of(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 impl Helper {
     /// Starts `cmd` with its stdout and stderr read line by line.
     pub fn spawn(mut cmd: Command, name: &str) -> Helper {
@@ -240,17 +233,26 @@ impl Helper {
 
     /// Waits up to `limit` for exit; kills the child if it is still running.
     pub fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let status = child::wait_or_kill(&mut self.child, limit);
+        if status.is_none() {
+            eprintln!("{}: killed after {limit:?}", self.name);
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!("{}: killed after {limit:?}", self.name);
-        None
+        status.and_then(|s| s.code())
+    }
+
+    /// The end of a `decpu` helper run: asserts it exited 0 within `limit`, and returns its
+    /// result lines (connect, refused, status, error) and its stderr.
+    pub fn decpu_result(&mut self, limit: Duration) -> (Vec<String>, String) {
+        let status = self.wait(limit);
+        let out = self.stdout_text(Duration::from_secs(1));
+        let err = self.stderr_text(Duration::from_secs(1));
+        assert_eq!(status, Some(0), "decpu helper failed: {out}\n{err}");
+        let lines = out
+            .lines()
+            .filter(|l| ["connect ", "refused ", "status ", "error "].iter().any(|p| l.starts_with(p)))
+            .map(str::to_string)
+            .collect();
+        (lines, err)
     }
 
     /// All stdout lines seen so far plus whatever arrives within `limit`.
@@ -279,15 +281,7 @@ impl Drop for Helper {
         if let Ok(None) = self.child.try_wait() {
             // Give a helper time to say goodbye and reap its children after stdin closed
             // (a running `timeout 10 avahi-browse` included), then kill it.
-            let deadline = Instant::now() + Duration::from_secs(12);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = child::wait_or_kill(&mut self.child, Duration::from_secs(12));
         }
     }
 }

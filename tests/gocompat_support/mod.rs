@@ -4,12 +4,21 @@
 //! of any child with a timeout.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+#[path = "../common/child.rs"]
+mod child;
+#[path = "../common/keys_and_ports.rs"]
+mod keys_and_ports;
+#[path = "../common/temp_dir.rs"]
+mod temp_dir;
+
+pub use child::text;
+pub use temp_dir::TempDir;
 
 /// The binary under test (`CPU_TEST_BIN` overrides, for a shared target directory).
 pub fn bin() -> std::ffi::OsString {
@@ -23,30 +32,6 @@ pub const GO_BUILD_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEBIAN_GOCODE: &str = "/usr/share/gocode";
 /// PATH for every child: no user directories, so runs are reproducible.
 pub const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("gocompat-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The built Go peers.
 pub struct GoPrograms {
@@ -128,60 +113,25 @@ macro_rules! need_go {
     };
 }
 
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 /// Runs `cmd` feeding `stdin` (or /dev/null); kills it and panics after `timeout`.
 pub fn run(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let input = child.stdin.take();
-    let data = stdin.map(<[u8]>::to_vec);
-    let writer = std::thread::spawn(move || {
-        if let (Some(mut w), Some(data)) = (input, data) {
-            let _ = w.write_all(&data);
-        }
-    });
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let writer = child::feed_stdin(&mut child, stdin.map(<[u8]>::to_vec));
+    let readers = child::OutputReaders::start(&mut child);
+    let Some(status) = child::wait_or_kill(&mut child, timeout) else {
+        panic!("{cmd:?} did not finish within {timeout:?}");
     };
     let _ = writer.join();
-    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+    readers.finish(status)
 }
 
 /// Makes a key pair with ssh-keygen (`kind`: ed25519 or rsa); returns the private key path.
 pub fn keygen(dir: &TempDir, name: &str, kind: &str) -> PathBuf {
-    let path = dir.path(name);
-    let mut cmd = Command::new("ssh-keygen");
-    cmd.args(["-q", "-t", kind, "-N", "", "-C", "gocompat", "-f"]).arg(&path);
-    if kind == "rsa" {
-        cmd.args(["-b", "2048"]);
-    }
-    let out = run(cmd, None, TIMEOUT);
+    let path = dir.join(name);
+    let out = run(keys_and_ports::keygen_command(&path, kind, "gocompat"), None, TIMEOUT);
     assert!(out.status.success(), "ssh-keygen: {}", text(&out.stderr));
     path
 }
@@ -227,14 +177,14 @@ pub fn start_cpud(dir: &TempDir, authorized: &Path, host_key: &Path) -> Daemon {
 /// /proc/filesystems also lists 9p, so `cpud -remote` goes on to dial the 9P back-channel on
 /// a kernel without 9p (the mount itself then fails). Needs [`claim_9p_skip_reason`] None.
 pub fn start_cpud_with(dir: &TempDir, authorized: &Path, host_key: &Path, claim_9p: bool) -> Daemon {
-    let log = dir.path("cpud.log");
-    let fake = dir.path("filesystems");
+    let log = dir.join("cpud.log");
+    let fake = dir.join("filesystems");
     if claim_9p {
         let real = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
         std::fs::write(&fake, real + "nodev\t9p\n").unwrap();
     }
     for _attempt in 0..5 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = keys_and_ports::free_loopback_port();
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = if claim_9p {
             let mut c = Command::new("/usr/bin/unshare");

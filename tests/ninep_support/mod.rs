@@ -1,43 +1,21 @@
-//! Test helpers for the ninep tests: a scratch directory, a server on one end of a Unix
-//! socketpair (its own thread, current-thread runtime, as the client runs it), and a small
-//! blocking 9P2000.L client for the other end.
+//! Test helpers for the ninep tests: a server on one end of a Unix socketpair (its own
+//! thread, current-thread runtime, as the client runs it), and a small blocking 9P2000.L
+//! client for the other end. The directory a test serves is a [`TempDir`] (tests/common/).
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cpu_all::ninep::wire::*;
 use cpu_all::ninep::{serve, ServeOptions};
 
-/// A directory under the system temp dir, removed on drop.
-pub struct Scratch {
-    pub path: PathBuf,
-}
+#[path = "../common/temp_dir.rs"]
+mod temp_dir;
 
-impl Scratch {
-    pub fn new(label: &str) -> Scratch {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("ninep-{label}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create scratch dir");
-        Scratch { path }
-    }
-
-    pub fn join(&self, p: &str) -> PathBuf {
-        self.path.join(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
+pub use temp_dir::TempDir;
 
 /// A running server and the client end of its socket.
 pub struct Harness {

@@ -3,11 +3,10 @@
 //! what `ssh` cannot show (exit-signal, forwarded-tcpip fields, early signals).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cpu_all::ssh::server::{serve, ServerConfig};
 use cpu_all::transport::{Listener, Net};
@@ -16,44 +15,26 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 use russh::{Channel, ChannelMsg};
 use tokio::sync::mpsc;
 
+#[path = "../common/child.rs"]
+mod child;
+#[path = "../common/keys_and_ports.rs"]
+mod keys_and_ports;
+#[path = "../common/temp_dir.rs"]
+mod temp_dir;
+
+#[allow(unused_imports)] // each test crate uses a different subset
+pub use child::{lines_of, text, wait_until};
+pub use temp_dir::TempDir;
+
 /// The real binary, for cpu-form sessions (`cpud -remote`) and black-box runs.
 pub const BIN: &str = env!("CARGO_BIN_EXE_cpu-all");
 /// Upper bound for any single child process or wait in these tests.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let p = std::env::temp_dir().join(format!("sshd-test-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Makes a key pair with ssh-keygen (`kind`: ed25519, ecdsa, rsa); returns the private key path.
 pub fn keygen(dir: &TempDir, name: &str, kind: &str) -> PathBuf {
-    let path = dir.path(name);
-    let mut cmd = Command::new("ssh-keygen");
-    cmd.args(["-q", "-t", kind, "-N", "", "-C", &format!("{name}@test"), "-f"]).arg(&path);
-    if kind == "rsa" {
-        cmd.args(["-b", "2048"]);
-    }
+    let path = dir.join(name);
+    let mut cmd = keys_and_ports::keygen_command(&path, kind, &format!("{name}@test"));
     cmd.stdin(Stdio::null());
     let out = run_timeout(cmd, None, TIMEOUT);
     assert!(out.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -66,7 +47,7 @@ pub fn public_line(private: &Path) -> String {
 
 /// Writes an authorized_keys file with the given text.
 pub fn authorized(dir: &TempDir, text: &str) -> PathBuf {
-    let p = dir.path("authorized_keys");
+    let p = dir.join("authorized_keys");
     std::fs::write(&p, text).expect("write authorized_keys");
     p
 }
@@ -79,39 +60,13 @@ pub fn run_timeout(mut cmd: Command, stdin: Option<Vec<u8>>, timeout: Duration) 
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
-    let mut input = child.stdin.take();
-    let writer = std::thread::spawn(move || {
-        if let (Some(s), Some(data)) = (input.as_mut(), stdin) {
-            let _ = s.write_all(&data);
-        }
-        drop(input);
-    });
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("child {cmd:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let writer = child::feed_stdin(&mut child, stdin);
+    let readers = child::OutputReaders::start(&mut child);
+    let Some(status) = child::wait_or_kill(&mut child, timeout) else {
+        panic!("child {cmd:?} did not finish within {timeout:?}");
     };
     let _ = writer.join();
-    Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() }
+    readers.finish(status)
 }
 
 /// An in-process cpud on 127.0.0.1:0, stopped when dropped.
@@ -195,10 +150,6 @@ pub fn ssh(port: u16, key: &Path, command: &str, stdin: Option<&[u8]>) -> Output
     let mut c = ssh_command(port, key);
     c.arg("127.0.0.1").arg(command);
     run_timeout(c, stdin.map(|s| s.to_vec()), TIMEOUT)
-}
-
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// What arrived on a session channel.
@@ -308,16 +259,4 @@ pub async fn collect(channel: &mut Channel<client::Msg>) -> Outcome {
 /// Whether a process exists at all (a zombie counts as existing).
 pub fn process_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Waits until `cond` holds, polling, for at most `limit`.
-pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }

@@ -1,8 +1,7 @@
-//! Helpers for the transport tests: unique temporary paths, an echo server on any
+//! Helpers for the transport tests: unique socket paths and names, an echo server on any
 //! [`Listener`], and a fake Firecracker-style hybrid vsock device for unix-vsock.
 #![allow(dead_code)] // each test file uses a different subset
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -10,32 +9,19 @@ use cpu_all::transport::{BoxStream, Listener};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
+#[path = "../common/temp_dir.rs"]
+mod temp_dir;
+
+pub use temp_dir::TempDir;
+
 /// Bound on every wait in these tests.
 pub const STEP: Duration = Duration::from_secs(10);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A fresh directory under the system temp dir, removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("transport-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    pub fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// `name` inside `dir` as a string, the form a unix socket address takes.
+pub fn socket_path(dir: &TempDir, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
 }
 
 /// A unique abstract socket name (`@...`).
