@@ -7,6 +7,9 @@
 //! directory, the session's private /tmp, and a pty. A 9P session still goes through
 //! `cpud -remote`. Needs root (the session's mount namespace).
 
+// Both support modules include the tests/common/ helpers they need (see tests/gocompat.rs).
+#![allow(clippy::duplicate_mod)]
+
 mod cpu_support;
 #[path = "common/skip.rs"]
 mod skip;

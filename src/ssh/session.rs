@@ -828,8 +828,7 @@ impl Running {
                 let (stdout, stderr) =
                     pipe_io::Output::start_pair(stdout.into_owned_fd(), stderr.into_owned_fd());
                 let out = task::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
-                let err =
-                    task::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
+                let err = task::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
                 let input = match (stdin.into_owned_fd(), early) {
                     // EOF before exec and no input: closing the pipe is all there is to do.
                     (Ok(_pipe), None) if early_eof => None,
