@@ -125,17 +125,25 @@ else
 fi
 (cd / && cpu_run -namespace= sh -c 'kill -TERM $$') 2>>"$W/err"
 check "a command killed by SIGTERM gives 128+15" 143 $?
-(cd / && exec "${CPU[@]}" -namespace= 127.0.0.1 sh -c 'echo started; exec sleep 300' </dev/null >"$W/sleep.out" 2>>"$W/err") &
+# SIGTERM to the client: $pid is the client's own `timeout` (exec; it passes the signal on).
+# The remote shell traps TERM and exits 7: status 7 and its line prove the signal reached the
+# remote; a client that merely died of the signal would give 143.
+(cd / && exec timeout -k 10 "$CPU_TIMEOUT" "${CPU[@]}" -namespace= 127.0.0.1 \
+	sh -c 'trap "echo term-received; kill \$!; exit 7" TERM; echo started; sleep 300 </dev/null >/dev/null 2>&1 & wait' \
+	</dev/null >"$W/sleep.out" 2>>"$W/err") &
 pid=$!
 for _ in $(seq 600); do grep -q started "$W/sleep.out" 2>/dev/null && break; kill -0 $pid 2>/dev/null || break; sleep 0.2; done
 if ! grep -q started "$W/sleep.out" 2>/dev/null; then
-	kill -KILL $pid 2>/dev/null; wait $pid 2>/dev/null
-	ko "the remote sleep never started (client $(kill -0 $pid 2>/dev/null && echo running || echo exited))"
+	kill -KILL $pid 2>/dev/null; wait $pid 2>/dev/null; rc=$?
+	ko "the remote command never said started (client exit $rc; its stderr: $(tail -n 3 "$W/err" | tr '\n' '|'))"
 else
 	kill -TERM $pid 2>/dev/null
 	for _ in $(seq 300); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-	if kill -0 $pid 2>/dev/null; then kill -KILL $pid; wait $pid 2>/dev/null; ko "SIGTERM to the client did not end the remote sleep in 30 s"
-	else wait $pid; check "SIGTERM to the client is forwarded; status 128+15" 143 $?; fi
+	if kill -0 $pid 2>/dev/null; then kill -KILL $pid; wait $pid 2>/dev/null; ko "SIGTERM to the client did not end the session in 30 s"
+	else
+		wait $pid; rc=$?
+		check "SIGTERM to the client reaches the remote command (its trap's status 7, its line once)" "7 1" "$rc $(grep -c term-received "$W/sleep.out")"
+	fi
 fi
 check "-9p=false runs without a mount" "0 ok" \
 	"$(cd / && cpu_run -9p=false sh -c 'echo $(grep -c " /tmp/cpu " /proc/self/mountinfo) ok' 2>>"$W/err")"
