@@ -120,24 +120,20 @@ test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
 	echo "make test stages:$$times"; tools/skip-summary $(SKIP_LOG); \
 	if [ $$rc = 0 ]; then echo "make test: PASS"; else echo "make test: FAIL"; fi; exit $$rc
 
-# The VM tests boot the shipped x86_64 binary (make static). The board binaries only they run
-# (the arm64 guest's cpud, the armv7 and riscv64 cpud under qemu-user) come from Cargo.toml's
-# vmtest profile: the release code without fat LTO. tests/vm/all builds them in the background
-# (VMTEST_BUILD_ARCHES, one after the other; a no-op when up to date) from the start: beside
-# the static binary's fat-LTO link (mostly one core) and then beside the x86 groups; the groups
-# that need them start when they are done. transport_echo stays on the release profile: its
-# dependencies are the static binary's, already built.
-# VMTEST_GROUPS_ALL="e2e arm64" runs some groups (tests/vm/all lists them); VMTEST_JOBS=1
-# runs them one after the other.
+# The VM tests boot the shipped x86_64 binary (make static, built first). The board binaries
+# only they run (the arm64 guest's cpud, the armv7 and riscv64 cpud under qemu-user) come from
+# Cargo.toml's vmtest profile: the release code without fat LTO. tests/vm/all builds them and
+# the vsock group's transport_echo in the background, one after the other (VMTEST_BUILD_BESIDE;
+# each a no-op when up to date), from the start: beside the static binary's fat-LTO link
+# (mostly one core), then beside the x86 groups; a group that needs one of them starts when it
+# is built. VMTEST_GROUPS_ALL="e2e arm64" runs some groups (tests/vm/all lists them; only the
+# builds they need are made); VMTEST_JOBS=1 runs them one after the other.
 VMTEST_PROFILE ?= vmtest
 VMTEST_ARCHES ?= aarch64 armv7 riscv64
 vmtest: ## system tests in qemu VMs, two groups at a time (each skips with a reason when qemu is missing)
 	$(skip_reset)
-	VMTEST_PROFILE=$(VMTEST_PROFILE) VMTEST_BUILD_ARCHES="$(VMTEST_ARCHES)" \
-	VMTEST_BUILD_FIRST='s=$$(date +%s); $(MAKE) --no-print-directory static || exit 1; t=$$(date +%s); \
-		$(CARGO) build --release --target $(MUSL) --example transport_echo || exit 1; \
-		echo "vmtest builds: static:$$((t - s))s transport_echo:$$(( $$(date +%s) - t ))s"' \
-		tests/vm/all $(STATIC_BIN) $(VMTEST_GROUPS_ALL)
+	VMTEST_PROFILE=$(VMTEST_PROFILE) VMTEST_BUILD_BESIDE="$(VMTEST_ARCHES) transport_echo" CARGO=$(CARGO) \
+	VMTEST_BUILD_FIRST='$(MAKE) --no-print-directory static' tests/vm/all $(STATIC_BIN) $(VMTEST_GROUPS_ALL)
 	$(skip_summary)
 
 demo: setup-demo static ## boot a VM running cpud and run cpu against it

@@ -39,6 +39,11 @@ check() { # check NAME EXPECTED ACTUAL
 X86_BIN=${1:?usage: $0 X86_STATIC_BIN [AARCH64_STATIC_BIN]}
 PROFILE=${VMTEST_PROFILE:-vmtest}
 ARM_BIN=${2:-}
+# Under tests/vm/all's builds (VMTEST_BUILT_DIR): the aarch64 build is done; calling cargo
+# again would wait on the target dir's lock while the armv7 build runs.
+if [ -z "$ARM_BIN" ] && [ "$(cat "${VMTEST_BUILT_DIR:-/nonexistent}/aarch64" 2>/dev/null)" = 0 ]; then
+	ARM_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/aarch64-unknown-linux-musl/$PROFILE/cpu-all"
+fi
 [ -f "$X86_BIN" ] || { echo "arm64-tests: $X86_BIN does not exist (make static)" >&2; exit 2; }
 command -v qemu-system-aarch64 >/dev/null ||
 	skip_all "qemu-system-aarch64 is not installed (apt-get install qemu-system-arm; tools/setup-host does)"
@@ -125,10 +130,12 @@ else
 fi
 (cd / && cpu_run -namespace= sh -c 'kill -TERM $$') 2>>"$W/err"
 check "a command killed by SIGTERM gives 128+15" 143 $?
-# SIGTERM to the client: $pid is the client's own `timeout` (exec; it passes the signal on).
+# SIGTERM to the client: $pid is the client's own `timeout` (exec; it passes the signal on,
+# once with --foreground: without it also to its process group, and cpu takes a second
+# SIGTERM as "quit now").
 # The remote shell traps TERM and exits 7: status 7 and its line prove the signal reached the
 # remote; a client that merely died of the signal would give 143.
-(cd / && exec timeout -k 10 "$CPU_TIMEOUT" "${CPU[@]}" -namespace= 127.0.0.1 \
+(cd / && exec timeout --foreground -k 10 "$CPU_TIMEOUT" "${CPU[@]}" -namespace= 127.0.0.1 \
 	sh -c 'trap "echo term-received; kill \$!; exit 7" TERM; echo started; sleep 300 </dev/null >/dev/null 2>&1 & wait' \
 	</dev/null >"$W/sleep.out" 2>>"$W/err") &
 pid=$!
@@ -178,6 +185,11 @@ for a in armv7:arm:armv7-unknown-linux-musleabihf riscv64:riscv64:riscv64gc-unkn
 	IFS=: read -r name q triple <<<"$a"
 	fb="${CARGO_TARGET_DIR:-$ROOT/target}/$triple/$PROFILE/cpu-all"
 	if ! command -v "qemu-$q-static" >/dev/null; then echo "SKIP: [arm64] $name cpu: no qemu-$q-static (qemu-user-static)"; continue; fi
+	if [ -f "${VMTEST_BUILT_DIR:-/nonexistent}/$name.queued" ]; then # tests/vm/all builds it now: wait (bounded)
+		for _ in $(seq 3600); do [ -f "$VMTEST_BUILT_DIR/$name" ] && break; sleep 1; done
+		brc=$(cat "$VMTEST_BUILT_DIR/$name" 2>/dev/null || echo "not done after 3600 s")
+		[ "$brc" = 0 ] || { ko "the $name build (tests/vm/all, beside the groups) failed: exit $brc"; continue; }
+	fi
 	if [ ! -f "$fb" ]; then echo "SKIP: [arm64] $name cpu: no $fb (tools/build-static --profile $PROFILE $name; make vmtest builds it)"; continue; fi
 	cp "$fb" "$W/cpu-all-$name"
 	FCPU=("qemu-$q-static" "$W/cpu-all-$name" cpu -sp "$HOST_PORT" -key "$W/userkey" -hk "$W/hostkey.pub")
