@@ -120,7 +120,7 @@ test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
 	echo "make test stages:$$times"; tools/skip-summary $(SKIP_LOG); \
 	if [ $$rc = 0 ]; then echo "make test: PASS"; else echo "make test: FAIL"; fi; exit $$rc
 
-# The VM tests boot the shipped x86_64 binary (make static, built first). The board binaries
+# The VM tests boot the shipped x86_64 binary (make static's, built first). The board binaries
 # only they run (the arm64 guest's cpud, the armv7 and riscv64 cpud under qemu-user) come from
 # Cargo.toml's vmtest profile: the release code without fat LTO. tests/vm/all builds them and
 # the vsock group's transport_echo in the background, one after the other (VMTEST_BUILD_BESIDE;
@@ -133,7 +133,7 @@ VMTEST_ARCHES ?= aarch64 armv7 riscv64
 vmtest: ## system tests in qemu VMs, two groups at a time (each skips with a reason when qemu is missing)
 	$(skip_reset)
 	VMTEST_PROFILE=$(VMTEST_PROFILE) VMTEST_BUILD_BESIDE="$(VMTEST_ARCHES) transport_echo" CARGO=$(CARGO) \
-	VMTEST_BUILD_FIRST='$(MAKE) --no-print-directory static' tests/vm/all $(STATIC_BIN) $(VMTEST_GROUPS_ALL)
+	VMTEST_BUILD_FIRST='tools/build-static $(ARCH) >/dev/null' tests/vm/all $(STATIC_BIN) $(VMTEST_GROUPS_ALL)
 	$(skip_summary)
 
 demo: setup-demo static ## boot a VM running cpud and run cpu against it
