@@ -87,9 +87,25 @@ lint: ## rustfmt check, clippy -D warnings, and every test skip going through th
 	$(CARGO) clippy --all-targets -- -D warnings
 	tools/check-skips
 
+# The test binaries that mostly wait (mDNS announcements and browses in network namespaces)
+# run in a second `cargo test` beside the others (cargo runs one binary after the other); their
+# output is printed whole after the others'. Together the two runs cover every target of a
+# plain `cargo test` (lib, bin, examples built, every tests/*.rs, the doc-tests).
+UNIT_BESIDE ?= discovery_peers discovery_netns
+UNIT_REST := $(filter-out $(UNIT_BESIDE),$(basename $(notdir $(wildcard tests/*.rs))))
 unit: ## every cargo test (unit, in-process and black-box); ends with the skips and why
 	$(skip_reset)
-	$(CARGO) test --no-fail-fast
+	@start=$$(date +%s); $(CARGO) test --no-fail-fast --no-run || exit 1; \
+	echo "unit: test binaries built in $$(( $$(date +%s) - start ))s"
+	@beside=$$(mktemp /tmp/cpu-unit-beside.XXXXXX); rc=0; start=$$(date +%s); \
+	$(CARGO) test --no-fail-fast $(foreach t,$(UNIT_BESIDE),--test $(t)) >$$beside 2>&1 & pid=$$!; \
+	$(CARGO) test --no-fail-fast --lib --bins --examples $(foreach t,$(UNIT_REST),--test $(t)) || rc=1; \
+	$(CARGO) test --no-fail-fast --doc || rc=1; \
+	rest=$$(( $$(date +%s) - start )); \
+	wait $$pid || rc=1; \
+	echo "=== beside the others: cargo test$(foreach t,$(UNIT_BESIDE), --test $(t)) ($$(( $$(date +%s) - start ))s; the others $${rest}s)"; \
+	cat $$beside; rm -f $$beside; \
+	[ $$rc = 0 ] || echo "unit: FAILED (see the failures above)"; exit $$rc
 	$(skip_summary)
 
 # The stages one after the other, each timed; the skips of all of them are summed up at the
@@ -104,27 +120,20 @@ test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
 	echo "make test stages:$$times"; tools/skip-summary $(SKIP_LOG); \
 	if [ $$rc = 0 ]; then echo "make test: PASS"; else echo "make test: FAIL"; fi; exit $$rc
 
-# The VM tests boot the shipped x86_64 binary (make static). The board binaries only they run
-# (the arm64 guest's cpud, the armv7 and riscv64 cpud under qemu-user) come from Cargo.toml's
-# vmtest profile: the release code without fat LTO. Built here, before the groups start, so
-# that no two groups build at once; each build is a no-op when up to date. transport_echo
-# stays on the release profile: its dependencies are the static binary's, already built.
-# VMTEST_GROUPS_ALL="e2e arm64" runs some groups (tests/vm/all lists them); VMTEST_JOBS=1
-# runs them one after the other.
+# The VM tests boot the shipped x86_64 binary (make static's, built first). The board binaries
+# only they run (the arm64 guest's cpud, the armv7 and riscv64 cpud under qemu-user) come from
+# Cargo.toml's vmtest profile: the release code without fat LTO. tests/vm/all builds them and
+# the vsock group's transport_echo in the background, one after the other (VMTEST_BUILD_BESIDE;
+# each a no-op when up to date), from the start: beside the static binary's fat-LTO link
+# (mostly one core), then beside the x86 groups; a group that needs one of them starts when it
+# is built. VMTEST_GROUPS_ALL="e2e arm64" runs some groups (tests/vm/all lists them; only the
+# builds they need are made); VMTEST_JOBS=1 runs them one after the other.
 VMTEST_PROFILE ?= vmtest
 VMTEST_ARCHES ?= aarch64 armv7 riscv64
-vmtest: static ## system tests in qemu VMs, two groups at a time (each skips with a reason when qemu is missing)
+vmtest: ## system tests in qemu VMs, two groups at a time (each skips with a reason when qemu is missing)
 	$(skip_reset)
-	@start=$$(date +%s); \
-	$(CARGO) build --release --target $(MUSL) --example transport_echo || exit 1; \
-	times="transport_echo:$$(( $$(date +%s) - start ))s"; \
-	for a in $(VMTEST_ARCHES); do \
-		start=$$(date +%s); \
-		tools/build-static --profile $(VMTEST_PROFILE) $$a >/dev/null || echo "vmtest: the $$a build failed (its groups report it)"; \
-		times="$$times $$a:$$(( $$(date +%s) - start ))s"; \
-	done; \
-	echo "vmtest builds: $$times"
-	VMTEST_PROFILE=$(VMTEST_PROFILE) tests/vm/all $(STATIC_BIN) $(VMTEST_GROUPS_ALL)
+	VMTEST_PROFILE=$(VMTEST_PROFILE) VMTEST_BUILD_BESIDE="$(VMTEST_ARCHES) transport_echo" CARGO=$(CARGO) \
+	VMTEST_BUILD_FIRST='tools/build-static $(ARCH) >/dev/null' tests/vm/all $(STATIC_BIN) $(VMTEST_GROUPS_ALL)
 	$(skip_summary)
 
 demo: setup-demo static ## boot a VM running cpud and run cpu against it

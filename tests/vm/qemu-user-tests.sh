@@ -64,9 +64,11 @@ cpu sh -c 'kill -TERM $$' </dev/null 2>>"$W/err"; echo "selfkill $?"
 echo "parent $(cpu sh -c 'readlink /proc/$PPID/exe' </dev/null 2>>"$W/err")"
 # SIGTERM to the client: `exec`, so that $c is the client's own `timeout` (which passes the
 # signal on), not a subshell whose death would orphan the client with the pipe of $(...) open.
+# --foreground: otherwise timeout passes it on twice (to the client and to its process group),
+# and cpu takes a second SIGTERM as "quit now" (exit 143) when it sees them one by one.
 # The remote shell traps TERM and exits 7: status 7 and its line prove the signal went to the
 # remote; a client that just died of the signal would give 143.
-(exec timeout -k 5 180 "$X86" cpu -9p=false -sp $PORT -key "$W/uk" -hk "$W/hk.pub" 127.0.0.1 \
+(exec timeout --foreground -k 5 180 "$X86" cpu -9p=false -sp $PORT -key "$W/uk" -hk "$W/hk.pub" 127.0.0.1 \
 	sh -c 'trap "echo term-received; kill \$!; exit 7" TERM; echo started; sleep 300 </dev/null >/dev/null 2>&1 & wait' \
 	</dev/null >"$W/sleep.out" 2>>"$W/err") &
 c=$!

@@ -231,10 +231,10 @@ if out=$("$VM" --no-wait-port --vsock-uds "$SOCK" -f "$W/key.pub:/key.pub" -f "$
 	cpu_err() { tr '\n' ' ' <"$W/cpu.err"; }
 	# cpud is PID 1 on vsock; boot-test-vm only watches TCP ports, so poll with cpu (bounded).
 	up=0
-	for _ in $(seq 60); do
+	for _ in $(seq 240); do
 		if timeout 30 "$BIN" cpu -key "$W/key" -hk "$W/hostkey.pub" -net unix-vsock -sp 17010 "$SOCK" true >/dev/null 2>"$W/probe.err"; then up=1; break; fi
 		kill -0 "$QEMU_PID" 2>/dev/null || break
-		sleep 4
+		sleep 1
 	done
 	if [ $up = 1 ]; then
 		T1=$(date +%s.%N)
