@@ -39,8 +39,14 @@ impl Rig {
             return None;
         }
         let home = Home::new();
-        let work =
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("direct-{tag}-{}", std::process::id()));
+        // Not under /tmp, where a clone (and so its target dir) may live: the session hides it.
+        let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let base = if target_tmp.starts_with("/tmp") && Path::new("/var/tmp").is_dir() {
+            Path::new("/var/tmp")
+        } else {
+            target_tmp
+        };
+        let work = base.join(format!("cpu-all-direct-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).unwrap();
         let marker = work.join("remote-runs");

@@ -29,7 +29,6 @@ fn remote(args: &[&str], env: &[(&str, &str)]) -> Output {
     child::output_or_kill(child, Duration::from_secs(30)).0
 }
 
-/// A scratch directory outside /tmp (the session hides /tmp under its own tmpfs).
 /// A scratch directory the remote side can still see: `cpud -remote` mounts a fresh tmpfs on
 /// /tmp, so nothing under /tmp (where a clone, and so its target dir, may live) is usable.
 fn scratch(name: &str) -> PathBuf {
