@@ -11,6 +11,8 @@
 #![allow(clippy::duplicate_mod)]
 
 mod cpu_support;
+#[path = "common/outside_tmp.rs"]
+mod outside_tmp;
 #[path = "common/skip.rs"]
 mod skip;
 mod sshd_support;
@@ -39,16 +41,7 @@ impl Rig {
             return None;
         }
         let home = Home::new();
-        // Not under /tmp, where a clone (and so its target dir) may live: the session hides it.
-        let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let base = if target_tmp.starts_with("/tmp") && Path::new("/var/tmp").is_dir() {
-            Path::new("/var/tmp")
-        } else {
-            target_tmp
-        };
-        let work = base.join(format!("cpu-all-direct-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).unwrap();
+        let work = outside_tmp::scratch_dir(&format!("cpu-all-direct-{tag}"));
         let marker = work.join("remote-runs");
         let wrapper = work.join("remote-wrapper");
         // Perl, not sh: a shell would reset $PWD to its own directory (/) before cpud -remote

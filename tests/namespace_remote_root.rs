@@ -5,10 +5,12 @@
 
 #[path = "common/child.rs"]
 mod child;
+#[path = "common/outside_tmp.rs"]
+mod outside_tmp;
 #[path = "common/skip.rs"]
 mod skip;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -29,19 +31,8 @@ fn remote(args: &[&str], env: &[(&str, &str)]) -> Output {
     child::output_or_kill(child, Duration::from_secs(30)).0
 }
 
-/// A scratch directory the remote side can still see: `cpud -remote` mounts a fresh tmpfs on
-/// /tmp, so nothing under /tmp (where a clone, and so its target dir, may live) is usable.
 fn scratch(name: &str) -> PathBuf {
-    let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let base = if target_tmp.starts_with("/tmp") && Path::new("/var/tmp").is_dir() {
-        Path::new("/var/tmp")
-    } else {
-        target_tmp
-    };
-    let dir = base.join(format!("cpu-all-namespace-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    outside_tmp::scratch_dir(&format!("cpu-all-namespace-{name}"))
 }
 
 fn usable() -> bool {
