@@ -279,18 +279,8 @@ impl Listener {
     /// Waits for the next connection; returns it with a printable peer description
     /// (`192.0.2.1:5555`, `vsock CID 2 port 1025`, `unix peer pid 42 uid 0`).
     pub async fn accept(&self) -> io::Result<(BoxStream, String)> {
-        match &self.inner {
-            ListenerKind::Tcp(l) => {
-                let (s, peer) = l.accept().await?;
-                let _ = s.set_nodelay(true);
-                Ok((Box::new(s), peer.to_string()))
-            }
-            ListenerKind::Vsock(l) => {
-                let (s, peer) = l.accept().await?;
-                Ok((Box::new(s), format!("vsock CID {} port {}", peer.cid(), peer.port())))
-            }
-            ListenerKind::Unix(l) => l.accept().await,
-        }
+        let (stream, peer) = self.accept_detached().await?;
+        Ok((stream.attach()?, peer))
     }
 
     /// [`Listener::accept`] for a stream another runtime will serve (see [`Detached`]).
@@ -302,12 +292,12 @@ impl Listener {
                 Ok((Detached::Tcp(s.into_std()?), peer.to_string()))
             }
             ListenerKind::Unix(l) => {
-                let (s, peer) = l.accept_unix().await?;
+                let (s, peer) = l.accept().await?;
                 Ok((Detached::Unix(s.into_std()?), peer))
             }
-            ListenerKind::Vsock(_) => {
-                let (s, peer) = self.accept().await?;
-                Ok((Detached::Stream(s), peer))
+            ListenerKind::Vsock(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok((Detached::Stream(Box::new(s)), format!("vsock CID {} port {}", peer.cid(), peer.port())))
             }
         }
     }

@@ -179,12 +179,7 @@ impl UnixSocketListener {
         &self.path
     }
 
-    pub(super) async fn accept(&self) -> io::Result<(BoxStream, String)> {
-        let (s, peer) = self.accept_unix().await?;
-        Ok((Box::new(s), peer))
-    }
-
-    pub(super) async fn accept_unix(&self) -> io::Result<(tokio::net::UnixStream, String)> {
+    pub(super) async fn accept(&self) -> io::Result<(tokio::net::UnixStream, String)> {
         let (s, _) = self.listener.accept().await?;
         let peer = match s.peer_cred() {
             Ok(c) => match c.pid() {
