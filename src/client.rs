@@ -427,7 +427,10 @@ enum Ending {
     LocalSignal(i32),
 }
 
-/// A want-reply request that starts the session.
+/// A request that starts the session. pty-req and exec want a reply (a refusal ends the
+/// session); env does not, as OpenSSH's ssh sends it: a server that refuses a variable (sshd's
+/// AcceptEnv) drops it silently, and the session costs no reply message per variable (about 40
+/// for a usual environment, each one a wake-up of the client on a busy host).
 enum Request {
     Pty { term: String, ws: terminal::WindowSize },
     Env(String, String),
@@ -435,11 +438,12 @@ enum Request {
 }
 
 impl Request {
-    fn pending(&self) -> Pending {
+    /// The reply this request waits for, if it asks for one.
+    fn pending(&self) -> Option<Pending> {
         match self {
-            Request::Pty { .. } => Pending::Pty,
-            Request::Env(..) => Pending::Env,
-            Request::Exec(_) => Pending::Exec,
+            Request::Pty { .. } => Some(Pending::Pty),
+            Request::Env(..) => None,
+            Request::Exec(_) => Some(Pending::Exec),
         }
     }
 
@@ -458,7 +462,7 @@ impl Request {
                 let (wpx, hpx) = pixels(ws);
                 w.request_pty(true, &term, ws.cols, ws.rows, wpx, hpx, &modes).await
             }
-            Request::Env(k, v) => w.set_env(true, k, v).await,
+            Request::Env(k, v) => w.set_env(false, k, v).await,
             Request::Exec(cmd) => w.exec(true, cmd).await,
         }
     }
@@ -468,7 +472,6 @@ impl Request {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Pending {
     Pty,
-    Env,
     Exec,
 }
 
@@ -800,9 +803,9 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
     let channel = channel.map_err(|e| Error::Ssh(format!("opening the session channel: {e}")))?;
     let (mut reader, writer) = channel.split();
 
-    // pty-req, env and exec, all with want-reply: sent by their own task while the loop below
-    // already reads the replies (a large environment would otherwise fill russh's per-channel
-    // queue with replies nobody reads, and stall the connection).
+    // pty-req, env and exec: sent by their own task while the loop below already reads what
+    // the server says (a large environment would otherwise fill russh's outgoing queue while
+    // nobody reads, and stall the connection). Only pty-req and exec ask for a reply.
     let mut requests: Vec<Request> = Vec::new();
     if let Some((term, ws)) = &spec.tty {
         requests.push(Request::Pty { term: term.clone(), ws: *ws });
@@ -820,7 +823,7 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
     let exec = crate::cmdline::build_exec(backchannel.as_ref().map(|(_, p, _)| *p), command);
     log::debug!("exec {:?}", String::from_utf8_lossy(&exec));
     requests.push(Request::Exec(exec));
-    let mut pending: VecDeque<Pending> = requests.iter().map(Request::pending).collect();
+    let mut pending: VecDeque<Pending> = requests.iter().filter_map(Request::pending).collect();
     let writer = Arc::new(writer);
     let (sent_tx, mut sent_rx) = tokio::sync::oneshot::channel::<std::result::Result<(), russh::Error>>();
     let request_writer = writer.clone();
@@ -910,7 +913,6 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
                         "the server refused to run the command {:?}",
                         String::from_utf8_lossy(&crate::cmdline::build_exec(None, command)).trim_start()
                     ))),
-                    Some(Pending::Env) => log::debug!("an env request was refused (sshd's AcceptEnv)"),
                     None => {}
                 },
                 Some(russh::ChannelMsg::Eof) => log::debug!("remote EOF"),
@@ -1191,6 +1193,21 @@ mod tests {
         assert_eq!(exit_code(None, Some("TERM"), "h"), 143);
         assert_eq!(exit_code(None, Some("KILL"), "h"), 137);
         assert_eq!(exit_code(None, None, "h"), 255);
+    }
+
+    /// env asks for no reply, so a server's success or failure lines up with pty-req and exec
+    /// only: a refused exec after forty env requests is still reported as a refused exec.
+    #[test]
+    fn only_pty_and_exec_wait_for_a_reply() {
+        let ws = terminal::WindowSize { cols: 80, rows: 24, width_px: 0, height_px: 0 };
+        let requests = [
+            Request::Pty { term: "xterm".into(), ws },
+            Request::Env("A".into(), "1".into()),
+            Request::Env("B".into(), "2".into()),
+            Request::Exec(b"true".to_vec()),
+        ];
+        let pending: Vec<Pending> = requests.iter().filter_map(Request::pending).collect();
+        assert_eq!(pending, vec![Pending::Pty, Pending::Exec]);
     }
 
     /// A back-channel acceptor offering `offered` connections whose served streams (the bytes

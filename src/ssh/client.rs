@@ -408,6 +408,7 @@ pub async fn connect(stream: BoxStream, check: HostKeyCheck) -> Result<Connectio
         cfg.preferred.key = host_key_order(&known).into();
     }
     let handler = CpuHandler { check, shared: shared.clone() };
+    let stream = crate::ssh::coalesce::Coalesced::new(stream);
     match client::connect_stream(Arc::new(cfg), stream, handler).await {
         Ok(handle) => Ok(Connection { handle, shared }),
         Err(e) => {

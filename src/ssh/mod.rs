@@ -4,6 +4,7 @@ pub mod admission;
 pub mod authorized_keys;
 pub mod backlog;
 pub mod client;
+pub mod coalesce;
 pub mod config;
 pub mod hostkey;
 pub mod kexcheck;

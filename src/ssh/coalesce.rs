@@ -1,0 +1,155 @@
+//! The socket under russh's client session loop: reads through a buffer, and writes held
+//! until the loop waits for input, so a burst of packets costs one system call each way and
+//! one wake-up of the peer instead of one per packet.
+//!
+//! russh reads every packet with two small exact reads (length, then the rest) and writes and
+//! flushes after every pass of its loop. A `cpu` session's env requests, or the replies a
+//! server sends to them, were ~90 `recvfrom` calls in a control master per session, and the
+//! requests left in several writes, each waking cpud. russh's loop polls its read on every pass
+//! and whenever it has nothing else to do; a read that would block sends what is held (and a
+//! full socket's writability wakes the loop, which polls the read again). Shutdown sends the
+//! rest. The server side does the same in `ssh::server` (with its key-exchange checks).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+
+/// Read buffer: a burst of small packets in one read.
+const READ_BUFFER: usize = 16 * 1024;
+/// Held writes are sent once this much is waiting, even while input keeps arriving.
+const WRITE_COALESCE: usize = 64 * 1024;
+
+/// A stream whose reads are buffered and whose writes wait for the next read that would block.
+pub struct Coalesced<S> {
+    inner: BufReader<S>,
+    /// Written (and flushed, as russh sees it) but not yet on the socket.
+    unsent: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Coalesced<S> {
+    pub fn new(stream: S) -> Coalesced<S> {
+        Coalesced { inner: BufReader::with_capacity(READ_BUFFER, stream), unsent: Vec::new() }
+    }
+
+    /// Writes out what is held; Pending (with the socket's writability registered) while some
+    /// is left.
+    fn poll_send_unsent(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.unsent.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.unsent) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.unsent.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesced<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        // The loop waits for input now: what it wrote goes out.
+        if read.is_pending() {
+            if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        read
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if self.unsent.len() >= WRITE_COALESCE {
+            std::task::ready!(self.poll_send_unsent(cx))?;
+        }
+        self.unsent.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    /// Leaves the bytes held (see [`Coalesced`]): russh flushes after every pass of its loop.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_send_unsent(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Whether `peer` has anything to read right now.
+    fn readable(peer: &mut tokio::io::DuplexStream) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 256];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut rb = ReadBuf::new(&mut buf);
+        match Pin::new(peer).poll_read(&mut cx, &mut rb) {
+            Poll::Ready(Ok(())) => Some(rb.filled().to_vec()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn writes_wait_for_a_read_that_would_block() {
+        let (ours, mut peer) = tokio::io::duplex(1 << 16);
+        let mut s = Coalesced::new(ours);
+        s.write_all(b"one").await.unwrap();
+        s.flush().await.unwrap();
+        s.write_all(b"two").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(readable(&mut peer), None, "nothing is sent before the loop waits for input");
+        // A read with nothing to read sends both writes in one.
+        let mut buf = [0u8; 8];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut rb = ReadBuf::new(&mut buf);
+        assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(readable(&mut peer).as_deref(), Some(&b"onetwo"[..]));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_come_from_one_buffer_and_shutdown_sends_the_rest() {
+        let (ours, mut peer) = tokio::io::duplex(1 << 16);
+        let mut s = Coalesced::new(ours);
+        peer.write_all(b"\0\0\0\x05hello\0\0\0\x02hi").await.unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).await.unwrap();
+        assert_eq!(body, b"hello");
+        s.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).await.unwrap();
+        assert_eq!(body, b"hi");
+        s.write_all(b"bye").await.unwrap();
+        assert_eq!(readable(&mut peer), None);
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"bye");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_backlog_goes_out_without_a_read() {
+        let (ours, mut peer) = tokio::io::duplex(1 << 20);
+        let mut s = Coalesced::new(ours);
+        let block = vec![7u8; WRITE_COALESCE];
+        s.write_all(&block).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut got = vec![0u8; WRITE_COALESCE];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, block);
+    }
+}
