@@ -723,17 +723,21 @@ pub async fn local_session(
     let mut sigwinch = signal(SignalKind::window_change()).map_err(|e| Error::io("SIGWINCH handler", e))?;
 
     // stdout and stderr: written by one plain thread, in order, so a slow reader only slows
-    // us down; joined before we return so nothing is lost (pitfall P19).
-    // It says when it is done, so joining it needs no blocking-pool thread of its own.
-    let (written_tx, written_rx) = tokio::sync::oneshot::channel::<()>();
-    let output = crate::task::spawn_thread(move || {
-        write_output(out_rx);
-        let _ = written_tx.send(());
-    });
+    // us down; joined before we return so nothing is lost (pitfall P19). The thread starts
+    // with the first output: a session that prints nothing (`cpu host true`) makes none, and
+    // its end waits for no hand-off to a thread and back (two wake-ups, each a wait for a
+    // core on a busy host).
+    let mut unstarted_output = Some(out_rx);
+    let mut output: Option<OutputThread> = None;
     let (mut interrupts, mut terminations) = (0u32, 0u32);
     let ending = loop {
         tokio::select! {
             r = &mut runner => break r.map(Ending::Closed),
+            first = next_output(&mut unstarted_output), if unstarted_output.is_some() => {
+                if let (Some(chunk), Some(rx)) = (first, unstarted_output.take()) {
+                    output = Some(OutputThread::start(chunk, rx));
+                }
+            }
             Some(()) = escape_rx.recv() => break Ok(Ending::Escape),
             // Signals are forwarded (the session sends them once its command started); but a
             // server that ignores them must not make cpu unkillable.
@@ -761,8 +765,16 @@ pub async fn local_session(
     drop(stdin_task);
     // Ends the session if it still runs, which closes the output channel.
     drop(runner);
-    let _ = written_rx.await;
-    let _ = output.join();
+    match (output, unstarted_output) {
+        (Some(thread), _) => thread.finish().await,
+        // Output that came with the end: the session is over, nothing else waits for this thread.
+        (None, Some(mut rx)) => {
+            while let Some((to_stderr, bytes)) = rx.recv().await {
+                write_chunk(to_stderr, &bytes);
+            }
+        }
+        (None, None) => {}
+    }
     drop(_raw);
     match ending? {
         Ending::Escape => {
@@ -826,8 +838,15 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
     let mut pending: VecDeque<Pending> = requests.iter().filter_map(Request::pending).collect();
     let writer = Arc::new(writer);
     let (sent_tx, mut sent_rx) = tokio::sync::oneshot::channel::<std::result::Result<(), russh::Error>>();
+    // The same task then carries the user's stdin to the remote: it starts the moment exec is
+    // sent, and an input already at its end (`</dev/null`) sends EOF right behind the exec, in
+    // the same write. Its own task, so that neither a full remote window nor a slow keyboard
+    // ever stops the loop below from reading the remote's output (which is what lets russh
+    // process the window adjustments).
     let request_writer = writer.clone();
-    crate::task::spawn(async move {
+    let is_tty = spec.tty.is_some();
+    let mut remote_stdin = writer.make_writer();
+    let stdin_task = AbortOnDrop(crate::task::spawn(async move {
         let mut result = Ok(());
         for r in requests {
             result = r.send(&request_writer).await;
@@ -835,8 +854,21 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
                 break;
             }
         }
+        let started = result.is_ok();
         let _ = sent_tx.send(result);
-    });
+        if !started {
+            return;
+        }
+        while let Some(bytes) = local_stdin.recv().await {
+            if remote_stdin.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        // Batch mode: EOF to the remote. With a terminal, EOF is a key (^D).
+        if !is_tty {
+            let _ = remote_stdin.shutdown().await;
+        }
+    }));
     let mut requests_sent = false;
 
     // For the `-d` summary (make bench reads it): round trips decide speed on a real link.
@@ -864,28 +896,6 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
         }
         _ => None,
     };
-
-    // The user's stdin to the remote, in its own task so that neither a full remote window nor
-    // a slow keyboard ever stops this loop from reading the remote's output (which is what
-    // lets russh process the window adjustments). It starts once exec is sent.
-    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut go_tx = Some(go_tx);
-    let is_tty = spec.tty.is_some();
-    let mut remote_stdin = writer.make_writer();
-    let stdin_task = AbortOnDrop(crate::task::spawn(async move {
-        if go_rx.await.is_err() {
-            return;
-        }
-        while let Some(bytes) = local_stdin.recv().await {
-            if remote_stdin.write_all(&bytes).await.is_err() {
-                return;
-            }
-        }
-        // Batch mode: EOF to the remote. With a terminal, EOF is a key (^D).
-        if !is_tty {
-            let _ = remote_stdin.shutdown().await;
-        }
-    }));
 
     let mut outcome = Outcome::default();
     let mut events_open = true;
@@ -922,11 +932,7 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
             sent = &mut sent_rx, if !requests_sent => {
                 requests_sent = true;
                 match sent {
-                    Ok(Ok(())) => {
-                        if let Some(go) = go_tx.take() {
-                            let _ = go.send(());
-                        }
-                    }
+                    Ok(Ok(())) => {}
                     Ok(Err(e)) => break Err(Error::Ssh(format!("starting the session: {e}"))),
                     Err(_) => break Err(Error::Ssh("starting the session: request task ended".into())),
                 }
@@ -1014,22 +1020,53 @@ impl Drop for LentStdin {
     }
 }
 
-/// Writes (is_stderr, bytes) chunks to fd 2 or fd 1 until the channel closes.
-fn write_output(mut rx: mpsc::Receiver<(bool, Vec<u8>)>) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr();
-    while let Some((to_stderr, bytes)) = rx.blocking_recv() {
-        let r = if to_stderr {
-            err.write_all(&bytes).and_then(|_| err.flush())
-        } else {
-            out.write_all(&bytes).and_then(|_| out.flush())
-        };
-        if r.is_err() {
-            // A closed stdout (e.g. `| head`): keep draining so the session can finish.
-            continue;
-        }
+/// The next output chunk of a session whose writer thread has not started (None: closed).
+async fn next_output(rx: &mut Option<mpsc::Receiver<(bool, Vec<u8>)>>) -> Option<(bool, Vec<u8>)> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
+}
+
+/// The thread that writes a session's stdout and stderr.
+struct OutputThread {
+    handle: std::thread::JoinHandle<()>,
+    /// Says when it is done, so joining it needs no blocking-pool thread of its own.
+    written: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl OutputThread {
+    /// Writes `first`, then every chunk of `rx` until it closes.
+    fn start(first: (bool, Vec<u8>), mut rx: mpsc::Receiver<(bool, Vec<u8>)>) -> OutputThread {
+        let (written_tx, written) = tokio::sync::oneshot::channel::<()>();
+        let handle = crate::task::spawn_thread(move || {
+            write_chunk(first.0, &first.1);
+            while let Some((to_stderr, bytes)) = rx.blocking_recv() {
+                write_chunk(to_stderr, &bytes);
+            }
+            let _ = written_tx.send(());
+        });
+        OutputThread { handle, written }
+    }
+
+    /// Waits until everything is written (the channel's senders are gone).
+    async fn finish(self) {
+        let _ = self.written.await;
+        let _ = self.handle.join();
+    }
+}
+
+/// Writes one chunk to fd 2 or fd 1. A closed stdout (e.g. `| head`) is ignored: the caller
+/// keeps draining so the session can finish.
+fn write_chunk(to_stderr: bool, bytes: &[u8]) {
+    use std::io::Write;
+    let _ = if to_stderr {
+        let mut err = std::io::stderr();
+        err.write_all(bytes).and_then(|_| err.flush())
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes).and_then(|_| out.flush())
+    };
 }
 
 /// The exit status for what the server reported.

@@ -6,9 +6,11 @@
 //! flushes after every pass of its loop. A `cpu` session's env requests, or the replies a
 //! server sends to them, were ~90 `recvfrom` calls in a control master per session, and the
 //! requests left in several writes, each waking cpud. russh's loop polls its read on every pass
-//! and whenever it has nothing else to do; a read that would block sends what is held (and a
-//! full socket's writability wakes the loop, which polls the read again). Shutdown sends the
-//! rest. The server side does the same in `ssh::server` (with its key-exchange checks).
+//! and whenever it has nothing else to do. The first read that would block after a write lets
+//! the other tasks run once (the loop is woken again at once), so that what they are about to
+//! queue (the rest of a session's requests, the EOF of an empty stdin) leaves in the same
+//! write; the next read that would block sends what is held (and a full socket's writability
+//! wakes the loop, which polls the read again). Shutdown sends the rest. The server side does the same in `ssh::server` (with its key-exchange checks).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -25,11 +27,13 @@ pub struct Coalesced<S> {
     inner: BufReader<S>,
     /// Written (and flushed, as russh sees it) but not yet on the socket.
     unsent: Vec<u8>,
+    /// A read found nothing with `unsent` waiting, and the loop was woken to look once more.
+    deferred: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Coalesced<S> {
     pub fn new(stream: S) -> Coalesced<S> {
-        Coalesced { inner: BufReader::with_capacity(READ_BUFFER, stream), unsent: Vec::new() }
+        Coalesced { inner: BufReader::with_capacity(READ_BUFFER, stream), unsent: Vec::new(), deferred: false }
     }
 
     /// Writes out what is held; Pending (with the socket's writability registered) while some
@@ -56,8 +60,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesced<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
-        // The loop waits for input now: what it wrote goes out.
-        if read.is_pending() {
+        if read.is_pending() && !self.unsent.is_empty() {
+            if !self.deferred {
+                // Once: the tasks that feed the loop run first, and add to this write.
+                self.deferred = true;
+                cx.waker().wake_by_ref();
+                return read;
+            }
+            // The loop waits for input now: what it wrote goes out.
+            self.deferred = false;
             if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -111,12 +122,21 @@ mod tests {
         s.write_all(b"two").await.unwrap();
         s.flush().await.unwrap();
         assert_eq!(readable(&mut peer), None, "nothing is sent before the loop waits for input");
-        // A read with nothing to read sends both writes in one.
         let mut buf = [0u8; 8];
         let mut cx = Context::from_waker(std::task::Waker::noop());
+        // The first read with nothing to read lets the other tasks add to the write.
         let mut rb = ReadBuf::new(&mut buf);
         assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
-        assert_eq!(readable(&mut peer).as_deref(), Some(&b"onetwo"[..]));
+        assert_eq!(readable(&mut peer), None);
+        s.write_all(b"three").await.unwrap();
+        // The next one sends the three writes in one.
+        let mut rb = ReadBuf::new(&mut buf);
+        assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(readable(&mut peer).as_deref(), Some(&b"onetwothree"[..]));
+        // With nothing held, a read that would block does nothing more.
+        let mut rb = ReadBuf::new(&mut buf);
+        assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(readable(&mut peer), None);
     }
 
     #[tokio::test(flavor = "current_thread")]
