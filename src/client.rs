@@ -499,7 +499,7 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     let conn = connect(net, &opts, &target, check).await?;
     let (io, ends) = session_io();
     let tty = spec.tty.as_ref().map(|(_, ws)| *ws);
-    let result = local_session(tty, &target.host, ends, Box::pin(run_channel(&conn, &spec, io))).await;
+    let result = local_session(tty, &target.host, ends, Box::pin(run_channel(&conn, &spec, io, None))).await;
     // Bounded: a server that stopped reading must not keep cpu from exiting.
     let bye = conn.handle.disconnect(russh::Disconnect::ByApplication, "", "en");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
@@ -791,7 +791,14 @@ pub async fn local_session(
 
 /// Runs one session on an authenticated connection: the 9P back-channel when asked, the
 /// session channel and its requests, then the I/O until the server closes the channel.
-pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -> Result<Outcome> {
+/// `opened` is a session channel already open on `conn` (a control master's spare), else one
+/// is opened here.
+pub async fn run_channel(
+    conn: &Connection,
+    spec: &SessionSpec,
+    io: SessionIo,
+    opened: Option<russh::Channel<russh::client::Msg>>,
+) -> Result<Outcome> {
     let SessionIo { stdin: mut local_stdin, output: out_tx, mut events } = io;
     // tcpip-forward and the session channel's open are independent: one round trip for both
     // (only the exec string needs the forwarded port, and it is sent after both replies).
@@ -801,7 +808,12 @@ pub async fn run_channel(conn: &Connection, spec: &SessionSpec, io: SessionIo) -
             false => Ok(None),
         }
     };
-    let open = conn.handle.channel_open_session();
+    let open = async {
+        match opened {
+            Some(channel) => Ok(channel),
+            None => conn.handle.channel_open_session().await,
+        }
+    };
     let (forward, channel) = tokio::join!(forward, open);
     let mut backchannel = None;
     let nonce = match forward? {

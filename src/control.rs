@@ -22,7 +22,10 @@
 //! The master runs each session with [`crate::client::run_channel`], the code of a direct
 //! session, with the mux client's environment, directory, command, terminal and 9P options
 //! (-root, -namespace, -ro, -msize, -mountopts): each session gets its own remote forward and
-//! nonce. It serves only peers of its own uid (SO_PEERCRED) and refuses others with a log line
+//! nonce. Each session also opens the next session's channel ([`SpareChannel`]): the server
+//! confirms it while nobody waits, and a mux session costs one round trip less (the channel
+//! open), as long as the server has not closed the spare meanwhile (then one is opened as
+//! before). It serves only peers of its own uid (SO_PEERCRED) and refuses others with a log line
 //! and a message to them. Nothing here parses ssh_config: [`crate::ssh::config`] reads the keys.
 //!
 //! Socket protocol (ours, not OpenSSH's): frames of a 4-byte big-endian length, a type byte and
@@ -597,6 +600,7 @@ enum MasterEvent {
 
 async fn serve(conn: Arc<Connection>, listener: tokio::net::UnixListener, path: &Path, persist: Persist) {
     let my_uid = rustix::process::getuid().as_raw();
+    let spare = Arc::new(SpareChannel::default());
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<MasterEvent>();
     let mut active = 0usize;
     let grace = |d: Duration| Some(tokio::time::Instant::now() + d);
@@ -630,7 +634,7 @@ async fn serve(conn: Arc<Connection>, listener: tokio::net::UnixListener, path: 
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match stream.peer_cred() {
                     Ok(cred) if cred.uid() == my_uid => {
-                        crate::task::spawn(serve_client(conn.clone(), stream, ev_tx.clone()));
+                        crate::task::spawn(serve_client(conn.clone(), stream, ev_tx.clone(), spare.clone()));
                     }
                     Ok(cred) => {
                         let msg = format!(
@@ -706,7 +710,12 @@ async fn serve(conn: Arc<Connection>, listener: tokio::net::UnixListener, path: 
 }
 
 /// One peer of the master: a check, an exit request, or a session.
-async fn serve_client(conn: Arc<Connection>, stream: UnixStream, events: mpsc::UnboundedSender<MasterEvent>) {
+async fn serve_client(
+    conn: Arc<Connection>,
+    stream: UnixStream,
+    events: mpsc::UnboundedSender<MasterEvent>,
+    spare: Arc<SpareChannel>,
+) {
     let (mut rd, mut wr) = stream.into_split();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut rd)).await {
         Ok(Ok(Some(f))) => f,
@@ -731,7 +740,7 @@ async fn serve_client(conn: Arc<Connection>, stream: UnixStream, events: mpsc::U
             Ok(spec) => {
                 let _ = events.send(MasterEvent::Started);
                 if write_frame(&mut wr, ACCEPTED, &[]).await.is_ok() {
-                    serve_session(conn, spec, rd, wr).await;
+                    serve_session(conn, spec, rd, wr, &spare).await;
                 }
                 let _ = events.send(MasterEvent::Ended);
             }
@@ -749,7 +758,9 @@ async fn serve_session(
     spec: SessionSpec,
     mut rd: tokio::net::unix::OwnedReadHalf,
     mut wr: tokio::net::unix::OwnedWriteHalf,
+    spare: &SpareChannel,
 ) {
+    let opened = spare.take(&conn).await;
     let pwd = spec.environ.iter().find(|(k, _)| k == "PWD").map(|(_, v)| v.to_string_lossy().into_owned());
     log::debug!(
         "control master: session {:?} in {pwd:?}, 9p {} root {:?}, fstab {:?}",
@@ -797,7 +808,7 @@ async fn serve_session(
         }
     }));
     let run_conn = conn.clone();
-    let run = tokio::spawn(async move { client::run_channel(&run_conn, &spec, io).await });
+    let run = tokio::spawn(async move { client::run_channel(&run_conn, &spec, io, opened).await });
     let mut client_gone = false;
     while let Some((to_stderr, bytes)) = out_rx.recv().await {
         // A client that went away: keep draining so the session can end.
@@ -820,6 +831,36 @@ async fn serve_session(
         }
         Err(e) => {
             let _ = write_frame(&mut wr, ERROR, e.to_string().as_bytes()).await;
+        }
+    }
+}
+
+/// The session channel a master opens ahead of its next session (see the module text).
+#[derive(Default)]
+struct SpareChannel {
+    opening: std::sync::Mutex<Option<tokio::task::JoinHandle<Option<russh::Channel<russh::client::Msg>>>>>,
+}
+
+impl SpareChannel {
+    /// The spare, if it opened and the server has said nothing on it since (a channel it
+    /// closed is dropped); and the next one is asked for, in the same write as this session's
+    /// first requests.
+    async fn take(&self, conn: &Arc<Connection>) -> Option<russh::Channel<russh::client::Msg>> {
+        let opening = self.opening.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let next = conn.clone();
+        let next = tokio::spawn(async move { next.handle.channel_open_session().await.ok() });
+        *self.opening.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
+        let mut channel = opening?.await.ok().flatten()?;
+        // Polled once: a spare holds no message unless the server closed (or used) it.
+        match tokio::time::timeout(Duration::ZERO, channel.wait()).await {
+            Err(_) => {
+                log::debug!("control master: the session runs on the spare channel");
+                Some(channel)
+            }
+            Ok(said) => {
+                log::debug!("control master: the spare channel is not usable ({said:?}); opening one");
+                None
+            }
         }
     }
 }

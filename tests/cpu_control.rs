@@ -262,6 +262,35 @@ fn two_mux_sessions_at_once() {
 }
 
 #[test]
+fn later_mux_sessions_run_on_the_channel_the_one_before_opened() {
+    if !need_cpud_session() {
+        return;
+    }
+    let w = World::new("spare");
+    let master_log = w.dir.path().join("master.log");
+    let mut first = w.cpu(
+        &["-d", "-controlmaster=auto", "-controlpersist=60"],
+        &["-9p=false", "127.0.0.1", "echo", "one"],
+    );
+    first.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&master_log).unwrap());
+    let o = wait_output(first.spawn().unwrap(), CHILD_TIMEOUT);
+    assert_eq!(
+        (o.status.code(), text(&o.stdout)),
+        (Some(0), "one\n".to_string()),
+        "{}",
+        std::fs::read_to_string(&master_log).unwrap_or_default()
+    );
+    for word in ["two", "three"] {
+        let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "echo", word], None);
+        assert_eq!((o.status.code(), text(&o.stdout)), (Some(0), format!("{word}\n")), "{}", text(&o.stderr));
+    }
+    let log = std::fs::read_to_string(&master_log).unwrap();
+    assert_eq!(log.matches("the session runs on the spare channel").count(), 2, "{log}");
+    assert_eq!(w.cpud.sessions(), 3, "{}", w.cpud.log());
+    assert_eq!(w.cpud.connections(), 1, "{}", w.cpud.log());
+}
+
+#[test]
 fn each_mux_session_gets_its_own_9p_forward_and_options() {
     if !need_cpud_session() {
         return;

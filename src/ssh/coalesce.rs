@@ -33,7 +33,11 @@ pub struct Coalesced<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Coalesced<S> {
     pub fn new(stream: S) -> Coalesced<S> {
-        Coalesced { inner: BufReader::with_capacity(READ_BUFFER, stream), unsent: Vec::new(), deferred: false }
+        Coalesced {
+            inner: BufReader::with_capacity(READ_BUFFER, stream),
+            unsent: Vec::new(),
+            deferred: false,
+        }
     }
 
     /// Writes out what is held; Pending (with the socket's writability registered) while some
@@ -78,7 +82,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesced<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         if self.unsent.len() >= WRITE_COALESCE {
             std::task::ready!(self.poll_send_unsent(cx))?;
         }
