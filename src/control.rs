@@ -22,10 +22,10 @@
 //! The master runs each session with [`crate::client::run_channel`], the code of a direct
 //! session, with the mux client's environment, directory, command, terminal and 9P options
 //! (-root, -namespace, -ro, -msize, -mountopts): each session gets its own remote forward and
-//! nonce. Each session also opens the next session's channel ([`SpareChannel`]): the server
-//! confirms it while nobody waits, and a mux session costs one round trip less (the channel
-//! open), as long as the server has not closed the spare meanwhile (then one is opened as
-//! before). It serves only peers of its own uid (SO_PEERCRED) and refuses others with a log line
+//! nonce. When a session has ended, the master opens the next session's channel
+//! ([`SpareChannel`]): the server confirms it while nobody waits, and the next mux session
+//! costs one round trip less (the channel open), as long as the server has not closed the
+//! spare meanwhile (then one is opened as before). It serves only peers of its own uid (SO_PEERCRED) and refuses others with a log line
 //! and a message to them. Nothing here parses ssh_config: [`crate::ssh::config`] reads the keys.
 //!
 //! Socket protocol (ours, not OpenSSH's): frames of a 4-byte big-endian length, a type byte and
@@ -760,7 +760,7 @@ async fn serve_session(
     mut wr: tokio::net::unix::OwnedWriteHalf,
     spare: &SpareChannel,
 ) {
-    let opened = spare.take(&conn).await;
+    let opened = spare.take().await;
     let pwd = spec.environ.iter().find(|(k, _)| k == "PWD").map(|(_, v)| v.to_string_lossy().into_owned());
     log::debug!(
         "control master: session {:?} in {pwd:?}, 9p {} root {:?}, fstab {:?}",
@@ -833,6 +833,7 @@ async fn serve_session(
             let _ = write_frame(&mut wr, ERROR, e.to_string().as_bytes()).await;
         }
     }
+    spare.refill(&conn);
 }
 
 /// The session channel a master opens ahead of its next session (see the module text).
@@ -842,14 +843,10 @@ struct SpareChannel {
 }
 
 impl SpareChannel {
-    /// The spare, if it opened and the server has said nothing on it since (a channel it
-    /// closed is dropped); and the next one is asked for, in the same write as this session's
-    /// first requests.
-    async fn take(&self, conn: &Arc<Connection>) -> Option<russh::Channel<russh::client::Msg>> {
+    /// The spare, if there is one and the server has said nothing on it since (a channel it
+    /// closed is dropped).
+    async fn take(&self) -> Option<russh::Channel<russh::client::Msg>> {
         let opening = self.opening.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let next = conn.clone();
-        let next = tokio::spawn(async move { next.handle.channel_open_session().await.ok() });
-        *self.opening.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
         let mut channel = opening?.await.ok().flatten()?;
         // Polled once: a spare holds no message unless the server closed (or used) it.
         match tokio::time::timeout(Duration::ZERO, channel.wait()).await {
@@ -861,6 +858,16 @@ impl SpareChannel {
                 log::debug!("control master: the spare channel is not usable ({said:?}); opening one");
                 None
             }
+        }
+    }
+
+    /// Opens the next session's channel, unless one is open or on its way. Called when a
+    /// session has ended and its client has its outcome: off every session's critical path.
+    fn refill(&self, conn: &Arc<Connection>) {
+        let mut slot = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() && !conn.handle.is_closed() {
+            let conn = conn.clone();
+            *slot = Some(tokio::spawn(async move { conn.handle.channel_open_session().await.ok() }));
         }
     }
 }
