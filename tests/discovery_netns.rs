@@ -454,13 +454,14 @@ fn discovery_decpud_announces_while_serving() {
     let Some(lab) = lab_or_skip("glue", 2) else { return };
     let mut server = lab.helper(1, "decpud", &[]);
     assert!(server.wait_line("serving", READY).is_some(), "{}", server.stderr_text(Duration::from_secs(1)));
+    // The real applet in the same lab, browsing beside the helper below: a query nobody meets
+    // is a connection error (255).
+    let mut cli =
+        lab.sh(2, &format!("exec {} decpu -d 'dnssd://?role=nothing' date", env!("CARGO_BIN_EXE_cpu-all")));
     let (lines, err) = decpu(&lab, 2, &["-d", "dnssd://?role=glue", "date"], "record");
     assert_eq!(lines, vec![connected(1), "status 0".to_string()], "{err}");
     assert!(err.contains("node1-cpud._ncpu._tcp.local. port 17010"), "{err}");
     assert!(err.contains(" tenants=2]"), "{err}");
-    // The real applet in the same lab: a query nobody meets is a connection error (255).
-    let mut cli =
-        lab.sh(2, &format!("exec {} decpu -d 'dnssd://?role=nothing' date", env!("CARGO_BIN_EXE_cpu-all")));
     assert_eq!(cli.wait(Duration::from_secs(30)), Some(255));
     let err = cli.stderr_text(Duration::from_secs(1));
     assert!(err.contains("decpu: dnssd:   dropped: role=nothing: has glue"), "{err}");
