@@ -91,10 +91,12 @@ lint: ## rustfmt check, clippy -D warnings, and every test skip going through th
 # every tests/*.rs, the doc-tests), then runs the test binaries and the doc-tests UNIT_JOBS at a
 # time (most of them wait on sockets, children and mDNS, not on the CPU): a progress line as
 # each ends, then each one's output whole in cargo's order, each part's time, and the failures.
+# UNIT_WIDE: the binaries that only wait (mDNS in network namespaces) run 4 tests at a time.
 UNIT_JOBS ?= 6
+UNIT_WIDE ?= discovery_netns discovery_peers
 unit: ## every cargo test (unit, in-process and black-box), several binaries at a time; ends with the skips and why
 	$(skip_reset)
-	@CARGO=$(CARGO) UNIT_JOBS=$(UNIT_JOBS) tools/run-unit
+	@CARGO=$(CARGO) UNIT_JOBS=$(UNIT_JOBS) UNIT_WIDE="$(UNIT_WIDE)" tools/run-unit
 	$(skip_summary)
 
 # The stages one after the other, each timed; the skips of all of them are summed up at the
