@@ -141,7 +141,11 @@ fn start_decpu(lab: &Lab, n: usize, args: &[&str]) -> Helper {
     let mut with_debug = vec!["-d"];
     with_debug.extend_from_slice(args);
     let joined = with_debug.join("\n");
-    lab.helper(n, "decpu", &[("DECPU_ARGS", &joined), ("DS_CONNECT", "record"), ("DECPU_BROWSE_MS", BROWSE_MS)])
+    lab.helper(
+        n,
+        "decpu",
+        &[("DECPU_ARGS", &joined), ("DS_CONNECT", "record"), ("DECPU_BROWSE_MS", BROWSE_MS)],
+    )
 }
 
 /// Runs decpu -d with a recording runner and checks what it chose (stderr shown on failure).
@@ -236,7 +240,10 @@ fn discovery_selects_by_arch_number_and_sort_key() {
             // No host argument at all: the default query too (and no command: the shell).
             (&[], ok(3)),
             // -n 2: both of our architecture, best first.
-            (&["-n", "2", "dnssd://?sort=>cores", "date"], vec![connected(2), connected(3), "status 0".into()]),
+            (
+                &["-n", "2", "dnssd://?sort=>cores", "date"],
+                vec![connected(2), connected(3), "status 0".into()],
+            ),
         ],
     );
     let (lines, err) = nothing.decpu_result(Duration::from_secs(30));

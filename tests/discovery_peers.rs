@@ -82,7 +82,12 @@ fn start_decpu(ns: &Netns, n: usize, enter: Enter, args: &[&str], connect: &str,
     let mut all = vec!["-d"];
     all.extend_from_slice(args);
     let joined = all.join("\n");
-    ns.helper(n, enter, "decpu", &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", browse_ms)])
+    ns.helper(
+        n,
+        enter,
+        "decpu",
+        &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", browse_ms)],
+    )
 }
 
 /// avahi-daemon inside namespace `n`, up; removed (with its scratch dir) when dropped.
@@ -160,7 +165,8 @@ fn discovery_lo_only_namespace_both_ways_with_avahi() {
     let Some(ns) = netns_or_skip("lo-only", || Netns::lo_only("lo")) else { return };
     // decpud announces on lo without being told to (lo is up and multicast-capable).
     let _server = decpud(&ns, 1, Enter::IpNetnsExec, &["-dsInstance", "lo-cpud", "-dsTxt", "role=lo"]);
-    let mut browsing = start_decpu(&ns, 1, Enter::IpNetnsExec, &["dnssd://?role=lo", "date"], "tcp", BROWSE_MS);
+    let mut browsing =
+        start_decpu(&ns, 1, Enter::IpNetnsExec, &["dnssd://?role=lo", "date"], "tcp", BROWSE_MS);
     // avahi (not announcing anything yet) starts while decpu browses.
     let avahi = match avahi_unavailable() {
         Some(why) => Err(why),
