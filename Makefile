@@ -92,7 +92,7 @@ lint: ## rustfmt check, clippy -D warnings, and every test skip going through th
 # time (most of them wait on sockets, children and mDNS, not on the CPU): a progress line as
 # each ends, then each one's output whole in cargo's order, each part's time, and the failures.
 # UNIT_WIDE: the binaries that only wait (mDNS in network namespaces) run 4 tests at a time.
-UNIT_JOBS ?= 6
+UNIT_JOBS ?= 8
 UNIT_WIDE ?= discovery_netns discovery_peers
 unit: ## every cargo test (unit, in-process and black-box), several binaries at a time; ends with the skips and why
 	$(skip_reset)
