@@ -87,25 +87,16 @@ lint: ## rustfmt check, clippy -D warnings, and every test skip going through th
 	$(CARGO) clippy --all-targets -- -D warnings
 	tools/check-skips
 
-# The test binaries that mostly wait (mDNS announcements and browses in network namespaces)
-# run in a second `cargo test` beside the others (cargo runs one binary after the other); their
-# output is printed whole after the others'. Together the two runs cover every target of a
-# plain `cargo test` (lib, bin, examples built, every tests/*.rs, the doc-tests).
-UNIT_BESIDE ?= discovery_peers discovery_netns
-UNIT_REST := $(filter-out $(UNIT_BESIDE),$(basename $(notdir $(wildcard tests/*.rs))))
-unit: ## every cargo test (unit, in-process and black-box); ends with the skips and why
+# tools/run-unit builds every test target of a plain `cargo test` (lib, bin, examples built,
+# every tests/*.rs, the doc-tests), then runs the test binaries and the doc-tests UNIT_JOBS at a
+# time (most of them wait on sockets, children and mDNS, not on the CPU): a progress line as
+# each ends, then each one's output whole in cargo's order, each part's time, and the failures.
+# UNIT_WIDE: the binaries that only wait (mDNS in network namespaces) run 4 tests at a time.
+UNIT_JOBS ?= 8
+UNIT_WIDE ?= discovery_netns discovery_peers
+unit: ## every cargo test (unit, in-process and black-box), several binaries at a time; ends with the skips and why
 	$(skip_reset)
-	@start=$$(date +%s); $(CARGO) test --no-fail-fast --no-run || exit 1; \
-	echo "unit: test binaries built in $$(( $$(date +%s) - start ))s"
-	@beside=$$(mktemp /tmp/cpu-unit-beside.XXXXXX); rc=0; start=$$(date +%s); \
-	$(CARGO) test --no-fail-fast $(foreach t,$(UNIT_BESIDE),--test $(t)) >$$beside 2>&1 & pid=$$!; \
-	$(CARGO) test --no-fail-fast --lib --bins --examples $(foreach t,$(UNIT_REST),--test $(t)) || rc=1; \
-	$(CARGO) test --no-fail-fast --doc || rc=1; \
-	rest=$$(( $$(date +%s) - start )); \
-	wait $$pid || rc=1; \
-	echo "=== beside the others: cargo test$(foreach t,$(UNIT_BESIDE), --test $(t)) ($$(( $$(date +%s) - start ))s; the others $${rest}s)"; \
-	cat $$beside; rm -f $$beside; \
-	[ $$rc = 0 ] || echo "unit: FAILED (see the failures above)"; exit $$rc
+	@CARGO=$(CARGO) UNIT_JOBS=$(UNIT_JOBS) UNIT_WIDE="$(UNIT_WIDE)" tools/run-unit
 	$(skip_summary)
 
 # The stages one after the other, each timed; the skips of all of them are summed up at the

@@ -175,7 +175,13 @@ impl server::Handler for Server {
                     if let Ok(mut good) =
                         handle.channel_open_forwarded_tcpip("::1", FORWARD_PORT, "::1", 50003).await
                     {
-                        let _ = good.data(nonce.as_bytes()).await;
+                        // The nonce and a Tversion: the Rversion (data) ends the wait at once,
+                        // after the client has verified the nonce and started serving 9P.
+                        let mut msg = nonce.into_bytes();
+                        msg.extend_from_slice(
+                            b"\x15\x00\x00\x00\x64\xff\xff\x00\x00\x01\x00\x08\x009P2000.L",
+                        );
+                        let _ = good.data(&msg[..]).await;
                         let _ = wait_closed(&mut good, Duration::from_secs(5)).await;
                         let _ = good.close().await;
                     }

@@ -136,12 +136,31 @@ fn decpu(lab: &Lab, n: usize, args: &[&str], connect: &str) -> (Vec<String>, Str
     h.decpu_result(Duration::from_secs(30))
 }
 
-/// Runs decpu -d with a recording runner and checks what it chose (stderr shown on failure).
-fn expect(lab: &Lab, n: usize, args: &[&str], want: Vec<String>) {
+/// Starts one decpu -d with a recording runner in node `n` (see [`decpu`]).
+fn start_decpu(lab: &Lab, n: usize, args: &[&str]) -> Helper {
     let mut with_debug = vec!["-d"];
     with_debug.extend_from_slice(args);
-    let (lines, err) = decpu(lab, n, &with_debug, "record");
-    assert_eq!(lines, want, "decpu {args:?}:\n{err}");
+    let joined = with_debug.join("\n");
+    lab.helper(
+        n,
+        "decpu",
+        &[("DECPU_ARGS", &joined), ("DS_CONNECT", "record"), ("DECPU_BROWSE_MS", BROWSE_MS)],
+    )
+}
+
+/// Runs decpu -d with a recording runner and checks what it chose (stderr shown on failure).
+fn expect(lab: &Lab, n: usize, args: &[&str], want: Vec<String>) {
+    expect_all(lab, n, &[(args, want)]);
+}
+
+/// [`expect`] for several queries while nothing changes: their decpus browse side by side
+/// (each its own process with its own full browse time), then each choice is checked.
+fn expect_all(lab: &Lab, n: usize, cases: &[(&[&str], Vec<String>)]) {
+    let mut running: Vec<Helper> = cases.iter().map(|(args, _)| start_decpu(lab, n, args)).collect();
+    for ((args, want), h) in cases.iter().zip(running.iter_mut()) {
+        let (lines, err) = h.decpu_result(Duration::from_secs(30));
+        assert_eq!(&lines, want, "decpu {args:?}:\n{err}");
+    }
 }
 
 fn lab_or_skip(tag: &str, nodes: usize) -> Option<Lab> {
@@ -186,17 +205,23 @@ fn discovery_selects_by_arch_number_and_sort_key() {
     let mut charlie = announce(&lab, 3, "charlie-cpud", "cores=8", false);
     let ok = |n: usize| vec![connected(n), "status 0".to_string()];
 
-    // By architecture: only alpha claims riscv64.
-    expect(&lab, 4, &["dnssd://?arch=riscv64", "date"], ok(1));
-    // By number: cores >= 10 among our own arch.
-    expect(&lab, 4, &["dnssd://?cores=>10", "date"], ok(2));
-    expect(&lab, 4, &["dnssd://?cores=<8", "date"], ok(3));
-    // By sort key.
-    expect(&lab, 4, &["dnssd://?sort=>cores", "date"], ok(2));
-    expect(&lab, 4, &["dnssd://?sort=cores", "date"], ok(3));
-    expect(&lab, 4, &["dnssd://?arch=*&sort=cores", "date"], ok(1));
-    // An instance by name.
-    expect(&lab, 4, &["dnssd://bravo-cpud._ncpu._tcp.local", "date"], ok(2));
+    expect_all(
+        &lab,
+        4,
+        &[
+            // By architecture: only alpha claims riscv64.
+            (&["dnssd://?arch=riscv64", "date"], ok(1)),
+            // By number: cores >= 10 among our own arch.
+            (&["dnssd://?cores=>10", "date"], ok(2)),
+            (&["dnssd://?cores=<8", "date"], ok(3)),
+            // By sort key.
+            (&["dnssd://?sort=>cores", "date"], ok(2)),
+            (&["dnssd://?sort=cores", "date"], ok(3)),
+            (&["dnssd://?arch=*&sort=cores", "date"], ok(1)),
+            // An instance by name.
+            (&["dnssd://bravo-cpud._ncpu._tcp.local", "date"], ok(2)),
+        ],
+    );
     // The default query sorts by tenants, which follow the sessions.
     bravo.send("tenants 0");
     charlie.send("tenants 2");
@@ -205,17 +230,23 @@ fn discovery_selects_by_arch_number_and_sort_key() {
     expect(&lab, 4, &[".", "date"], ok(2));
     bravo.send("tenants 3");
     assert!(bravo.wait_line("tenants-set 3", READY).is_some());
-    // No host argument at all: the default query too (and no command: the shell).
-    expect(&lab, 4, &[], ok(3));
-    // -n 2: both of our architecture, best first.
-    expect(
+    // Nothing qualifies: a connection error, with -d saying why each was dropped (checked
+    // below; it browses beside the next two).
+    let mut nothing = start_decpu(&lab, 4, &["dnssd://?near=tpu", "date"]);
+    expect_all(
         &lab,
         4,
-        &["-n", "2", "dnssd://?sort=>cores", "date"],
-        vec![connected(2), connected(3), "status 0".into()],
+        &[
+            // No host argument at all: the default query too (and no command: the shell).
+            (&[], ok(3)),
+            // -n 2: both of our architecture, best first.
+            (
+                &["-n", "2", "dnssd://?sort=>cores", "date"],
+                vec![connected(2), connected(3), "status 0".into()],
+            ),
+        ],
     );
-    // Nothing qualifies: a connection error, with -d saying why each was dropped.
-    let (lines, err) = decpu(&lab, 4, &["-d", "dnssd://?near=tpu", "date"], "record");
+    let (lines, err) = nothing.decpu_result(Duration::from_secs(30));
     assert_eq!(lines.len(), 1);
     assert!(lines[0].starts_with("error 255 dnssd: no server for \"_ncpu._tcp.local.\""), "{lines:?}");
     assert!(
@@ -430,13 +461,14 @@ fn discovery_decpud_announces_while_serving() {
     let Some(lab) = lab_or_skip("glue", 2) else { return };
     let mut server = lab.helper(1, "decpud", &[]);
     assert!(server.wait_line("serving", READY).is_some(), "{}", server.stderr_text(Duration::from_secs(1)));
+    // The real applet in the same lab, browsing beside the helper below: a query nobody meets
+    // is a connection error (255).
+    let mut cli =
+        lab.sh(2, &format!("exec {} decpu -d 'dnssd://?role=nothing' date", env!("CARGO_BIN_EXE_cpu-all")));
     let (lines, err) = decpu(&lab, 2, &["-d", "dnssd://?role=glue", "date"], "record");
     assert_eq!(lines, vec![connected(1), "status 0".to_string()], "{err}");
     assert!(err.contains("node1-cpud._ncpu._tcp.local. port 17010"), "{err}");
     assert!(err.contains(" tenants=2]"), "{err}");
-    // The real applet in the same lab: a query nobody meets is a connection error (255).
-    let mut cli =
-        lab.sh(2, &format!("exec {} decpu -d 'dnssd://?role=nothing' date", env!("CARGO_BIN_EXE_cpu-all")));
     assert_eq!(cli.wait(Duration::from_secs(30)), Some(255));
     let err = cli.stderr_text(Duration::from_secs(1));
     assert!(err.contains("decpu: dnssd:   dropped: role=nothing: has glue"), "{err}");

@@ -21,6 +21,8 @@ use discovery_support::{
 
 const READY: Duration = Duration::from_secs(20);
 const BROWSE_MS: &str = "2500";
+/// How long one decpu helper may take (its browse is at most a few seconds).
+const DECPU_LIMIT: Duration = Duration::from_secs(40);
 
 /// Helper entry: does nothing unless `DISCOVERY_HELPER` names a mode.
 #[test]
@@ -71,16 +73,21 @@ fn decpu_browsing(
     connect: &str,
     browse_ms: &str,
 ) -> (Vec<String>, String) {
+    start_decpu(ns, n, enter, args, connect, browse_ms).decpu_result(DECPU_LIMIT)
+}
+
+/// Starts the `decpu` helper (see [`decpu`]); its result comes from `decpu_result(DECPU_LIMIT)`,
+/// so that something else (avahi starting) can happen while it browses.
+fn start_decpu(ns: &Netns, n: usize, enter: Enter, args: &[&str], connect: &str, browse_ms: &str) -> Helper {
     let mut all = vec!["-d"];
     all.extend_from_slice(args);
     let joined = all.join("\n");
-    let mut h = ns.helper(
+    ns.helper(
         n,
         enter,
         "decpu",
         &[("DECPU_ARGS", &joined), ("DS_CONNECT", connect), ("DECPU_BROWSE_MS", browse_ms)],
-    );
-    h.decpu_result(Duration::from_secs(40))
+    )
 }
 
 /// avahi-daemon inside namespace `n`, up; removed (with its scratch dir) when dropped.
@@ -158,15 +165,24 @@ fn discovery_lo_only_namespace_both_ways_with_avahi() {
     let Some(ns) = netns_or_skip("lo-only", || Netns::lo_only("lo")) else { return };
     // decpud announces on lo without being told to (lo is up and multicast-capable).
     let _server = decpud(&ns, 1, Enter::IpNetnsExec, &["-dsInstance", "lo-cpud", "-dsTxt", "role=lo"]);
-    let (lines, err) = decpu(&ns, 1, Enter::IpNetnsExec, &["dnssd://?role=lo", "date"], "tcp");
+    let mut browsing =
+        start_decpu(&ns, 1, Enter::IpNetnsExec, &["dnssd://?role=lo", "date"], "tcp", BROWSE_MS);
+    // avahi (not announcing anything yet) starts while decpu browses.
+    let avahi = match avahi_unavailable() {
+        Some(why) => Err(why),
+        None => Ok(Avahi::start(&ns, 1, "lo", true)),
+    };
+    let (lines, err) = browsing.decpu_result(DECPU_LIMIT);
     assert_eq!(lines, ["connect 127.0.0.1 17010", "status 0"], "{err}");
     assert!(err.contains("dnssd: interfaces lo"), "{err}");
 
-    if let Some(why) = avahi_unavailable() {
-        skip::skip("discovery lo-only avahi part", &why);
-        return;
-    }
-    let mut avahi = Avahi::start(&ns, 1, "lo", true);
+    let mut avahi = match avahi {
+        Ok(avahi) => avahi,
+        Err(why) => {
+            skip::skip("discovery lo-only avahi part", &why);
+            return;
+        }
+    };
     // avahi-browse (another implementation) finds decpud on lo.
     let seen = avahi_resolves(&mut avahi, "lo-cpud");
     assert!(seen.iter().any(|l| l.contains(";127.0.0.1;17010;") && l.contains("\"role=lo\"")), "{seen:#?}");
@@ -180,17 +196,26 @@ fn discovery_lo_only_namespace_both_ways_with_avahi() {
 fn discovery_veth_pair_no_link_local_announced_and_avahi_both_ways() {
     let Some(ns) = netns_or_skip("veth", || Netns::pair("veth", "eth0", true)) else { return };
     let _server = decpud(&ns, 1, Enter::IpNetnsExec, &["-dsInstance", "veth-cpud", "-dsTxt", "role=veth"]);
-    let (lines, err) = decpu(&ns, 2, Enter::IpNetnsExec, &["dnssd://?role=veth", "date"], "tcp");
+    let mut browsing =
+        start_decpu(&ns, 2, Enter::IpNetnsExec, &["dnssd://?role=veth", "date"], "tcp", BROWSE_MS);
+    // avahi (not announcing anything yet) starts while decpu browses.
+    let avahi = match avahi_unavailable() {
+        Some(why) => Err(why),
+        None => Ok(Avahi::start(&ns, 2, "eth0", true)),
+    };
+    let (lines, err) = browsing.decpu_result(DECPU_LIMIT);
     assert_eq!(lines, [format!("connect {} 17010", Netns::addr(1)), "status 0".into()], "{err}");
     // Only the IPv4 address was announced: the kernel's link-local one stays out.
     assert!(err.contains(&format!("port 17010 addresses [{}] txt", Netns::addr(1))), "{err}");
 
-    if let Some(why) = avahi_unavailable() {
-        skip::skip("discovery veth avahi part", &why);
-        return;
-    }
+    let mut avahi = match avahi {
+        Ok(avahi) => avahi,
+        Err(why) => {
+            skip::skip("discovery veth avahi part", &why);
+            return;
+        }
+    };
     // avahi browsing over IPv4 and IPv6 gets decpud's IPv4 address and no link-local one.
-    let mut avahi = Avahi::start(&ns, 2, "eth0", true);
     let seen = avahi_resolves(&mut avahi, "veth-cpud");
     assert!(seen.iter().any(|l| l.contains(&format!(";{};17010;", Netns::addr(1)))), "{seen:#?}");
     assert!(!seen.iter().any(|l| l.contains(";fe80")), "a link-local address was announced: {seen:#?}");

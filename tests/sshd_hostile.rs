@@ -399,8 +399,21 @@ async fn flood_scenario(bin: &str, tag: &str) {
     figure("sshd-echo-rtt-idle-ms", ms(median), "ms");
 
     let attack = Attack::start(cpud.port, (5, 100), 5);
-    // Give the attack time to take every slot it can.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The attack is in full swing once every idle connection has been made once and every
+    // flood loop has had an exchange answered (bounded; a slow start is said, not fatal).
+    let swinging = || {
+        attack.counts.idle_connects.load(Ordering::Relaxed) >= 5 * 100
+            && attack.counts.kex_answered.load(Ordering::Relaxed) >= 5
+    };
+    let ramp = Instant::now();
+    let deadline = ramp + TIMEOUT;
+    while !swinging() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !swinging() {
+        eprintln!("the attack was not in full swing after {TIMEOUT:?}: {}", attack.counts());
+    }
+    eprintln!("attack in full swing after {:?}: {}", ramp.elapsed(), attack.counts());
     let mut worst = Duration::ZERO;
     let mut rss_peak = 0;
     let mut anon_peak = 0;

@@ -147,6 +147,9 @@ impl Drop for Lab {
 pub struct Helper {
     name: String,
     child: Child,
+    /// Whether the child ends when its stdin closes (the helper modes and scripts here do);
+    /// one that does not (the real applet) gets SIGTERM when dropped.
+    ends_on_stdin_close: bool,
     stdin: Option<ChildStdin>,
     stdout: Receiver<String>,
     stderr: Receiver<String>,
@@ -164,6 +167,7 @@ impl Helper {
         Helper {
             name: name.to_string(),
             child,
+            ends_on_stdin_close: true,
             stdin,
             stdout,
             stderr,
@@ -279,6 +283,13 @@ impl Drop for Helper {
     fn drop(&mut self) {
         self.stdin = None;
         if let Ok(None) = self.child.try_wait() {
+            if !self.ends_on_stdin_close {
+                // Our own child, by its PID (`ip netns exec`, `nsenter`, `unshare` and `sh -c
+                // exec` all exec: the PID is the program's).
+                if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                }
+            }
             // Give a helper time to say goodbye and reap its children after stdin closed
             // (a running `timeout 10 avahi-browse` included), then kill it.
             let _ = child::wait_or_kill(&mut self.child, Duration::from_secs(12));
@@ -384,7 +395,10 @@ impl Netns {
     ) -> Helper {
         let mut cmd = self.command(n, enter, program, args);
         cmd.envs(env.iter().copied());
-        Helper::spawn(cmd, &format!("{program}@{}", self.name(n)))
+        let mut helper = Helper::spawn(cmd, &format!("{program}@{}", self.name(n)));
+        // A program (decpud) does not read its stdin: closing it would not end it.
+        helper.ends_on_stdin_close = false;
+        helper
     }
 
     /// Runs this test binary's `helper` test in namespace `n` with `mode` and extra env.
