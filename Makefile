@@ -115,10 +115,12 @@ unit: ## every cargo test (unit, in-process and black-box); ends with the skips 
 # waits on cargo's lock for the rest. So lint's and unit's times include that company, and the
 # builds' own times are printed at the end. VMTEST_PREBUILD=0: no builds beside, as before.
 # A make started with SIGINT ignored (a background job of a script) passes that on to every
-# test, and the SIGINT tests then fail (sshd_protocol, gocompat): it warns first.
+# test, and the SIGINT tests then fail (sshd_protocol, gocompat): it warns first. The builds
+# run in a session of their own (setsid): stopped as a group when a stage fails or on Ctrl-C.
 VMTEST_PREBUILD ?= 1
 test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
 	@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG); rc=0; times=""; pre=""; prepid=""; \
+	trap '[ -z "$$prepid" ] || kill -TERM -- -$$prepid 2>/dev/null; rm -f "$$pre"; exit 130' INT TERM; \
 	if [ $$(( 0x$$(awk '/^SigIgn:/ {print $$2}' /proc/self/status 2>/dev/null || echo 0) & 2 )) != 0 ]; then \
 		echo "make test: warning: SIGINT is ignored here (started in the background by a script?);" \
 			"the tests that send SIGINT inherit that and fail: run make test in the foreground"; \
