@@ -100,14 +100,40 @@ unit: ## every cargo test (unit, in-process and black-box), several binaries at 
 	$(skip_summary)
 
 # The stages one after the other, each timed; the skips of all of them are summed up at the
-# end, also when a stage failed.
+# end, also when a stage failed. After setup, the builds vmtest needs (tests/vm/prebuild: the
+# shipped x86_64 binary, transport_echo, the board binaries) start in the background, niced,
+# beside lint and unit (unit mostly waits on sockets and mDNS); vmtest then finds them built or
+# waits on cargo's lock for the rest. So lint's and unit's times include that company, and the
+# builds' own times are printed at the end. VMTEST_PREBUILD=0: no builds beside, as before.
+# A make started with SIGINT ignored (a background job of a script) passes that on to every
+# test, and the SIGINT tests then fail (sshd_protocol, gocompat): it warns first. The builds
+# run in a session of their own (setsid): stopped as a group when a stage fails or on Ctrl-C.
+VMTEST_PREBUILD ?= 1
 test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
-	@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG); rc=0; times=""; \
+	@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG); rc=0; times=""; pre=""; prepid=""; \
+	trap '[ -z "$$prepid" ] || kill -TERM -- -$$prepid 2>/dev/null; rm -f "$$pre"; exit 130' INT TERM; \
+	if [ $$(( 0x$$(awk '/^SigIgn:/ {print $$2}' /proc/self/status 2>/dev/null || echo 0) & 2 )) != 0 ]; then \
+		echo "make test: warning: SIGINT is ignored here (started in the background by a script?);" \
+			"the tests that send SIGINT inherit that and fail: run make test in the foreground"; \
+	fi; \
 	for stage in setup lint unit vmtest; do \
+		if [ $$stage = lint ] && [ "$(VMTEST_PREBUILD)" != 0 ]; then \
+			pre=$$(mktemp /tmp/cpu-make-test-prebuild.XXXXXX); \
+			VMTEST_PROFILE=$(VMTEST_PROFILE) VMTEST_ARCHES="$(VMTEST_ARCHES)" CARGO=$(CARGO) \
+				setsid nice -n 5 tests/vm/prebuild >$$pre 2>&1 </dev/null & prepid=$$!; \
+			echo "make test: the VM tests' builds start beside lint and unit (tests/vm/prebuild, nice 5)"; \
+		fi; \
+		if [ $$stage = vmtest ] && [ -n "$$prepid" ]; then \
+			echo "make test: builds done before vmtest: $$(grep -c '^prebuild' $$pre) ($$(grep '^prebuild' $$pre | cut -d' ' -f2 | tr -d : | tr '\n' ' ')); vmtest waits for the rest"; \
+		fi; \
 		start=$$(date +%s); \
 		if ! $(MAKE) --no-print-directory SKIP_FRESH=0 $$stage; then rc=1; times="$$times $$stage:FAILED"; break; fi; \
 		times="$$times $$stage:$$(( $$(date +%s) - start ))s"; \
 	done; \
+	if [ -n "$$prepid" ]; then \
+		if [ $$rc != 0 ]; then kill -TERM -- -$$prepid 2>/dev/null; fi; \
+		wait $$prepid; echo "vm builds beside lint and unit (tests/vm/prebuild):"; sed 's/^/  /' $$pre; rm -f $$pre; \
+	fi; \
 	echo "make test stages:$$times"; tools/skip-summary $(SKIP_LOG); \
 	if [ $$rc = 0 ]; then echo "make test: PASS"; else echo "make test: FAIL"; fi; exit $$rc
 

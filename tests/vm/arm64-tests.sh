@@ -243,11 +243,14 @@ fi
 
 # 7. decpud in the arm64 guest announces arch=arm64: a decpud on another port and a decpu in
 # the same guest that accepts only arch=arm64 servers (keys: the test's, through /tmp/cpu).
+# decpud runs with -d: "dnssd: announced" is a debug line, and without it the wait below ran
+# to its bound every time (60 s and more under TCG) and decided nothing.
 K="/tmp/cpu$W"
 got=$(cd / && cpu_run -namespace= sh -c '
-	cpu-all decpud -sp 17011 -pk '"$K"'/userkey.pub -hk '"$K"'/hostkey -dsInstance arm64-test >/tmp/decpud.log 2>&1 &
+	cpu-all decpud -d -sp 17011 -pk '"$K"'/userkey.pub -hk '"$K"'/hostkey -dsInstance arm64-test >/tmp/decpud.log 2>&1 &
 	d=$!
 	i=0; until grep -q "dnssd: announced" /tmp/decpud.log || [ $i -ge 600 ]; do usleep 100000; i=$((i+1)); done
+	[ $i -lt 600 ] || echo "decpud did not say \"dnssd: announced\" in 60 s; decpu browses anyway" >&2
 	r=$(timeout 120 cpu-all decpu -d -key '"$K"'/userkey -hk '"$K"'/hostkey.pub "dnssd://?arch=arm64" uname -m 2>/tmp/decpu.log)
 	echo "$r $(grep -o "txt \[arch=[a-z0-9]*" /tmp/decpu.log | head -1)"
 	kill $d 2>/dev/null

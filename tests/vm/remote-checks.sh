@@ -84,23 +84,28 @@ ro" "$out"
 	# A back-channel that accepts and never answers: the mount must not hang forever.
 	printf '#!/bin/sh\nexec sleep 90\n' >/run/mute.sh && chmod +x /run/mute.sh
 	nc -l -p 5650 -e /run/mute.sh &
+	mute=$!
 	i=0; until grep -q ":1612 00000000:0000 0A" /proc/net/tcp || [ $i -ge 50 ]; do usleep 100000; i=$((i+1)); done
 	t0=$(date +%s)
 	CPUNONCE=0123456789abcdef0123456789abcdef PWD=/ $R -port9p=5650 true 2>/run/err
 	check "a 9p server that never answers: status 125" 125 $?
 	contains "a 9p server that never answers: message" "the client's 9p server did not answer within 30 s" /run/err
 	t=$(($(date +%s) - t0)); [ $t -le 40 ] && ok "gave up after ${t}s" || ko "gave up only after ${t}s"
+	# The mute server (nc exec'd its sleep 90) is done with: the `wait` below waited for it.
+	kill $mute 2>/dev/null
 	su -s /bin/sh -c "cpu-all cpud -remote true" nobody 2>/run/err; check "unshare refused (not root): status 125" 125 $?
 	contains "unshare refused: its own message" "cannot create a private mount namespace: need CAP_SYS_ADMIN (is cpud running as root?)" /run/err
 	out=$(printf 'line1\nline2\n' | PWD=/ $R wc -l)
 	check "stdin reaches the command" 2 "$out"
 
 	# Five sessions at once, each with its own bind; none sees another's.
+	pids=""
 	for i in 1 2 3 4 5; do
 		mkdir -p /srv/s$i && echo $i >/srv/s$i/id
 		CPU_FSTAB="/srv/s$i /mnt/session none bind 0 0" PWD=/ $R sh -c 'sleep 1; cat /mnt/session/id' >/run/par.$i &
+		pids="$pids $!"
 	done
-	wait
+	wait $pids
 	out=$(cat /run/par.1 /run/par.2 /run/par.3 /run/par.4 /run/par.5 | tr '\n' ' ')
 	check "five parallel sessions each see their own bind" "1 2 3 4 5 " "$out"
 
