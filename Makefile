@@ -106,7 +106,8 @@ unit: ## every cargo test (unit, in-process and black-box), several binaries at 
 # waits on cargo's lock for the rest. So lint's and unit's times include that company, and the
 # builds' own times are printed at the end. VMTEST_PREBUILD=0: no builds beside, as before.
 # A make started with SIGINT ignored (a background job of a script) passes that on to every
-# test, and the SIGINT tests then fail (sshd_protocol, gocompat): it warns first. The builds
+# test; cpud gives its commands default signals and the SIGINT tests restore SIGINT for what
+# they signal, but other programs a test starts keep it ignored: it warns first. The builds
 # run in a session of their own (setsid): stopped as a group when a stage fails or on Ctrl-C.
 VMTEST_PREBUILD ?= 1
 test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
@@ -114,7 +115,7 @@ test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
 	trap '[ -z "$$prepid" ] || kill -TERM -- -$$prepid 2>/dev/null; rm -f "$$pre"; exit 130' INT TERM; \
 	if [ $$(( 0x$$(awk '/^SigIgn:/ {print $$2}' /proc/self/status 2>/dev/null || echo 0) & 2 )) != 0 ]; then \
 		echo "make test: warning: SIGINT is ignored here (started in the background by a script?);" \
-			"the tests that send SIGINT inherit that and fail: run make test in the foreground"; \
+			"the programs the tests start inherit that: run make test in the foreground"; \
 	fi; \
 	for stage in setup lint unit vmtest; do \
 		if [ $$stage = lint ] && [ "$(VMTEST_PREBUILD)" != 0 ]; then \

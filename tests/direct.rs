@@ -146,6 +146,19 @@ fn not_executable_is_126_with_the_message() {
     assert_eq!(got, (Some(126), String::new(), "cpud: ./plain: Permission denied (os error 13)\n".into()));
 }
 
+/// A cpud that was started with signals ignored (here SIGUSR2; a script's background job has
+/// SIGINT and SIGQUIT ignored) still gives its commands every signal at its default and none
+/// blocked, on both paths: otherwise the client's Ctrl-C would not reach them.
+#[test]
+fn commands_start_with_default_signals_whatever_cpud_inherited() {
+    // SAFETY: SIG_IGN installs no handler; SIGUSR2 is used by nothing in this test binary.
+    unsafe { libc::signal(libc::SIGUSR2, libc::SIG_IGN) };
+    let Some(rig) = Rig::start("sigdfl") else { return };
+    let got = rig.both_ways(&["sh", "-c", "grep -E '^Sig(Ign|Blk):' /proc/self/status"]);
+    let want = "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n";
+    assert_eq!(got, (Some(0), want.into(), String::new()));
+}
+
 #[test]
 fn signal_death_is_128_plus_n() {
     let Some(rig) = Rig::start("signal") else { return };

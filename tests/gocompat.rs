@@ -384,6 +384,10 @@ fn our_client_pty_and_window_change_against_gliderlabs() {
 #[test]
 fn our_client_forwards_sigint_to_gliderlabs() {
     let go = need_go!();
+    // A test run started with SIGINT ignored (a script's background job) would hand that to
+    // the client and to the Go daemon (whose children keep it): both must take SIGINT here.
+    // SAFETY: restores the default action; no handler is installed.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
     let dir = TempDir::new("server-signal");
     let ed = keygen(&dir, "user_ed25519", "ed25519");
     let facts_file = dir.join("gocpud.report");

@@ -725,6 +725,14 @@ fn spawn(
     for (n, v) in &plan.env {
         cmd.env(n, v);
     }
+    // SAFETY: runs in the forked child before exec; sigaction and sigprocmask are
+    // async-signal-safe and the closure touches no heap or lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            default_signals_for_exec();
+            Ok(())
+        });
+    }
     match namespace {
         // SAFETY: the closure runs in the forked child before exec; `SessionTmp::enter` makes
         // only async-signal-safe system calls on strings prepared here, and takes no lock.
@@ -771,6 +779,43 @@ fn spawn(
             };
             Ok((child, ChildIo::Pipes { stdin, stdout, stderr }))
         }
+    }
+}
+
+/// Gives the command the signal state a login gets, as sshd does: every signal at its
+/// default action and none blocked. An ignored disposition survives exec, so a cpud started
+/// with SIGINT ignored (a background job of a script, `nohup`-like wrappers) would otherwise
+/// pass it on, and the client's Ctrl-C (a `signal` request) would not stop the command.
+/// Handlers are reset by exec anyway, so every signal is simply set to its default here,
+/// with the raw system call: libc's `sigaction` refuses the real-time signals it keeps for
+/// itself (32-34), which a parent may still have left ignored. Called between fork and exec:
+/// only async-signal-safe calls.
+fn default_signals_for_exec() {
+    // The kernel's struct sigaction, all zero: SIG_DFL, no flags, an empty mask (large
+    // enough for every architecture's layout).
+    let default_action = [0u64; 4];
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction reads `default_action` (a valid, zeroed kernel sigaction) and
+        // writes nothing back (null old action); 8 is the kernel's sigset size. A number the
+        // kernel refuses changes nothing.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                default_action.as_ptr(),
+                std::ptr::null_mut::<u8>(),
+                8usize,
+            );
+        }
+    }
+    // SAFETY: an empty set, initialised by sigemptyset before use.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     }
 }
 
