@@ -10,7 +10,9 @@
 //! the other tasks run once (the loop is woken again at once), so that what they are about to
 //! queue (the rest of a session's requests, the EOF of an empty stdin) leaves in the same
 //! write; the next read that would block sends what is held (and a full socket's writability
-//! wakes the loop, which polls the read again). Shutdown sends the rest. The server side does the same in `ssh::server` (with its key-exchange checks).
+//! wakes the loop, which polls the read again). Shutdown sends the rest. The server's connection
+//! stream (`ssh::server`'s Killable, which adds the key-exchange checks) wraps one built with
+//! [`Coalesced::without_deferral`]: its replies go out at the first read that would block.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -29,6 +31,9 @@ pub struct Coalesced<S> {
     unsent: Vec<u8>,
     /// A read found nothing with `unsent` waiting, and the loop was woken to look once more.
     deferred: bool,
+    /// Whether the first read that would block lets the feeding tasks run once (the client)
+    /// or sends at once (the server).
+    defer_once: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Coalesced<S> {
@@ -37,12 +42,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Coalesced<S> {
             inner: BufReader::with_capacity(READ_BUFFER, stream),
             unsent: Vec::new(),
             deferred: false,
+            defer_once: true,
         }
     }
 
+    /// Like [`Coalesced::new`], but what is held goes out at the first read that would block.
+    pub fn without_deferral(stream: S) -> Coalesced<S> {
+        Coalesced { defer_once: false, ..Coalesced::new(stream) }
+    }
+
     /// Writes out what is held; Pending (with the socket's writability registered) while some
-    /// is left.
-    fn poll_send_unsent(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    /// is left. For a wrapper whose read waits without reaching this stream.
+    pub fn poll_send_unsent(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while !self.unsent.is_empty() {
             match Pin::new(&mut self.inner).poll_write(cx, &self.unsent) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
@@ -65,7 +76,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesced<S> {
     ) -> Poll<std::io::Result<()>> {
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
         if read.is_pending() && !self.unsent.is_empty() {
-            if !self.deferred {
+            if self.defer_once && !self.deferred {
                 // Once: the tasks that feed the loop run first, and add to this write.
                 self.deferred = true;
                 cx.waker().wake_by_ref();
@@ -145,6 +156,20 @@ mod tests {
         let mut rb = ReadBuf::new(&mut buf);
         assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
         assert_eq!(readable(&mut peer), None);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_deferral_the_first_read_that_would_block_sends() {
+        let (ours, mut peer) = tokio::io::duplex(1 << 16);
+        let mut s = Coalesced::without_deferral(ours);
+        s.write_all(b"reply").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(readable(&mut peer), None, "nothing is sent before the loop waits for input");
+        let mut buf = [0u8; 8];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut rb = ReadBuf::new(&mut buf);
+        assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(readable(&mut peer).as_deref(), Some(&b"reply"[..]));
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -331,7 +331,7 @@ async fn connection(
     let inspector =
         ClearTextInspector::new(&SERVER_KEX.iter().map(|n| n.as_ref()).collect::<Vec<_>>(), MODP_KEX);
     let stream = Killable {
-        inner: tokio::io::BufReader::with_capacity(READ_BUFFER, stream),
+        inner: crate::ssh::coalesce::Coalesced::without_deferral(stream),
         kill: kill_rx,
         dead: false,
         disarmed: false,
@@ -340,7 +340,6 @@ async fn connection(
         gated: None,
         held: None,
         unread: Vec::new(),
-        unsent: Vec::new(),
     };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
     // Every session task holds a clone of the sender: recv() ends when the last one is done.
@@ -403,11 +402,6 @@ async fn connection(
     while tasks_rx.recv().await.is_some() {}
 }
 
-/// What one read of the connection's socket may take in (see [`Killable::inner`]).
-const READ_BUFFER: usize = 16 * 1024;
-/// Written bytes held back at most before they must go out (see [`Killable::unsent`]).
-const WRITE_COALESCE: usize = 64 * 1024;
-
 type PermitFuture = Pin<
     Box<dyn Future<Output = std::result::Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>,
 >;
@@ -418,9 +412,10 @@ type PermitFuture = Pin<
 /// KEXDH_INIT until the daemon-wide modp permit is free (kept until russh writes its reply,
 /// i.e. until the exponentiations are done).
 struct Killable {
-    /// Buffered: russh reads every packet with two small exact reads, which pipelined
-    /// requests (a cpu client's ~35 env requests) turned into ~100 recvfrom calls a session.
-    inner: tokio::io::BufReader<BoxStream>,
+    /// Reads buffered and written packets held until russh waits for input (see
+    /// [`crate::ssh::coalesce`]): a cpu client's ~35 pipelined env requests were ~100
+    /// recvfrom calls, and their replies ~35 sends and as many wake-ups of the client.
+    inner: crate::ssh::coalesce::Coalesced<BoxStream>,
     kill: oneshot::Receiver<()>,
     dead: bool,
     disarmed: bool,
@@ -431,33 +426,9 @@ struct Killable {
     held: Option<OwnedSemaphorePermit>,
     /// Bytes read but not yet handed to russh (held back for the permit).
     unread: Vec<u8>,
-    /// Packets russh wrote (and flushed) that are not on the socket yet: they go out when
-    /// russh next waits for input that has not arrived, or when there are [`WRITE_COALESCE`]
-    /// bytes. russh writes
-    /// and flushes each reply on its own (a cpu client's ~35 env requests were ~35 sends and
-    /// as many wake-ups of the client); this sends the replies to one burst of requests in
-    /// one write. russh's session loop waits for input after every packet it handles and on
-    /// every pass of its loop, and shuts the stream down at the end, which sends the rest.
-    unsent: Vec<u8>,
 }
 
 impl Killable {
-    /// Writes out [`Killable::unsent`]; Pending (with the socket's writability registered)
-    /// while some is left.
-    fn poll_send_unsent(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        while !self.unsent.is_empty() {
-            match Pin::new(&mut self.inner).poll_write(cx, &self.unsent) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    self.unsent.drain(..n);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-
     fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
         if !self.dead && !self.disarmed {
             match Pin::new(&mut self.kill).poll(cx) {
@@ -482,10 +453,11 @@ impl AsyncRead for Killable {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let read = self.as_mut().poll_read_now(cx, buf);
-        // russh waits for input now: what it wrote goes out. If the socket is full, its
-        // writability wakes this task, which polls the read again.
+        // russh waits for input now: what it wrote goes out (also while the modp gate keeps
+        // the socket unread). If the socket is full, its writability wakes this task, which
+        // polls the read again.
         if read.is_pending() {
-            if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
+            if let Poll::Ready(Err(e)) = self.inner.poll_send_unsent(cx) {
                 return Poll::Ready(Err(e));
             }
         }
@@ -552,20 +524,15 @@ impl AsyncWrite for Killable {
         self.check(cx)?;
         // russh answers a KEXDH_INIT only after both exponentiations: the permit can go.
         self.held = None;
-        if self.unsent.len() >= WRITE_COALESCE {
-            std::task::ready!(self.poll_send_unsent(cx))?;
-        }
-        self.unsent.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
-    /// Leaves the bytes in [`Killable::unsent`] (see there): russh flushes after every packet.
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    /// Leaves the bytes held (see [`Killable::inner`]): russh flushes after every packet.
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        std::task::ready!(self.poll_send_unsent(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
