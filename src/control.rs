@@ -848,13 +848,13 @@ impl SpareChannel {
     async fn take(&self) -> Option<russh::Channel<russh::client::Msg>> {
         let opening = self.opening.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut channel = opening?.await.ok().flatten()?;
-        // Polled once: a spare holds no message unless the server closed (or used) it.
-        match tokio::time::timeout(Duration::ZERO, channel.wait()).await {
-            Err(_) => {
+        // A spare holds no message unless the server closed (or used) it.
+        match poll_once(channel.wait()) {
+            None => {
                 log::debug!("control master: the session runs on the spare channel");
                 Some(channel)
             }
-            Ok(said) => {
+            Some(said) => {
                 log::debug!("control master: the spare channel is not usable ({said:?}); opening one");
                 None
             }
@@ -869,6 +869,20 @@ impl SpareChannel {
             let conn = conn.clone();
             *slot = Some(tokio::spawn(async move { conn.handle.channel_open_session().await.ok() }));
         }
+    }
+}
+
+/// Polls `future` once and drops it: its output if it was ready, else None. No timer and no
+/// wake-up is armed (`tokio::time::timeout(Duration::ZERO, ..)` armed a timer and cost the
+/// master a ~1 ms sleep in epoll before every mux session); tokio's cooperative budget is
+/// lifted for the poll, so a ready future is never reported as pending for want of budget.
+/// For cancel-safe futures only (russh's `Channel::wait` is a tokio mpsc `recv`).
+fn poll_once<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(tokio::task::unconstrained(future));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(future.as_mut(), &mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -1185,6 +1199,30 @@ mod tests {
             Outcome::default(),
         ] {
             assert_eq!(decode_outcome(&encode_outcome(&o)).unwrap(), o);
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn poll_once_tells_a_waiting_message_from_none_and_loses_nothing() {
+        let (tx, mut rx) = mpsc::channel::<u8>(4);
+        // Empty: pending, and the message sent afterwards is still received.
+        assert_eq!(poll_once(rx.recv()), None);
+        tx.send(7).await.unwrap();
+        assert_eq!(poll_once(rx.recv()), Some(Some(7)));
+        assert_eq!(poll_once(rx.recv()), None);
+        tx.send(8).await.unwrap();
+        assert_eq!(rx.recv().await, Some(8));
+        // Closed: ready with None (a spare the server closed is not used).
+        drop(tx);
+        assert_eq!(poll_once(rx.recv()), Some(None));
+        // Past tokio's cooperative budget (128 ready polls in one task poll): a waiting
+        // message is still seen, not taken for an empty channel.
+        let (tx, mut rx) = mpsc::channel::<u8>(300);
+        for i in 0..300 {
+            tx.try_send((i % 256) as u8).unwrap();
+        }
+        for i in 0..300 {
+            assert_eq!(poll_once(rx.recv()), Some(Some((i % 256) as u8)), "message {i}");
         }
     }
 
