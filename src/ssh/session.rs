@@ -1087,7 +1087,8 @@ mod pipe_io {
         }
 
         /// The command's stdout and stderr, both read by one thread (a session start costs
-        /// one thread less than a thread each).
+        /// one thread less than a thread each), which starts with the first output: a command
+        /// that prints nothing (`cpu host true`) ends without a thread (see [`start_on_output`]).
         pub fn start_pair(stdout: io::Result<OwnedFd>, stderr: io::Result<OwnedFd>) -> (Output, Output) {
             let (out_tx, out_rx) = mpsc::channel(READ_AHEAD);
             let (err_tx, err_rx) = mpsc::channel(READ_AHEAD);
@@ -1098,8 +1099,75 @@ mod pipe_io {
                     Err(e) => log::error!("the command's {name}: {e}"),
                 }
             }
-            spawn("output", move || read_loop(ends));
+            crate::task::spawn(start_on_output(ends));
             (Output::new(out_rx), Output::new(err_rx))
+        }
+    }
+
+    /// Waits on the runtime until a pipe has something, then hands both to the reader thread.
+    /// Safe on the runtime, unlike a read: poll(2) (and so epoll) on a pipe takes no lock,
+    /// it reads the pipe's counters; the pipes are watched, never read here. A pipe whose
+    /// writers are all gone with nothing in it (POLLHUP without POLLIN: it can never have data
+    /// again) ends here, so a command that printed nothing ends without a thread start and
+    /// its hand-offs, each of which waits for a core on a busy host. Gives up when every
+    /// [`Output`] is dropped.
+    async fn start_on_output(ends: Vec<(File, mpsc::Sender<Chunk>)>) {
+        let mut watched = Vec::new();
+        let mut unwatched = Vec::new();
+        for (file, tx) in ends {
+            // SAFETY: the AsyncFd owns the File, so the descriptor stays open and names the
+            // same pipe until the AsyncFd is dropped or `into_inner` gives the File back.
+            match unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) } {
+                Ok(fd) => watched.push((fd, tx)),
+                Err(e) => unwatched.push((e.into_parts().0, tx)),
+            }
+        }
+        if !unwatched.is_empty() {
+            // Cannot watch: read from the start, as the thread always can.
+            unwatched.extend(watched.into_iter().map(|(fd, tx)| (fd.into_inner(), tx)));
+            return spawn("output", move || read_loop(unwatched));
+        }
+        loop {
+            if watched.is_empty() {
+                return;
+            }
+            let readiness = std::future::poll_fn(|cx| {
+                for (fd, _) in &watched {
+                    if let Poll::Ready(guard) = fd.poll_read_ready(cx) {
+                        if let Ok(mut guard) = guard {
+                            guard.clear_ready();
+                        }
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Pending
+            });
+            let dropped = async {
+                for (_, tx) in &watched {
+                    tx.closed().await;
+                }
+            };
+            tokio::select! {
+                () = readiness => {}
+                () = dropped => return,
+            }
+            let mut polls: Vec<libc::pollfd> = watched
+                .iter()
+                .map(|(fd, _)| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .collect();
+            // SAFETY: one valid pollfd per open pipe, alive across the call; no timeout.
+            unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 0) };
+            if polls.iter().any(|p| p.revents & !libc::POLLHUP != 0) {
+                // Output (or anything but a plain end): the thread reads from here on. The
+                // watches end first, so the runtime is not woken by every write.
+                let ends = watched.into_iter().map(|(fd, tx)| (fd.into_inner(), tx)).collect();
+                return spawn("output", move || read_loop(ends));
+            }
+            let mut i = 0;
+            watched.retain(|_| {
+                i += 1;
+                polls[i - 1].revents & libc::POLLHUP == 0
+            });
         }
     }
 
@@ -1229,6 +1297,59 @@ mod pipe_io {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pipe as (read end, write end).
+    fn pipe() -> (std::os::fd::OwnedFd, std::fs::File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array it is given.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        unsafe {
+            use std::os::fd::FromRawFd;
+            (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
+        }
+    }
+
+    /// The reader thread starts with the first output; pipes that end empty end without it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn output_pipes_end_empty_or_deliver_what_comes_late() {
+        use std::io::Write;
+        // Nothing written: both end.
+        let ((out_r, out_w), (err_r, err_w)) = (pipe(), pipe());
+        let (mut out, mut err) = pipe_io::Output::start_pair(Ok(out_r), Ok(err_r));
+        drop((out_w, err_w));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        out.read_to_end(&mut a).await.unwrap();
+        err.read_to_end(&mut b).await.unwrap();
+        assert_eq!((a, b), (Vec::new(), Vec::new()));
+        // stdout ends empty first; stderr gets bytes after the watch began, then more
+        // after the thread took over.
+        let ((out_r, out_w), (err_r, mut err_w)) = (pipe(), pipe());
+        let (mut out, mut err) = pipe_io::Output::start_pair(Ok(out_r), Ok(err_r));
+        tokio::task::yield_now().await;
+        drop(out_w);
+        let mut a = Vec::new();
+        out.read_to_end(&mut a).await.unwrap();
+        assert!(a.is_empty());
+        err_w.write_all(b"late ").unwrap();
+        let mut first = [0u8; 5];
+        err.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"late ");
+        err_w.write_all(b"and more").unwrap();
+        drop(err_w);
+        let mut rest = Vec::new();
+        err.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"and more");
+        // Written and closed before the watch looks: the data is read, not lost.
+        let ((out_r, mut out_w), (err_r, err_w)) = (pipe(), pipe());
+        out_w.write_all(b"early").unwrap();
+        drop((out_w, err_w));
+        let (mut out, mut err) = pipe_io::Output::start_pair(Ok(out_r), Ok(err_r));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        out.read_to_end(&mut a).await.unwrap();
+        err.read_to_end(&mut b).await.unwrap();
+        assert_eq!((a.as_slice(), b.as_slice()), (&b"early"[..], &b""[..]));
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
