@@ -682,9 +682,9 @@ enum Step {
 
 enum ChildIo {
     Pipes {
-        stdin: tokio::process::ChildStdin,
-        stdout: tokio::process::ChildStdout,
-        stderr: tokio::process::ChildStderr,
+        stdin: std::io::Result<std::os::fd::OwnedFd>,
+        stdout: std::io::Result<std::os::fd::OwnedFd>,
+        stderr: std::io::Result<std::os::fd::OwnedFd>,
     },
     Pty(Arc<PtyMaster>),
 }
@@ -719,7 +719,20 @@ fn spawn(
     plan: &Plan,
     pty: Option<&PtyRequest>,
     namespace: Option<crate::remote::SessionTmp>,
-) -> Result<(tokio::process::Child, ChildIo), SpawnError> {
+) -> Result<(ChildProcess, ChildIo), SpawnError> {
+    // The direct path with pipes (every `cpu -9p=false host cmd` without a terminal): no copy
+    // of the daemon (see `ssh::spawn`).
+    if let (Some(tmp), None) = (&namespace, pty) {
+        let mut argv: Vec<&std::ffi::OsStr> = vec![plan.arg0.as_os_str()];
+        argv.extend(plan.args.iter().map(|a| a.as_os_str()));
+        let spawned =
+            crate::ssh::spawn::spawn(plan.program.as_os_str(), &argv, &plan.env, tmp).map_err(|e| match e {
+                crate::ssh::spawn::SpawnFailure::Setup(e) => SpawnError::Setup(e),
+                crate::ssh::spawn::SpawnFailure::Exec(e) => SpawnError::Exec(e),
+            })?;
+        let io = ChildIo::Pipes { stdin: Ok(spawned.stdin), stdout: Ok(spawned.stdout), stderr: Ok(spawned.stderr) };
+        return Ok((ChildProcess::Vforked(spawned.child), io));
+    }
     let mut cmd = tokio::process::Command::new(&plan.program);
     cmd.arg0(&plan.arg0).args(&plan.args).env_clear().kill_on_drop(false);
     for (n, v) in &plan.env {
@@ -767,7 +780,7 @@ fn spawn(
             }
             let child = cmd.spawn().map_err(SpawnError::Exec)?;
             drop(cmd); // closes our copies of the slave
-            Ok((child, ChildIo::Pty(Arc::new(PtyMaster::new(pair.master)?))))
+            Ok((ChildProcess::Forked(child), ChildIo::Pty(Arc::new(PtyMaster::new(pair.master)?))))
         }
         None => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
@@ -777,7 +790,12 @@ fn spawn(
             else {
                 return Err(SpawnError::Setup(std::io::Error::other("child stdio missing")));
             };
-            Ok((child, ChildIo::Pipes { stdin, stdout, stderr }))
+            let io = ChildIo::Pipes {
+                stdin: stdin.into_owned_fd(),
+                stdout: stdout.into_owned_fd(),
+                stderr: stderr.into_owned_fd(),
+            };
+            Ok((ChildProcess::Forked(child), io))
         }
     }
 }
@@ -790,7 +808,7 @@ fn spawn(
 /// with the raw system call: libc's `sigaction` refuses the real-time signals it keeps for
 /// itself (32-34), which a parent may still have left ignored. Called between fork and exec:
 /// only async-signal-safe calls.
-fn default_signals_for_exec() {
+pub(crate) fn default_signals_for_exec() {
     // The kernel's struct sigaction, all zero: SIG_DFL, no flags, an empty mask (large
     // enough for every architecture's layout).
     let default_action = [0u64; 4];
@@ -816,6 +834,29 @@ fn default_signals_for_exec() {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+/// The command's process: started by `std` (fork) or by `ssh::spawn` (the direct path).
+enum ChildProcess {
+    Forked(tokio::process::Child),
+    Vforked(crate::ssh::spawn::Child),
+}
+
+impl ChildProcess {
+    fn id(&self) -> Option<u32> {
+        match self {
+            ChildProcess::Forked(c) => c.id(),
+            ChildProcess::Vforked(c) => Some(c.id()),
+        }
+    }
+
+    /// Waits for the exit and reaps (cancel-safe).
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            ChildProcess::Forked(c) => c.wait().await,
+            ChildProcess::Vforked(c) => c.wait().await,
+        }
     }
 }
 
@@ -854,7 +895,7 @@ struct Running {
 
 impl Running {
     fn new(
-        child: &tokio::process::Child,
+        child: &ChildProcess,
         io: ChildIo,
         tx: &russh::ChannelWriteHalf<Msg>,
         early_input: Vec<u8>,
@@ -870,11 +911,10 @@ impl Running {
         let (pty, input_task, pumps) = match io {
             ChildIo::Pipes { stdin, stdout, stderr } => {
                 // The pipes are read and written on threads of their own (see `pipe_io`).
-                let (stdout, stderr) =
-                    pipe_io::Output::start_pair(stdout.into_owned_fd(), stderr.into_owned_fd());
+                let (stdout, stderr) = pipe_io::Output::start_pair(stdout, stderr);
                 let out = task::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
                 let err = task::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
-                let input = match (stdin.into_owned_fd(), early) {
+                let input = match (stdin, early) {
                     // EOF before exec and no input: closing the pipe is all there is to do.
                     (Ok(_pipe), None) if early_eof => None,
                     (Ok(pipe), None) => Some(InputTask::Idle(pipe, stdin_rx)),
@@ -941,7 +981,7 @@ impl Running {
 
     /// The client is gone: close the terminal and stdin, SIGHUP the group, SIGKILL it after
     /// `grace`, and reap the child.
-    async fn hang_up(&mut self, child: &mut tokio::process::Child, grace: Duration) {
+    async fn hang_up(&mut self, child: &mut ChildProcess, grace: Duration) {
         self.abort_input();
         for p in self.pumps.drain(..) {
             p.abort();
