@@ -725,12 +725,17 @@ fn spawn(
     if let (Some(tmp), None) = (&namespace, pty) {
         let mut argv: Vec<&std::ffi::OsStr> = vec![plan.arg0.as_os_str()];
         argv.extend(plan.args.iter().map(|a| a.as_os_str()));
-        let spawned =
-            crate::ssh::spawn::spawn(plan.program.as_os_str(), &argv, &plan.env, tmp).map_err(|e| match e {
+        let spawned = crate::ssh::spawn::spawn(plan.program.as_os_str(), &argv, &plan.env, tmp).map_err(
+            |e| match e {
                 crate::ssh::spawn::SpawnFailure::Setup(e) => SpawnError::Setup(e),
                 crate::ssh::spawn::SpawnFailure::Exec(e) => SpawnError::Exec(e),
-            })?;
-        let io = ChildIo::Pipes { stdin: Ok(spawned.stdin), stdout: Ok(spawned.stdout), stderr: Ok(spawned.stderr) };
+            },
+        )?;
+        let io = ChildIo::Pipes {
+            stdin: Ok(spawned.stdin),
+            stdout: Ok(spawned.stdout),
+            stderr: Ok(spawned.stderr),
+        };
         return Ok((ChildProcess::Vforked(spawned.child), io));
     }
     let mut cmd = tokio::process::Command::new(&plan.program);
@@ -1157,7 +1162,9 @@ mod pipe_io {
         for (file, tx) in ends {
             // SAFETY: the AsyncFd owns the File, so the descriptor stays open and names the
             // same pipe until the AsyncFd is dropped or `into_inner` gives the File back.
-            match unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) } {
+            match unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE)
+            } {
                 Ok(fd) => watched.push((fd, tx)),
                 Err(e) => unwatched.push((e.into_parts().0, tx)),
             }
