@@ -560,6 +560,11 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
     };
     let _tenant = tenants.enter();
     let mut child = child;
+    // Held until the exit status is sent (see `ssh::spawn::Child::take_namespace`).
+    let namespace_ref = match &mut child {
+        ChildProcess::Vforked(c) => c.take_namespace(),
+        ChildProcess::Forked(_) => None,
+    };
     let mut running = Running::new(&child, io, &tx, setup.input, setup.input_eof);
     for s in &setup.signals {
         running.signal(s);
@@ -670,6 +675,10 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
     }
     let _ = tx.eof().await;
     let _ = tx.close().await;
+    if let Some(fd) = namespace_ref {
+        // The teardown happens in this close: off the runtime, which serves the connection.
+        tokio::task::spawn_blocking(move || drop(fd));
+    }
 }
 
 /// One thing that happened while the command runs.

@@ -55,11 +55,23 @@ pub struct Child {
     pid: i32,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<ExitStatus>,
+    /// The session's mount namespace (`/proc/PID/ns/mnt`), if opened before the command
+    /// ended: see [`Child::take_namespace`].
+    namespace: Option<OwnedFd>,
 }
 
 impl Child {
     pub fn id(&self) -> u32 {
         self.pid as u32
+    }
+
+    /// A reference to the session's mount namespace, taken right after the exec. While it is
+    /// held, the namespace outlives the command: the kernel tears it down (unmounts and an
+    /// RCU grace period: 75-117 us on an idle host, 0.2-0.8 ms at load 15) when the reference
+    /// is closed, not inside the command's exit, before the pidfd tells us it ended. Close it
+    /// after the exit status is sent. None when the command ended first.
+    pub fn take_namespace(&mut self) -> Option<OwnedFd> {
+        self.namespace.take()
     }
 
     /// Waits until the process has exited and reaps it.
@@ -128,7 +140,14 @@ pub fn spawn(
         }
     };
     let pidfd = register(pidfd).map_err(SpawnFailure::Setup)?;
-    Ok(Spawned { child: Child { pid, pidfd, status: None }, stdin, stdout, stderr })
+    // The command has just exec'd: it is very likely still running, in its namespace.
+    let namespace = rustix::fs::open(
+        format!("/proc/{pid}/ns/mnt").as_str(),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok();
+    Ok(Spawned { child: Child { pid, pidfd, status: None, namespace }, stdin, stdout, stderr })
 }
 
 /// The clone and the exec: the child's pid and our ends of its pipes (stdin, stdout, stderr).
