@@ -309,8 +309,8 @@ impl SessionTmp {
 
     /// Runs in the child of the (multi-threaded) daemon, a fork or a vfork-style clone that
     /// shares the daemon's memory (`ssh::spawn`): only async-signal-safe calls, no allocation,
-    /// nothing that can panic. A failure is reported on the child's stderr as `cpud -remote` words it,
-    /// and the child exits with [`crate::error::EXIT_REMOTE_SETUP`].
+    /// nothing that can panic. A failure is reported on the child's stderr as `cpud -remote`
+    /// words it, and the child exits with [`crate::error::EXIT_REMOTE_SETUP`].
     pub fn enter(&self) {
         // SAFETY: unshare, mount, mkdir and chdir are plain system calls on NUL-terminated
         // strings owned by `self`, which outlives the call; nothing here takes a lock.
