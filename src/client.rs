@@ -488,8 +488,9 @@ async fn session(opts: CpuOptions) -> Result<i32> {
     match crate::control::route(&opts, &target).await? {
         // A live master carries the session: no dial, no handshake, no authentication.
         crate::control::Route::Mux(stream) => {
-            if let Some(stream) = crate::control::open(stream, &spec).await {
-                return crate::control::run_mux(stream, &spec, &target.host).await;
+            let stdin_at_eof = crate::control::stdin_at_eof(&spec);
+            if let Some(stream) = crate::control::open(stream, &spec, stdin_at_eof).await {
+                return crate::control::run_mux(stream, &spec, &target.host, stdin_at_eof).await;
             }
         }
         crate::control::Route::Exit(status) => return Ok(status),
@@ -689,7 +690,9 @@ pub async fn local_session(
     // holds stdin back until its command is started.
     let (escape_tx, mut escape_rx) = mpsc::channel::<()>(1);
     let is_tty = tty.is_some();
-    let mut lent = LentStdin(Some(take_stdin()));
+    // /dev/null has nothing to read: no reader thread, and the session sees EOF at once (no
+    // hand-off from that thread before the EOF can follow the exec).
+    let mut lent = LentStdin(if stdin_is_null() { None } else { Some(take_stdin()) });
     let stdin_task = AbortOnDrop(crate::task::spawn(async move {
         let Some(rx) = lent.0.as_mut() else { return };
         let mut escape = EscapeFilter::new();
@@ -1019,6 +1022,19 @@ fn take_stdin() -> mpsc::Receiver<Vec<u8>> {
     let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     // Only one session runs at a time; if none is lent back, stdin is treated as closed.
     taken.unwrap_or_else(|| mpsc::channel(1).1)
+}
+
+/// Whether this process's stdin is /dev/null (character device 1:3), which reads as EOF at
+/// once (`cpu host cmd </dev/null`, scripts, cron, the benches).
+pub fn stdin_is_null() -> bool {
+    match rustix::fs::fstat(rustix::stdio::stdin()) {
+        Ok(st) => {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::CharacterDevice
+                && rustix::fs::major(st.st_rdev) == 1
+                && rustix::fs::minor(st.st_rdev) == 3
+        }
+        Err(_) => false,
+    }
 }
 
 /// Lends the stdin receiver to one session and gives it back however the session ends.

@@ -406,11 +406,18 @@ pub async fn command(settings: &ControlSettings, cmd: &str) -> Result<i32> {
 }
 
 /// Offers the session to the master on `stream`; None (and why, on -d) if the master did not
-/// take it, so the caller connects directly.
-pub async fn open(mut stream: UnixStream, spec: &SessionSpec) -> Option<UnixStream> {
+/// take it, so the caller connects directly. `stdin_at_eof` ([`stdin_at_eof`]): STDIN_EOF
+/// goes in the same write as OPEN, so the master sends the EOF with the exec, and
+/// [`run_mux`] is told so.
+pub async fn open(mut stream: UnixStream, spec: &SessionSpec, stdin_at_eof: bool) -> Option<UnixStream> {
+    let mut hello = frame(OPEN, &encode_spec(spec));
+    if stdin_at_eof {
+        hello.extend_from_slice(&frame(STDIN_EOF, &[]));
+    }
     let reply = async {
-        // As in `command`: a refusal is read even when the write failed.
-        let sent = write_frame(&mut stream, OPEN, &encode_spec(spec)).await;
+        // As in `command`: a refusal is read even when the write failed. A master that
+        // refuses reads no further frame: the STDIN_EOF is dropped with the connection.
+        let sent = stream.write_all(&hello).await.map_err(|e| Error::io("control socket", e));
         match read_frame(&mut stream).await {
             Ok(None) => sent.map(|()| None),
             other => other,
@@ -441,20 +448,26 @@ pub async fn open(mut stream: UnixStream, spec: &SessionSpec) -> Option<UnixStre
 }
 
 /// Runs a session the master accepted ([`open`]), with this process's stdio and signals.
-pub async fn run_mux(stream: UnixStream, spec: &SessionSpec, host: &str) -> Result<i32> {
+/// `eof_sent`: [`open`] sent STDIN_EOF with OPEN.
+pub async fn run_mux(stream: UnixStream, spec: &SessionSpec, host: &str, eof_sent: bool) -> Result<i32> {
     let (io, ends) = client::session_io();
     let tty = spec.tty.as_ref().map(|(_, ws)| *ws);
-    client::local_session(tty, host, ends, Box::pin(relay(stream, io))).await
+    client::local_session(tty, host, ends, Box::pin(relay(stream, io, eof_sent))).await
+}
+
+/// Whether the session's stdin is at its end before it starts (/dev/null, no terminal).
+pub fn stdin_at_eof(spec: &SessionSpec) -> bool {
+    spec.tty.is_none() && client::stdin_is_null()
 }
 
 /// The mux client's side of one accepted session: stdin and events to the master, and its
-/// output and outcome back.
-async fn relay(stream: UnixStream, io: SessionIo) -> Result<Outcome> {
+/// output and outcome back. `eof_sent`: [`open`] sent STDIN_EOF already.
+async fn relay(stream: UnixStream, io: SessionIo, eof_sent: bool) -> Result<Outcome> {
     let SessionIo { mut stdin, output, mut events } = io;
     let (mut rd, mut wr) = stream.into_split();
     // Its own task: a master slow to take stdin must never stop us reading its output.
     let _writer = client::AbortOnDrop(crate::task::spawn(async move {
-        let mut stdin_open = true;
+        let mut stdin_open = !eof_sent;
         loop {
             let sent = tokio::select! {
                 chunk = stdin.recv(), if stdin_open => match chunk {
@@ -848,13 +861,13 @@ impl SpareChannel {
     async fn take(&self) -> Option<russh::Channel<russh::client::Msg>> {
         let opening = self.opening.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut channel = opening?.await.ok().flatten()?;
-        // Polled once: a spare holds no message unless the server closed (or used) it.
-        match tokio::time::timeout(Duration::ZERO, channel.wait()).await {
-            Err(_) => {
+        // A spare holds no message unless the server closed (or used) it.
+        match poll_once(channel.wait()) {
+            None => {
                 log::debug!("control master: the session runs on the spare channel");
                 Some(channel)
             }
-            Ok(said) => {
+            Some(said) => {
                 log::debug!("control master: the spare channel is not usable ({said:?}); opening one");
                 None
             }
@@ -869,6 +882,20 @@ impl SpareChannel {
             let conn = conn.clone();
             *slot = Some(tokio::spawn(async move { conn.handle.channel_open_session().await.ok() }));
         }
+    }
+}
+
+/// Polls `future` once and drops it: its output if it was ready, else None. No timer and no
+/// wake-up is armed (`tokio::time::timeout(Duration::ZERO, ..)` armed a timer and cost the
+/// master a ~1 ms sleep in epoll before every mux session); tokio's cooperative budget is
+/// lifted for the poll, so a ready future is never reported as pending for want of budget.
+/// For cancel-safe futures only (russh's `Channel::wait` is a tokio mpsc `recv`).
+fn poll_once<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(tokio::task::unconstrained(future));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(future.as_mut(), &mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -890,13 +917,18 @@ fn signal_from_code(c: u8) -> Option<Sig> {
     }
 }
 
-/// Writes one frame.
-async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: u8, payload: &[u8]) -> Result<()> {
+/// One frame's bytes.
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(5 + payload.len());
     frame.extend_from_slice(&(payload.len() as u32 + 1).to_be_bytes());
     frame.push(kind);
     frame.extend_from_slice(payload);
-    w.write_all(&frame).await.map_err(|e| Error::io("control socket", e))
+    frame
+}
+
+/// Writes one frame.
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: u8, payload: &[u8]) -> Result<()> {
+    w.write_all(&frame(kind, payload)).await.map_err(|e| Error::io("control socket", e))
 }
 
 /// Reads one frame; None at a clean end of stream.
@@ -1185,6 +1217,66 @@ mod tests {
             Outcome::default(),
         ] {
             assert_eq!(decode_outcome(&encode_outcome(&o)).unwrap(), o);
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn poll_once_tells_a_waiting_message_from_none_and_loses_nothing() {
+        let (tx, mut rx) = mpsc::channel::<u8>(4);
+        // Empty: pending, and the message sent afterwards is still received.
+        assert_eq!(poll_once(rx.recv()), None);
+        tx.send(7).await.unwrap();
+        assert_eq!(poll_once(rx.recv()), Some(Some(7)));
+        assert_eq!(poll_once(rx.recv()), None);
+        tx.send(8).await.unwrap();
+        assert_eq!(rx.recv().await, Some(8));
+        // Closed: ready with None (a spare the server closed is not used).
+        drop(tx);
+        assert_eq!(poll_once(rx.recv()), Some(None));
+        // Past tokio's cooperative budget (128 ready polls in one task poll): a waiting
+        // message is still seen, not taken for an empty channel.
+        let (tx, mut rx) = mpsc::channel::<u8>(300);
+        for i in 0..300 {
+            tx.try_send((i % 256) as u8).unwrap();
+        }
+        for i in 0..300 {
+            assert_eq!(poll_once(rx.recv()), Some(Some((i % 256) as u8)), "message {i}");
+        }
+    }
+
+    /// With stdin at its end, STDIN_EOF is on the socket with OPEN, before the master answers.
+    #[tokio::test(flavor = "current_thread")]
+    async fn open_sends_stdin_eof_with_the_session_when_stdin_is_at_its_end() {
+        let spec = SessionSpec {
+            environ: vec![("PWD".into(), "/".into())],
+            command: vec!["true".into()],
+            tty: None,
+            ninep: false,
+            root: String::new(),
+            read_only: false,
+            msize: 8192,
+            mount_opts: String::new(),
+            debug_9p: false,
+            fstab: None,
+        };
+        for at_eof in [true, false] {
+            let (ours, mut master) = UnixStream::pair().unwrap();
+            let opening = tokio::spawn({
+                let spec = spec.clone();
+                async move { open(ours, &spec, at_eof).await.is_some() }
+            });
+            let (kind, payload) = read_frame(&mut master).await.unwrap().unwrap();
+            assert_eq!((kind, decode_spec(&payload).unwrap()), (OPEN, spec.clone()));
+            // What else is on the socket before ACCEPTED (open wrote all it sends before it
+            // waits for the answer, so this need not wait).
+            let mut more = [0u8; 16];
+            match (at_eof, master.try_read(&mut more)) {
+                (true, Ok(n)) => assert_eq!(&more[..n], &frame(STDIN_EOF, &[])[..]),
+                (false, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                (_, other) => panic!("stdin at its end {at_eof}: after OPEN {other:?}"),
+            }
+            write_frame(&mut master, ACCEPTED, &[]).await.unwrap();
+            assert!(opening.await.unwrap(), "accepted");
         }
     }
 

@@ -17,8 +17,9 @@
 //! its children never sees it.
 //!
 //! A session that needs no 9P and no fstab (`cpu -9p=false`, or a client that sent no nonce)
-//! does not re-execute the daemon at all ([`direct_session`]): the daemon's forked child
-//! builds the same private namespace (private `/`, tmpfs on /tmp, /tmp/cpu, /tmp/local) with
+//! does not re-execute the daemon at all ([`direct_session`]): the daemon's child (a
+//! `clone(CLONE_VM | CLONE_VFORK)` from `ssh::spawn`, or a fork with a pty) builds the same
+//! private namespace (private `/`, tmpfs on /tmp, /tmp/cpu, /tmp/local) with
 //! raw system calls ([`SessionTmp::enter`]) and execs the command itself, which saves the
 //! exec of this binary and its start-up on every such session. Exit statuses and messages are
 //! the ones [`exec_failure`] gives either way.
@@ -278,7 +279,7 @@ pub fn direct_session(remote_args: &[OsString], env: &[(String, String)]) -> Opt
     Some(DirectSession { command, env, cwd })
 }
 
-/// The namespace of a session without 9P, built in the forked child before it execs the
+/// The namespace of a session without 9P, built in the daemon's child before it execs the
 /// command: what [`prepare_session`] does when there is no nonce and no fstab. Everything is
 /// prepared here, in the daemon, so that [`SessionTmp::enter`] makes only raw system calls.
 pub struct SessionTmp {
@@ -306,9 +307,10 @@ impl SessionTmp {
         })
     }
 
-    /// Runs in the forked child of the (multi-threaded) daemon: only async-signal-safe calls,
-    /// no allocation. A failure is reported on the child's stderr as `cpud -remote` words it,
-    /// and the child exits with [`crate::error::EXIT_REMOTE_SETUP`].
+    /// Runs in the child of the (multi-threaded) daemon, a fork or a vfork-style clone that
+    /// shares the daemon's memory (`ssh::spawn`): only async-signal-safe calls, no allocation,
+    /// nothing that can panic. A failure is reported on the child's stderr as `cpud -remote`
+    /// words it, and the child exits with [`crate::error::EXIT_REMOTE_SETUP`].
     pub fn enter(&self) {
         // SAFETY: unshare, mount, mkdir and chdir are plain system calls on NUL-terminated
         // strings owned by `self`, which outlives the call; nothing here takes a lock.
@@ -396,7 +398,7 @@ fn say(what: &[u8], errno: Option<i32>) {
 /// [`say`], then end the child as a failed setup ends `cpud -remote`.
 fn fail(what: &[u8], errno: Option<i32>) -> ! {
     say(what, errno);
-    // SAFETY: ends the forked child without running the daemon's destructors or atexit code.
+    // SAFETY: ends the child without running the daemon's destructors or atexit code.
     unsafe { libc::_exit(crate::error::EXIT_REMOTE_SETUP) }
 }
 

@@ -176,6 +176,8 @@ fn sessions_through_the_master_match_direct_ones_over_one_connection() {
         (&["sh", "-c", "exit 255"], None, 255, "", ""),
         (&["sh", "-c", "printf 'x'; kill -9 $$"], None, 137, "x", ""),
         (&["cat"], Some(b"bytes\x00\xff\n"), 0, "bytes\x00\u{fffd}\n", ""),
+        // stdin /dev/null: EOF (sent with the session's start through a master).
+        (&["sh", "-c", "cat; echo end"], None, 0, "end\n", ""),
         (&["sh", "-c", "echo \"$CPU_CONTROL_TEST $PWD\""], None, 0, "mux-or-direct /tmp\n", ""),
     ];
     // Direct first (-controlpath=none would do too: -controlmaster=no with no socket yet).
@@ -203,7 +205,7 @@ fn sessions_through_the_master_match_direct_ones_over_one_connection() {
     assert_eq!(
         w.cpud.connections(),
         direct_connections + 1,
-        "five sessions, one authentication: {}",
+        "six sessions, one authentication: {}",
         w.cpud.log()
     );
     assert_eq!(w.cpud.sessions(), 2 * cases.len(), "{}", w.cpud.log());

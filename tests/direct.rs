@@ -265,3 +265,44 @@ fn input_queued_while_output_leaves_never_deadlocks() {
     assert!(zeros.iter().all(|&b| b == 0), "the 32 MiB are not all zeros");
     assert_eq!(text(count).trim(), (24u32 << 20).to_string(), "wc -c of the input");
 }
+
+/// The direct path's child (ssh::spawn): in its own mount namespace, and the reference cpud
+/// takes to that namespace keeps it after the command ended (its teardown then comes after
+/// the exit status, not inside the command's exit).
+#[tokio::test(flavor = "current_thread")]
+async fn spawned_command_has_its_namespace_and_the_reference_outlives_it() {
+    use std::io::{Read, Write};
+    if !rustix::process::geteuid().is_root() {
+        skip::here("needs root: a session builds a private mount namespace");
+        return;
+    }
+    let tmp = cpu_all::remote::SessionTmp::new(Path::new("/")).unwrap();
+    let argv = [std::ffi::OsStr::new("sh"), "-c".as_ref(), "cat; readlink /proc/self/ns/mnt".as_ref()];
+    let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
+    let spawned = cpu_all::ssh::spawn::spawn("sh".as_ref(), &argv, &env, &tmp).unwrap();
+    let cpu_all::ssh::spawn::Spawned { mut child, stdin, stdout, stderr } = spawned;
+    // `cat` waits for its input: the command runs, so the reference was taken.
+    let held = child.take_namespace().expect("a reference to the running command's namespace");
+    let link = |p: String| std::fs::read_link(p).unwrap().to_string_lossy().into_owned();
+    let ours = link("/proc/self/ns/mnt".into());
+    let theirs = link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held)));
+    assert!(theirs.starts_with("mnt:["), "{theirs}");
+    assert_ne!(theirs, ours, "the command runs in a namespace of its own");
+    std::fs::File::from(stdin).write_all(b"in\n").unwrap();
+    let status = child.wait().await.unwrap();
+    let (mut out, mut err) = (String::new(), String::new());
+    std::fs::File::from(stdout).read_to_string(&mut out).unwrap();
+    std::fs::File::from(stderr).read_to_string(&mut err).unwrap();
+    assert_eq!(
+        (status.code(), out.as_str(), err.as_str()),
+        (Some(0), format!("in\n{theirs}\n").as_str(), "")
+    );
+    // The command is gone and reaped; the namespace is still there through the reference.
+    assert_eq!(link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&held))), theirs);
+    // A command that cannot be found: the exec's errno, nothing left running.
+    let argv = [std::ffi::OsStr::new("no-such-command-here")];
+    match cpu_all::ssh::spawn::spawn(argv[0], &argv, &env, &tmp) {
+        Err(cpu_all::ssh::spawn::SpawnFailure::Exec(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT)),
+        other => panic!("missing command: {:?}", other.err()),
+    }
+}

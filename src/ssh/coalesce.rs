@@ -6,10 +6,14 @@
 //! flushes after every pass of its loop. A `cpu` session's env requests, or the replies a
 //! server sends to them, were ~90 `recvfrom` calls in a control master per session, and the
 //! requests left in several writes, each waking cpud. russh's loop polls its read on every pass
-//! and whenever it has nothing else to do. The first read that would block after a write lets
-//! the other tasks run once (the loop is woken again at once), so that what they are about to
-//! queue (the rest of a session's requests, the EOF of an empty stdin) leaves in the same
-//! write; the next read that would block sends what is held (and a full socket's writability
+//! and whenever it has nothing else to do. A read that would block after a write lets the other
+//! tasks run (the loop is woken again at once), so that what they are about to queue (the rest
+//! of a session's requests, the EOF of an empty stdin) leaves in the same write. This repeats
+//! while they keep adding: russh takes channel messages through a queue of 10, so a session's
+//! ~40 env requests reach the socket over several passes of its loop (they left in four
+//! writes, each waking cpud). The loop polls its read in random order with its queue, so a
+//! pass may find nothing added yet while the queue is full again: what is held goes out at the
+//! second read in a row that would block with nothing added (a full socket's writability
 //! wakes the loop, which polls the read again). Shutdown sends the rest. The server's connection
 //! stream (`ssh::server`'s Killable, which adds the key-exchange checks) wraps one built with
 //! [`Coalesced::without_deferral`]: its replies go out at the first read that would block.
@@ -23,14 +27,23 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 const READ_BUFFER: usize = 16 * 1024;
 /// Held writes are sent once this much is waiting, even while input keeps arriving.
 const WRITE_COALESCE: usize = 64 * 1024;
+/// Passes of the loop a held write may wait for while the feeding tasks keep adding to it.
+const MAX_DEFERRALS: u32 = 64;
+/// Reads in a row that would block with nothing added before what is held is sent.
+const IDLE_PASSES: u32 = 2;
 
 /// A stream whose reads are buffered and whose writes wait for the next read that would block.
 pub struct Coalesced<S> {
     inner: BufReader<S>,
     /// Written (and flushed, as russh sees it) but not yet on the socket.
     unsent: Vec<u8>,
-    /// A read found nothing with `unsent` waiting, and the loop was woken to look once more.
-    deferred: bool,
+    /// How much was held when a read last found nothing and the loop was woken to look again
+    /// (None: not deferred since the last send).
+    deferred_at: Option<usize>,
+    /// Deferrals since the last send (bounded by [`MAX_DEFERRALS`]).
+    deferrals: u32,
+    /// Deferrals in a row that found nothing added.
+    idle_deferrals: u32,
     /// Whether the first read that would block lets the feeding tasks run once (the client)
     /// or sends at once (the server).
     defer_once: bool,
@@ -41,7 +54,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Coalesced<S> {
         Coalesced {
             inner: BufReader::with_capacity(READ_BUFFER, stream),
             unsent: Vec::new(),
-            deferred: false,
+            deferred_at: None,
+            deferrals: 0,
+            idle_deferrals: 0,
             defer_once: true,
         }
     }
@@ -76,14 +91,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesced<S> {
     ) -> Poll<std::io::Result<()>> {
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
         if read.is_pending() && !self.unsent.is_empty() {
-            if self.defer_once && !self.deferred {
-                // Once: the tasks that feed the loop run first, and add to this write.
-                self.deferred = true;
+            let held = self.unsent.len();
+            self.idle_deferrals = if self.deferred_at == Some(held) { self.idle_deferrals + 1 } else { 0 };
+            if self.defer_once && self.idle_deferrals < IDLE_PASSES && self.deferrals < MAX_DEFERRALS {
+                // The tasks that feed the loop run first, and add to this write, for as long
+                // as they keep adding.
+                self.deferred_at = Some(held);
+                self.deferrals += 1;
                 cx.waker().wake_by_ref();
                 return read;
             }
-            // The loop waits for input now: what it wrote goes out.
-            self.deferred = false;
+            // The loop waits for input and nothing more came: what it wrote goes out.
+            self.deferred_at = None;
+            self.deferrals = 0;
+            self.idle_deferrals = 0;
             if let Poll::Ready(Err(e)) = self.poll_send_unsent(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -132,6 +153,14 @@ mod tests {
         }
     }
 
+    /// Polls a read that finds nothing to read (as russh's loop does when it waits).
+    fn read_would_block(s: &mut Coalesced<tokio::io::DuplexStream>) {
+        let mut buf = [0u8; 8];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut rb = ReadBuf::new(&mut buf);
+        assert!(Pin::new(s).poll_read(&mut cx, &mut rb).is_pending());
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn writes_wait_for_a_read_that_would_block() {
         let (ours, mut peer) = tokio::io::duplex(1 << 16);
@@ -141,21 +170,54 @@ mod tests {
         s.write_all(b"two").await.unwrap();
         s.flush().await.unwrap();
         assert_eq!(readable(&mut peer), None, "nothing is sent before the loop waits for input");
-        let mut buf = [0u8; 8];
-        let mut cx = Context::from_waker(std::task::Waker::noop());
         // The first read with nothing to read lets the other tasks add to the write.
-        let mut rb = ReadBuf::new(&mut buf);
-        assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
+        read_would_block(&mut s);
         assert_eq!(readable(&mut peer), None);
         s.write_all(b"three").await.unwrap();
-        // The next one sends the three writes in one.
-        let mut rb = ReadBuf::new(&mut buf);
-        assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
+        // They added: they run again.
+        read_would_block(&mut s);
+        assert_eq!(readable(&mut peer), None);
+        // Nothing added since: once more (the loop may not have taken their queue yet).
+        read_would_block(&mut s);
+        assert_eq!(readable(&mut peer), None);
+        // Nothing added twice in a row: the three writes go out in one.
+        read_would_block(&mut s);
         assert_eq!(readable(&mut peer).as_deref(), Some(&b"onetwothree"[..]));
         // With nothing held, a read that would block does nothing more.
-        let mut rb = ReadBuf::new(&mut buf);
-        assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
+        read_would_block(&mut s);
         assert_eq!(readable(&mut peer), None);
+    }
+
+    /// A session's requests reach the socket over several passes of russh's loop (its queue
+    /// holds 10), some of which add nothing: they leave in one write, once two reads in a row
+    /// found nothing added.
+    #[tokio::test(flavor = "current_thread")]
+    async fn writes_wait_while_the_feeding_tasks_keep_adding() {
+        let (ours, mut peer) = tokio::io::duplex(1 << 16);
+        let mut s = Coalesced::new(ours);
+        let mut want = Vec::new();
+        for pass in 0..5u8 {
+            let chunk = [b'a' + pass; 10];
+            s.write_all(&chunk).await.unwrap();
+            want.extend_from_slice(&chunk);
+            read_would_block(&mut s);
+            // A pass that finds nothing added yet (the loop polled its read first).
+            read_would_block(&mut s);
+            assert_eq!(readable(&mut peer), None, "pass {pass}: still adding, nothing sent");
+        }
+        read_would_block(&mut s);
+        assert_eq!(readable(&mut peer), Some(want));
+        // A writer that never stops adding is sent after MAX_DEFERRALS passes all the same.
+        for pass in 0..=MAX_DEFERRALS {
+            s.write_all(b"x").await.unwrap();
+            read_would_block(&mut s);
+            if pass < MAX_DEFERRALS {
+                assert_eq!(readable(&mut peer), None, "pass {pass}");
+            }
+        }
+        let mut sent = vec![0u8; MAX_DEFERRALS as usize + 1];
+        peer.read_exact(&mut sent).await.unwrap();
+        assert!(sent.iter().all(|b| *b == b'x'));
     }
 
     #[tokio::test(flavor = "current_thread")]

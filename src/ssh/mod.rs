@@ -13,3 +13,4 @@ pub mod known_hosts;
 pub mod pty;
 pub mod server;
 pub mod session;
+pub mod spawn;

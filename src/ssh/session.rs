@@ -28,7 +28,7 @@
 //! Terminal modes in `pty-req` are applied to the new terminal (Go ignores them).
 //!
 //! The stdio pipes of a command are read and written on threads of their own, never on the
-//! runtime thread: Linux holds a pipe's mutex while `sendfile`/`splice` fills it from a file,
+//! runtime thread (which only watches them with epoll until the first output): Linux holds a pipe's mutex while `sendfile`/`splice` fills it from a file,
 //! and when that file is on the 9P mount served through this process, a read of the pipe on
 //! the runtime thread would wait for a reply only the runtime can deliver (see `pipe_io`).
 //!
@@ -560,6 +560,11 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
     };
     let _tenant = tenants.enter();
     let mut child = child;
+    // Held until the exit status is sent (see `ssh::spawn::Child::take_namespace`).
+    let namespace_ref = match &mut child {
+        ChildProcess::Vforked(c) => c.take_namespace(),
+        ChildProcess::Forked(_) => None,
+    };
     let mut running = Running::new(&child, io, &tx, setup.input, setup.input_eof);
     for s in &setup.signals {
         running.signal(s);
@@ -670,6 +675,10 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionContext) {
     }
     let _ = tx.eof().await;
     let _ = tx.close().await;
+    if let Some(fd) = namespace_ref {
+        // The teardown happens in this close: off the runtime, which serves the connection.
+        tokio::task::spawn_blocking(move || drop(fd));
+    }
 }
 
 /// One thing that happened while the command runs.
@@ -682,9 +691,9 @@ enum Step {
 
 enum ChildIo {
     Pipes {
-        stdin: tokio::process::ChildStdin,
-        stdout: tokio::process::ChildStdout,
-        stderr: tokio::process::ChildStderr,
+        stdin: std::io::Result<std::os::fd::OwnedFd>,
+        stdout: std::io::Result<std::os::fd::OwnedFd>,
+        stderr: std::io::Result<std::os::fd::OwnedFd>,
     },
     Pty(Arc<PtyMaster>),
 }
@@ -719,7 +728,25 @@ fn spawn(
     plan: &Plan,
     pty: Option<&PtyRequest>,
     namespace: Option<crate::remote::SessionTmp>,
-) -> Result<(tokio::process::Child, ChildIo), SpawnError> {
+) -> Result<(ChildProcess, ChildIo), SpawnError> {
+    // The direct path with pipes (every `cpu -9p=false host cmd` without a terminal): no copy
+    // of the daemon (see `ssh::spawn`).
+    if let (Some(tmp), None) = (&namespace, pty) {
+        let mut argv: Vec<&std::ffi::OsStr> = vec![plan.arg0.as_os_str()];
+        argv.extend(plan.args.iter().map(|a| a.as_os_str()));
+        let spawned = crate::ssh::spawn::spawn(plan.program.as_os_str(), &argv, &plan.env, tmp).map_err(
+            |e| match e {
+                crate::ssh::spawn::SpawnFailure::Setup(e) => SpawnError::Setup(e),
+                crate::ssh::spawn::SpawnFailure::Exec(e) => SpawnError::Exec(e),
+            },
+        )?;
+        let io = ChildIo::Pipes {
+            stdin: Ok(spawned.stdin),
+            stdout: Ok(spawned.stdout),
+            stderr: Ok(spawned.stderr),
+        };
+        return Ok((ChildProcess::Vforked(spawned.child), io));
+    }
     let mut cmd = tokio::process::Command::new(&plan.program);
     cmd.arg0(&plan.arg0).args(&plan.args).env_clear().kill_on_drop(false);
     for (n, v) in &plan.env {
@@ -767,7 +794,7 @@ fn spawn(
             }
             let child = cmd.spawn().map_err(SpawnError::Exec)?;
             drop(cmd); // closes our copies of the slave
-            Ok((child, ChildIo::Pty(Arc::new(PtyMaster::new(pair.master)?))))
+            Ok((ChildProcess::Forked(child), ChildIo::Pty(Arc::new(PtyMaster::new(pair.master)?))))
         }
         None => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
@@ -777,7 +804,12 @@ fn spawn(
             else {
                 return Err(SpawnError::Setup(std::io::Error::other("child stdio missing")));
             };
-            Ok((child, ChildIo::Pipes { stdin, stdout, stderr }))
+            let io = ChildIo::Pipes {
+                stdin: stdin.into_owned_fd(),
+                stdout: stdout.into_owned_fd(),
+                stderr: stderr.into_owned_fd(),
+            };
+            Ok((ChildProcess::Forked(child), io))
         }
     }
 }
@@ -790,7 +822,7 @@ fn spawn(
 /// with the raw system call: libc's `sigaction` refuses the real-time signals it keeps for
 /// itself (32-34), which a parent may still have left ignored. Called between fork and exec:
 /// only async-signal-safe calls.
-fn default_signals_for_exec() {
+pub(crate) fn default_signals_for_exec() {
     // The kernel's struct sigaction, all zero: SIG_DFL, no flags, an empty mask (large
     // enough for every architecture's layout).
     let default_action = [0u64; 4];
@@ -816,6 +848,29 @@ fn default_signals_for_exec() {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+/// The command's process: started by `std` (fork) or by `ssh::spawn` (the direct path).
+enum ChildProcess {
+    Forked(tokio::process::Child),
+    Vforked(crate::ssh::spawn::Child),
+}
+
+impl ChildProcess {
+    fn id(&self) -> Option<u32> {
+        match self {
+            ChildProcess::Forked(c) => c.id(),
+            ChildProcess::Vforked(c) => Some(c.id()),
+        }
+    }
+
+    /// Waits for the exit and reaps (cancel-safe).
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            ChildProcess::Forked(c) => c.wait().await,
+            ChildProcess::Vforked(c) => c.wait().await,
+        }
     }
 }
 
@@ -854,7 +909,7 @@ struct Running {
 
 impl Running {
     fn new(
-        child: &tokio::process::Child,
+        child: &ChildProcess,
         io: ChildIo,
         tx: &russh::ChannelWriteHalf<Msg>,
         early_input: Vec<u8>,
@@ -870,11 +925,10 @@ impl Running {
         let (pty, input_task, pumps) = match io {
             ChildIo::Pipes { stdin, stdout, stderr } => {
                 // The pipes are read and written on threads of their own (see `pipe_io`).
-                let (stdout, stderr) =
-                    pipe_io::Output::start_pair(stdout.into_owned_fd(), stderr.into_owned_fd());
+                let (stdout, stderr) = pipe_io::Output::start_pair(stdout, stderr);
                 let out = task::spawn(pump(stdout, tx.make_writer(), exited_rx.clone(), DRAIN_IDLE_PIPES));
                 let err = task::spawn(pump(stderr, tx.make_writer_ext(Some(1)), exited_rx, DRAIN_IDLE_PIPES));
-                let input = match (stdin.into_owned_fd(), early) {
+                let input = match (stdin, early) {
                     // EOF before exec and no input: closing the pipe is all there is to do.
                     (Ok(_pipe), None) if early_eof => None,
                     (Ok(pipe), None) => Some(InputTask::Idle(pipe, stdin_rx)),
@@ -941,7 +995,7 @@ impl Running {
 
     /// The client is gone: close the terminal and stdin, SIGHUP the group, SIGKILL it after
     /// `grace`, and reap the child.
-    async fn hang_up(&mut self, child: &mut tokio::process::Child, grace: Duration) {
+    async fn hang_up(&mut self, child: &mut ChildProcess, grace: Duration) {
         self.abort_input();
         for p in self.pumps.drain(..) {
             p.abort();
@@ -1087,7 +1141,8 @@ mod pipe_io {
         }
 
         /// The command's stdout and stderr, both read by one thread (a session start costs
-        /// one thread less than a thread each).
+        /// one thread less than a thread each), which starts with the first output: a command
+        /// that prints nothing (`cpu host true`) ends without a thread (see [`start_on_output`]).
         pub fn start_pair(stdout: io::Result<OwnedFd>, stderr: io::Result<OwnedFd>) -> (Output, Output) {
             let (out_tx, out_rx) = mpsc::channel(READ_AHEAD);
             let (err_tx, err_rx) = mpsc::channel(READ_AHEAD);
@@ -1098,8 +1153,77 @@ mod pipe_io {
                     Err(e) => log::error!("the command's {name}: {e}"),
                 }
             }
-            spawn("output", move || read_loop(ends));
+            crate::task::spawn(start_on_output(ends));
             (Output::new(out_rx), Output::new(err_rx))
+        }
+    }
+
+    /// Waits on the runtime until a pipe has something, then hands both to the reader thread.
+    /// Safe on the runtime, unlike a read: poll(2) (and so epoll) on a pipe takes no lock,
+    /// it reads the pipe's counters; the pipes are watched, never read here. A pipe whose
+    /// writers are all gone with nothing in it (POLLHUP without POLLIN: it can never have data
+    /// again) ends here, so a command that printed nothing ends without a thread start and
+    /// its hand-offs, each of which waits for a core on a busy host. Gives up when every
+    /// [`Output`] is dropped.
+    async fn start_on_output(ends: Vec<(File, mpsc::Sender<Chunk>)>) {
+        let mut watched = Vec::new();
+        let mut unwatched = Vec::new();
+        for (file, tx) in ends {
+            // SAFETY: the AsyncFd owns the File, so the descriptor stays open and names the
+            // same pipe until the AsyncFd is dropped or `into_inner` gives the File back.
+            match unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE)
+            } {
+                Ok(fd) => watched.push((fd, tx)),
+                Err(e) => unwatched.push((e.into_parts().0, tx)),
+            }
+        }
+        if !unwatched.is_empty() {
+            // Cannot watch: read from the start, as the thread always can.
+            unwatched.extend(watched.into_iter().map(|(fd, tx)| (fd.into_inner(), tx)));
+            return spawn("output", move || read_loop(unwatched));
+        }
+        loop {
+            if watched.is_empty() {
+                return;
+            }
+            let readiness = std::future::poll_fn(|cx| {
+                for (fd, _) in &watched {
+                    if let Poll::Ready(guard) = fd.poll_read_ready(cx) {
+                        if let Ok(mut guard) = guard {
+                            guard.clear_ready();
+                        }
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Pending
+            });
+            let dropped = async {
+                for (_, tx) in &watched {
+                    tx.closed().await;
+                }
+            };
+            tokio::select! {
+                () = readiness => {}
+                () = dropped => return,
+            }
+            let mut polls: Vec<libc::pollfd> = watched
+                .iter()
+                .map(|(fd, _)| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .collect();
+            // SAFETY: one valid pollfd per open pipe, alive across the call; no timeout.
+            unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 0) };
+            if polls.iter().any(|p| p.revents & !libc::POLLHUP != 0) {
+                // Output (or anything but a plain end): the thread reads from here on. The
+                // watches end first, so the runtime is not woken by every write.
+                let ends = watched.into_iter().map(|(fd, tx)| (fd.into_inner(), tx)).collect();
+                return spawn("output", move || read_loop(ends));
+            }
+            let mut i = 0;
+            watched.retain(|_| {
+                i += 1;
+                polls[i - 1].revents & libc::POLLHUP == 0
+            });
         }
     }
 
@@ -1229,6 +1353,59 @@ mod pipe_io {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pipe as (read end, write end).
+    fn pipe() -> (std::os::fd::OwnedFd, std::fs::File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array it is given.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        unsafe {
+            use std::os::fd::FromRawFd;
+            (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
+        }
+    }
+
+    /// The reader thread starts with the first output; pipes that end empty end without it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn output_pipes_end_empty_or_deliver_what_comes_late() {
+        use std::io::Write;
+        // Nothing written: both end.
+        let ((out_r, out_w), (err_r, err_w)) = (pipe(), pipe());
+        let (mut out, mut err) = pipe_io::Output::start_pair(Ok(out_r), Ok(err_r));
+        drop((out_w, err_w));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        out.read_to_end(&mut a).await.unwrap();
+        err.read_to_end(&mut b).await.unwrap();
+        assert_eq!((a, b), (Vec::new(), Vec::new()));
+        // stdout ends empty first; stderr gets bytes after the watch began, then more
+        // after the thread took over.
+        let ((out_r, out_w), (err_r, mut err_w)) = (pipe(), pipe());
+        let (mut out, mut err) = pipe_io::Output::start_pair(Ok(out_r), Ok(err_r));
+        tokio::task::yield_now().await;
+        drop(out_w);
+        let mut a = Vec::new();
+        out.read_to_end(&mut a).await.unwrap();
+        assert!(a.is_empty());
+        err_w.write_all(b"late ").unwrap();
+        let mut first = [0u8; 5];
+        err.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"late ");
+        err_w.write_all(b"and more").unwrap();
+        drop(err_w);
+        let mut rest = Vec::new();
+        err.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"and more");
+        // Written and closed before the watch looks: the data is read, not lost.
+        let ((out_r, mut out_w), (err_r, err_w)) = (pipe(), pipe());
+        out_w.write_all(b"early").unwrap();
+        drop((out_w, err_w));
+        let (mut out, mut err) = pipe_io::Output::start_pair(Ok(out_r), Ok(err_r));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        out.read_to_end(&mut a).await.unwrap();
+        err.read_to_end(&mut b).await.unwrap();
+        assert_eq!((a.as_slice(), b.as_slice()), (&b"early"[..], &b""[..]));
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
