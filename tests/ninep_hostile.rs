@@ -1,7 +1,8 @@
 //! A remote that does not play fair: floods of fids, xattr buffers, Tflush and big reads it
 //! never reads the replies of, and NOFID as a new fid. Each case must get a clear error or
 //! backpressure, and the serving process (this one: the server runs in a thread) must stay
-//! under 64 MB of RSS. Every test runs in a child process of its own, so one case's
+//! under 64 MB of RSS (the Rflush flood, small by design: under 4 MB more than before it).
+//! Every test runs in a child process of its own, so one case's
 //! allocations cannot count against another's.
 
 mod ninep_support;
@@ -242,7 +243,14 @@ fn unread_rflush_replies_stop_the_reading_of_requests() {
     }
     let dir = TempDir::new("flushflood");
     let mut h = start_attached(options(dir.path()));
-    let n = 1_500_000;
+    // An Rflush held in memory costs about 90 bytes (measured with the server broken to queue
+    // every reply: 1.5 M unread Rflush, 131 MiB more RSS). The server stops reading after a
+    // few tens of thousands (the socket buffers and MAX_IN_FLIGHT), holding well under 1 MiB
+    // more; 200,000 held would be about 17 MiB. So the growth while the flood is unread is
+    // held to RSS_GROWTH_LIMIT_KIB: a server that queues them fails by about four times.
+    const RSS_GROWTH_LIMIT_KIB: u64 = 4 * 1024;
+    let before = status_kib("VmRSS:");
+    let n = 200_000;
     let mut flushed = 0usize;
     flood(
         &mut h.client,
@@ -255,6 +263,13 @@ fn unread_rflush_replies_stop_the_reading_of_requests() {
     );
     assert_eq!(flushed, n);
     assert_rss_bounded("after the flood");
+    // VmHWM is this child's peak since it started: at or above its RSS before the flood.
+    let grew = status_kib("VmHWM:").saturating_sub(before);
+    assert!(
+        grew < RSS_GROWTH_LIMIT_KIB,
+        "peak RSS grew {grew} KiB over the {before} KiB before {n} unread Rflush (limit {RSS_GROWTH_LIMIT_KIB} KiB): \
+         the server kept reading requests while their replies were unread"
+    );
     h.client.walk(0, 1, &[]).unwrap();
     h.finish().unwrap();
 }

@@ -17,6 +17,17 @@ contains() { # contains NAME NEEDLE FILE
 	if grep -qF -- "$2" "$3"; then ok "$1"; else ko "$1: no [$2] in: $(cat "$3")"; fi
 }
 session_mounts() { grep -c ' - tmpfs cpu \| /tmp/cpu \| - 9p ' /proc/1/mountinfo; }
+# wait_listening PORT: until something listens on PORT (at most 5 s; says so when it gave up).
+# busybox nc listens on the IPv6 wildcard: the port shows in /proc/net/tcp6, not tcp.
+wait_listening() {
+	i=0
+	until awk -v p="$(printf ':%04X' "$1")" '$4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' \
+		/proc/net/tcp /proc/net/tcp6 2>/dev/null; do
+		[ $i -ge 50 ] && { echo "nothing listens on port $1 after 5 s; going on" >&2; return 1; }
+		usleep 100000
+		i=$((i + 1))
+	done
+}
 
 # relay LISTEN_PORT HOST_PORT: accept one connection (busybox nc listens on all addresses), keep the first
 # 32 bytes (the nonce) in /run/nonce.got, and splice the rest to the host's diod.
@@ -29,8 +40,7 @@ relay() {
 	chmod +x /run/relay.sh
 	rm -f /run/nonce.got
 	nc -l -p "$1" -e /run/relay.sh &
-	i=0
-	until grep -q ":$(printf %04X "$1") 00000000:0000 0A" /proc/net/tcp || [ $i -ge 50 ]; do usleep 100000; i=$((i+1)); done
+	wait_listening "$1"
 }
 
 case ${MODE:-basic} in
@@ -85,7 +95,7 @@ ro" "$out"
 	printf '#!/bin/sh\nexec sleep 90\n' >/run/mute.sh && chmod +x /run/mute.sh
 	nc -l -p 5650 -e /run/mute.sh &
 	mute=$!
-	i=0; until grep -q ":1612 00000000:0000 0A" /proc/net/tcp || [ $i -ge 50 ]; do usleep 100000; i=$((i+1)); done
+	wait_listening 5650
 	t0=$(date +%s)
 	CPUNONCE=0123456789abcdef0123456789abcdef PWD=/ $R -port9p=5650 true 2>/run/err
 	check "a 9p server that never answers: status 125" 125 $?
@@ -152,14 +162,16 @@ ninep | modprobe)
 		relay 5642 "$DIOD_PORT"
 		NOLIB64=$(echo "$FSTAB" | grep -v lib64)
 		USER=root CPUNONCE=$NONCE CPU_FSTAB="$NOLIB64" CPU_MOUNTOPTS="aname=/" PATH=/usr/bin:/bin PWD=/ \
-			$R -port9p=5642 python3 -c 'print(6*7)' 2>/run/err
+			$R -port9p=5642 /usr/bin/expr 6 '*' 7 2>/run/err
 		check "no /lib64: exec fails with 127" 127 $?
 		contains "no /lib64: the message names the missing loader" "its program interpreter (dynamic loader) or a library is missing here" /run/err
 		# With the client's /lib64 in the fstab, the mount point is created (initramfs root).
 		relay 5641 "$DIOD_PORT"
+		# A small dynamically linked host program (its loader, libc and libgmp through the
+		# binds): python3 proved the same with seconds of module reads under TCG.
 		out=$(USER=root CPUNONCE=$NONCE CPU_FSTAB="$FSTAB" CPU_MOUNTOPTS="aname=/" PATH=/usr/bin:/bin PWD=/ \
-			$R -port9p=5641 python3 -c 'print(6*7)' 2>/run/err)
-		check "host python3 (dynamically linked) runs through the default namespace" 42 "$out"
+			$R -port9p=5641 /usr/bin/expr 6 '*' 7 2>/run/err)
+		check "host /usr/bin/expr (dynamically linked: loader, libc, libgmp) runs through the default namespace" 42 "$out"
 		[ "$out" = 42 ] || cat /run/err
 		[ -d /lib64 ] && ok "the missing /lib64 mount point was created on the initramfs" || ko "/lib64 not created"
 	fi
