@@ -80,9 +80,18 @@ async fn run(args: &[String]) -> Result<(), String> {
             let s =
                 dial(net, arg(2)?, arg(3)?, Duration::from_secs(secs)).await.map_err(|e| e.to_string())?;
             let connected = started.elapsed();
-            let got = tokio::time::timeout(Duration::from_secs(secs), exchange(s, &payload))
+            let progress = Progress::default();
+            let got = tokio::time::timeout(Duration::from_secs(secs), exchange(s, &payload, &progress))
                 .await
-                .map_err(|_| format!("no full echo within {secs} s"))??;
+                .map_err(|_| {
+                    // Where it stopped: a stall in the sending or in the echo.
+                    format!(
+                        "no full echo within {secs} s: {} of {} bytes written, {} read back",
+                        progress.written.get(),
+                        payload.len(),
+                        progress.read.get()
+                    )
+                })??;
             if got != payload {
                 return Err(format!(
                     "echo differs: sent {} bytes, got {} bytes back",
@@ -125,16 +134,35 @@ async fn echo(mut s: BoxStream) -> (u64, Result<(), String>) {
     }
 }
 
+/// Bytes moved so far by [`exchange`], for the message when it does not finish.
+#[derive(Default)]
+struct Progress {
+    written: std::cell::Cell<usize>,
+    read: std::cell::Cell<usize>,
+}
+
 /// Writes `payload` while reading the same number of bytes back.
-async fn exchange(s: BoxStream, payload: &[u8]) -> Result<Vec<u8>, String> {
+async fn exchange(s: BoxStream, payload: &[u8], progress: &Progress) -> Result<Vec<u8>, String> {
     let (mut rd, mut wr) = tokio::io::split(s);
     let writer = async {
-        wr.write_all(payload).await.map_err(|e| format!("write: {e}"))?;
+        while progress.written.get() < payload.len() {
+            match wr.write(&payload[progress.written.get()..]).await {
+                Ok(0) => return Err("write: the peer takes no more".to_string()),
+                Ok(n) => progress.written.set(progress.written.get() + n),
+                Err(e) => return Err(format!("write: {e}")),
+            }
+        }
         wr.flush().await.map_err(|e| format!("flush: {e}"))
     };
     let reader = async {
         let mut got = vec![0u8; payload.len()];
-        rd.read_exact(&mut got).await.map_err(|e| format!("read echo: {e}"))?;
+        while progress.read.get() < got.len() {
+            match rd.read(&mut got[progress.read.get()..]).await {
+                Ok(0) => return Err(format!("read echo: end of stream after {} bytes", progress.read.get())),
+                Ok(n) => progress.read.set(progress.read.get() + n),
+                Err(e) => return Err(format!("read echo: {e}")),
+            }
+        }
         Ok::<_, String>(got)
     };
     let (w, r) = tokio::join!(writer, reader);
