@@ -22,6 +22,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_cpu-all");
 struct Watched {
     child: Child,
     log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Watched {
@@ -31,7 +32,7 @@ impl Watched {
         let mut err = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
                 if n == 0 {
@@ -40,7 +41,7 @@ impl Watched {
                 sink.lock().expect("log lock").push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Watched { child, log }
+        Watched { child, log, reader: Some(reader) }
     }
 
     fn text(&self) -> String {
@@ -52,9 +53,17 @@ impl Watched {
         child::wait_until(limit, || self.text().contains(needle))
     }
 
-    /// Waits up to `limit` for the exit status; kills the child on timeout.
+    /// Waits up to `limit` for the exit status; kills the child on timeout. After the exit,
+    /// waits (up to 10 s) for the reader to reach the pipe's end, so that `text` holds
+    /// everything the child wrote: the exit can be seen before the last lines are read.
     fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        child::wait_or_kill(&mut self.child, limit)
+        let status = child::wait_or_kill(&mut self.child, limit)?;
+        if let Some(reader) = self.reader.take() {
+            if child::wait_until(Duration::from_secs(10), || reader.is_finished()) {
+                let _ = reader.join();
+            }
+        }
+        Some(status)
     }
 }
 
