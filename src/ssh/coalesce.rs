@@ -44,9 +44,9 @@ pub struct Coalesced<S> {
     deferrals: u32,
     /// Deferrals in a row that found nothing added.
     idle_deferrals: u32,
-    /// Whether the first read that would block lets the feeding tasks run once (the client)
-    /// or sends at once (the server).
-    defer_once: bool,
+    /// Whether a read that would block lets the feeding tasks run and add to the write first
+    /// (the client), or sends at once (the server).
+    defers: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Coalesced<S> {
@@ -57,13 +57,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Coalesced<S> {
             deferred_at: None,
             deferrals: 0,
             idle_deferrals: 0,
-            defer_once: true,
+            defers: true,
         }
     }
 
     /// Like [`Coalesced::new`], but what is held goes out at the first read that would block.
     pub fn without_deferral(stream: S) -> Coalesced<S> {
-        Coalesced { defer_once: false, ..Coalesced::new(stream) }
+        Coalesced { defers: false, ..Coalesced::new(stream) }
     }
 
     /// Writes out what is held; Pending (with the socket's writability registered) while some
@@ -93,7 +93,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesced<S> {
         if read.is_pending() && !self.unsent.is_empty() {
             let held = self.unsent.len();
             self.idle_deferrals = if self.deferred_at == Some(held) { self.idle_deferrals + 1 } else { 0 };
-            if self.defer_once && self.idle_deferrals < IDLE_PASSES && self.deferrals < MAX_DEFERRALS {
+            if self.defers && self.idle_deferrals < IDLE_PASSES && self.deferrals < MAX_DEFERRALS {
                 // The tasks that feed the loop run first, and add to this write, for as long
                 // as they keep adding.
                 self.deferred_at = Some(held);
@@ -227,10 +227,7 @@ mod tests {
         s.write_all(b"reply").await.unwrap();
         s.flush().await.unwrap();
         assert_eq!(readable(&mut peer), None, "nothing is sent before the loop waits for input");
-        let mut buf = [0u8; 8];
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut rb = ReadBuf::new(&mut buf);
-        assert!(Pin::new(&mut s).poll_read(&mut cx, &mut rb).is_pending());
+        read_would_block(&mut s);
         assert_eq!(readable(&mut peer).as_deref(), Some(&b"reply"[..]));
     }
 

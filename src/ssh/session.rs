@@ -28,9 +28,10 @@
 //! Terminal modes in `pty-req` are applied to the new terminal (Go ignores them).
 //!
 //! The stdio pipes of a command are read and written on threads of their own, never on the
-//! runtime thread (which only watches them with epoll until the first output): Linux holds a pipe's mutex while `sendfile`/`splice` fills it from a file,
-//! and when that file is on the 9P mount served through this process, a read of the pipe on
-//! the runtime thread would wait for a reply only the runtime can deliver (see `pipe_io`).
+//! runtime thread (which only watches them with epoll until the first output): Linux holds a
+//! pipe's mutex while `sendfile`/`splice` fills it from a file, and when that file is on the
+//! 9P mount served through this process, a read of the pipe on the runtime thread would wait
+//! for a reply only the runtime can deliver (see `pipe_io`).
 //!
 //! The server's request replies (success/failure) are given by the connection handler in
 //! `ssh::server`, which applies the same rules as this task (first pty only, env only before
