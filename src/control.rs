@@ -261,22 +261,72 @@ pub fn settings(opts: &CpuOptions, cfg: &HostConfig, t: &PathTokens<'_>) -> Resu
 pub enum Route {
     /// Dial and authenticate as usual.
     Direct,
-    /// Through the master on this socket.
-    Mux(UnixStream),
+    /// Through the master on this socket, which took the session; `true`: STDIN_EOF went
+    /// with the OPEN ([`stdin_at_eof`]).
+    Mux(UnixStream, bool),
     /// Starting a master failed and it said why; cpu exits with this status.
     Exit(i32),
 }
 
+/// A session offered to a live master before the async runtime started: the socket, and
+/// whether writing the OPEN worked (a master that refuses reads nothing: its answer is read
+/// either way).
+pub struct Offered {
+    stream: std::os::unix::net::UnixStream,
+    sent: std::io::Result<()>,
+    stdin_at_eof: bool,
+}
+
+/// Connects to the master's socket of `target` and writes the session's OPEN, blocking: a
+/// local socket connects at once, and the OPEN (the environment and the command) fits in its
+/// buffer (the write is bounded by HELLO_TIMEOUT all the same). None when there is no socket
+/// to try (no ControlPath, or ControlMaster yes); Err: the connect failed ([`route`] decides).
+pub fn offer(target: &Target, spec: &SessionSpec) -> Option<std::io::Result<Offered>> {
+    use std::io::Write;
+    let s = &target.control;
+    let path = s.path.as_ref()?;
+    if s.master == MasterMode::Yes {
+        return None;
+    }
+    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(stream) => stream,
+        Err(e) => return Some(Err(e)),
+    };
+    log::debug!("using the control master at {}", path.display());
+    let stdin_at_eof = stdin_at_eof(spec);
+    let hello = open_frames(spec, stdin_at_eof);
+    let sent = stream.set_write_timeout(Some(HELLO_TIMEOUT)).and_then(|()| stream.write_all(&hello));
+    Some(Ok(Offered { stream, sent, stdin_at_eof }))
+}
+
 /// Decides, for the settings of `target`, between a live master, becoming one, and a direct
-/// connection (and says why on -d).
-pub async fn route(opts: &CpuOptions, target: &Target) -> Result<Route> {
+/// connection (and says why on -d). `offered`: what [`offer`] did.
+pub async fn route(
+    opts: &CpuOptions,
+    target: &Target,
+    spec: &SessionSpec,
+    offered: Option<std::io::Result<Offered>>,
+) -> Result<Route> {
     let s = &target.control;
     let Some(path) = &s.path else { return Ok(Route::Direct) };
-    if s.master != MasterMode::Yes {
-        match UnixStream::connect(path).await {
-            Ok(stream) => {
-                log::debug!("using the control master at {}", path.display());
-                return Ok(Route::Mux(stream));
+    if let Some(offered) = offered {
+        match offered {
+            Ok(Offered { stream, sent, stdin_at_eof }) => {
+                let sent = sent.map_err(|e| Error::io("control socket", e));
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| UnixStream::from_std(stream))
+                    .map_err(|e| Error::io("control socket", e));
+                return Ok(match stream {
+                    Ok(stream) => match answer(stream, sent).await {
+                        Some(stream) => Route::Mux(stream, stdin_at_eof),
+                        None => Route::Direct,
+                    },
+                    Err(e) => {
+                        log::debug!("the control master's socket: {e}; connecting directly");
+                        Route::Direct
+                    }
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 if s.master == MasterMode::Auto {
@@ -302,7 +352,16 @@ pub async fn route(opts: &CpuOptions, target: &Target) -> Result<Route> {
     if s.master == MasterMode::No {
         return Ok(Route::Direct);
     }
-    start_master(opts, path, s.persist).await
+    match start_master(opts, path, s.persist).await? {
+        Route::Mux(stream, _) => {
+            let stdin_at_eof = stdin_at_eof(spec);
+            Ok(match open(stream, spec, stdin_at_eof).await {
+                Some(stream) => Route::Mux(stream, stdin_at_eof),
+                None => Route::Direct,
+            })
+        }
+        other => Ok(other),
+    }
 }
 
 /// Starts the background master for `path` and connects to it.
@@ -353,7 +412,7 @@ async fn start_master(opts: &CpuOptions, path: &Path, persist: Persist) -> Resul
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| Error::Connect(format!("the new control master at {}: {e}", path.display())))?;
-        return Ok(Route::Mux(stream));
+        return Ok(Route::Mux(stream, false));
     }
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
@@ -409,15 +468,27 @@ pub async fn command(settings: &ControlSettings, cmd: &str) -> Result<i32> {
 /// take it, so the caller connects directly. `stdin_at_eof` ([`stdin_at_eof`]): STDIN_EOF
 /// goes in the same write as OPEN, so the master sends the EOF with the exec, and
 /// [`run_mux`] is told so.
-pub async fn open(mut stream: UnixStream, spec: &SessionSpec, stdin_at_eof: bool) -> Option<UnixStream> {
+async fn open(mut stream: UnixStream, spec: &SessionSpec, stdin_at_eof: bool) -> Option<UnixStream> {
+    let sent =
+        stream.write_all(&open_frames(spec, stdin_at_eof)).await.map_err(|e| Error::io("control socket", e));
+    answer(stream, sent).await
+}
+
+/// OPEN with the session's spec, and STDIN_EOF after it when stdin is already at its end.
+fn open_frames(spec: &SessionSpec, stdin_at_eof: bool) -> Vec<u8> {
     let mut hello = frame(OPEN, &encode_spec(spec));
     if stdin_at_eof {
         hello.extend_from_slice(&frame(STDIN_EOF, &[]));
     }
+    hello
+}
+
+/// The master's answer to an OPEN written on `stream` (`sent`: how the write went): the
+/// stream when it took the session; None (and why, on -d) otherwise.
+async fn answer(mut stream: UnixStream, sent: Result<()>) -> Option<UnixStream> {
     let reply = async {
         // As in `command`: a refusal is read even when the write failed. A master that
         // refuses reads no further frame: the STDIN_EOF is dropped with the connection.
-        let sent = stream.write_all(&hello).await.map_err(|e| Error::io("control socket", e));
         match read_frame(&mut stream).await {
             Ok(None) => sent.map(|()| None),
             other => other,
