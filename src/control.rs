@@ -275,6 +275,8 @@ pub struct Offered {
     stream: std::os::unix::net::UnixStream,
     sent: std::io::Result<()>,
     stdin_at_eof: bool,
+    /// When the offer started: the write and the answer share one HELLO_TIMEOUT.
+    started: std::time::Instant,
 }
 
 /// Connects to the master's socket of `target` and writes the session's OPEN, blocking: a
@@ -288,6 +290,7 @@ pub fn offer(target: &Target, spec: &SessionSpec) -> Option<std::io::Result<Offe
     if s.master == MasterMode::Yes {
         return None;
     }
+    let started = std::time::Instant::now();
     let mut stream = match std::os::unix::net::UnixStream::connect(path) {
         Ok(stream) => stream,
         Err(e) => return Some(Err(e)),
@@ -296,7 +299,7 @@ pub fn offer(target: &Target, spec: &SessionSpec) -> Option<std::io::Result<Offe
     let stdin_at_eof = stdin_at_eof(spec);
     let hello = open_frames(spec, stdin_at_eof);
     let sent = stream.set_write_timeout(Some(HELLO_TIMEOUT)).and_then(|()| stream.write_all(&hello));
-    Some(Ok(Offered { stream, sent, stdin_at_eof }))
+    Some(Ok(Offered { stream, sent, stdin_at_eof, started }))
 }
 
 /// Decides, for the settings of `target`, between a live master, becoming one, and a direct
@@ -311,17 +314,19 @@ pub async fn route(
     let Some(path) = &s.path else { return Ok(Route::Direct) };
     if let Some(offered) = offered {
         match offered {
-            Ok(Offered { stream, sent, stdin_at_eof }) => {
+            Ok(Offered { stream, sent, stdin_at_eof, started }) => {
                 let sent = sent.map_err(|e| Error::io("control socket", e));
                 let stream = stream
                     .set_nonblocking(true)
                     .and_then(|()| UnixStream::from_std(stream))
                     .map_err(|e| Error::io("control socket", e));
                 return Ok(match stream {
-                    Ok(stream) => match answer(stream, sent).await {
-                        Some(stream) => Route::Mux(stream, stdin_at_eof),
-                        None => Route::Direct,
-                    },
+                    Ok(stream) => {
+                        match answer(stream, sent, HELLO_TIMEOUT.saturating_sub(started.elapsed())).await {
+                            Some(stream) => Route::Mux(stream, stdin_at_eof),
+                            None => Route::Direct,
+                        }
+                    }
                     Err(e) => {
                         log::debug!("the control master's socket: {e}; connecting directly");
                         Route::Direct
@@ -471,7 +476,7 @@ pub async fn command(settings: &ControlSettings, cmd: &str) -> Result<i32> {
 async fn open(mut stream: UnixStream, spec: &SessionSpec, stdin_at_eof: bool) -> Option<UnixStream> {
     let sent =
         stream.write_all(&open_frames(spec, stdin_at_eof)).await.map_err(|e| Error::io("control socket", e));
-    answer(stream, sent).await
+    answer(stream, sent, HELLO_TIMEOUT).await
 }
 
 /// OPEN with the session's spec, and STDIN_EOF after it when stdin is already at its end.
@@ -483,9 +488,9 @@ fn open_frames(spec: &SessionSpec, stdin_at_eof: bool) -> Vec<u8> {
     hello
 }
 
-/// The master's answer to an OPEN written on `stream` (`sent`: how the write went): the
-/// stream when it took the session; None (and why, on -d) otherwise.
-async fn answer(mut stream: UnixStream, sent: Result<()>) -> Option<UnixStream> {
+/// The master's answer to an OPEN written on `stream` (`sent`: how the write went), waited
+/// for at most `limit`: the stream when it took the session; None (and why, on -d) otherwise.
+async fn answer(mut stream: UnixStream, sent: Result<()>, limit: Duration) -> Option<UnixStream> {
     let reply = async {
         // As in `command`: a refusal is read even when the write failed. A master that
         // refuses reads no further frame: the STDIN_EOF is dropped with the connection.
@@ -494,7 +499,7 @@ async fn answer(mut stream: UnixStream, sent: Result<()>) -> Option<UnixStream> 
             other => other,
         }
     };
-    match tokio::time::timeout(HELLO_TIMEOUT, reply).await {
+    match tokio::time::timeout(limit, reply).await {
         Ok(Ok(Some((ACCEPTED, _)))) => Some(stream),
         Ok(Ok(Some((ERROR, p)))) => {
             log::warn!("the control master refused the session: {}", String::from_utf8_lossy(&p));
