@@ -4,7 +4,8 @@
 //! Checked: sessions through a master give the exact bytes and exit codes of a direct session
 //! (3, 255, 137 for SIGKILL, stdin bytes, environment and directory), two mux sessions at once,
 //! each with its own 9P forward, the socket mode, a stale socket, the persist timeout,
-//! -controlcmd=check/exit, and a client of another uid refused.
+//! -controlcmd=check/exit, a client of another uid refused, and a cpud told to stop: it
+//! finishes the command in progress, then closes the idle master's connection and exits.
 
 mod cpu_support;
 #[path = "common/skip.rs"]
@@ -54,6 +55,26 @@ impl Cpud {
                 panic!("cpud exited with {st} before listening: {text}");
             }
             assert!(Instant::now() < deadline, "cpud did not listen within {CHILD_TIMEOUT:?}: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM: cpud stops accepting and ends once no command runs.
+    fn terminate(&self) {
+        let pid = rustix::process::Pid::from_child(&self._child.0);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    }
+
+    /// cpud's exit code, waiting at most `limit`; None if it still runs.
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self._child.0.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -479,4 +500,47 @@ fn master_leaves_when_the_server_goes() {
     let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
     assert_eq!(o.status.code(), Some(255), "{}", text(&o.stderr));
     assert!(!w.socket().exists());
+}
+
+/// SIGTERM to cpud while a master (persisting forever) holds a connection with one command
+/// running: nothing new is accepted, the running command's input, output and status still
+/// flow, and then cpud closes the master's now idle connection and exits 0 (before, an idle
+/// master kept a stopped cpud alive for as long as it persisted). The master leaves with it.
+#[test]
+fn stopped_cpud_finishes_the_running_command_then_closes_the_idle_master() {
+    if !need_cpud_session() {
+        return;
+    }
+    let forever: &[&str] = &["-controlmaster=auto", "-controlpersist=yes"];
+    let mut w = World::new("stopping");
+    let o = w.run(forever, &["-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let master = w.check().expect("a master");
+    let before = w.cpud.sessions();
+    // Blocked on its input when the signal comes.
+    let mut running = w
+        .cpu(forever, &["-9p=false", "127.0.0.1", "sh", "-c", "read x; echo got $x; exit 3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = wait_until(CHILD_TIMEOUT, || w.cpud.sessions() > before);
+    assert!(started, "the second session never started: {}", w.cpud.log());
+    w.cpud.terminate();
+    let refusing = wait_until(CHILD_TIMEOUT, || w.cpud.log().contains("no longer accepting connections"));
+    assert!(refusing, "cpud did not stop accepting: {}", w.cpud.log());
+    let direct =
+        w.run(&["-controlmaster=no"], &["-controlpath=none", "-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(direct.status.code(), Some(255), "a new connection after SIGTERM: {}", text(&direct.stderr));
+    let mut stdin = running.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    drop(stdin);
+    let out = wait_output(running, CHILD_TIMEOUT);
+    assert_eq!(text(&out.stdout), "got hello\n", "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let code = w.cpud.wait_exit(CHILD_TIMEOUT);
+    assert_eq!(code, Some(0), "cpud after its last command ended: {}", w.cpud.log());
+    let gone = wait_until(CHILD_TIMEOUT, || !process_alive(master) && !w.socket().exists());
+    assert!(gone, "master alive={} socket exists={}", process_alive(master), w.socket().exists());
 }

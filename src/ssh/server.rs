@@ -2,7 +2,10 @@
 //! loopback remote forwards.
 //!
 //! [`serve`] takes the listener and a shutdown future (mini-redis style), so tests bind
-//! 127.0.0.1:0 and drive the real server in-process. Per connection, a russh [`Handler`]
+//! 127.0.0.1:0 and drive the real server in-process. Once the shutdown future completes, no
+//! connection is accepted and no channel opened; a connection with no command running (an
+//! idle ControlMaster, a handshake) is closed at once, the others when their last command
+//! ends, so a stopped daemon exits instead of waiting for a master that persists forever. Per connection, a russh [`Handler`]
 //! answers authentication (every key of the authorized_keys file, re-read on each attempt),
 //! channel requests (the replies; the work happens in `ssh::session`), and the global
 //! `tcpip-forward` / `cancel-tcpip-forward` requests (loopback only, port 0 allowed, the
@@ -80,6 +83,8 @@ const CONNECTION_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 const MAX_CHANNELS_PER_CONNECTION: usize = 64;
 /// Remote forwards at once on one connection (cpu uses one).
 const MAX_FORWARDS_PER_CONNECTION: usize = 16;
+/// While the daemon stops: how often a connection looks whether its last command has ended.
+const STOPPING_POLL: Duration = Duration::from_millis(100);
 
 /// Everything the server needs; build with [`ServerConfig::new`] and adjust fields.
 #[derive(Clone)]
@@ -139,6 +144,22 @@ struct Shared {
     /// occupies one core at most, and the cheap elliptic-curve exchanges of real clients
     /// run beside it.
     modp_gate: Arc<Semaphore>,
+    /// True once the daemon stops: connections end when no command runs on them.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+}
+
+/// Completes once the daemon stops (see [`Shared::stopping`]).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    // An Err means the sender is gone, which the connection's own Arc<Shared> prevents.
+    if rx.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Serves connections from `listener` until `shutdown` completes; then stops accepting and
@@ -186,6 +207,7 @@ pub async fn serve(
         tenants: Tenants::new(config.on_tenants.clone()),
         admission: Admission::new(config.admission),
         modp_gate: Arc::new(Semaphore::new(1)),
+        stopping: tokio::sync::watch::channel(false).0,
     });
     let mut connections = JoinSet::new();
     let mut drops = DropLog::default();
@@ -226,7 +248,12 @@ pub async fn serve(
         }
     }
     drop(listener);
-    log::info!("no longer accepting connections; waiting for {} to end", connections.len());
+    shared.stopping.send_replace(true);
+    log::info!(
+        "no longer accepting connections; of {} open, those with no command running close now, \
+         the others when their commands end",
+        connections.len()
+    );
     while connections.join_next().await.is_some() {}
     Ok(())
 }
@@ -345,6 +372,8 @@ async fn connection(
     // Every session task holds a clone of the sender: recv() ends when the last one is done.
     let (tasks_tx, mut tasks_rx) = mpsc::channel::<()>(1);
     let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx, tasks_tx);
+    let channels = handler.channels.clone();
+    let mut stopping = shared.stopping.subscribe();
     let deadline = tokio::time::sleep(shared.handshake_timeout);
     tokio::pin!(deadline);
     let banner_deadline = tokio::time::sleep(shared.banner_grace);
@@ -365,8 +394,17 @@ async fn connection(
             log::info!("{peer}: dropped before its identification: a less busy source needed the slot");
             return;
         }
+        () = stopped(&mut stopping) => {
+            log::debug!("{peer}: dropped before its identification: cpud is stopping");
+            return;
+        }
     };
+    let handle = running.handle();
     tokio::pin!(running);
+    let mut stop_requested = false;
+    let mut closing = false;
+    let mut stop_poll = tokio::time::interval(STOPPING_POLL);
+    stop_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut auth_rx = Some(auth_rx);
     let mut kill_tx = Some(kill_tx);
     let result = loop {
@@ -391,6 +429,26 @@ async fn connection(
                     let _ = k.send(());
                 }
                 ticket.release();
+            }
+            () = stopped(&mut stopping), if !stop_requested => stop_requested = true,
+            _ = stop_poll.tick(), if stop_requested && !closing => {
+                let running_command =
+                    channels.lock().unwrap_or_else(|p| p.into_inner()).values().any(|c| c.started);
+                if !running_command {
+                    closing = true;
+                    log::debug!("{peer}: cpud is stopping and no command runs here: closing the connection");
+                    if let Some(k) = kill_tx.take() {
+                        if !ticket.is_released() {
+                            // Still in its handshake: no goodbye to say, cut it.
+                            let _ = k.send(());
+                            continue;
+                        }
+                        kill_tx = Some(k);
+                    }
+                    let _ = handle
+                        .disconnect(russh::Disconnect::ByApplication, "cpud is stopping".into(), String::new())
+                        .await;
+                }
             }
         }
     };
@@ -693,6 +751,10 @@ impl Handler for ConnHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let id = channel.id();
+        if self.shared.is_stopping() {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
         let admitted = {
             let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
             let room = map.len() < MAX_CHANNELS_PER_CONNECTION;
