@@ -48,21 +48,19 @@ pub const DEFAULT_KEY_FILES: &[&str] = &["cpu_rsa", "id_ed25519", "id_ecdsa", "i
 
 /// Runs `cpu` with parsed options and returns the remote command's exit status.
 pub fn run(opts: CpuOptions) -> Result<i32> {
-    let master = crate::control::master_request();
     // Before the runtime exists: a session for a live master is on its way to it while this
     // process builds the runtime (what a mux session waits for is the master and cpud).
-    let prepared = match master {
-        Some(_) => None,
-        None => Some(prepare(&opts)?),
+    let role = match crate::control::master_request() {
+        Some((path, persist)) => Role::Master(path, persist),
+        None => Role::Session(Box::new(prepare(&opts)?)),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
-    let result = match (master, prepared) {
-        (Some((path, persist)), _) => rt.block_on(crate::control::run_master(opts, path, persist)),
-        (None, Some(prepared)) => rt.block_on(session(opts, prepared)),
-        (None, None) => Err(Error::Usage("internal: no session prepared".into())),
+    let result = match role {
+        Role::Master(path, persist) => rt.block_on(crate::control::run_master(opts, path, persist)),
+        Role::Session(prepared) => rt.block_on(session(opts, *prepared)),
     };
     // The stdin reader thread may still be blocked in read(); do not wait for it.
     rt.shutdown_background();
@@ -481,6 +479,12 @@ impl Request {
 enum Pending {
     Pty,
     Exec,
+}
+
+/// What this process is: a control master started by another `cpu`, or a session.
+enum Role {
+    Master(PathBuf, crate::control::Persist),
+    Session(Box<Prepared>),
 }
 
 /// What [`prepare`] settled before the async runtime started.
