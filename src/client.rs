@@ -48,19 +48,13 @@ pub const DEFAULT_KEY_FILES: &[&str] = &["cpu_rsa", "id_ed25519", "id_ecdsa", "i
 
 /// Runs `cpu` with parsed options and returns the remote command's exit status.
 pub fn run(opts: CpuOptions) -> Result<i32> {
-    // Before the runtime exists: a session for a live master is on its way to it while this
-    // process builds the runtime (what a mux session waits for is the master and cpud).
-    let role = match crate::control::master_request() {
-        Some((path, persist)) => Role::Master(path, persist),
-        None => Role::Session(Box::new(prepare(&opts)?)),
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
-    let result = match role {
-        Role::Master(path, persist) => rt.block_on(crate::control::run_master(opts, path, persist)),
-        Role::Session(prepared) => rt.block_on(session(opts, *prepared)),
+    let result = match crate::control::master_request() {
+        Some((path, persist)) => rt.block_on(crate::control::run_master(opts, path, persist)),
+        None => rt.block_on(session(opts)),
     };
     // The stdin reader thread may still be blocked in read(); do not wait for it.
     rt.shutdown_background();
@@ -481,48 +475,23 @@ enum Pending {
     Exec,
 }
 
-/// What this process is: a control master started by another `cpu`, or a session.
-enum Role {
-    Master(PathBuf, crate::control::Persist),
-    Session(Box<Prepared>),
-}
-
-/// What [`prepare`] settled before the async runtime started.
-struct Prepared {
-    net: Net,
-    target: Target,
-    /// None for `-controlcmd`, which needs no session.
-    spec: Option<SessionSpec>,
-    /// The session already offered to a live master ([`crate::control::offer`]), or why the
-    /// master's socket could not be reached.
-    offered: Option<std::io::Result<crate::control::Offered>>,
-}
-
-/// The synchronous start of a session: resolution, the key flags, the session's spec, and
-/// the offer to a live control master (a local socket: connect and write return at once).
-fn prepare(opts: &CpuOptions) -> Result<Prepared> {
+async fn session(opts: CpuOptions) -> Result<i32> {
     let net = Net::parse(&opts.net, true)?;
     let local = LocalEnv::from_process();
-    let target = resolve(opts, net, &local, &config_files(&local))?;
+    let target = resolve(&opts, net, &local, &config_files(&local))?;
     if !opts.control_cmd.is_empty() {
-        return Ok(Prepared { net, target, spec: None, offered: None });
-    }
-    check_key_flags(opts, &target)?;
-    // Build the fstab before connecting: a syntax error must not cost a connection.
-    let spec = SessionSpec::from_process(opts)?;
-    let offered = crate::control::offer(&target, &spec);
-    Ok(Prepared { net, target, spec: Some(spec), offered })
-}
-
-async fn session(opts: CpuOptions, prepared: Prepared) -> Result<i32> {
-    let Prepared { net, target, spec, offered } = prepared;
-    let Some(spec) = spec else {
         return crate::control::command(&target.control, &opts.control_cmd).await;
-    };
-    match crate::control::route(&opts, &target, &spec, offered).await? {
+    }
+    check_key_flags(&opts, &target)?;
+    // Build the fstab before connecting: a syntax error must not cost a connection.
+    let spec = SessionSpec::from_process(&opts)?;
+    match crate::control::route(&opts, &target).await? {
         // A live master carries the session: no dial, no handshake, no authentication.
-        crate::control::Route::Mux(stream, stdin_at_eof) => {
-            return crate::control::run_mux(stream, &spec, &target.host, stdin_at_eof).await;
+        crate::control::Route::Mux(stream) => {
+            let stdin_at_eof = crate::control::stdin_at_eof(&spec);
+            if let Some(stream) = crate::control::open(stream, &spec, stdin_at_eof).await {
+                return crate::control::run_mux(stream, &spec, &target.host, stdin_at_eof).await;
+            }
         }
         crate::control::Route::Exit(status) => return Ok(status),
         crate::control::Route::Direct => {}

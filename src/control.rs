@@ -261,77 +261,22 @@ pub fn settings(opts: &CpuOptions, cfg: &HostConfig, t: &PathTokens<'_>) -> Resu
 pub enum Route {
     /// Dial and authenticate as usual.
     Direct,
-    /// Through the master on this socket, which took the session; `true`: STDIN_EOF went
-    /// with the OPEN ([`stdin_at_eof`]).
-    Mux(UnixStream, bool),
+    /// Through the master on this socket.
+    Mux(UnixStream),
     /// Starting a master failed and it said why; cpu exits with this status.
     Exit(i32),
 }
 
-/// A session offered to a live master before the async runtime started: the socket, and
-/// whether writing the OPEN worked (a master that refuses reads nothing: its answer is read
-/// either way).
-pub struct Offered {
-    stream: std::os::unix::net::UnixStream,
-    sent: std::io::Result<()>,
-    stdin_at_eof: bool,
-    /// When the offer started: the write and the answer share one HELLO_TIMEOUT.
-    started: std::time::Instant,
-}
-
-/// Connects to the master's socket of `target` and writes the session's OPEN, blocking: a
-/// local socket connects at once, and the OPEN (the environment and the command) fits in its
-/// buffer (the write is bounded by HELLO_TIMEOUT all the same). None when there is no socket
-/// to try (no ControlPath, or ControlMaster yes); Err: the connect failed ([`route`] decides).
-pub fn offer(target: &Target, spec: &SessionSpec) -> Option<std::io::Result<Offered>> {
-    use std::io::Write;
-    let s = &target.control;
-    let path = s.path.as_ref()?;
-    if s.master == MasterMode::Yes {
-        return None;
-    }
-    let started = std::time::Instant::now();
-    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
-        Ok(stream) => stream,
-        Err(e) => return Some(Err(e)),
-    };
-    log::debug!("using the control master at {}", path.display());
-    let stdin_at_eof = stdin_at_eof(spec);
-    let hello = open_frames(spec, stdin_at_eof);
-    let sent = stream.set_write_timeout(Some(HELLO_TIMEOUT)).and_then(|()| stream.write_all(&hello));
-    Some(Ok(Offered { stream, sent, stdin_at_eof, started }))
-}
-
 /// Decides, for the settings of `target`, between a live master, becoming one, and a direct
-/// connection (and says why on -d). `offered`: what [`offer`] did.
-pub async fn route(
-    opts: &CpuOptions,
-    target: &Target,
-    spec: &SessionSpec,
-    offered: Option<std::io::Result<Offered>>,
-) -> Result<Route> {
+/// connection (and says why on -d).
+pub async fn route(opts: &CpuOptions, target: &Target) -> Result<Route> {
     let s = &target.control;
     let Some(path) = &s.path else { return Ok(Route::Direct) };
-    if let Some(offered) = offered {
-        match offered {
-            Ok(Offered { stream, sent, stdin_at_eof, started }) => {
-                let sent = sent.map_err(|e| Error::io("control socket", e));
-                let stream = stream
-                    .set_nonblocking(true)
-                    .and_then(|()| UnixStream::from_std(stream))
-                    .map_err(|e| Error::io("control socket", e));
-                return Ok(match stream {
-                    Ok(stream) => {
-                        match answer(stream, sent, HELLO_TIMEOUT.saturating_sub(started.elapsed())).await {
-                            Some(stream) => Route::Mux(stream, stdin_at_eof),
-                            None => Route::Direct,
-                        }
-                    }
-                    Err(e) => {
-                        log::debug!("the control master's socket: {e}; connecting directly");
-                        Route::Direct
-                    }
-                });
+    if s.master != MasterMode::Yes {
+        match UnixStream::connect(path).await {
+            Ok(stream) => {
+                log::debug!("using the control master at {}", path.display());
+                return Ok(Route::Mux(stream));
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 if s.master == MasterMode::Auto {
@@ -357,16 +302,7 @@ pub async fn route(
     if s.master == MasterMode::No {
         return Ok(Route::Direct);
     }
-    match start_master(opts, path, s.persist).await? {
-        Route::Mux(stream, _) => {
-            let stdin_at_eof = stdin_at_eof(spec);
-            Ok(match open(stream, spec, stdin_at_eof).await {
-                Some(stream) => Route::Mux(stream, stdin_at_eof),
-                None => Route::Direct,
-            })
-        }
-        other => Ok(other),
-    }
+    start_master(opts, path, s.persist).await
 }
 
 /// Starts the background master for `path` and connects to it.
@@ -417,7 +353,7 @@ async fn start_master(opts: &CpuOptions, path: &Path, persist: Persist) -> Resul
         let stream = UnixStream::connect(path)
             .await
             .map_err(|e| Error::Connect(format!("the new control master at {}: {e}", path.display())))?;
-        return Ok(Route::Mux(stream, false));
+        return Ok(Route::Mux(stream));
     }
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
@@ -473,33 +409,21 @@ pub async fn command(settings: &ControlSettings, cmd: &str) -> Result<i32> {
 /// take it, so the caller connects directly. `stdin_at_eof` ([`stdin_at_eof`]): STDIN_EOF
 /// goes in the same write as OPEN, so the master sends the EOF with the exec, and
 /// [`run_mux`] is told so.
-async fn open(mut stream: UnixStream, spec: &SessionSpec, stdin_at_eof: bool) -> Option<UnixStream> {
-    let sent =
-        stream.write_all(&open_frames(spec, stdin_at_eof)).await.map_err(|e| Error::io("control socket", e));
-    answer(stream, sent, HELLO_TIMEOUT).await
-}
-
-/// OPEN with the session's spec, and STDIN_EOF after it when stdin is already at its end.
-fn open_frames(spec: &SessionSpec, stdin_at_eof: bool) -> Vec<u8> {
+pub async fn open(mut stream: UnixStream, spec: &SessionSpec, stdin_at_eof: bool) -> Option<UnixStream> {
     let mut hello = frame(OPEN, &encode_spec(spec));
     if stdin_at_eof {
         hello.extend_from_slice(&frame(STDIN_EOF, &[]));
     }
-    hello
-}
-
-/// The master's answer to an OPEN written on `stream` (`sent`: how the write went), waited
-/// for at most `limit`: the stream when it took the session; None (and why, on -d) otherwise.
-async fn answer(mut stream: UnixStream, sent: Result<()>, limit: Duration) -> Option<UnixStream> {
     let reply = async {
         // As in `command`: a refusal is read even when the write failed. A master that
         // refuses reads no further frame: the STDIN_EOF is dropped with the connection.
+        let sent = stream.write_all(&hello).await.map_err(|e| Error::io("control socket", e));
         match read_frame(&mut stream).await {
             Ok(None) => sent.map(|()| None),
             other => other,
         }
     };
-    match tokio::time::timeout(limit, reply).await {
+    match tokio::time::timeout(HELLO_TIMEOUT, reply).await {
         Ok(Ok(Some((ACCEPTED, _)))) => Some(stream),
         Ok(Ok(Some((ERROR, p)))) => {
             log::warn!("the control master refused the session: {}", String::from_utf8_lossy(&p));
