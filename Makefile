@@ -101,10 +101,11 @@ unit: ## every cargo test (unit, in-process and black-box), several binaries at 
 
 # The stages one after the other, each timed; the skips of all of them are summed up at the
 # end, also when a stage failed. After setup, the builds vmtest needs (tests/vm/prebuild: the
-# shipped x86_64 binary, transport_echo, the board binaries) start in the background, niced,
-# beside lint and unit (unit mostly waits on sockets and mDNS); vmtest then finds them built or
-# waits on cargo's lock for the rest. So lint's and unit's times include that company, and the
-# builds' own times are printed at the end. VMTEST_PREBUILD=0: no builds beside, as before.
+# shipped x86_64 binary at lint's and unit's priority, since every VM group waits for it; then,
+# niced, transport_echo and the board binaries) start in the background beside lint and unit;
+# vmtest then finds them built or waits on cargo's lock for the rest. So lint's and unit's
+# times include that company, and the builds' own times are printed at the end.
+# VMTEST_PREBUILD=0: no builds beside, as before.
 # A make started with SIGINT ignored (a background job of a script) passes that on to every
 # test; cpud gives its commands default signals and the SIGINT tests restore SIGINT for what
 # they signal, but other programs a test starts keep it ignored: it warns first. The builds
@@ -121,8 +122,8 @@ test: ## the full test suite (what CI runs): setup, lint, unit, vmtest
 		if [ $$stage = lint ] && [ "$(VMTEST_PREBUILD)" != 0 ]; then \
 			pre=$$(mktemp /tmp/cpu-make-test-prebuild.XXXXXX); \
 			VMTEST_PROFILE=$(VMTEST_PROFILE) VMTEST_ARCHES="$(VMTEST_ARCHES)" CARGO=$(CARGO) \
-				setsid nice -n 5 tests/vm/prebuild >$$pre 2>&1 </dev/null & prepid=$$!; \
-			echo "make test: the VM tests' builds start beside lint and unit (tests/vm/prebuild, nice 5)"; \
+				setsid tests/vm/prebuild >$$pre 2>&1 </dev/null & prepid=$$!; \
+			echo "make test: the VM tests' builds start beside lint and unit (tests/vm/prebuild)"; \
 		fi; \
 		if [ $$stage = vmtest ] && [ -n "$$prepid" ]; then \
 			echo "make test: builds done before vmtest: $$(grep -c '^prebuild' $$pre) ($$(grep '^prebuild' $$pre | cut -d' ' -f2 | tr -d : | tr '\n' ' ')); vmtest waits for the rest"; \
