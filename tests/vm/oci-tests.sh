@@ -55,8 +55,11 @@ command -v python3 >/dev/null || { skip "python3 is missing (oci/mkoci is a pyth
 W=$(mktemp -d /tmp/cpu-oci-test.XXXXXX)
 cp "$1" "$W/cpu-all" && chmod 755 "$W/cpu-all"
 BIN="$W/cpu-all"
-PODMAN=() VM_STATE=""
+PODMAN=() VM_STATE="" VM_TIMEOUT_PID=""
 cleanup() {
+	# The runc guest's `timeout` leads a process group of its own: a TERM to this script's
+	# group does not reach it; told by PID, it ends its guest.
+	if [ -n "$VM_TIMEOUT_PID" ]; then kill -TERM "$VM_TIMEOUT_PID" 2>/dev/null; fi
 	if [ ${#PODMAN[@]} -gt 0 ]; then
 		"${PODMAN[@]}" rm -a -f -t 0 >/dev/null 2>&1
 		"${PODMAN[@]}" rmi -a -f >/dev/null 2>&1
@@ -402,8 +405,13 @@ echo "[oci-vm] session=$? $(echo $out)"
 sed "s/^/[oci-vm] cpu stderr: /" /tmp/cpu.err
 $r kill cpud KILL; true'
 	local log="$W/vmrunc.log" rc=0
-	timeout 900 "$VM" --wait -m 768 "${files[@]}" -c "$script" "$BIN" 2>&1 | sed 's/^\[vm\] //' >"$log"
-	rc=${PIPESTATUS[0]}
+	# In the background and waited for: a trapped TERM interrupts `wait` (not a foreground job).
+	timeout 900 "$VM" --wait -m 768 "${files[@]}" -c "$script" "$BIN" >"$log.raw" 2>&1 &
+	VM_TIMEOUT_PID=$!
+	wait "$VM_TIMEOUT_PID"
+	rc=$?
+	VM_TIMEOUT_PID=""
+	sed 's/^\[vm\] //' "$log.raw" >"$log"
 	check "[vm runc] runc started the image's cpud in the guest" "[oci-vm] run=0" "$(grep -a -m1 '^\[oci-vm\] run=' "$log")"
 	check "[vm runc] in-container cpu localhost: the guest kernel mounted the client's files (9p on /tmp/cpu)" \
 		"[oci-vm] mounts=0 /tmp/cpu 9p" "$(grep -a -m1 '^\[oci-vm\] mounts=' "$log")"
