@@ -65,18 +65,9 @@ impl Cpud {
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     }
 
-    /// cpud's exit code, waiting at most `limit`; None if it still runs.
+    /// cpud's exit code, waiting at most `limit`; None (and cpud killed) if it still runs.
     fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = self._child.0.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        cpu_support::wait_or_kill(&mut self._child.0, limit).and_then(|status| status.code())
     }
 
     /// Stops the server (and so every connection to it).

@@ -5,9 +5,11 @@
 //! 127.0.0.1:0 and drive the real server in-process. Once the shutdown future completes, no
 //! connection is accepted and no channel opened; a connection with no command running (an
 //! idle ControlMaster, a handshake) is closed at once, the others when their last command
-//! ends, so a stopped daemon exits instead of waiting for a master that persists forever. Per connection, a russh [`Handler`]
-//! answers authentication (every key of the authorized_keys file, re-read on each attempt),
-//! channel requests (the replies; the work happens in `ssh::session`), and the global
+//! ends, so a stopped daemon exits instead of waiting for a master that persists forever.
+//!
+//! Per connection, a russh [`Handler`] answers authentication (every key of the
+//! authorized_keys file, re-read on each attempt), channel requests (the replies; the work
+//! happens in `ssh::session`), and the global
 //! `tcpip-forward` / `cancel-tcpip-forward` requests (loopback only, port 0 allowed, the
 //! allocated port returned, the bind address echoed verbatim in `forwarded-tcpip`).
 //!
@@ -437,17 +439,16 @@ async fn connection(
                 if !running_command {
                     closing = true;
                     log::debug!("{peer}: cpud is stopping and no command runs here: closing the connection");
-                    if let Some(k) = kill_tx.take() {
-                        if !ticket.is_released() {
-                            // Still in its handshake: no goodbye to say, cut it.
+                    if !ticket.is_released() {
+                        // Still in its handshake: no goodbye to say, cut it.
+                        if let Some(k) = kill_tx.take() {
                             let _ = k.send(());
-                            continue;
                         }
-                        kill_tx = Some(k);
+                    } else {
+                        let _ = handle
+                            .disconnect(russh::Disconnect::ByApplication, "cpud is stopping".into(), String::new())
+                            .await;
                     }
-                    let _ = handle
-                        .disconnect(russh::Disconnect::ByApplication, "cpud is stopping".into(), String::new())
-                        .await;
                 }
             }
         }

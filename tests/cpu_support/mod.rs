@@ -17,7 +17,7 @@ mod keys_and_ports;
 mod temp_dir;
 
 #[allow(unused_imports)] // each test crate uses a different subset
-pub use child::{text, wait_until};
+pub use child::{text, wait_or_kill, wait_until};
 pub use temp_dir::TempDir;
 
 /// The binary under test: `CPU_TEST_BIN` if set (a copy, when several worktrees share one
