@@ -229,10 +229,14 @@ fn cache_mode_default_by_kernel_release_unless_the_client_names_one() {
         assert_eq!(data.len(), 1);
         data[0].rsplit("msize=1048576").next().unwrap().to_string()
     };
-    assert_eq!(data_for(Some("6.1.0-56-amd64"), None), ",cache=mmap");
-    assert_eq!(data_for(Some("6.12.9+bpo-arm64"), Some("access=client")), ",cache=mmap,access=client");
+    assert_eq!(data_for(Some("6.1.0-56-amd64"), None), ",cache=mmap,locktimeout=1");
+    assert_eq!(
+        data_for(Some("6.12.9+bpo-arm64"), Some("access=client")),
+        ",cache=mmap,locktimeout=1,access=client"
+    );
     // Go's own options, as the bench emulates them: the client's choice wins.
-    assert_eq!(data_for(Some("6.1.0"), Some("cache=none")), ",cache=none");
+    assert_eq!(data_for(Some("6.1.0"), Some("cache=none")), ",locktimeout=1,cache=none");
+    assert_eq!(data_for(Some("6.1.0"), Some("locktimeout=5,cache")), ",locktimeout=5,cache");
     assert_eq!(data_for(Some("3.10.0-1160.el7.x86_64"), None), "");
     assert_eq!(data_for(Some("garbage"), None), "");
     assert_eq!(data_for(None, None), "");
@@ -277,8 +281,8 @@ fn system_directories_from_a_second_mount_with_cached_metadata_when_the_client_o
     // their round trips overlap (the double mounts on the spot, the real calls in a thread).
     let data = ninep_data(&ops.calls);
     assert_eq!(data.len(), 2);
-    assert!(data[0].ends_with(",msize=1048576,cache=loose"), "{}", data[0]);
-    assert!(data[1].ends_with(",msize=1048576,cache=mmap"), "{}", data[1]);
+    assert!(data[0].ends_with(",msize=1048576,cache=loose,locktimeout=1"), "{}", data[0]);
+    assert!(data[1].ends_with(",msize=1048576,cache=mmap,locktimeout=1"), "{}", data[1]);
     let first_mount =
         ops.calls.iter().position(|c| matches!(c, Call::Mount { fstype, .. } if fstype == "9p"));
     let last_dial = ops.calls.iter().rposition(|c| matches!(c, Call::Dial { .. }));

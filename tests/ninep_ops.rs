@@ -285,6 +285,81 @@ fn statfs_reports_the_real_filesystem() {
     h.finish().unwrap();
 }
 
+/// An open-file-description lock taken (or asked about) by this test process, standing for
+/// any process on the client machine: Ok(true) taken, Ok(false) someone else holds it.
+fn host_setlk(f: &fs::File, ty: i32, start: i64, len: i64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid struct flock (and l_pid must be 0 for OFD commands).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: a valid descriptor and a valid struct flock for the call's length.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl as *mut libc::flock) };
+    let e = std::io::Error::last_os_error().raw_os_error();
+    assert!(r == 0 || matches!(e, Some(libc::EAGAIN | libc::EACCES)), "F_OFD_SETLK: {e:?}");
+    r == 0
+}
+
+/// F_OFD_GETLK from this test process: (type, start, len) of the first conflicting lock.
+fn host_getlk(f: &fs::File, start: i64, len: i64) -> Option<(i32, i64, i64)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: as in host_setlk.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: as in host_setlk; F_OFD_GETLK writes the struct back.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
+    assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    (fl.l_type as i32 != libc::F_UNLCK).then_some((fl.l_type as i32, fl.l_start, fl.l_len))
+}
+
+#[test]
+fn remote_locks_and_the_client_machines_locks_exclude_each_other() {
+    let dir = TempDir::new("hostlocks");
+    fs::write(dir.join("f"), [7u8; 100]).unwrap();
+    const WR: u8 = 1;
+    const RD: u8 = 0;
+    const UN: u8 = 2;
+    const P: u32 = 10;
+    const Q: u32 = 20;
+    let local = fs::OpenOptions::new().read(true).write(true).open(dir.join("f")).unwrap();
+    let mut a = start_attached(options(dir.path()));
+    let mut b = start_attached(options(dir.path()));
+    for c in [&mut a.client, &mut b.client] {
+        c.walk(0, 1, &["f"]).unwrap();
+        c.lopen(1, O_RDWR).unwrap();
+    }
+    // A remote process's write lock is a lock on the client machine too.
+    assert_eq!(a.client.lock_as(P, 1, WR, 0, 0, 10).unwrap(), 0);
+    assert_eq!(host_getlk(&local, 0, 100), Some((libc::F_WRLCK, 0, 10)));
+    assert!(!host_setlk(&local, libc::F_RDLCK, 9, 1), "a local reader must wait for the remote writer");
+    // A local process's lock blocks the remote, and F_GETLK there names it (process 0).
+    assert!(host_setlk(&local, libc::F_WRLCK, 50, 10));
+    assert_eq!(a.client.lock_as(P, 1, RD, 0, 55, 1).unwrap(), 1, "BLOCKED by the local lock");
+    let g = a.client.getlock_as(P, 1, UN, 40, 30).unwrap();
+    assert_eq!((g.ty, g.start, g.length, g.proc_id), (WR, 50, 10, 0));
+    // Another session (another cpu to the same files) meets the first one on the host.
+    assert_eq!(b.client.lock_as(Q, 1, WR, 0, 5, 1).unwrap(), 1, "BLOCKED by the other session");
+    let g = b.client.getlock_as(Q, 1, UN, 0, 0).unwrap();
+    assert_eq!((g.ty, g.start, g.length), (WR, 0, 10));
+    // Releases reach the host: the remote unlocks, the other session gets its lock.
+    assert_eq!(a.client.lock_as(P, 1, UN, 0, 0, 10).unwrap(), 0);
+    assert_eq!(b.client.lock_as(Q, 1, WR, 0, 5, 1).unwrap(), 0);
+    assert!(host_setlk(&local, libc::F_UNLCK, 50, 10));
+    assert_eq!(a.client.lock_as(P, 1, RD, 0, 55, 1).unwrap(), 0);
+    assert_eq!(host_getlk(&local, 0, 0), Some((libc::F_WRLCK, 5, 1)), "first conflict: b's byte 5");
+    // The clunk drops the process's locks on the host; the end of a session drops all.
+    a.client.clunk(1).unwrap();
+    assert!(host_setlk(&local, libc::F_WRLCK, 55, 1), "a's read lock went with its fid");
+    b.finish().unwrap();
+    assert!(host_setlk(&local, libc::F_WRLCK, 0, 0), "b's locks went with its session");
+    a.finish().unwrap();
+}
+
 #[test]
 fn posix_locks_belong_to_the_remote_process() {
     let dir = TempDir::new("locks");

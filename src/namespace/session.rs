@@ -262,13 +262,31 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-/// The client's extra options with the default cache mode added when they name none.
+/// Seconds the remote kernel sleeps before it asks again for a lock the server answered
+/// BLOCKED (F_SETLKW): 6.1's 9p client waits `locktimeout=` seconds, 30 by default
+/// (P9_LOCK_TIMEOUT). Two remote processes wait on each other in the remote's own lock layer
+/// and wake at once, but the session's locks are also held on the client machine
+/// (`ninep::locks`), so a remote process waiting on a client process's lock would
+/// otherwise sleep up to 30 s after that lock is gone. One retry a second costs one small
+/// request per waiting process. Kernels without the option ignore it, as every unknown 9p
+/// option.
+pub const LOCK_RETRY_SECONDS: u32 = 1;
+
+/// The client's extra options with our defaults added where they name none: the cache mode
+/// by kernel release, and `locktimeout=` ([`LOCK_RETRY_SECONDS`]) on the same kernels.
 pub fn with_default_cache(extra: &str, kernel_release: Option<&str>) -> String {
-    match default_cache_mode(kernel_release) {
-        Some(mode) if !names_cache(extra) && extra.is_empty() => format!("cache={mode}"),
-        Some(mode) if !names_cache(extra) => format!("cache={mode},{extra}"),
-        _ => extra.to_string(),
+    let Some(mode) = default_cache_mode(kernel_release) else { return extra.to_string() };
+    let mut words: Vec<String> = Vec::new();
+    if !names_cache(extra) {
+        words.push(format!("cache={mode}"));
     }
+    if !names_option(extra, "locktimeout") {
+        words.push(format!("locktimeout={LOCK_RETRY_SECONDS}"));
+    }
+    if !extra.is_empty() {
+        words.push(extra.to_string());
+    }
+    words.join(",")
 }
 
 /// The 9p mount data string (spec 5.3, with noxattr as the newer Go cpud).
@@ -303,7 +321,12 @@ pub fn main_mount_writes_through(settings: &SessionSettings) -> bool {
 
 /// Whether mount options name a cache mode.
 fn names_cache(options: &str) -> bool {
-    options.split(',').any(|w| w.trim() == "cache" || w.trim().starts_with("cache="))
+    names_option(options, "cache")
+}
+
+/// Whether mount options set `key` (as `key` or `key=value`).
+fn names_option(options: &str, key: &str) -> bool {
+    options.split(',').any(|w| w.trim().split('=').next() == Some(key))
 }
 
 /// The system mount while it is being made: its connection, and the mount.
@@ -365,8 +388,9 @@ fn start_system_mount(
     let msize = requested_msize(settings.msize.as_deref());
     // validate_mount_opts already accepted these for the main mount.
     let extra = match client_opts.trim() {
-        "" => "cache=loose".to_string(),
-        opts => format!("cache=loose,{opts}"),
+        "" => format!("cache=loose,locktimeout={LOCK_RETRY_SECONDS}"),
+        opts if names_option(opts, "locktimeout") => format!("cache=loose,{opts}"),
+        opts => format!("cache=loose,locktimeout={LOCK_RETRY_SECONDS},{opts}"),
     };
     let data = ninep_mount_data(channel.as_raw_fd(), &sanitize_uname(&settings.user), msize, &extra);
     // MS_SYNCHRONOUS: cache=loose buffers writes, and a write into the client's /usr must be

@@ -12,6 +12,8 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 
+use super::locks::HostLock;
+
 /// What `lstat`/`fstat` report, in Linux terms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Attr {
@@ -179,4 +181,10 @@ pub trait BackendFile: Send + Sync + 'static {
     /// directory ends.
     fn readdir(&self, offset: u64, sink: &mut dyn FnMut(DirEntry<'_>) -> bool) -> io::Result<()>;
     fn fsync(&self, datasync: bool) -> io::Result<()>;
+    /// A new handle through which the session holds its locks on this file on the host, so
+    /// processes there see them (see [`super::locks`]); `Ok(None)`: this backend has no
+    /// host locks, and the session's table alone decides.
+    fn host_lock(&self) -> io::Result<Option<Box<dyn HostLock>>> {
+        Ok(None)
+    }
 }

@@ -33,6 +33,7 @@ use rustix::fs::{
 };
 
 use super::backend::{Attr, Backend, BackendFile, DirEntry, OpenFlags, Owner, SetAttr, SetTime, StatFs};
+use super::locks::{HostHolder, HostLock, Kind as LockKind};
 
 /// Largest extended attribute value or name list we move (Linux XATTR_SIZE_MAX).
 pub const XATTR_MAX: usize = 65536;
@@ -634,6 +635,91 @@ impl BackendFile for HostFile {
             retry(|| rfs::fdatasync(&*self.fd))
         } else {
             retry(|| rfs::fsync(&*self.fd))
+        }
+    }
+
+    fn host_lock(&self) -> io::Result<Option<Box<dyn HostLock>>> {
+        let fd = retry(|| rustix::io::fcntl_dupfd_cloexec(&*self.fd, 0))?;
+        Ok(Some(Box::new(OfdLock { fd })))
+    }
+}
+
+/// The session's locks on one host file: open-file-description locks (F_OFD_SETLK) on a
+/// duplicate of the descriptor the first lock came through. They belong to that open file,
+/// not to this process, so they conflict with every other process's locks and every other
+/// session's, and the clunk of the fid it came from does not release them (the duplicate
+/// keeps the description open).
+struct OfdLock {
+    fd: OwnedFd,
+}
+
+/// A `struct flock` for `start..=end` (`u64::MAX` = to the end of any file), or None when the
+/// range starts beyond the largest file offset (no byte there can be locked).
+fn flock_of(kind: Option<LockKind>, start: u64, end: u64) -> Option<libc::flock> {
+    let l_start = i64::try_from(start).ok()?;
+    // A length that reaches OFFSET_MAX is the same lock as "to the end" (length 0).
+    let l_len = if end >= i64::MAX as u64 { 0 } else { (end - start + 1) as i64 };
+    // SAFETY: flock is plain integers, for which all-zero is valid (and l_pid must be 0 for
+    // the OFD commands).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = match kind {
+        None => libc::F_UNLCK,
+        Some(LockKind::Read) => libc::F_RDLCK,
+        Some(LockKind::Write) => libc::F_WRLCK,
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = l_start as libc::off_t;
+    fl.l_len = l_len as libc::off_t;
+    Some(fl)
+}
+
+impl OfdLock {
+    fn fcntl(&self, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+        loop {
+            // SAFETY: `fd` is open for the call's length and `fl` is a valid, exclusively
+            // borrowed struct flock, which F_OFD_SETLK reads and F_OFD_GETLK writes.
+            let r = unsafe { libc::fcntl(self.fd.as_raw_fd(), cmd, fl as *mut libc::flock) };
+            if r != -1 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl HostLock for OfdLock {
+    fn set(&self, kind: Option<LockKind>, start: u64, end: u64) -> io::Result<bool> {
+        let Some(mut fl) = flock_of(kind, start, end) else { return Ok(true) };
+        match self.fcntl(libc::F_OFD_SETLK, &mut fl) {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn conflict(&self, kind: LockKind, start: u64, end: u64) -> io::Result<Option<HostHolder>> {
+        let Some(mut fl) = flock_of(Some(kind), start, end) else { return Ok(None) };
+        self.fcntl(libc::F_OFD_GETLK, &mut fl)?;
+        let kind = match fl.l_type as libc::c_int {
+            libc::F_RDLCK => LockKind::Read,
+            libc::F_WRLCK => LockKind::Write,
+            _ => return Ok(None),
+        };
+        let start = fl.l_start.max(0) as u64;
+        let end = if fl.l_len <= 0 { u64::MAX } else { start.saturating_add(fl.l_len as u64 - 1) };
+        Ok(Some(HostHolder { kind, start, end }))
+    }
+}
+
+impl Drop for OfdLock {
+    fn drop(&mut self) {
+        // The description may outlive this descriptor (the fid it came from can still be
+        // open, or a request still running holds it): let go of everything explicitly.
+        if let Some(mut fl) = flock_of(None, 0, u64::MAX) {
+            let _ = self.fcntl(libc::F_OFD_SETLK, &mut fl);
         }
     }
 }

@@ -1,20 +1,29 @@
-//! POSIX record locks of one 9P session, kept in the server and owned by remote processes.
+//! POSIX record locks of one 9P session, kept in the server and owned by remote processes,
+//! and mirrored onto the client machine so its processes and the remote's meet.
 //!
 //! Tlock carries the lock owner as the remote sees it: `proc_id` (the process) and
 //! `client_id` (the machine). POSIX locks belong to a process, not to a descriptor: one
 //! process may lock through two fids of one file without conflicting with itself, unlock
 //! through either, and closing any of its descriptors drops all its locks on the file. Host
 //! locks cannot express that (classic fcntl locks would make every remote process one owner,
-//! this one; OFD locks make every fid its own owner), so the table lives here: per file
-//! (device, inode), a list of byte ranges with their owner, split and merged as fcntl does.
+//! this one; OFD locks make every fid its own owner), so the table of who holds what lives
+//! here: per file (device, inode), a list of byte ranges with their owner, split and merged
+//! as fcntl does.
 //!
-//! What it costs: remote locks are not seen by processes on the client machine, and theirs
-//! are not seen by the remote (both sides' locks used to meet in the host kernel as OFD locks,
-//! with the wrong owner semantics). A blocked request is answered BLOCKED at once; the remote
-//! kernel sleeps and retries, so the server never waits. The number of ranges is capped per
-//! session (ENOLCK beyond), so a remote cannot grow the table without bound.
+//! The host still sees them: per locked file the session holds one [`HostLock`] (in the host
+//! backend an open-file-description lock on a descriptor of its own) covering the union of
+//! the remote's ranges, the strongest kind where they overlap. A remote lock is granted only
+//! when both the table and the host grant it, so a process on the client machine (a sqlite3
+//! there, another `cpu` session) and a remote process exclude each other as two local
+//! processes would; Tgetlock reports a host holder as process 0. A file system that has no
+//! locks of its own (the backend says so) keeps the session-only table.
+//!
+//! A blocked request is answered BLOCKED at once; the remote kernel sleeps and retries, so
+//! the server never waits. The number of ranges is capped per session (ENOLCK beyond), so a
+//! remote cannot grow the table, nor the descriptors behind it, without bound.
 
 use std::collections::HashMap;
+use std::io;
 
 /// Most lock ranges one session may hold in total.
 pub const MAX_LOCK_RANGES: usize = 65_536;
@@ -29,7 +38,7 @@ pub struct LockOwner {
     pub client_id: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Read,
     Write,
@@ -44,14 +53,55 @@ pub struct Range {
     pub end: u64,
 }
 
+/// A lock held on the host by someone outside the session (a local process, another
+/// session); `end` is inclusive, `u64::MAX` = to the end of any file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostHolder {
+    pub kind: Kind,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Who blocks a lock: another remote process of this session, or a holder on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Remote(Range),
+    Host(HostHolder),
+}
+
+/// The session's hold on one file's locks on the host (see the module text). Dropping it
+/// releases every range it holds.
+pub trait HostLock: Send {
+    /// Makes this handle hold `start..=end` as `kind` (None: not at all), never waiting.
+    /// `Ok(false)`: a holder outside the session conflicts, and nothing changed.
+    fn set(&self, kind: Option<Kind>, start: u64, end: u64) -> io::Result<bool>;
+    /// The first lock held outside this handle that would block `kind` on `start..=end`.
+    fn conflict(&self, kind: Kind, start: u64, end: u64) -> io::Result<Option<HostHolder>>;
+}
+
+/// Makes a new [`HostLock`] on the file a request came through: `Ok(None)` when the backend
+/// has no host locks.
+pub type OpenHostLock<'a> = &'a dyn Fn() -> io::Result<Option<Box<dyn HostLock>>>;
+
 /// What a set request did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Granted,
-    /// Another owner holds a conflicting range.
+    /// Another owner holds a conflicting range, in the session or on the host.
     Blocked,
-    /// The session holds too many ranges.
+    /// The session holds too many ranges (or the host has no descriptor left for them).
     NoLocks,
+}
+
+/// Whether a file's locks are mirrored on the host.
+#[derive(Default)]
+enum HostState {
+    /// No lock taken yet.
+    #[default]
+    Untried,
+    Held(Box<dyn HostLock>),
+    /// The backend or the file system has no host locks: the table alone decides.
+    SessionOnly,
 }
 
 #[derive(Default)]
@@ -59,6 +109,154 @@ struct FileLocks {
     ranges: Vec<Range>,
     /// Fids each owner locked through: clunking any of them drops the owner's locks.
     fids: HashMap<LockOwner, Vec<u32>>,
+    host: HostState,
+}
+
+impl FileLocks {
+    fn is_empty(&self) -> bool {
+        self.ranges.is_empty() && self.fids.is_empty()
+    }
+
+    /// The host handle, made on first use. Err: the host has no descriptor left.
+    fn host(&mut self, open: OpenHostLock<'_>) -> Result<Option<&dyn HostLock>, ()> {
+        if matches!(self.host, HostState::Untried) {
+            self.host = match open() {
+                Ok(Some(h)) => HostState::Held(h),
+                Ok(None) => HostState::SessionOnly,
+                Err(e) if out_of_descriptors(&e) => return Err(()),
+                Err(e) => {
+                    log::debug!("9p: no host locks for a file ({e}); its locks stay in the session");
+                    HostState::SessionOnly
+                }
+            };
+        }
+        Ok(match &self.host {
+            HostState::Held(h) => Some(h.as_ref()),
+            _ => None,
+        })
+    }
+
+    /// After the ranges changed within `spans`, makes the host hold there what the ranges
+    /// now cover. Only releases or downgrades, which no other holder can refuse.
+    fn sync_host(&mut self, spans: &[(u64, u64)]) {
+        let HostState::Held(h) = &self.host else { return };
+        for (kind, start, end) in coverage(&self.ranges, spans) {
+            if let Err(e) = h.set(kind, start, end) {
+                log::debug!("9p: releasing a host lock failed: {e}");
+            }
+        }
+    }
+
+    /// Takes `kind` on `start..=end` on the host. A read-only handle cannot take a write lock:
+    /// then a new handle from the requesting fid (open for writing, or the remote's kernel
+    /// would not have asked) takes over every range the old one held.
+    fn take_on_host(&mut self, open: OpenHostLock<'_>, kind: Kind, start: u64, end: u64) -> Outcome {
+        let Ok(host) = self.host(open) else { return Outcome::NoLocks };
+        let Some(host) = host else { return Outcome::Granted };
+        match host.set(Some(kind), start, end) {
+            Ok(true) => return Outcome::Granted,
+            Ok(false) => return Outcome::Blocked,
+            Err(e) if kind == Kind::Write && e.raw_os_error() == Some(libc::EBADF) => {}
+            Err(e) => {
+                log::debug!("9p: a host lock failed ({e}); this file's locks stay in the session");
+                self.host = HostState::SessionOnly;
+                return Outcome::Granted;
+            }
+        }
+        let new = match open() {
+            Ok(Some(h)) => h,
+            Ok(None) => return Outcome::Granted,
+            Err(e) if out_of_descriptors(&e) => return Outcome::NoLocks,
+            Err(e) => {
+                log::debug!("9p: no writable host lock handle ({e}); this file's locks stay in the session");
+                self.host = HostState::SessionOnly;
+                return Outcome::Granted;
+            }
+        };
+        // The old handle holds only read ranges (it could not take a write one), which the
+        // new one can share; only then does the old one let go, so no gap opens.
+        for r in &self.ranges {
+            if !matches!(new.set(Some(r.kind), r.start, r.end), Ok(true)) {
+                return Outcome::Blocked;
+            }
+        }
+        let outcome = match new.set(Some(kind), start, end) {
+            Ok(true) => Outcome::Granted,
+            Ok(false) => Outcome::Blocked,
+            Err(e) => {
+                log::debug!("9p: a host lock failed ({e}); this file's locks stay in the session");
+                Outcome::Granted
+            }
+        };
+        self.host = HostState::Held(new);
+        outcome
+    }
+}
+
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM))
+}
+
+/// What `ranges` hold within `spans`: consecutive pieces covering the spans, each with the
+/// strongest kind any owner holds there (None: nobody).
+fn coverage(ranges: &[Range], spans: &[(u64, u64)]) -> Vec<(Option<Kind>, u64, u64)> {
+    // Half-open positions in u128, so the range ending at u64::MAX has an end to point at.
+    let mut merged: Vec<(u128, u128)> = spans.iter().map(|&(s, e)| (s as u128, e as u128 + 1)).collect();
+    merged.sort_unstable();
+    merged.dedup_by(|next, prev| {
+        let touches = next.0 <= prev.1;
+        if touches {
+            prev.1 = prev.1.max(next.1);
+        }
+        touches
+    });
+    // Where the strongest kind changes: a sweep over the ranges' ends.
+    let mut events: Vec<(u128, Kind, i64)> = Vec::with_capacity(ranges.len() * 2);
+    for r in ranges {
+        events.push((r.start as u128, r.kind, 1));
+        events.push((r.end as u128 + 1, r.kind, -1));
+    }
+    events.sort_unstable_by_key(|e| e.0);
+    let mut steps: Vec<(u128, Option<Kind>)> = vec![(0, None)];
+    let (mut reads, mut writes) = (0i64, 0i64);
+    let mut i = 0;
+    while i < events.len() {
+        let at = events[i].0;
+        while i < events.len() && events[i].0 == at {
+            match events[i].1 {
+                Kind::Read => reads += events[i].2,
+                Kind::Write => writes += events[i].2,
+            }
+            i += 1;
+        }
+        let kind = if writes > 0 {
+            Some(Kind::Write)
+        } else if reads > 0 {
+            Some(Kind::Read)
+        } else {
+            None
+        };
+        match steps.last_mut() {
+            Some(last) if last.0 == at => last.1 = kind,
+            _ => steps.push((at, kind)),
+        }
+        if steps.len() >= 2 && steps[steps.len() - 2].1 == kind {
+            steps.pop();
+        }
+    }
+    let mut pieces = Vec::new();
+    for (a, b) in merged {
+        // The step in force at `a`, then every step that starts before `b`.
+        let mut k = steps.partition_point(|s| s.0 <= a) - 1;
+        let mut from = a;
+        while from < b {
+            let until = steps.get(k + 1).map_or(b, |s| s.0.min(b));
+            pieces.push((steps[k].1, from as u64, (until - 1) as u64));
+            from = until;
+            k += 1;
+        }
+    }
+    pieces
 }
 
 /// Every lock of one session.
@@ -116,7 +314,8 @@ impl LockTable {
     }
 
     /// Takes (`kind` Some) or releases (None) `start..=end` of `file` for `owner`, who asks
-    /// through `fid`.
+    /// through `fid`; `open` makes the file's host handle when it has none yet.
+    #[allow(clippy::too_many_arguments)]
     pub fn set(
         &mut self,
         file: FileKey,
@@ -125,6 +324,7 @@ impl LockTable {
         kind: Option<Kind>,
         start: u64,
         end: u64,
+        open: OpenHostLock<'_>,
     ) -> Outcome {
         let locks = self.files.entry(file).or_default();
         if let Some(kind) = kind {
@@ -164,11 +364,19 @@ impl LockTable {
             next.push(new);
         }
         let total = self.ranges - old_mine + next.len();
-        if total > self.cap && total > self.ranges {
-            if locks.ranges.is_empty() && locks.fids.is_empty() {
+        let mut outcome =
+            if total > self.cap && total > self.ranges { Outcome::NoLocks } else { Outcome::Granted };
+        // After this request the session holds all of [start, end] as `kind` (no other
+        // owner may hold a write lock there, and ours there is replaced): the host must
+        // grant exactly that before the table changes.
+        if let (Outcome::Granted, Some(kind)) = (outcome, kind) {
+            outcome = locks.take_on_host(open, kind, start, end);
+        }
+        if outcome != Outcome::Granted {
+            if locks.is_empty() {
                 self.files.remove(&file);
             }
-            return Outcome::NoLocks;
+            return outcome;
         }
         locks.ranges.retain(|r| &r.owner != owner);
         locks.ranges.extend(next);
@@ -177,20 +385,50 @@ impl LockTable {
             if !fids.contains(&fid) {
                 fids.push(fid);
             }
-        } else if !locks.ranges.iter().any(|r| &r.owner == owner) {
-            locks.fids.remove(owner);
+        } else {
+            if !locks.ranges.iter().any(|r| &r.owner == owner) {
+                locks.fids.remove(owner);
+            }
+            locks.sync_host(&[(start, end)]);
         }
-        if locks.ranges.is_empty() && locks.fids.is_empty() {
+        if locks.is_empty() {
             self.files.remove(&file);
         }
         self.ranges = total;
         Outcome::Granted
     }
 
-    /// The first range of another owner that would block `kind` on `start..=end`.
-    pub fn get(&self, file: FileKey, owner: &LockOwner, kind: Kind, start: u64, end: u64) -> Option<Range> {
-        let locks = self.files.get(&file)?;
-        locks.ranges.iter().find(|h| conflicts(h, owner, kind, start, end)).cloned()
+    /// The first lock of another owner that would block `kind` on `start..=end`: in the
+    /// session, else on the host (asked through the file's handle, or a new one from `open`).
+    pub fn get(
+        &self,
+        file: FileKey,
+        owner: &LockOwner,
+        kind: Kind,
+        start: u64,
+        end: u64,
+        open: OpenHostLock<'_>,
+    ) -> Option<Holder> {
+        let locks = self.files.get(&file);
+        if let Some(r) = locks.and_then(|l| l.ranges.iter().find(|h| conflicts(h, owner, kind, start, end))) {
+            return Some(Holder::Remote(r.clone()));
+        }
+        let asked = match locks.map(|l| &l.host) {
+            Some(HostState::Held(h)) => h.conflict(kind, start, end),
+            Some(HostState::SessionOnly) => return None,
+            Some(HostState::Untried) | None => match open() {
+                Ok(Some(h)) => h.conflict(kind, start, end),
+                Ok(None) => return None,
+                Err(e) => Err(e),
+            },
+        };
+        match asked {
+            Ok(found) => found.map(Holder::Host),
+            Err(e) => {
+                log::debug!("9p: asking the host for a conflicting lock failed: {e}");
+                None
+            }
+        }
     }
 
     /// Fid `fid` is gone (Tclunk, Tremove): like close(2), every owner that locked through
@@ -200,13 +438,25 @@ impl LockTable {
         self.files.retain(|_, locks| {
             let gone: Vec<LockOwner> =
                 locks.fids.iter().filter(|(_, fids)| fids.contains(&fid)).map(|(o, _)| o.clone()).collect();
+            let mut spans = Vec::new();
             for owner in gone {
                 locks.fids.remove(&owner);
                 let n = locks.ranges.len();
-                locks.ranges.retain(|r| r.owner != owner);
+                locks.ranges.retain(|r| {
+                    let theirs = r.owner == owner;
+                    if theirs {
+                        spans.push((r.start, r.end));
+                    }
+                    !theirs
+                });
                 dropped += n - locks.ranges.len();
             }
-            !(locks.ranges.is_empty() && locks.fids.is_empty())
+            if locks.is_empty() {
+                // Dropping the handle releases everything it held.
+                return false;
+            }
+            locks.sync_host(&spans);
+            true
         });
         self.ranges -= dropped.min(self.ranges);
     }
@@ -231,23 +481,34 @@ mod tests {
 
     const F: FileKey = (1, 2);
 
+    fn no_host() -> io::Result<Option<Box<dyn HostLock>>> {
+        Ok(None)
+    }
+
+    fn remote(h: Option<Holder>) -> Range {
+        match h {
+            Some(Holder::Remote(r)) => r,
+            other => panic!("expected a remote holder, got {other:?}"),
+        }
+    }
+
     #[test]
     fn one_owner_locks_twice_without_conflict_others_are_blocked() {
         let mut t = LockTable::default();
-        assert_eq!(t.set(F, &owner(1), 10, Some(Kind::Write), 0, 9), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(1), 10, Some(Kind::Write), 0, 9, &no_host), Outcome::Granted);
         // Same process, another fid: no conflict with itself.
-        assert_eq!(t.set(F, &owner(1), 11, Some(Kind::Write), 5, 19), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(1), 11, Some(Kind::Write), 5, 19, &no_host), Outcome::Granted);
         assert_eq!(t.len(), 1, "merged into one range");
-        assert_eq!(t.set(F, &owner(2), 12, Some(Kind::Read), 15, 15), Outcome::Blocked);
-        let held = t.get(F, &owner(2), Kind::Read, 0, u64::MAX).expect("conflict");
+        assert_eq!(t.set(F, &owner(2), 12, Some(Kind::Read), 15, 15, &no_host), Outcome::Blocked);
+        let held = remote(t.get(F, &owner(2), Kind::Read, 0, u64::MAX, &no_host));
         assert_eq!((held.owner.proc_id, held.start, held.end, held.kind), (1, 0, 19, Kind::Write));
         // Unlock the middle through the second fid: two ranges remain.
-        assert_eq!(t.set(F, &owner(1), 11, None, 5, 9), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(1), 11, None, 5, 9, &no_host), Outcome::Granted);
         assert_eq!(t.len(), 2);
-        assert_eq!(t.set(F, &owner(2), 12, Some(Kind::Write), 5, 9), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(2), 12, Some(Kind::Write), 5, 9, &no_host), Outcome::Granted);
         // Closing fid 10 (the first fid of process 1) drops all of its locks.
         t.fid_closed(10);
-        assert!(t.get(F, &owner(2), Kind::Write, 0, u64::MAX).is_none());
+        assert!(t.get(F, &owner(2), Kind::Write, 0, u64::MAX, &no_host).is_none());
         assert_eq!(t.len(), 1);
         t.fid_closed(12);
         assert!(t.is_empty());
@@ -256,13 +517,13 @@ mod tests {
     #[test]
     fn read_locks_share_and_downgrade_splits() {
         let mut t = LockTable::default();
-        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), 0, u64::MAX), Outcome::Granted);
-        assert_eq!(t.set(F, &owner(2), 2, Some(Kind::Read), 100, 199), Outcome::Granted);
-        assert_eq!(t.set(F, &owner(2), 2, Some(Kind::Write), 100, 199), Outcome::Blocked);
+        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), 0, u64::MAX, &no_host), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(2), 2, Some(Kind::Read), 100, 199, &no_host), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(2), 2, Some(Kind::Write), 100, 199, &no_host), Outcome::Blocked);
         // Process 1 upgrades part of its read lock to write: split in three, one conflict.
-        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Write), 0, 49), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Write), 0, 49, &no_host), Outcome::Granted);
         assert_eq!(t.len(), 3);
-        let c = t.get(F, &owner(3), Kind::Read, 0, 0).expect("write lock");
+        let c = remote(t.get(F, &owner(3), Kind::Read, 0, 0, &no_host));
         assert_eq!((c.kind, c.end), (Kind::Write, 49));
         assert_eq!(range_end(5, 0), Ok(u64::MAX));
         assert_eq!(range_end(5, 10), Ok(14));
@@ -277,13 +538,217 @@ mod tests {
     fn the_number_of_ranges_is_capped() {
         let mut t = LockTable::with_cap(100);
         for i in 0..100 {
-            assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), i * 2, i * 2), Outcome::Granted);
+            assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), i * 2, i * 2, &no_host), Outcome::Granted);
         }
         let n = 200;
-        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), n, n), Outcome::NoLocks);
+        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), n, n, &no_host), Outcome::NoLocks);
         assert_eq!(t.len(), 100);
         // Unlocking still works and frees room.
-        assert_eq!(t.set(F, &owner(1), 1, None, 0, 0), Outcome::Granted);
-        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), n, n), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(1), 1, None, 0, 0, &no_host), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), n, n, &no_host), Outcome::Granted);
+    }
+
+    /// A host with 64 lockable bytes: what each handle holds, and what someone outside the
+    /// session holds.
+    struct FakeHost {
+        held: HashMap<usize, [Option<Kind>; 64]>,
+        outside: [Option<Kind>; 64],
+        handles: usize,
+    }
+
+    impl Default for FakeHost {
+        fn default() -> Self {
+            FakeHost { held: HashMap::new(), outside: [None; 64], handles: 0 }
+        }
+    }
+
+    type Shared = std::sync::Arc<std::sync::Mutex<FakeHost>>;
+
+    struct FakeHandle {
+        id: usize,
+        writable: bool,
+        fail: Option<i32>,
+        host: Shared,
+    }
+
+    fn bytes(start: u64, end: u64) -> std::ops::RangeInclusive<usize> {
+        start as usize..=(end.min(63) as usize)
+    }
+
+    impl HostLock for FakeHandle {
+        fn set(&self, kind: Option<Kind>, start: u64, end: u64) -> io::Result<bool> {
+            if let Some(errno) = self.fail {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            if kind == Some(Kind::Write) && !self.writable {
+                return Err(io::Error::from_raw_os_error(libc::EBADF));
+            }
+            let mut h = self.host.lock().unwrap();
+            let others: Vec<[Option<Kind>; 64]> =
+                h.held.iter().filter(|(id, _)| **id != self.id).map(|(_, b)| *b).chain([h.outside]).collect();
+            for i in bytes(start, end) {
+                for o in &others {
+                    if o[i].is_some()
+                        && (kind == Some(Kind::Write) || o[i] == Some(Kind::Write))
+                        && kind.is_some()
+                    {
+                        return Ok(false);
+                    }
+                }
+            }
+            let mine = h.held.entry(self.id).or_insert([None; 64]);
+            for i in bytes(start, end) {
+                mine[i] = kind;
+            }
+            Ok(true)
+        }
+
+        fn conflict(&self, kind: Kind, start: u64, end: u64) -> io::Result<Option<HostHolder>> {
+            let h = self.host.lock().unwrap();
+            for i in bytes(start, end) {
+                if let Some(k) = h.outside[i] {
+                    if kind == Kind::Write || k == Kind::Write {
+                        let first =
+                            (0..=i).rev().take_while(|&j| h.outside[j] == Some(k)).last().unwrap_or(i);
+                        let last = (i..64).take_while(|&j| h.outside[j] == Some(k)).last().unwrap_or(i);
+                        return Ok(Some(HostHolder { kind: k, start: first as u64, end: last as u64 }));
+                    }
+                }
+            }
+            Ok(None)
+        }
+    }
+
+    impl Drop for FakeHandle {
+        fn drop(&mut self) {
+            self.host.lock().unwrap().held.remove(&self.id);
+        }
+    }
+
+    fn opener(
+        host: &Shared,
+        writable: bool,
+        fail: Option<i32>,
+    ) -> impl Fn() -> io::Result<Option<Box<dyn HostLock>>> + '_ {
+        move || {
+            let mut h = host.lock().unwrap();
+            h.handles += 1;
+            Ok(Some(Box::new(FakeHandle { id: h.handles, writable, fail, host: host.clone() })
+                as Box<dyn HostLock>))
+        }
+    }
+
+    /// What the session holds on the host, byte by byte: '.' nothing, 'r', 'w'; one string
+    /// per handle that holds anything.
+    fn held(host: &Shared, upto: usize) -> Vec<String> {
+        let h = host.lock().unwrap();
+        let mut ids: Vec<&usize> = h.held.keys().collect();
+        ids.sort();
+        ids.iter()
+            .map(|id| {
+                h.held[*id][..upto]
+                    .iter()
+                    .map(|k| match k {
+                        None => '.',
+                        Some(Kind::Read) => 'r',
+                        Some(Kind::Write) => 'w',
+                    })
+                    .collect::<String>()
+            })
+            .filter(|s| s.chars().any(|c| c != '.'))
+            .collect()
+    }
+
+    #[test]
+    fn the_host_holds_the_union_of_the_sessions_locks_and_its_own_block_them() {
+        let host = Shared::default();
+        host.lock().unwrap().outside[30] = Some(Kind::Write);
+        let open = opener(&host, true, None);
+        let mut t = LockTable::default();
+        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Write), 0, 3, &open), Outcome::Granted);
+        assert_eq!(held(&host, 16), ["wwww............"]);
+        // A holder on the host blocks the remote, and nothing changes.
+        assert_eq!(t.set(F, &owner(2), 2, Some(Kind::Read), 28, 31, &open), Outcome::Blocked);
+        assert_eq!(t.len(), 1);
+        let h = t.get(F, &owner(2), Kind::Read, 20, 40, &open);
+        assert_eq!(h, Some(Holder::Host(HostHolder { kind: Kind::Write, start: 30, end: 30 })));
+        // Two remote readers share; the host holds their union as read.
+        assert_eq!(t.set(F, &owner(2), 2, Some(Kind::Read), 6, 9, &open), Outcome::Granted);
+        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Read), 8, 11, &open), Outcome::Granted);
+        assert_eq!(held(&host, 16), ["wwww..rrrrrr...."]);
+        // One reader leaves: the other's bytes stay held.
+        assert_eq!(t.set(F, &owner(2), 2, None, 0, u64::MAX, &open), Outcome::Granted);
+        assert_eq!(held(&host, 16), ["wwww....rrrr...."]);
+        // A write over a read the same owner holds upgrades it; unlocking half downgrades nothing else.
+        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Write), 9, 10, &open), Outcome::Granted);
+        assert_eq!(held(&host, 16), ["wwww....rwwr...."]);
+        assert_eq!(t.set(F, &owner(1), 1, None, 0, 1, &open), Outcome::Granted);
+        assert_eq!(held(&host, 16), ["..ww....rwwr...."]);
+        // Closing the fid drops the owner's locks, and the host handle with the last of them.
+        t.fid_closed(1);
+        assert!(t.is_empty());
+        assert_eq!(held(&host, 16), Vec::<String>::new());
+        assert!(host.lock().unwrap().held.is_empty(), "the handle is gone");
+    }
+
+    #[test]
+    fn a_read_only_handle_hands_its_ranges_to_a_writable_one_without_a_gap() {
+        let host = Shared::default();
+        let mut t = LockTable::default();
+        assert_eq!(
+            t.set(F, &owner(1), 1, Some(Kind::Read), 0, 3, &opener(&host, false, None)),
+            Outcome::Granted
+        );
+        assert_eq!(
+            t.set(F, &owner(2), 2, Some(Kind::Write), 8, 9, &opener(&host, true, None)),
+            Outcome::Granted
+        );
+        assert_eq!(held(&host, 12), ["rrrr....ww.."], "one handle, the writable one");
+        // Another owner's lock on the old handle's bytes is still refused by the table.
+        assert_eq!(
+            t.set(F, &owner(2), 2, Some(Kind::Write), 0, 0, &opener(&host, true, None)),
+            Outcome::Blocked
+        );
+    }
+
+    #[test]
+    fn a_file_system_without_host_locks_keeps_the_session_table() {
+        let host = Shared::default();
+        let open = opener(&host, true, Some(libc::ENOLCK));
+        let mut t = LockTable::default();
+        assert_eq!(t.set(F, &owner(1), 1, Some(Kind::Write), 0, 3, &open), Outcome::Granted);
+        assert_eq!(
+            t.set(F, &owner(2), 2, Some(Kind::Write), 2, 2, &open),
+            Outcome::Blocked,
+            "the table still decides"
+        );
+        assert_eq!(t.get(F, &owner(2), Kind::Write, 0, 9, &open).map(|h| remote(Some(h)).start), Some(0));
+        // Out of descriptors: ENOLCK to the remote, nothing kept.
+        let full =
+            || -> io::Result<Option<Box<dyn HostLock>>> { Err(io::Error::from_raw_os_error(libc::EMFILE)) };
+        assert_eq!(t.set((9, 9), &owner(1), 1, Some(Kind::Write), 0, 3, &full), Outcome::NoLocks);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn coverage_gives_the_strongest_kind_piece_by_piece() {
+        let r = |kind, start, end| Range { owner: owner(1), kind, start, end };
+        let ranges = [r(Kind::Write, 0, 9), r(Kind::Read, 5, 19), r(Kind::Read, 30, u64::MAX)];
+        assert_eq!(
+            coverage(&ranges, &[(0, 40)]),
+            [
+                (Some(Kind::Write), 0, 9),
+                (Some(Kind::Read), 10, 19),
+                (None, 20, 29),
+                (Some(Kind::Read), 30, 40)
+            ]
+        );
+        assert_eq!(coverage(&ranges, &[(100, u64::MAX)]), [(Some(Kind::Read), 100, u64::MAX)]);
+        // Overlapping spans are merged, each byte reported once.
+        assert_eq!(
+            coverage(&ranges, &[(3, 12), (0, 5)]),
+            [(Some(Kind::Write), 0, 9), (Some(Kind::Read), 10, 12)]
+        );
+        assert_eq!(coverage(&[], &[(0, u64::MAX)]), [(None, 0, u64::MAX)]);
     }
 }

@@ -4,7 +4,7 @@
 //! Owns: msize negotiation, fids (each holds a backend node: the file itself, not its name;
 //! the lexical path is kept only for `..`, Tremove and Trename), QIDs, name checks (no
 //! empty, no `/`, `..` never above the root), the read-only rule, the remote's safety limits,
-//! POSIX locks ([`super::locks`]), Tflush bookkeeping. It must not block the async thread:
+//! POSIX locks ([`super::locks`]: the remote's, held on the host too), Tflush bookkeeping. It must not block the async thread:
 //! backend calls run inside `spawn_blocking` (metadata requests that arrive together share
 //! one pool job per CPU, which saves thread wake-ups), except a lone Twalk or Tgetattr of a
 //! file on a local file system (ext4, tmpfs, ...: never a network or FUSE one), answered on
@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::backend::{Attr, Backend, BackendFile, OpenFlags, Owner, SetAttr, SetTime};
 use super::errno::{self, Errno};
-use super::locks::{self, LockOwner, LockTable, Outcome};
+use super::locks::{self, Holder, LockOwner, LockTable, Outcome};
 use super::wire::{self, *};
 use crate::error::{Error, Result};
 
@@ -881,7 +881,8 @@ impl<B: Backend> Session<B> {
                 let a = io(file.stat())?;
                 let owner = LockOwner { proc_id: t.proc_id, client_id: t.client_id.as_bytes().to_vec() };
                 // Never wait here: BLOCKED makes the kernel sleep and retry.
-                let outcome = lock(&self.locks).set((a.dev, a.ino), &owner, t.fid, kind, t.start, end);
+                let open = || file.host_lock();
+                let outcome = lock(&self.locks).set((a.dev, a.ino), &owner, t.fid, kind, t.start, end, &open);
                 let status = match outcome {
                     Outcome::Granted => LOCK_SUCCESS,
                     Outcome::Blocked => LOCK_BLOCKED,
@@ -902,7 +903,10 @@ impl<B: Backend> Session<B> {
                 let end = lock_range_end(t.start, t.length)?;
                 let a = io(file.stat())?;
                 let owner = LockOwner { proc_id: t.proc_id, client_id: t.client_id.as_bytes().to_vec() };
-                let held = lock(&self.locks).get((a.dev, a.ino), &owner, kind, t.start, end);
+                let open = || file.host_lock();
+                let held = lock(&self.locks).get((a.dev, a.ino), &owner, kind, t.start, end, &open);
+                let wire_type = |k| if k == locks::Kind::Read { LOCK_TYPE_RDLCK } else { LOCK_TYPE_WRLCK };
+                let wire_length = |start: u64, end: u64| if end == u64::MAX { 0 } else { end - start + 1 };
                 let r = match held {
                     None => Rgetlock {
                         ty: LOCK_TYPE_UNLCK,
@@ -911,12 +915,20 @@ impl<B: Backend> Session<B> {
                         proc_id: t.proc_id,
                         client_id: t.client_id,
                     },
-                    Some(h) => Rgetlock {
-                        ty: if h.kind == locks::Kind::Read { LOCK_TYPE_RDLCK } else { LOCK_TYPE_WRLCK },
+                    Some(Holder::Remote(h)) => Rgetlock {
+                        ty: wire_type(h.kind),
                         start: h.start,
-                        length: if h.end == u64::MAX { 0 } else { h.end - h.start + 1 },
+                        length: wire_length(h.start, h.end),
                         proc_id: h.owner.proc_id,
                         client_id: P9String(h.owner.client_id),
+                    },
+                    // A process on the client machine: no process of the remote's, so 0.
+                    Some(Holder::Host(h)) => Rgetlock {
+                        ty: wire_type(h.kind),
+                        start: h.start,
+                        length: wire_length(h.start, h.end),
+                        proc_id: 0,
+                        client_id: P9String(Vec::new()),
                     },
                 };
                 self.reply(buf, tag, Rmessage::GetLock(r))
