@@ -10,6 +10,9 @@
 #   - the namespace teardown comes after the exit status (src/remote.rs, the keeper): the
 #     system mount writes through (sync), a shared mapping the command never unmapped is on
 #     the host when cpu returns, and no keeper outlives its session
+#   - record locks meet across the machines: a lock a host process holds refuses the remote
+#     (F_GETLK there shows it as process 0), an F_SETLKW waiting for it gets it once the host
+#     lets go, and the host sees the remote's lock (src/ninep/locks.rs)
 # Prints PASS/FAIL/SKIP lines and "N passed, M failed".
 set -uo pipefail
 BIN=$(readlink -f "${1:?usage: $0 STATIC_BIN}")
@@ -23,7 +26,12 @@ command -v qemu-system-x86_64 >/dev/null || { echo "SKIP: cache-checks: qemu-sys
 PY=/usr/bin/python3
 W=$(mktemp -d /tmp/cpu-cachecheck.XXXXXX)
 VM_STATE=""
-cleanup() { [ -n "$VM_STATE" ] && "$VM" stop "$VM_STATE" >/dev/null 2>&1; rm -rf "$W"; }
+HOLDER=""
+cleanup() {
+	[ -n "$HOLDER" ] && kill "$HOLDER" 2>/dev/null
+	[ -n "$VM_STATE" ] && "$VM" stop "$VM_STATE" >/dev/null 2>&1
+	rm -rf "$W"
+}
 trap cleanup EXIT
 ssh-keygen -q -t ed25519 -N '' -f "$W/hk" && ssh-keygen -q -t ed25519 -N '' -f "$W/uk" || { ko "ssh-keygen"; finish; }
 out=$("$VM" --state "$W/vm" -f "$W/hk:/etc/cpud/hostkey" -f "$W/uk.pub:/etc/cpud/authorized_keys" \
@@ -104,6 +112,77 @@ fi
 # is the only one left while it runs.
 run -namespace= -- $BB sh -c "i=0; while [ \$i -lt 100 ]; do n=\$(for c in /proc/[0-9]*/cmdline; do $BB tr '\\0' ' ' <\$c 2>/dev/null; echo; done | $BB grep -c '^cpud -remo[t]e '); [ \$n -le 1 ] && break; $BB sleep 0.1; i=\$((i+1)); done; echo \$n"
 [ "$rc" = 0 ] && [ "$(cat "$W/out")" = 1 ] && ok "one keeper per running session, none left behind" || ko "keepers: $(why)"
+
+# Record locks across the machines. The host side (a background python3, bounded) holds bytes
+# 0-9 of $W/shared with a classic fcntl lock until the remote says it is about to wait, gives
+# it 2 s to be inside F_SETLKW, lets go, then tries byte 5 once the remote holds 0-9. The
+# remote's F_SETLKW gets the lock either way; how long it waited is printed, not judged
+# (locktimeout=1 makes the guest retry each second; 6.1's default is 30 s; bench/baseline.txt).
+if [ -x "$PY" ]; then
+	head -c 100 /dev/zero >"$W/shared"
+	"$PY" - "$W" <<'PY' &
+import fcntl, os, sys, time
+w = sys.argv[1]
+def wait_for(name):
+    for _ in range(1200):
+        if os.path.exists(os.path.join(w, name)):
+            return True
+        time.sleep(0.1)
+    return False
+fd = os.open(os.path.join(w, "shared"), os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+open(os.path.join(w, "host-holds"), "w").close()
+if wait_for("remote-waits"):
+    time.sleep(2)
+fcntl.lockf(fd, fcntl.LOCK_UN, 10, 0)
+saw = "no-marker"
+if wait_for("remote-holds"):
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 5)
+        saw = "granted"
+    except OSError as e:
+        saw = "refused-errno%d" % e.errno
+with open(os.path.join(w, "host-saw.tmp"), "w") as f:
+    f.write(saw)
+os.rename(os.path.join(w, "host-saw.tmp"), os.path.join(w, "host-saw"))
+PY
+	HOLDER=$!
+	run -- "$PY" -c "
+import fcntl, os, struct, time
+w = '$G'
+def wait_for(name):
+    for _ in range(1200):
+        if os.path.exists(os.path.join(w, name)):
+            return True
+        time.sleep(0.1)
+    return False
+out = []
+wait_for('host-holds')
+fd = os.open(os.path.join(w, 'shared'), os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
+    out.append('nb:granted')
+except OSError as e:
+    out.append('nb:errno%d' % e.errno)
+t, _, s, l, p = struct.unpack('hhqqi4x', fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, 0, 0, 0)))
+out.append('getlk:%d:%d+%d:pid%d' % (t, s, l, p))
+open(os.path.join(w, 'remote-waits'), 'w').close()
+t0 = time.time()
+fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+waited = time.time() - t0
+out.append('setlkw:granted')
+open(os.path.join(w, 'remote-holds'), 'w').close()
+out.append('host:' + (open(os.path.join(w, 'host-saw')).read() if wait_for('host-saw') else 'no-answer'))
+print(' '.join(out))
+print('waited %.1f s' % waited)
+"
+	wait "$HOLDER" 2>/dev/null; HOLDER=""
+	[ "$rc" = 0 ] && [ "$(head -1 "$W/out")" = "nb:errno11 getlk:1:0+10:pid0 setlkw:granted host:refused-errno11" ] \
+		&& ok "record locks meet across the machines (remote F_SETLKW $(sed -n 2p "$W/out" | tr -d '\n') for a host lock held 2 s more)" \
+		|| ko "record locks across the machines: $(why)"
+else
+	echo "SKIP: record locks across the machines: no $PY on the host"
+fi
 
 # An explicit cache mode is applied to everything, with one mount.
 run -mountopts cache=none -msize 65536 -- $BB grep -E ' /tmp/cpu | /tmp/.cpu-system ' /proc/self/mountinfo
