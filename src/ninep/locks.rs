@@ -210,9 +210,16 @@ fn coverage(ranges: &[Range], spans: &[(u64, u64)]) -> Vec<(Option<Kind>, u64, u
         }
         touches
     });
-    // Where the strongest kind changes: a sweep over the ranges' ends.
-    let mut events: Vec<(u128, Kind, i64)> = Vec::with_capacity(ranges.len() * 2);
-    for r in ranges {
+    if merged.is_empty() {
+        return Vec::new();
+    }
+    // Where the strongest kind changes: a sweep over the ends of the ranges that touch a span.
+    let touches = |r: &&Range| {
+        let k = merged.partition_point(|m| m.1 <= r.start as u128);
+        k < merged.len() && merged[k].0 <= r.end as u128
+    };
+    let mut events: Vec<(u128, Kind, i64)> = Vec::new();
+    for r in ranges.iter().filter(touches) {
         events.push((r.start as u128, r.kind, 1));
         events.push((r.end as u128 + 1, r.kind, -1));
     }
@@ -336,12 +343,16 @@ impl LockTable {
         // the new one and merge neighbours of the same kind, as fcntl does.
         let mut next: Vec<Range> = Vec::new();
         let mut old_mine = 0;
+        // Where this request takes something away from the owner: only there can the host's
+        // share change on an unlock.
+        let mut released = Vec::new();
         for r in locks.ranges.iter().filter(|r| &r.owner == owner) {
             old_mine += 1;
             if r.end < start || r.start > end {
                 next.push(r.clone());
                 continue;
             }
+            released.push((r.start.max(start), r.end.min(end)));
             if r.start < start {
                 next.push(Range { end: start - 1, ..r.clone() });
             }
@@ -389,7 +400,7 @@ impl LockTable {
             if !locks.ranges.iter().any(|r| &r.owner == owner) {
                 locks.fids.remove(owner);
             }
-            locks.sync_host(&[(start, end)]);
+            locks.sync_host(&released);
         }
         if locks.is_empty() {
             self.files.remove(&file);
@@ -554,11 +565,12 @@ mod tests {
         held: HashMap<usize, [Option<Kind>; 64]>,
         outside: [Option<Kind>; 64],
         handles: usize,
+        calls: usize,
     }
 
     impl Default for FakeHost {
         fn default() -> Self {
-            FakeHost { held: HashMap::new(), outside: [None; 64], handles: 0 }
+            FakeHost { held: HashMap::new(), outside: [None; 64], handles: 0, calls: 0 }
         }
     }
 
@@ -584,6 +596,7 @@ mod tests {
                 return Err(io::Error::from_raw_os_error(libc::EBADF));
             }
             let mut h = self.host.lock().unwrap();
+            h.calls += 1;
             let others: Vec<[Option<Kind>; 64]> =
                 h.held.iter().filter(|(id, _)| **id != self.id).map(|(_, b)| *b).chain([h.outside]).collect();
             for i in bytes(start, end) {
@@ -684,6 +697,10 @@ mod tests {
         assert_eq!(held(&host, 16), ["wwww....rwwr...."]);
         assert_eq!(t.set(F, &owner(1), 1, None, 0, 1, &open), Outcome::Granted);
         assert_eq!(held(&host, 16), ["..ww....rwwr...."]);
+        // An owner with nothing to release costs the host nothing.
+        let calls = host.lock().unwrap().calls;
+        assert_eq!(t.set(F, &owner(3), 3, None, 0, u64::MAX, &open), Outcome::Granted);
+        assert_eq!(host.lock().unwrap().calls, calls);
         // Closing the fid drops the owner's locks, and the host handle with the last of them.
         t.fid_closed(1);
         assert!(t.is_empty());
