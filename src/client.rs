@@ -118,6 +118,9 @@ pub struct Target {
     pub connect_timeout: Duration,
     /// Connection reuse (ControlMaster, ControlPath, ControlPersist and their flags).
     pub control: crate::control::ControlSettings,
+    /// The command whose input and output carry the connection (ssh_config ProxyCommand or
+    /// ProxyJump, tokens expanded), instead of dialing `host`.
+    pub proxy: Option<String>,
 }
 
 /// The ssh_config files read, in order.
@@ -202,7 +205,13 @@ pub fn resolve(opts: &CpuOptions, net: Net, local: &LocalEnv, cfg_files: &[PathB
             alias: &alias,
         },
     )?;
+    let proxy = crate::transport::proxy::proxy_command(
+        cfg.proxy_command.as_deref(),
+        cfg.proxy_jump.as_deref(),
+        &crate::transport::proxy::ProxyTokens { host: &host, port: &port, remote_user: &user, alias: &alias },
+    );
     Ok(Target {
+        proxy,
         user,
         host,
         port,
@@ -515,13 +524,25 @@ pub async fn connect(
     check: HostKeyCheck,
 ) -> Result<Connection> {
     log::debug!("connecting to {} port {} as {}", target.host, target.port, target.user);
+    let through = match &target.proxy {
+        Some(command) => format!(" through the proxy command `{command}`"),
+        None => String::new(),
+    };
     let mut conn = tokio::time::timeout(target.connect_timeout, async {
-        let stream = transport::dial(net, &target.host, &target.port, target.connect_timeout).await?;
-        crate::ssh::client::connect(stream, check).await
+        let stream = match &target.proxy {
+            Some(command) => transport::proxy::dial_command(command).await?,
+            None => transport::dial(net, &target.host, &target.port, target.connect_timeout).await?,
+        };
+        crate::ssh::client::connect(stream, check).await.map_err(|e| match (&target.proxy, e) {
+            // The command ended or never spoke SSH: say which command.
+            (Some(_), Error::Connect(m)) => Error::Connect(format!("{m}{through}")),
+            (Some(_), Error::Ssh(m)) => Error::Ssh(format!("{m}{through}")),
+            (_, e) => e,
+        })
     })
     .await
     .map_err(|_| {
-        Error::Connect(format!("connecting to {} port {}: timed out", target.host, target.port))
+        Error::Connect(format!("connecting to {} port {}{through}: timed out", target.host, target.port))
     })??;
 
     let methods = AuthMethods {

@@ -517,3 +517,55 @@ fn pty_session_sigterm_restores_the_terminal() {
     assert_eq!(pty.wait(t), Some(143), "{:?}", text(&pty.seen));
     assert!(pty.is_cooked(), "raw mode left on after SIGTERM");
 }
+
+#[test]
+fn proxy_command_carries_the_connection_and_a_failed_one_says_so() {
+    need_sshd!();
+    if std::process::Command::new("python3").arg("-c").arg("").status().map(|s| !s.success()).unwrap_or(true)
+    {
+        skip::here("no python3: the test's proxy command is a python3 TCP relay");
+        return;
+    }
+    let home = Home::new();
+    let sshd = Sshd::start(&[&home.key_pub], "");
+    let p = port(&sshd);
+    // One process relaying stdin/stdout to host:port, as nc or `ssh -W` does.
+    let relay = home.ssh("relay.py");
+    std::fs::write(
+        &relay,
+        "import os, select, socket, sys\n\
+         s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n\
+         while True:\n\
+         \x20   r = select.select([0, s], [], [])[0]\n\
+         \x20   if 0 in r:\n\
+         \x20       d = os.read(0, 65536)\n\
+         \x20       if not d:\n\
+         \x20           break\n\
+         \x20       s.sendall(d)\n\
+         \x20   if s in r:\n\
+         \x20       d = s.recv(65536)\n\
+         \x20       if not d:\n\
+         \x20           break\n\
+         \x20       os.write(1, d)\n",
+    )
+    .unwrap();
+    // The alias names no reachable host: only the proxy command knows where to go (%h, %p).
+    std::fs::write(
+        home.ssh("config"),
+        format!(
+            "Host viaproxy\n  HostName 127.0.0.1\n  Port {p}\n  ProxyCommand python3 {} %h %p\n  HashKnownHosts no\n\
+             Host broken\n  HostName 127.0.0.1\n  Port {p}\n  ProxyCommand sh -c 'echo proxy-stderr >&2; exit 3'\n",
+            relay.display()
+        ),
+    )
+    .unwrap();
+    let out = run_cpu(&home, &["-9p=false", "viaproxy", "echo", "through-the-proxy"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "through-the-proxy\n");
+    assert_eq!(home.known_hosts(), format!("[127.0.0.1]:{p} {}\n", key_part(&sshd.host_pub)));
+    let out = run_cpu(&home, &["-9p=false", "broken", "true"], None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{err}");
+    assert!(err.contains("proxy-stderr"), "the command's own stderr reaches the user: {err}");
+    assert!(err.contains("proxy command `sh -c 'echo proxy-stderr >&2; exit 3'`"), "{err}");
+}

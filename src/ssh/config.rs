@@ -4,9 +4,10 @@
 //!
 //! As in ssh, the first value obtained for a keyword wins (IdentityFile and UserKnownHostsFile
 //! accumulate), `~/.ssh/config` is read before `/etc/ssh/ssh_config`, and `Include` is followed.
-//! IdentitiesOnly, HostKeyAlias and ConnectTimeout are honoured too, and ControlMaster,
-//! ControlPath and ControlPersist are read for connection reuse (their meaning lives in
-//! `crate::control`). `Match` blocks are skipped with a debug message rather than failing the whole file (the Go
+//! IdentitiesOnly, HostKeyAlias and ConnectTimeout are honoured too, ProxyCommand and ProxyJump
+//! (the first of the two wins, as in ssh; `crate::transport::proxy` runs them), and
+//! ControlMaster, ControlPath and ControlPersist are read for connection reuse (their meaning
+//! lives in `crate::control`). `Match` blocks are skipped with a debug message rather than failing the whole file (the Go
 //! client's library gives up on every lookup when it sees one, pitfall P2). Nothing here does
 //! I/O except reading the config files; token expansion (`~`, `%d %u %h %r %%`) is a separate,
 //! pure step so the resolution can be tested without a home directory.
@@ -36,6 +37,10 @@ pub struct HostConfig {
     pub control_master: Option<String>,
     pub control_path: Option<String>,
     pub control_persist: Option<String>,
+    /// ProxyCommand, the rest of its line as written (a shell command, unexpanded).
+    pub proxy_command: Option<String>,
+    /// ProxyJump as written: `[user@]host[:port]`, comma-separated hops, or `none`.
+    pub proxy_jump: Option<String>,
 }
 
 /// Deepest `Include` nesting followed (ssh uses 16).
@@ -134,6 +139,13 @@ pub fn apply(text: &str, alias: &str, cfg: &mut HostConfig, include: &mut dyn Fn
             "connecttimeout" if cfg.connect_timeout.is_none() => {
                 cfg.connect_timeout = args.first().and_then(|a| a.parse().ok());
             }
+            // ProxyCommand and ProxyJump: whichever comes first wins (ssh_config(5)).
+            "proxycommand" if cfg.proxy_command.is_none() && cfg.proxy_jump.is_none() => {
+                cfg.proxy_command = Some(rest_of_line(raw));
+            }
+            "proxyjump" if cfg.proxy_command.is_none() && cfg.proxy_jump.is_none() => {
+                cfg.proxy_jump = args.first().cloned();
+            }
             "controlmaster" => first(&mut cfg.control_master, &args),
             "controlpath" => first(&mut cfg.control_path, &args),
             "controlpersist" => first(&mut cfg.control_persist, &args),
@@ -151,6 +163,15 @@ fn first(slot: &mut Option<String>, args: &[String]) {
             *slot = Some(a.clone());
         }
     }
+}
+
+/// Everything after the keyword (and its `=`) as written: ProxyCommand is a shell command,
+/// whose quotes are the shell's to read.
+fn rest_of_line(line: &str) -> String {
+    let line = line.trim();
+    let end = line.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(line.len());
+    let rest = line[end..].trim_start();
+    rest.strip_prefix('=').unwrap_or(rest).trim().to_string()
 }
 
 /// Splits a config line into a lowercased keyword and its arguments (`Key value`, `Key=value`,
@@ -341,6 +362,18 @@ Host *
   IdentityFile %d/.ssh/id_%r
   UserKnownHostsFile ~/.ssh/kh1 ~/.ssh/kh2
 ";
+
+    #[test]
+    fn proxy_command_is_the_rest_of_its_line_and_the_first_of_the_two_wins() {
+        let text = "Host a\n  ProxyCommand=ssh -W \"%h:%p\" 'gw one'  \n  ProxyJump later\n\
+                    Host b\n  ProxyJump ops@gw:2222,gw2 extra\n  ProxyCommand later\nHost *\n  ProxyCommand none\n";
+        let a = parse(text, "a");
+        assert_eq!(a.proxy_command.as_deref(), Some("ssh -W \"%h:%p\" 'gw one'"));
+        assert_eq!(a.proxy_jump, None);
+        let b = parse(text, "b");
+        assert_eq!((b.proxy_command, b.proxy_jump.as_deref()), (None, Some("ops@gw:2222,gw2")));
+        assert_eq!(parse(text, "c").proxy_command.as_deref(), Some("none"));
+    }
 
     #[test]
     fn first_value_wins_and_identity_files_accumulate() {

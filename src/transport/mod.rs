@@ -17,7 +17,10 @@
 //!   `@name` is a Linux abstract socket.
 //! - unix-vsock (dial only): `host` is the Unix socket of a Firecracker or vhost-device-vsock
 //!   hybrid vsock device; `CONNECT <port>\n` is sent and `OK ...\n` expected.
+//!
+//! A command instead of a socket (ssh_config ProxyCommand, ProxyJump): [`proxy`].
 
+pub mod proxy;
 mod tcp;
 mod unix;
 mod vsock;
