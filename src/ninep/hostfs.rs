@@ -675,18 +675,17 @@ fn flock_of(kind: Option<LockKind>, start: u64, end: u64) -> Option<libc::flock>
 
 impl OfdLock {
     fn fcntl(&self, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
-        loop {
+        retry(|| {
             // SAFETY: `fd` is open for the call's length and `fl` is a valid, exclusively
             // borrowed struct flock, which F_OFD_SETLK reads and F_OFD_GETLK writes.
-            let r = unsafe { libc::fcntl(self.fd.as_raw_fd(), cmd, fl as *mut libc::flock) };
-            if r != -1 {
-                return Ok(());
+            let r = unsafe { libc::fcntl(self.fd.as_raw_fd(), cmd, &mut *fl as *mut libc::flock) };
+            match r {
+                -1 => Err(rustix::io::Errno::from_raw_os_error(
+                    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
+                )),
+                _ => Ok(()),
             }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
-            }
-        }
+        })
     }
 }
 

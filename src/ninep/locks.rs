@@ -120,14 +120,9 @@ impl FileLocks {
     /// The host handle, made on first use. Err: the host has no descriptor left.
     fn host(&mut self, open: OpenHostLock<'_>) -> Result<Option<&dyn HostLock>, ()> {
         if matches!(self.host, HostState::Untried) {
-            self.host = match open() {
-                Ok(Some(h)) => HostState::Held(h),
-                Ok(None) => HostState::SessionOnly,
-                Err(e) if out_of_descriptors(&e) => return Err(()),
-                Err(e) => {
-                    log::debug!("9p: no host locks for a file ({e}); its locks stay in the session");
-                    HostState::SessionOnly
-                }
+            self.host = match new_handle(open)? {
+                Some(h) => HostState::Held(h),
+                None => HostState::SessionOnly,
             };
         }
         Ok(match &self.host {
@@ -153,25 +148,23 @@ impl FileLocks {
     fn take_on_host(&mut self, open: OpenHostLock<'_>, kind: Kind, start: u64, end: u64) -> Outcome {
         let Ok(host) = self.host(open) else { return Outcome::NoLocks };
         let Some(host) = host else { return Outcome::Granted };
-        match host.set(Some(kind), start, end) {
-            Ok(true) => return Outcome::Granted,
-            Ok(false) => return Outcome::Blocked,
-            Err(e) if kind == Kind::Write && e.raw_os_error() == Some(libc::EBADF) => {}
-            Err(e) => {
-                log::debug!("9p: a host lock failed ({e}); this file's locks stay in the session");
-                self.host = HostState::SessionOnly;
-                return Outcome::Granted;
-            }
+        let taken = host.set(Some(kind), start, end);
+        if kind == Kind::Write && matches!(&taken, Err(e) if e.raw_os_error() == Some(libc::EBADF)) {
+            return self.hand_over(open, kind, start, end);
         }
-        let new = match open() {
-            Ok(Some(h)) => h,
-            Ok(None) => return Outcome::Granted,
-            Err(e) if out_of_descriptors(&e) => return Outcome::NoLocks,
-            Err(e) => {
-                log::debug!("9p: no writable host lock handle ({e}); this file's locks stay in the session");
+        self.outcome_of(taken)
+    }
+
+    /// The read-only handle is replaced by a new one that holds what the old one did and then
+    /// takes `kind` on `start..=end`.
+    fn hand_over(&mut self, open: OpenHostLock<'_>, kind: Kind, start: u64, end: u64) -> Outcome {
+        let new = match new_handle(open) {
+            Err(()) => return Outcome::NoLocks,
+            Ok(None) => {
                 self.host = HostState::SessionOnly;
                 return Outcome::Granted;
             }
+            Ok(Some(h)) => h,
         };
         // The old handle holds only read ranges (it could not take a write one), which the
         // new one can share; only then does the old one let go, so no gap opens.
@@ -180,16 +173,36 @@ impl FileLocks {
                 return Outcome::Blocked;
             }
         }
-        let outcome = match new.set(Some(kind), start, end) {
+        let taken = new.set(Some(kind), start, end);
+        self.host = HostState::Held(new);
+        self.outcome_of(taken)
+    }
+
+    /// What a host lock request's result means for the remote: a host error other than a
+    /// conflict leaves this file's locks to the session table alone.
+    fn outcome_of(&mut self, taken: io::Result<bool>) -> Outcome {
+        match taken {
             Ok(true) => Outcome::Granted,
             Ok(false) => Outcome::Blocked,
             Err(e) => {
                 log::debug!("9p: a host lock failed ({e}); this file's locks stay in the session");
+                self.host = HostState::SessionOnly;
                 Outcome::Granted
             }
-        };
-        self.host = HostState::Held(new);
-        outcome
+        }
+    }
+}
+
+/// A new host handle from `open`: None when there are no host locks for the file (the
+/// session table decides alone); Err when the host has no descriptor left.
+fn new_handle(open: OpenHostLock<'_>) -> Result<Option<Box<dyn HostLock>>, ()> {
+    match open() {
+        Ok(h) => Ok(h),
+        Err(e) if out_of_descriptors(&e) => Err(()),
+        Err(e) => {
+            log::debug!("9p: no host locks for a file ({e}); its locks stay in the session");
+            Ok(None)
+        }
     }
 }
 

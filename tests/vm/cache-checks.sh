@@ -118,64 +118,63 @@ run -namespace= -- $BB sh -c "i=0; while [ \$i -lt 100 ]; do n=\$(for c in /proc
 # it 2 s to be inside F_SETLKW, lets go, then tries byte 5 once the remote holds 0-9. The
 # remote's F_SETLKW gets the lock either way; how long it waited is printed, not judged
 # (locktimeout=1 makes the guest retry each second; 6.1's default is 30 s; bench/baseline.txt).
+# Both sides run the same script (the remote reads it through /tmp/cpu); they talk through
+# marker files in the shared directory.
 if [ -x "$PY" ]; then
 	head -c 100 /dev/zero >"$W/shared"
-	"$PY" - "$W" <<'PY' &
-import fcntl, os, sys, time
-w = sys.argv[1]
+	cat >"$W/locks.py" <<'PY'
+import fcntl, os, struct, sys, time
+side, w = sys.argv[1], sys.argv[2]
+def path(name):
+    return os.path.join(w, name)
+def mark(name):
+    open(path(name), "w").close()
 def wait_for(name):
     for _ in range(1200):
-        if os.path.exists(os.path.join(w, name)):
+        if os.path.exists(path(name)):
             return True
         time.sleep(0.1)
     return False
-fd = os.open(os.path.join(w, "shared"), os.O_RDWR)
-fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
-open(os.path.join(w, "host-holds"), "w").close()
-if wait_for("remote-waits"):
-    time.sleep(2)
-fcntl.lockf(fd, fcntl.LOCK_UN, 10, 0)
-saw = "no-marker"
-if wait_for("remote-holds"):
+fd = os.open(path("shared"), os.O_RDWR)
+if side == "host":
+    fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+    mark("host-holds")
+    if wait_for("remote-waits"):
+        time.sleep(2)
+    fcntl.lockf(fd, fcntl.LOCK_UN, 10, 0)
+    saw = "no-marker"
+    if wait_for("remote-holds"):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 5)
+            saw = "granted"
+        except OSError as e:
+            saw = "refused-errno%d" % e.errno
+    with open(path("host-saw.tmp"), "w") as f:
+        f.write(saw)
+    os.rename(path("host-saw.tmp"), path("host-saw"))
+else:
+    out = []
+    wait_for("host-holds")
     try:
-        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 5)
-        saw = "granted"
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
+        out.append("nb:granted")
     except OSError as e:
-        saw = "refused-errno%d" % e.errno
-with open(os.path.join(w, "host-saw.tmp"), "w") as f:
-    f.write(saw)
-os.rename(os.path.join(w, "host-saw.tmp"), os.path.join(w, "host-saw"))
+        out.append("nb:errno%d" % e.errno)
+    t, _, s, l, p = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)))
+    out.append("getlk:%d:%d+%d:pid%d" % (t, s, l, p))
+    mark("remote-waits")
+    t0 = time.time()
+    fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+    waited = time.time() - t0
+    out.append("setlkw:granted")
+    mark("remote-holds")
+    out.append("host:" + (open(path("host-saw")).read() if wait_for("host-saw") else "no-answer"))
+    print(" ".join(out))
+    print("waited %.1f s" % waited)
 PY
+	"$PY" "$W/locks.py" host "$W" &
 	HOLDER=$!
-	run -- "$PY" -c "
-import fcntl, os, struct, time
-w = '$G'
-def wait_for(name):
-    for _ in range(1200):
-        if os.path.exists(os.path.join(w, name)):
-            return True
-        time.sleep(0.1)
-    return False
-out = []
-wait_for('host-holds')
-fd = os.open(os.path.join(w, 'shared'), os.O_RDWR)
-try:
-    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
-    out.append('nb:granted')
-except OSError as e:
-    out.append('nb:errno%d' % e.errno)
-t, _, s, l, p = struct.unpack('hhqqi4x', fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, 0, 0, 0)))
-out.append('getlk:%d:%d+%d:pid%d' % (t, s, l, p))
-open(os.path.join(w, 'remote-waits'), 'w').close()
-t0 = time.time()
-fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
-waited = time.time() - t0
-out.append('setlkw:granted')
-open(os.path.join(w, 'remote-holds'), 'w').close()
-out.append('host:' + (open(os.path.join(w, 'host-saw')).read() if wait_for('host-saw') else 'no-answer'))
-print(' '.join(out))
-print('waited %.1f s' % waited)
-"
+	run -- "$PY" "$G/locks.py" remote "$G"
 	wait "$HOLDER" 2>/dev/null; HOLDER=""
 	[ "$rc" = 0 ] && [ "$(head -1 "$W/out")" = "nb:errno11 getlk:1:0+10:pid0 setlkw:granted host:refused-errno11" ] \
 		&& ok "record locks meet across the machines (remote F_SETLKW $(sed -n 2p "$W/out" | tr -d '\n') for a host lock held 2 s more)" \
