@@ -130,7 +130,9 @@ def path(name):
 def mark(name):
     open(path(name), "w").close()
 def wait_for(name):
-    for _ in range(1200):
+    # As long as a session may take (run's timeout: 300 s): a slow guest must not make the
+    # host let go before the remote has tried.
+    for _ in range(3000):
         if os.path.exists(path(name)):
             return True
         time.sleep(0.1)
