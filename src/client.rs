@@ -651,21 +651,86 @@ pub enum SessionEvent {
 /// (`true`: stderr) and events.
 pub struct SessionIo {
     pub stdin: mpsc::Receiver<Vec<u8>>,
-    pub output: mpsc::Sender<(bool, Vec<u8>)>,
+    pub output: OutputSender,
     pub events: mpsc::UnboundedReceiver<SessionEvent>,
 }
 
 /// The user's side of a [`SessionIo`].
 pub struct SessionEnds {
     pub stdin: mpsc::Sender<Vec<u8>>,
-    pub output: mpsc::Receiver<(bool, Vec<u8>)>,
+    pub output: OutputReceiver,
     pub events: mpsc::UnboundedSender<SessionEvent>,
+}
+
+/// Bytes of a session's output that may wait for the user's side before the session stops
+/// taking more. It is large on purpose: russh hands every channel's data to the one loop that
+/// reads the connection, refills a channel's window when data arrives (not when it is
+/// consumed), and stops reading for ALL channels while one channel's consumer is full. So a
+/// session whose reader stalls (`cpu board dmesg | less`, waiting on the user) froze every
+/// other session of a control master and its own 9P back-channel after a few hundred KB;
+/// now only after this much more.
+pub const OUTPUT_BUDGET: usize = 8 << 20;
+
+/// The session's end of its output queue (see [`OUTPUT_BUDGET`]).
+pub struct OutputSender {
+    chunks: mpsc::UnboundedSender<(bool, Vec<u8>)>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// The user's end of a session's output queue: stdout (`false`) and stderr (`true`) chunks in
+/// order. Dropping it lets a sender waiting for room go on (and fail).
+pub struct OutputReceiver {
+    chunks: mpsc::UnboundedReceiver<(bool, Vec<u8>)>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// A chunk's share of the budget (a chunk bigger than all of it takes all of it).
+fn output_cost(bytes: &[u8]) -> u32 {
+    bytes.len().min(OUTPUT_BUDGET) as u32
+}
+
+impl OutputSender {
+    /// Queues a chunk, waiting only while [`OUTPUT_BUDGET`] bytes are queued already.
+    /// `Err` when the user's side is gone.
+    pub async fn send(&self, to_stderr: bool, bytes: Vec<u8>) -> std::result::Result<(), ()> {
+        let permit = self.budget.acquire_many(output_cost(&bytes)).await.map_err(|_| ())?;
+        permit.forget();
+        self.chunks.send((to_stderr, bytes)).map_err(|_| ())
+    }
+}
+
+impl OutputReceiver {
+    pub async fn recv(&mut self) -> Option<(bool, Vec<u8>)> {
+        let chunk = self.chunks.recv().await?;
+        self.budget.add_permits(output_cost(&chunk.1) as usize);
+        Some(chunk)
+    }
+
+    /// [`OutputReceiver::recv`] for a plain thread.
+    pub fn blocking_recv(&mut self) -> Option<(bool, Vec<u8>)> {
+        let chunk = self.chunks.blocking_recv()?;
+        self.budget.add_permits(output_cost(&chunk.1) as usize);
+        Some(chunk)
+    }
+}
+
+impl Drop for OutputReceiver {
+    fn drop(&mut self) {
+        self.budget.close();
+    }
+}
+
+/// A session's output queue.
+pub fn output_queue() -> (OutputSender, OutputReceiver) {
+    let (chunks_tx, chunks_rx) = mpsc::unbounded_channel();
+    let budget = Arc::new(tokio::sync::Semaphore::new(OUTPUT_BUDGET));
+    (OutputSender { chunks: chunks_tx, budget: budget.clone() }, OutputReceiver { chunks: chunks_rx, budget })
 }
 
 /// A connected pair of session I/O ends.
 pub fn session_io() -> (SessionIo, SessionEnds) {
     let (stdin_tx, stdin_rx) = mpsc::channel(4);
-    let (out_tx, out_rx) = mpsc::channel(16);
+    let (out_tx, out_rx) = output_queue();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     (
         SessionIo { stdin: stdin_rx, output: out_tx, events: ev_rx },
@@ -939,11 +1004,11 @@ pub async fn run_channel(
         tokio::select! {
             msg = reader.wait() => match msg {
                 Some(russh::ChannelMsg::Data { data }) => {
-                    let _ = out_tx.send((false, data.to_vec())).await;
+                    let _ = out_tx.send(false, data.to_vec()).await;
                 }
                 Some(russh::ChannelMsg::ExtendedData { data, ext }) => {
                     if ext == 1 {
-                        let _ = out_tx.send((true, data.to_vec())).await;
+                        let _ = out_tx.send(true, data.to_vec()).await;
                     }
                 }
                 Some(russh::ChannelMsg::ExitStatus { exit_status: s }) => outcome.exit_status = Some(s),
@@ -1070,7 +1135,7 @@ impl Drop for LentStdin {
 }
 
 /// The next output chunk of a session whose writer thread has not started (None: closed).
-async fn next_output(rx: &mut Option<mpsc::Receiver<(bool, Vec<u8>)>>) -> Option<(bool, Vec<u8>)> {
+async fn next_output(rx: &mut Option<OutputReceiver>) -> Option<(bool, Vec<u8>)> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -1086,7 +1151,7 @@ struct OutputThread {
 
 impl OutputThread {
     /// Writes `first`, then every chunk of `rx` until it closes.
-    fn start(first: (bool, Vec<u8>), mut rx: mpsc::Receiver<(bool, Vec<u8>)>) -> OutputThread {
+    fn start(first: (bool, Vec<u8>), mut rx: OutputReceiver) -> OutputThread {
         let (written_tx, written) = tokio::sync::oneshot::channel::<()>();
         let handle = crate::task::spawn_thread(move || {
             write_chunk(first.0, &first.1);

@@ -497,10 +497,10 @@ async fn relay(stream: UnixStream, io: SessionIo, eof_sent: bool) -> Result<Outc
     loop {
         match read_frame(&mut rd).await? {
             Some((STDOUT, bytes)) => {
-                let _ = output.send((false, bytes)).await;
+                let _ = output.send(false, bytes).await;
             }
             Some((STDERR, bytes)) => {
-                let _ = output.send((true, bytes)).await;
+                let _ = output.send(true, bytes).await;
             }
             Some((OUTCOME, p)) => return decode_outcome(&p),
             Some((ERROR, p)) => return Err(Error::Ssh(String::from_utf8_lossy(&p).into_owned())),

@@ -275,6 +275,36 @@ fn two_mux_sessions_at_once() {
     assert!(gone, "after SIGTERM: master alive={} socket exists={}", process_alive(pid), w.socket().exists());
 }
 
+/// A mux session whose reader stalls (`cpu board dmesg | less`, the user not paging) must not
+/// stop the master's other sessions: russh stops reading the whole connection when one
+/// channel's consumer is full, so each session queues its output (client::OUTPUT_BUDGET). A
+/// writes 6 MB that nobody reads yet (more than the old queues held in all, less than the
+/// budget); its command must end, and B must run, before A's output is read, whole.
+#[test]
+fn a_mux_session_whose_reader_stalls_does_not_stop_the_others() {
+    if !need_cpud_session() {
+        return;
+    }
+    const SIZE: usize = 6_000_000;
+    let w = World::new("stalled");
+    let o = w.run(AUTO, &["-9p=false", "127.0.0.1", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let ended_before = w.cpud.log().matches(": command ended: ").count();
+    let mut a = w.cpu(AUTO, &["-9p=false", "127.0.0.1", "head", "-c", &SIZE.to_string(), "/dev/zero"]);
+    a.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let a = a.spawn().unwrap();
+    // cpud logs "command ended" once the command's output is all sent on the channel.
+    let a_sent =
+        wait_until(CHILD_TIMEOUT, || w.cpud.log().matches(": command ended: ").count() > ended_before);
+    let b = w.run(AUTO, &["-9p=false", "127.0.0.1", "echo", "from b"], None);
+    let a = wait_output(a, CHILD_TIMEOUT);
+    assert!(a_sent, "A's command could not send its {SIZE} bytes while A's reader waited: {}", w.cpud.log());
+    assert_eq!((b.status.code(), text(&b.stdout)), (Some(0), "from b\n".into()), "{}", text(&b.stderr));
+    assert_eq!((a.status.code(), a.stdout.len()), (Some(0), SIZE), "{}", text(&a.stderr));
+    assert!(a.stdout.iter().all(|&b| b == 0), "A's bytes are all zero");
+    assert_eq!(w.cpud.connections(), 1, "{}", w.cpud.log());
+}
+
 #[test]
 fn later_mux_sessions_run_on_the_channel_the_one_before_opened() {
     if !need_cpud_session() {
