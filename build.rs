@@ -39,9 +39,10 @@ fn main() {
 }
 
 /// Link options for the musl release binary (panic = "abort"); bytes in README "Size".
-/// - `-z pack-relative-relocs`: x86_64 musl links a static PIE; its ~4,500 relative
-///   relocations take 107 KB as RELA and 1.4 KB as RELR, which musl's self-relocation applies.
-///   (riscv64 is a static PIE too, but zig, its linker here, rejects the option.)
+/// - `-z pack-relative-relocs`: x86_64 musl links a static PIE (aarch64 too, through
+///   tools/link-static-pie); x86_64's ~4,500 relative relocations take 107 KB as RELA and
+///   1.4 KB as RELR, which musl's self-relocation applies. (riscv64 is a static PIE too, but
+///   zig, its linker here, rejects the option.)
 /// - The toolchain's rust-lld with `--icf=all` (x86_64, aarch64: the targets linked through
 ///   gcc): identical functions folded, 27 KB. Only code: lld folds no data without
 ///   `--ignore-data-address-equality`, and Rust promises no distinct function addresses.
@@ -62,7 +63,7 @@ fn static_release_link_args(target: &str) {
     if let Some(map) = std::env::var_os("CPU_ALL_LINK_MAP").filter(|m| !m.is_empty()) {
         println!("cargo:rustc-link-arg-bins=-Wl,-Map={}", std::path::Path::new(&map).display());
     }
-    if target.starts_with("x86_64-") {
+    if target.starts_with("x86_64-") || target.starts_with("aarch64-") {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
     if !(target.starts_with("x86_64-") || target.starts_with("aarch64-") || target.starts_with("riscv64")) {
