@@ -544,6 +544,91 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
 }
 
+// ---- key re-exchanges before authentication ----
+
+/// A client that counts finished key exchanges (the first included).
+struct KexCounter {
+    done: Arc<AtomicU64>,
+    finished: Arc<tokio::sync::Notify>,
+}
+
+impl russh::client::Handler for KexCounter {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+
+    async fn kex_done(
+        &mut self,
+        _shared_secret: Option<&[u8]>,
+        _names: &russh::Names,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        self.done.fetch_add(1, Ordering::SeqCst);
+        self.finished.notify_one();
+        Ok(())
+    }
+}
+
+/// Connects without authenticating and asks for key re-exchanges one after another, at most
+/// `rounds`; returns how many were served before the server closed the connection (None: all
+/// of them, the connection still open).
+async fn rekey_without_login(port: u16, kex: russh::kex::Name, rounds: u64) -> Option<u64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(tokio::sync::Notify::new());
+    let config = russh::client::Config {
+        preferred: russh::Preferred { kex: std::borrow::Cow::Owned(vec![kex]), ..russh::Preferred::DEFAULT },
+        ..Default::default()
+    };
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let handler = KexCounter { done: done.clone(), finished: finished.clone() };
+    let handle =
+        russh::client::connect_stream(Arc::new(config), stream, handler).await.expect("first exchange");
+    for round in 1..=rounds {
+        let before = done.load(Ordering::SeqCst);
+        if handle.is_closed() || handle.rekey_soon().await.is_err() {
+            return Some(round - 1);
+        }
+        let wait = async {
+            while done.load(Ordering::SeqCst) == before && !handle.is_closed() {
+                // Bounded by the timeout below; the poll catches a close without a wake-up.
+                let _ = tokio::time::timeout(Duration::from_millis(100), finished.notified()).await;
+            }
+        };
+        if tokio::time::timeout(TIMEOUT, wait).await.is_err() {
+            panic!("re-exchange {round}: neither finished nor closed within {TIMEOUT:?}");
+        }
+        if handle.is_closed() {
+            return Some(round - 1);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn an_unauthenticated_client_that_keeps_re_exchanging_keys_is_cut() {
+    let dir = TempDir::new("rekey");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    // Each re-exchange costs cpud what the first did (a group14 one tens of milliseconds,
+    // the client nothing): before login only a few are served, then the connection is cut.
+    const ROUNDS: u64 = 200;
+    let served = rekey_without_login(server.port, russh::kex::CURVE25519, ROUNDS).await;
+    let served = served.unwrap_or_else(|| panic!("{ROUNDS} key re-exchanges served before authentication"));
+    eprintln!("FIGURE preauth_rekeys_served {served} count");
+    assert!(served < ROUNDS);
+    // A legitimate login is unaffected, and so is a re-exchange after it.
+    let client = connect(server.port, &key).await.expect("login");
+    client.handle.rekey_soon().await.expect("re-exchange after login");
+    let mut ch = client.handle.channel_open_session().await.expect("session");
+    ch.exec(true, "echo ok").await.expect("exec");
+    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+}
+
 // ---- env requests ----
 
 /// Sends `vars` as env requests (want-reply) on a fresh session of `client`, then
