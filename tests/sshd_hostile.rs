@@ -629,6 +629,94 @@ async fn an_unauthenticated_client_that_keeps_re_exchanging_keys_is_cut() {
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
 }
 
+// ---- per-connection limits ----
+
+#[tokio::test]
+async fn authentication_attempts_past_ten_end_the_connection() {
+    let dir = TempDir::new("authtries");
+    let key = keygen(&dir, "id", "ed25519");
+    let stranger = keygen(&dir, "stranger", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let stranger = russh::keys::load_secret_key(&stranger, None).expect("load key");
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect");
+    let config = Arc::new(russh::client::Config::default());
+    let mut handle = russh::client::connect_stream(config, stream, AnyHost).await.expect("key exchange");
+    let mut refused = 0;
+    let mut ended = None;
+    for attempt in 1..=30 {
+        let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(stranger.clone()), None);
+        match tokio::time::timeout(TIMEOUT, handle.authenticate_publickey("tester", key)).await {
+            Err(_) => panic!("attempt {attempt}: no answer within {TIMEOUT:?}"),
+            Ok(Ok(r)) if !r.success() => refused += 1,
+            Ok(Ok(_)) => panic!("attempt {attempt}: an unauthorized key was accepted"),
+            Ok(Err(e)) => {
+                ended = Some(format!("attempt {attempt}: {e}"));
+                break;
+            }
+        }
+        if handle.is_closed() {
+            ended = Some(format!("closed after attempt {attempt}"));
+            break;
+        }
+    }
+    let ended = ended.unwrap_or_else(|| panic!("30 refused attempts and the connection is still open"));
+    // Ten are answered; the 11th gets a disconnect, which russh's client reports as a refusal.
+    assert!(refused <= 11, "{refused} attempts refused before the end ({ended})");
+}
+
+#[tokio::test]
+async fn channels_and_forwards_per_connection_are_capped() {
+    let dir = TempDir::new("caps");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let client = connect(server.port, &key).await.expect("login");
+    // Sessions that never start a command: 64 at once, then ResourceShortage, one by one.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..80 {
+        match client.handle.channel_open_session().await {
+            Ok(ch) => open.push(ch),
+            Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ResourceShortage)) => {
+                refused += 1
+            }
+            Err(e) => panic!("after {} sessions: {e}", open.len()),
+        }
+    }
+    assert_eq!((open.len(), refused), (64, 16));
+    // Forwards: 16 at once, loopback only; a cancelled one makes room.
+    let mut ports = Vec::new();
+    for _ in 0..20 {
+        if let Ok(p) = client.handle.tcpip_forward("127.0.0.1", 0).await {
+            ports.push(p);
+        }
+    }
+    assert_eq!(ports.len(), 16, "forwards granted: {ports:?}");
+    client.handle.cancel_tcpip_forward("127.0.0.1", ports[0]).await.expect("cancel");
+    client.handle.tcpip_forward("127.0.0.1", 0).await.expect("a forward after a cancel");
+    // The connection still works: one of the sessions runs a command, and once the others
+    // are closed a new one opens.
+    let mut first = open.remove(0);
+    first.exec(true, "echo ok").await.expect("exec");
+    assert_eq!(text(&collect(&mut first).await.stdout), "ok\n");
+    for ch in open {
+        ch.close().await.expect("close");
+    }
+    let mut again = None;
+    for _ in 0..100 {
+        // The server forgets a closed session when its task ends: bounded retries.
+        match client.handle.channel_open_session().await {
+            Ok(ch) => {
+                again = Some(ch);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let mut again = again.expect("no session could be opened after closing the others");
+    again.exec(true, "echo again").await.expect("exec");
+    assert_eq!(text(&collect(&mut again).await.stdout), "again\n");
+}
+
 // ---- env requests ----
 
 /// Sends `vars` as env requests (want-reply) on a fresh session of `client`, then
