@@ -1,6 +1,7 @@
 //! The `cpu` client against a hostile server (an in-process russh server on loopback that
-//! accepts any key): channels the server opens are refused, and a 9P back-channel flooded by
-//! a remote that never reads the replies cannot keep cpu from ending when the server goes.
+//! accepts any key): channels the server opens are refused, a flood of forwarded connections
+//! to the 9P back-channel's port is refused past a few, and a 9P back-channel flooded by a
+//! remote that never reads the replies cannot keep cpu from ending when the server goes.
 
 mod cpu_support;
 
@@ -21,13 +22,22 @@ enum Plan {
     OpenChannels,
     /// Floods the 9P back-channel with requests and reads none of the replies.
     Flood9p,
+    /// Opens forwarded connections to the client's forward that never send a nonce (as any
+    /// local user of the remote machine can, by connecting to the forwarded loopback port),
+    /// then exits 3.
+    ForwardFlood,
 }
+
+/// Forwarded connections the ForwardFlood plan opens.
+const FORWARD_FLOOD: usize = 300;
 
 #[derive(Default)]
 struct Record {
     /// (channel type, whether the client accepted it)
     opened: Vec<(&'static str, bool)>,
     flood_bytes: usize,
+    /// ForwardFlood: (accepted, refused) forwarded connections.
+    forwards: (usize, usize),
 }
 
 struct Hostile {
@@ -108,6 +118,33 @@ impl Handler for Hostile {
                     let _ = handle.exit_status_request(channel, 3).await;
                     let _ = handle.eof(channel).await;
                     let _ = handle.close(channel).await;
+                });
+            }
+            Plan::ForwardFlood => {
+                let Some((address, port)) = self.forward.clone() else {
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    // Held open, silent: each waits for a nonce that never comes.
+                    let mut held = Vec::new();
+                    let mut refused = 0;
+                    for i in 0..FORWARD_FLOOD {
+                        let origin_port = 20_000 + i as u32;
+                        match handle
+                            .channel_open_forwarded_tcpip(address.clone(), port, "127.0.0.1", origin_port)
+                            .await
+                        {
+                            Ok(ch) => held.push(ch),
+                            Err(_) => refused += 1,
+                        }
+                    }
+                    record.lock().unwrap().forwards = (held.len(), refused);
+                    let _ = handle.exit_status_request(channel, 3).await;
+                    let _ = handle.eof(channel).await;
+                    let _ = handle.close(channel).await;
+                    // Until the client disconnects.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(held);
                 });
             }
             Plan::Flood9p => {
@@ -205,6 +242,18 @@ fn server_opened_channels_are_refused() {
         "{stderr}"
     );
     assert_eq!(stderr.matches("refused a").count(), 4, "{stderr}");
+}
+
+#[test]
+fn a_flood_of_forwarded_connections_is_refused_past_sixteen() {
+    let home = Home::new();
+    let (port, record, _fd) = start_hostile(Plan::ForwardFlood);
+    let out = run_cpu(&home, &["-sp", &port.to_string(), "127.0.0.1", "true"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    // Each accepted one waits 30 s for its nonce; the flood takes far less, so none ended.
+    assert_eq!(record.lock().unwrap().forwards, (16, FORWARD_FLOOD - 16), "{stderr}");
+    assert_eq!(stderr.matches("16 already open").count(), 1, "one warning, not one per refusal: {stderr}");
 }
 
 #[test]
