@@ -683,6 +683,10 @@ async fn channels_and_forwards_per_connection_are_capped() {
         }
     }
     assert_eq!((open.len(), refused), (64, 16));
+    // A port in use is refused (and no forward is counted for it).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = u32::from(taken.local_addr().expect("addr").port());
+    assert!(client.handle.tcpip_forward("127.0.0.1", taken_port).await.is_err(), "port in use");
     // Forwards: 16 at once, loopback only; a cancelled one makes room.
     let mut ports = Vec::new();
     for _ in 0..20 {
