@@ -544,6 +544,50 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
 }
 
+// ---- strict key exchange (Terrapin) ----
+
+/// Sends the identification line and `packets` as given, then a group14 KEXDH_INIT once the
+/// server's KEXINIT is in; Ok(true) when the server answers with KEXDH_REPLY.
+async fn exchange_with(port: u16, packets: &[Vec<u8>]) -> std::io::Result<bool> {
+    let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), port).await?;
+    let mut hello = b"SSH-2.0-terrapin\r\n".to_vec();
+    hello.extend(packets.concat());
+    peer.stream.write_all(&hello).await?;
+    if peer.wait_for(MSG_KEXINIT).await?.is_none() {
+        return Ok(false);
+    }
+    // The server may already have closed: a failed write is a refusal too.
+    if peer.stream.write_all(&kexdh_init(&cheap_valid_e())).await.is_err() {
+        return Ok(false);
+    }
+    Ok(peer.wait_for(MSG_KEXDH_REPLY).await?.is_some())
+}
+
+#[tokio::test]
+async fn with_strict_key_exchange_no_other_message_may_enter_the_first_exchange() {
+    let dir = TempDir::new("terrapin");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let ignore = packet(&[2, 0, 0, 0, 0]);
+    let plain = kexinit("diffie-hellman-group14-sha256");
+    let strict = kexinit("diffie-hellman-group14-sha256,kex-strict-c-v00@openssh.com");
+    let run = |packets: Vec<Vec<u8>>| async move {
+        match tokio::time::timeout(TIMEOUT, exchange_with(server.port, &packets)).await {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(_)) => false,
+            Err(_) => panic!("the server neither answered nor closed within {TIMEOUT:?}"),
+        }
+    };
+    // The control: without strict kex an SSH_MSG_IGNORE anywhere is fine (RFC 4253).
+    assert!(run(vec![ignore.clone(), plain.clone()]).await, "plain, IGNORE first");
+    assert!(run(vec![plain, ignore.clone()]).await, "plain, IGNORE after KEXINIT");
+    assert!(run(vec![strict.clone()]).await, "strict, nothing injected");
+    // Strict: the KEXINIT must be the first packet and nothing else may come before NEWKEYS,
+    // which is what defeats the sequence-number shift of Terrapin (CVE-2023-48795).
+    assert!(!run(vec![ignore.clone(), strict.clone()]).await, "strict KEXINIT after an IGNORE was served");
+    assert!(!run(vec![strict, ignore]).await, "an IGNORE inside a strict exchange was accepted");
+}
+
 // ---- key re-exchanges before authentication ----
 
 /// A client that counts finished key exchanges (the first included).
