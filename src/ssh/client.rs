@@ -322,8 +322,10 @@ impl client::Handler for CpuHandler {
             Some((_, None, live)) => {
                 let first = !live.refusal_reported.swap(true, std::sync::atomic::Ordering::SeqCst);
                 let why = format!(
-                    "refused a forwarded connection for {connected_address}:{connected_port} from \
-                     {originator_address}:{originator_port}: {MAX_LIVE_BACKCHANNELS} already open"
+                    "refused a forwarded connection for {}:{connected_port} from {}:{originator_port}: \
+                     {MAX_LIVE_BACKCHANNELS} already open",
+                    connected_address.escape_debug(),
+                    originator_address.escape_debug()
                 );
                 if first {
                     log::warn!("{why} (further refusals are logged with -d)");
@@ -342,8 +344,10 @@ impl client::Handler for CpuHandler {
                 }
             }
             None => {
+                // The server's strings go to the user's terminal: no control characters.
                 log::warn!(
-                    "refused a forwarded connection for {connected_address}:{connected_port} (no such forward, or the session ended)"
+                    "refused a forwarded connection for {}:{connected_port} (no such forward, or the session ended)",
+                    connected_address.escape_debug()
                 );
                 reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             }
