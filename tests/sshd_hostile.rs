@@ -318,6 +318,18 @@ impl Cpud {
         self.status_kb("Threads:")
     }
 
+    /// CPU time cpud has used so far (user and system), in milliseconds.
+    fn cpu_ms(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // After the command name in parentheses: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+        let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+        // SAFETY: sysconf only reads a configuration value.
+        let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+        ticks * 1000 / per_second
+    }
+
     fn log_tail(&self) -> String {
         let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.iter().rev().take(15).rev().cloned().collect::<Vec<_>>().join("\n")
@@ -478,6 +490,30 @@ async fn figures() {
     let bin = std::env::var("CPU_ALL_BIN").unwrap_or_else(|_| BIN.to_string());
     flood_scenario(&bin, "figures").await;
     env_flood_scenario(&bin).await;
+    rekey_scenario(&bin).await;
+}
+
+/// The re-exchange figures alone, against CPU_ALL_BIN.
+#[tokio::test]
+#[ignore]
+async fn rekey_figures() {
+    let bin = std::env::var("CPU_ALL_BIN").unwrap_or_else(|_| BIN.to_string());
+    rekey_scenario(&bin).await;
+}
+
+/// One unauthenticated connection asking for group14 re-exchanges (at most 200): how many
+/// cpud serves, and the CPU it spends on them.
+async fn rekey_scenario(bin: &str) {
+    let dir = TempDir::new("rekeyfig");
+    let key = keygen(&dir, "id", "ed25519");
+    let cpud = Cpud::start(bin, &authorized(&dir, &public_line(&key)));
+    let before = cpud.cpu_ms();
+    let started = Instant::now();
+    let served = rekey_without_login(cpud.port, russh::kex::DH_G14_SHA256, 200).await;
+    let served = served.map_or_else(|| "200 (all)".to_string(), |n| n.to_string());
+    figure("sshd-preauth-group14-rekeys-served", served, "exchanges");
+    figure("sshd-preauth-group14-rekeys-wall-ms", started.elapsed().as_millis(), "ms");
+    figure("cpud-cpu-for-one-unauthenticated-connection-ms", cpud.cpu_ms().saturating_sub(before), "ms");
 }
 
 // ---- key exchange ----
