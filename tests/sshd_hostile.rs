@@ -330,6 +330,11 @@ impl Cpud {
         ticks * 1000 / per_second
     }
 
+    /// The lines kept so far (the last few hundred).
+    fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn log_tail(&self) -> String {
         let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.iter().rev().take(15).rev().cloned().collect::<Vec<_>>().join("\n")
@@ -742,6 +747,68 @@ async fn authentication_attempts_past_ten_end_the_connection() {
     let ended = ended.unwrap_or_else(|| panic!("30 refused attempts and the connection is still open"));
     // Ten are answered; the 11th gets a disconnect, which russh's client reports as a refusal.
     assert!(refused <= 11, "{refused} attempts refused before the end ({ended})");
+}
+
+#[tokio::test]
+async fn rejected_keys_from_many_connections_cannot_flood_cpuds_log() {
+    let dir = TempDir::new("logflood");
+    let key = keygen(&dir, "id", "ed25519");
+    let stranger = keygen(&dir, "stranger", "ed25519");
+    let cpud = Cpud::start(BIN, &authorized(&dir, &public_line(&key)));
+    let stranger = russh::keys::load_secret_key(&stranger, None).expect("load key");
+    // 3 sources x 8 connections (the per-source limit) x 10 attempts (the per-connection one).
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for source in 2..5u8 {
+        for _ in 0..8 {
+            let stranger = stranger.clone();
+            let port = cpud.port;
+            tasks.spawn(async move {
+                let Ok(peer) = RawPeer::connect(Ipv4Addr::new(127, 0, 0, source), port).await else {
+                    return 0;
+                };
+                let config = Arc::new(russh::client::Config::default());
+                let Ok(mut handle) = russh::client::connect_stream(config, peer.stream, AnyHost).await else {
+                    return 0;
+                };
+                let mut refused = 0;
+                for _ in 0..10 {
+                    let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(stranger.clone()), None);
+                    match tokio::time::timeout(TIMEOUT, handle.authenticate_publickey("x", key)).await {
+                        Ok(Ok(r)) if !r.success() => refused += 1,
+                        _ => break,
+                    }
+                }
+                refused
+            });
+        }
+    }
+    let mut refused = 0;
+    while let Some(r) = tasks.join_next().await {
+        refused += r.expect("attacker task");
+    }
+    let took = started.elapsed();
+    // Bounded wait for cpud's last lines to reach us.
+    let count = || cpud.log_lines().iter().filter(|l| l.contains("rejected")).count();
+    let settle = Instant::now();
+    let mut shown = count();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = count();
+        if now == shown || settle.elapsed() > TIMEOUT {
+            break;
+        }
+        shown = now;
+    }
+    // 20 lines per 10 s window: the bound only grows when the machine is slow.
+    let windows = took.as_secs() / 10 + 2;
+    eprintln!("FIGURE preauth-log-lines {shown} lines for {refused} rejected keys in {took:?}");
+    assert!(refused >= 100, "only {refused} keys were tried: {}", cpud.log_tail());
+    assert!(shown as u64 <= 20 * windows, "{shown} rejection lines for {refused} attempts in {took:?}");
+    // The owner still gets in, and says so in the log.
+    login(cpud.port, &key)
+        .await
+        .unwrap_or_else(|e| panic!("login after the flood: {e}\n{}", cpud.log_tail()));
 }
 
 #[tokio::test]

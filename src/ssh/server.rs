@@ -95,6 +95,10 @@ const MAX_FORWARDS_PER_CONNECTION: usize = 16;
 /// a group14 one is itself about a hundred of them (so one more at most).
 const PREAUTH_CPU_PER_EC_KEX: u32 = 16;
 const PREAUTH_CPU_PER_MODP_KEX: u32 = 1;
+/// Lines about peers that have not authenticated, at most this many per
+/// [`PREAUTH_LOG_WINDOW`] (the rest at debug level): see [`PreauthLog`].
+const PREAUTH_LOG_BURST: u32 = 20;
+const PREAUTH_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// While the daemon stops: how often a connection looks whether its last command has ended.
 const STOPPING_POLL: Duration = Duration::from_millis(100);
 
@@ -163,6 +167,53 @@ struct Shared {
     modp_gate: Arc<Semaphore>,
     /// True once the daemon stops: connections end when no command runs on them.
     stopping: tokio::sync::watch::Sender<bool>,
+    preauth_log: Arc<PreauthLog>,
+}
+
+/// How many log lines peers that have not authenticated may cause. A peer decides how many
+/// there are (ten rejected keys per connection, dropped handshakes), and a cpud on a board
+/// often logs to a serial console (about 11 KB/s at 115200 baud) whose writes block once it
+/// is full: every thread that logs then waits, the accept loop and legitimate logins
+/// included. So at most [`PREAUTH_LOG_BURST`] such lines per [`PREAUTH_LOG_WINDOW`] go out
+/// at their level, the rest at debug, counted in the next line that goes out.
+#[derive(Default)]
+pub struct PreauthLog {
+    window: Mutex<LogWindow>,
+}
+
+#[derive(Default)]
+struct LogWindow {
+    start: Option<std::time::Instant>,
+    shown: u32,
+    held_back: u64,
+}
+
+impl PreauthLog {
+    /// Whether a line may go out at its level at `now`, and how many were held back before
+    /// it (None: log it at debug level).
+    pub fn admit_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.start.is_none_or(|s| now.saturating_duration_since(s) >= PREAUTH_LOG_WINDOW) {
+            w.start = Some(now);
+            w.shown = 0;
+        }
+        if w.shown < PREAUTH_LOG_BURST {
+            w.shown += 1;
+            Some(std::mem::take(&mut w.held_back))
+        } else {
+            w.held_back += 1;
+            None
+        }
+    }
+
+    /// Logs `line` at `level`, or at debug level past the budget.
+    fn log(&self, level: log::Level, line: std::fmt::Arguments<'_>) {
+        match self.admit_at(std::time::Instant::now()) {
+            Some(0) => log::log!(level, "{line}"),
+            Some(n) => log::log!(level, "{line} ({n} more lines about unauthenticated peers not shown)"),
+            None => log::debug!("{line}"),
+        }
+    }
 }
 
 impl Shared {
@@ -226,6 +277,7 @@ pub async fn serve(
         admission: Admission::new(config.admission),
         modp_gate: Arc::new(Semaphore::new(1)),
         stopping: tokio::sync::watch::channel(false).0,
+        preauth_log: Arc::default(),
     });
     let mut connections = JoinSet::new();
     let mut drops = DropLog::default();
@@ -388,6 +440,7 @@ async fn connection(
         unread: Vec::new(),
         cpu: PreauthCpu::new(shared.preauth_cpu_floor, authenticated.clone()),
         peer: peer.clone(),
+        log: shared.preauth_log.clone(),
     };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
     // Every session task holds a clone of the sender: recv() ends when the last one is done.
@@ -408,11 +461,15 @@ async fn connection(
             }
         },
         () = banner_deadline => {
-            log::info!("{peer}: dropped, no SSH identification within {:?}", shared.banner_grace);
+            let grace = shared.banner_grace;
+            shared.preauth_log.log(log::Level::Info, format_args!("{peer}: dropped, no SSH identification within {grace:?}"));
             return;
         }
         Ok(()) = &mut evicted => {
-            log::info!("{peer}: dropped before its identification: a less busy source needed the slot");
+            shared.preauth_log.log(
+                log::Level::Info,
+                format_args!("{peer}: dropped before its identification: a less busy source needed the slot"),
+            );
             return;
         }
         () = stopped(&mut stopping) => {
@@ -438,14 +495,18 @@ async fn connection(
                 }
             }
             () = &mut deadline, if !ticket.is_released() => {
-                log::info!("{peer}: dropped, handshake not finished within {:?}", shared.handshake_timeout);
+                let limit = shared.handshake_timeout;
+                shared.preauth_log.log(log::Level::Info, format_args!("{peer}: dropped, handshake not finished within {limit:?}"));
                 if let Some(k) = kill_tx.take() {
                     let _ = k.send(());
                 }
                 ticket.release();
             }
             Ok(()) = &mut evicted, if !ticket.is_released() => {
-                log::info!("{peer}: dropped during its handshake: a less busy source needed the slot");
+                shared.preauth_log.log(
+                    log::Level::Info,
+                    format_args!("{peer}: dropped during its handshake: a less busy source needed the slot"),
+                );
                 if let Some(k) = kill_tx.take() {
                     let _ = k.send(());
                 }
@@ -507,6 +568,7 @@ struct Killable {
     /// What the connection's thread has computed before authentication.
     cpu: PreauthCpu,
     peer: String,
+    log: Arc<PreauthLog>,
 }
 
 /// The CPU clock of the calling thread (each connection has a thread of its own).
@@ -610,12 +672,15 @@ impl Killable {
     ) -> Poll<std::io::Result<()>> {
         self.check(cx)?;
         if let Some((spent, allowed)) = self.cpu.exceeded() {
-            log::info!(
-                "{}: dropped: {} ms of CPU before authenticating, after its key exchange (allowed {} ms): \
-                 key re-exchanges before login are not served",
-                self.peer,
-                spent.as_millis(),
-                allowed.as_millis()
+            self.log.log(
+                log::Level::Info,
+                format_args!(
+                    "{}: dropped: {} ms of CPU before authenticating, after its key exchange (allowed {} ms): \
+                     key re-exchanges before login are not served",
+                    self.peer,
+                    spent.as_millis(),
+                    allowed.as_millis()
+                ),
             );
             self.dead = true;
             return Poll::Ready(Err(std::io::Error::new(
@@ -642,7 +707,7 @@ impl Killable {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let (Poll::Ready(Ok(())), Some(inspector)) = (&r, self.inspector.as_mut()) {
             if let Err(bad) = inspector.feed(&buf.filled()[before..]) {
-                log::info!("refused key exchange: {bad}");
+                self.log.log(log::Level::Info, format_args!("{}: refused key exchange: {bad}", self.peer));
                 self.dead = true;
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -741,7 +806,7 @@ impl ConnHandler {
         let keys = match AuthorizedKeys::load(path) {
             Ok(k) => k,
             Err(e) => {
-                log::error!("{e}; rejecting every key");
+                self.shared.preauth_log.log(log::Level::Error, format_args!("{e}; rejecting every key"));
                 return None;
             }
         };
@@ -754,13 +819,17 @@ impl ConnHandler {
             Verdict::Accepted { permissions, .. } => Some(permissions),
             Verdict::Unknown => {
                 if log_reject {
-                    log::info!("{}: rejected {}: not in {}", self.peer, describe(), path.display());
+                    let line =
+                        format_args!("{}: rejected {}: not in {}", self.peer, describe(), path.display());
+                    self.shared.preauth_log.log(log::Level::Info, line);
                 }
                 None
             }
             Verdict::Denied(why) => {
                 if log_reject {
-                    log::info!("{}: rejected {}: {}: {why}", self.peer, describe(), path.display());
+                    let line =
+                        format_args!("{}: rejected {}: {}: {why}", self.peer, describe(), path.display());
+                    self.shared.preauth_log.log(log::Level::Info, line);
                 }
                 None
             }
@@ -807,7 +876,9 @@ impl Handler for ConnHandler {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         if is_sha1_rsa(offer.algorithm) {
-            log::info!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            let line =
+                format_args!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            self.shared.preauth_log.log(log::Level::Info, line);
             return Ok(Auth::reject());
         }
         Ok(match self.judge(offer.public_key, true) {
@@ -818,7 +889,9 @@ impl Handler for ConnHandler {
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         if is_sha1_rsa(key.algorithm) {
-            log::info!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            let line =
+                format_args!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            self.shared.preauth_log.log(log::Level::Info, line);
             return Ok(Auth::reject());
         }
         match self.judge(key.public_key, false) {
@@ -1189,6 +1262,21 @@ mod tests {
         assert_eq!(budget, Duration::from_millis(45));
         assert!(budget >= modp && budget < 2 * modp);
         assert_eq!(preauth_cpu_budget(Duration::MAX, Duration::MAX, false), Duration::MAX);
+    }
+
+    #[test]
+    fn preauth_log_lines_are_limited_per_window_and_the_held_back_counted() {
+        let log = PreauthLog::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..PREAUTH_LOG_BURST {
+            assert_eq!(log.admit_at(t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(log.admit_at(t0 + Duration::from_secs(9)), None);
+        }
+        // A new window: the first line says how many were held back, once.
+        assert_eq!(log.admit_at(t0 + PREAUTH_LOG_WINDOW), Some(5));
+        assert_eq!(log.admit_at(t0 + PREAUTH_LOG_WINDOW), Some(0));
     }
 
     #[test]
