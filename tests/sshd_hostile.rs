@@ -679,9 +679,15 @@ async fn rekey_without_login(port: u16, kex: russh::kex::Name, rounds: u64) -> O
             return Some(round - 1);
         }
         let wait = async {
+            let mut asked = Instant::now();
             while done.load(Ordering::SeqCst) == before && !handle.is_closed() {
                 // Bounded by the timeout below; the poll catches a close without a wake-up.
                 let _ = tokio::time::timeout(Duration::from_millis(100), finished.notified()).await;
+                // A request that met an exchange still finishing may be dropped: ask again.
+                if asked.elapsed() > Duration::from_secs(2) {
+                    let _ = handle.rekey_soon().await;
+                    asked = Instant::now();
+                }
             }
         };
         if tokio::time::timeout(TIMEOUT, wait).await.is_err() {
@@ -756,10 +762,11 @@ async fn rejected_keys_from_many_connections_cannot_flood_cpuds_log() {
     let stranger = keygen(&dir, "stranger", "ed25519");
     let cpud = Cpud::start(BIN, &authorized(&dir, &public_line(&key)));
     let stranger = russh::keys::load_secret_key(&stranger, None).expect("load key");
-    // 3 sources x 8 connections (the per-source limit) x 10 attempts (the per-connection one).
+    // 2 sources x 8 connections (the per-source limit) x 10 attempts (the per-connection one):
+    // 16 handshakes at once, all admitted (MaxStartups starts dropping above 16).
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for source in 2..5u8 {
+    for source in 2..4u8 {
         for _ in 0..8 {
             let stranger = stranger.clone();
             let port = cpud.port;
