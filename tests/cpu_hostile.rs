@@ -180,7 +180,6 @@ impl Handler for Hostile {
                     out.extend(encode_tmessage(1, &Tmessage::Attach(attach)));
                     let walk = Twalk { fid: 0, newfid: 1, names: vec!["fifo".into()] };
                     out.extend(encode_tmessage(2, &Tmessage::Walk(walk)));
-                    out.extend(encode_tmessage(3, &Tmessage::Lopen(Tlopen { fid: 1, flags: 0 })));
                     if stream.write_all(&out).await.is_err() {
                         return;
                     }
@@ -200,6 +199,11 @@ impl Handler for Hostile {
                         Ok::<(), std::io::Error>(())
                     };
                     let _ = tokio::time::timeout(Duration::from_secs(30), read_replies).await;
+                    // Only now the open: requests in flight together run in parallel.
+                    let open = encode_tmessage(3, &Tmessage::Lopen(Tlopen { fid: 1, flags: 0 }));
+                    if stream.write_all(&open).await.is_err() {
+                        return;
+                    }
                     // Until the test has seen the open blocked (bounded).
                     let released = Instant::now();
                     while !record.lock().unwrap().release && released.elapsed() < Duration::from_secs(60) {
