@@ -585,6 +585,40 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
 }
 
+#[tokio::test]
+async fn a_clear_text_packet_over_35000_bytes_ends_the_connection() {
+    let dir = TempDir::new("bigkexinit");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    // The clear-text inspection (kexcheck: DH values, the modp gate) stops at a packet over
+    // 35000 bytes (RFC 4253's minimum), counting on russh to refuse it: were it served, a
+    // KEXINIT padded with made-up algorithm names would switch both checks off.
+    let junk: String = (0..2500).map(|i| format!(",x{i:05}@example.com")).collect();
+    let padded = kexinit(&format!("diffie-hellman-group14-sha256{junk}"));
+    assert!(padded.len() > 40_000, "{} bytes", padded.len());
+    let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), server.port).await.expect("connect");
+    let mut hello = b"SSH-2.0-padded\r\n".to_vec();
+    hello.extend(padded);
+    let answered = tokio::time::timeout(TIMEOUT, async {
+        peer.stream.write_all(&hello).await?;
+        if peer.wait_for(MSG_KEXINIT).await?.is_none() {
+            return Ok(false);
+        }
+        if peer.stream.write_all(&kexdh_init(&cheap_valid_e())).await.is_err() {
+            return Ok(false);
+        }
+        Ok::<bool, std::io::Error>(peer.wait_for(MSG_KEXDH_REPLY).await?.is_some())
+    })
+    .await
+    .expect("the server neither answered nor closed");
+    assert!(!matches!(answered, Ok(true)), "a key exchange was served after a padded KEXINIT");
+    // A real client still gets in.
+    let client = connect(server.port, &key).await.expect("login");
+    let mut ch = client.handle.channel_open_session().await.expect("session");
+    ch.exec(true, "echo ok").await.expect("exec");
+    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+}
+
 // ---- strict key exchange (Terrapin) ----
 
 /// Sends the identification line and `packets` as given, then a group14 KEXDH_INIT once the
