@@ -42,9 +42,14 @@ fn packet(payload: &[u8]) -> Vec<u8> {
 }
 
 fn kexinit(kex: &str) -> Vec<u8> {
+    kexinit_padded(kex, "")
+}
+
+/// A KEXINIT whose every name-list but the last two ends in `junk` (made-up names).
+fn kexinit_padded(kex: &str, junk: &str) -> Vec<u8> {
     let mut p = vec![MSG_KEXINIT];
     p.extend_from_slice(&[0x5a; 16]);
-    for list in [
+    for (i, list) in [
         kex,
         "ssh-ed25519,rsa-sha2-256,ecdsa-sha2-nistp256",
         "aes128-ctr,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
@@ -55,7 +60,11 @@ fn kexinit(kex: &str) -> Vec<u8> {
         "none",
         "",
         "",
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let list = if i < 8 { format!("{list}{junk}") } else { list.to_string() };
         p.extend(ssh_string(list.as_bytes()));
     }
     p.extend_from_slice(&[0, 0, 0, 0, 0]);
@@ -585,6 +594,21 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
 }
 
+/// A group14 exchange after `kexinit`; Ok(true) when the server answers with KEXDH_REPLY.
+async fn exchange_after(port: u16, kexinit: Vec<u8>) -> std::io::Result<bool> {
+    let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), port).await?;
+    let mut hello = b"SSH-2.0-padded\r\n".to_vec();
+    hello.extend(kexinit);
+    peer.stream.write_all(&hello).await?;
+    if peer.wait_for(MSG_KEXINIT).await?.is_none() {
+        return Ok(false);
+    }
+    if peer.stream.write_all(&kexdh_init(&cheap_valid_e())).await.is_err() {
+        return Ok(false);
+    }
+    Ok(peer.wait_for(MSG_KEXDH_REPLY).await?.is_some())
+}
+
 #[tokio::test]
 async fn a_clear_text_packet_over_35000_bytes_ends_the_connection() {
     let dir = TempDir::new("bigkexinit");
@@ -592,26 +616,23 @@ async fn a_clear_text_packet_over_35000_bytes_ends_the_connection() {
     let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
     // The clear-text inspection (kexcheck: DH values, the modp gate) stops at a packet over
     // 35000 bytes (RFC 4253's minimum), counting on russh to refuse it: were it served, a
-    // KEXINIT padded with made-up algorithm names would switch both checks off.
-    let junk: String = (0..2500).map(|i| format!(",x{i:05}@example.com")).collect();
-    let padded = kexinit(&format!("diffie-hellman-group14-sha256{junk}"));
-    assert!(padded.len() > 40_000, "{} bytes", padded.len());
-    let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), server.port).await.expect("connect");
-    let mut hello = b"SSH-2.0-padded\r\n".to_vec();
-    hello.extend(padded);
-    let answered = tokio::time::timeout(TIMEOUT, async {
-        peer.stream.write_all(&hello).await?;
-        if peer.wait_for(MSG_KEXINIT).await?.is_none() {
-            return Ok(false);
+    // KEXINIT padded with made-up algorithm names would switch both checks off. (Spread over
+    // the name-lists: russh refuses one name-list much over 16 KiB by itself.)
+    let padded = |names: usize| {
+        let junk: String = (0..names).map(|i| format!(",x{i:05}@example.com")).collect();
+        kexinit_padded("diffie-hellman-group14-sha256", &junk)
+    };
+    let run = |kexinit: Vec<u8>| async move {
+        let len = kexinit.len();
+        match tokio::time::timeout(TIMEOUT, exchange_after(server.port, kexinit)).await {
+            Ok(r) => (len, matches!(r, Ok(true))),
+            Err(_) => panic!("a {len}-byte KEXINIT: the server neither answered nor closed"),
         }
-        if peer.stream.write_all(&kexdh_init(&cheap_valid_e())).await.is_err() {
-            return Ok(false);
-        }
-        Ok::<bool, std::io::Error>(peer.wait_for(MSG_KEXDH_REPLY).await?.is_some())
-    })
-    .await
-    .expect("the server neither answered nor closed");
-    assert!(!matches!(answered, Ok(true)), "a key exchange was served after a padded KEXINIT");
+    };
+    let (len, served) = run(padded(180)).await;
+    assert!(len < 35_000 && served, "the control, a {len}-byte KEXINIT, was not served");
+    let (len, served) = run(padded(250)).await;
+    assert!(len > 35_000 && !served, "a {len}-byte KEXINIT was served");
     // A real client still gets in.
     let client = connect(server.port, &key).await.expect("login");
     let mut ch = client.handle.channel_open_session().await.expect("session");
