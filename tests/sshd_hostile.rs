@@ -594,8 +594,9 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
 }
 
-/// A group14 exchange after `kexinit`; Ok(true) when the server answers with KEXDH_REPLY.
-async fn exchange_after(port: u16, kexinit: Vec<u8>) -> std::io::Result<bool> {
+/// A group14 exchange with public value `e` after `kexinit`; Ok(true) when the server
+/// answers with KEXDH_REPLY.
+async fn exchange_after(port: u16, kexinit: Vec<u8>, e: &[u8]) -> std::io::Result<bool> {
     let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), port).await?;
     let mut hello = b"SSH-2.0-padded\r\n".to_vec();
     hello.extend(kexinit);
@@ -603,36 +604,46 @@ async fn exchange_after(port: u16, kexinit: Vec<u8>) -> std::io::Result<bool> {
     if peer.wait_for(MSG_KEXINIT).await?.is_none() {
         return Ok(false);
     }
-    if peer.stream.write_all(&kexdh_init(&cheap_valid_e())).await.is_err() {
+    if peer.stream.write_all(&kexdh_init(e)).await.is_err() {
         return Ok(false);
     }
     Ok(peer.wait_for(MSG_KEXDH_REPLY).await?.is_some())
 }
 
 #[tokio::test]
-async fn a_clear_text_packet_over_35000_bytes_ends_the_connection() {
+async fn a_kexinit_padded_past_35000_bytes_cannot_switch_off_the_dh_check() {
     let dir = TempDir::new("bigkexinit");
     let key = keygen(&dir, "id", "ed25519");
-    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
-    // The clear-text inspection (kexcheck: DH values, the modp gate) stops at a packet over
-    // 35000 bytes (RFC 4253's minimum), counting on russh to refuse it: were it served, a
-    // KEXINIT padded with made-up algorithm names would switch both checks off. (Spread over
-    // the name-lists: russh refuses one name-list much over 16 KiB by itself.)
+    // Without the CPU limit before login, which would hide the reply of an exchange computed
+    // unchecked (and ungated) behind a cut connection.
+    let server = TestServer::start_with(Some(authorized(&dir, &public_line(&key))), |c| {
+        c.preauth_cpu_floor = Duration::MAX
+    });
+    // The clear-text inspection (kexcheck: DH values, the modp gate) followed packets up to
+    // 35000 bytes (RFC 4253's minimum) and silently stopped at a longer one; russh takes up
+    // to 256 KiB, so a KEXINIT padded with made-up algorithm names switched both checks off
+    // (e = 2 was answered). (Spread over the name-lists: russh refuses one much over 16 KiB.)
     let padded = |names: usize| {
         let junk: String = (0..names).map(|i| format!(",x{i:05}@example.com")).collect();
         kexinit_padded("diffie-hellman-group14-sha256", &junk)
     };
-    let run = |kexinit: Vec<u8>| async move {
+    let run = |kexinit: Vec<u8>, e: Vec<u8>| async move {
         let len = kexinit.len();
-        match tokio::time::timeout(TIMEOUT, exchange_after(server.port, kexinit)).await {
+        match tokio::time::timeout(TIMEOUT, exchange_after(server.port, kexinit, &e)).await {
             Ok(r) => (len, matches!(r, Ok(true))),
             Err(_) => panic!("a {len}-byte KEXINIT: the server neither answered nor closed"),
         }
     };
-    let (len, served) = run(padded(180)).await;
+    // The control: padded, but under 35000 bytes, the exchange is served, and e = 2 is not.
+    let (len, served) = run(padded(180), cheap_valid_e()).await;
     assert!(len < 35_000 && served, "the control, a {len}-byte KEXINIT, was not served");
-    let (len, served) = run(padded(250)).await;
-    assert!(len > 35_000 && !served, "a {len}-byte KEXINIT was served");
+    let (len, served) = run(padded(180), vec![2]).await;
+    assert!(len < 35_000 && !served, "e = 2 was answered after a {len}-byte KEXINIT");
+    // Over 35000 bytes: refused, with either value.
+    for e in [vec![2], cheap_valid_e()] {
+        let (len, served) = run(padded(250), e.clone()).await;
+        assert!(len > 35_000 && !served, "a {len}-byte KEXINIT was served (e of {} bytes)", e.len());
+    }
     // A real client still gets in.
     let client = connect(server.port, &key).await.expect("login");
     let mut ch = client.handle.channel_open_session().await.expect("session");

@@ -8,7 +8,10 @@
 //! learns the negotiated exchange from the client's KEXINIT (the client's first algorithm
 //! that cpud offers), checks SSH_MSG_KEXDH_INIT, and goes quiet after the client's NEWKEYS:
 //! everything after that is encrypted and russh's business. It does no I/O and never panics
-//! on input; a packet too long to be real ends the inspection (russh refuses it anyway).
+//! on input. What it cannot follow it refuses: a clear-text packet over 35000 bytes (RFC
+//! 4253's minimum; no client's key exchange comes near it, but russh takes up to 256 KiB, so
+//! a KEXINIT padded with made-up names would otherwise end the inspection and with it the DH
+//! check and the modp gate), a malformed one, or an identification line past 1024 bytes.
 
 use std::fmt;
 
@@ -96,6 +99,7 @@ impl ClearTextInspector {
                         };
                     } else if *line > MAX_LINE {
                         self.phase = Phase::Done;
+                        return Err(BadKex("identification line too long"));
                     }
                 }
                 Phase::Packet => {
@@ -107,7 +111,10 @@ impl ClearTextInspector {
                     self.buf.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     match self.packet_length() {
-                        Some(len) if !(2..=MAX_CLEAR_PACKET).contains(&len) => self.phase = Phase::Done,
+                        Some(len) if !(2..=MAX_CLEAR_PACKET).contains(&len) => {
+                            self.phase = Phase::Done;
+                            return Err(BadKex("clear-text packet length out of range (2 to 35000 bytes)"));
+                        }
                         Some(len) if self.buf.len() == 4 + len => {
                             let packet = std::mem::take(&mut self.buf);
                             self.packet(&packet)?;
@@ -131,7 +138,7 @@ impl ClearTextInspector {
         let Some(&pad) = packet.get(4) else { return Ok(()) };
         let Some(payload) = packet.len().checked_sub(pad as usize).and_then(|end| packet.get(5..end)) else {
             self.phase = Phase::Done;
-            return Ok(());
+            return Err(BadKex("clear-text packet with more padding than data"));
         };
         match payload.first() {
             Some(&MSG_KEXINIT) => {
@@ -254,16 +261,33 @@ mod tests {
     }
 
     #[test]
-    fn inspection_stops_at_newkeys_and_on_nonsense() {
+    fn inspection_stops_at_newkeys_and_refuses_what_it_cannot_follow() {
         let mut s = vec![b"SSH-2.0-x\r\n".to_vec(), kexinit("diffie-hellman-group14-sha256")];
         s.push(packet(&[MSG_NEWKEYS]));
         s.push(kexdh_init(&[2])); // encrypted in real life: not looked at
         run(&s, 4).expect("after NEWKEYS");
         let mut i = ClearTextInspector::new(OFFERED, MODP);
-        i.feed(b"SSH-2.0-x\r\n\xff\xff\xff\xff").expect("huge length");
+        assert!(i.feed(b"SSH-2.0-x\r\n\xff\xff\xff\xff").is_err(), "huge length");
         assert!(i.done());
         let mut i = ClearTextInspector::new(OFFERED, MODP);
-        i.feed(&[b'a'; 2000]).expect("endless line");
-        assert!(i.done());
+        assert!(i.feed(&[b'a'; 2000]).is_err(), "endless line");
+        // Just over RFC 4253's 35000 bytes: refused, whatever it holds.
+        let mut big = vec![0u8; 5];
+        big[..4].copy_from_slice(&35_001u32.to_be_bytes());
+        let mut i = ClearTextInspector::new(OFFERED, MODP);
+        assert!(i.feed(&[b"SSH-2.0-x\r\n".as_slice(), &big].concat()).is_err(), "35001 bytes");
+        // A packet whose padding claims more than it holds.
+        let mut i = ClearTextInspector::new(OFFERED, MODP);
+        let bad = [0, 0, 0, 8, 200, 20, 0, 0, 0, 0, 0, 0];
+        assert!(i.feed(&[b"SSH-2.0-x\r\n".as_slice(), &bad].concat()).is_err(), "padding");
+        // 35000 bytes is fine.
+        let payload = [&[MSG_KEXINIT][..], &vec![0u8; 35_000 - 1 - 8 - 1][..]].concat();
+        let mut p = 35_000u32.to_be_bytes().to_vec();
+        p.push(8);
+        p.extend_from_slice(&payload);
+        p.extend_from_slice(&[0; 8]);
+        let mut i = ClearTextInspector::new(OFFERED, MODP);
+        i.feed(&[b"SSH-2.0-x\r\n".as_slice(), &p].concat()).expect("35000 bytes");
+        assert!(!i.done());
     }
 }
