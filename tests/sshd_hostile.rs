@@ -594,6 +594,33 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
 }
 
+#[tokio::test]
+async fn a_pseudo_algorithm_first_in_the_kex_list_cannot_switch_off_the_dh_check() {
+    let dir = TempDir::new("pseudokex");
+    let key = keygen(&dir, "id", "ed25519");
+    // Without the CPU limit before login (see the padded-KEXINIT test).
+    let server = TestServer::start_with(Some(authorized(&dir, &public_line(&key))), |c| {
+        c.preauth_cpu_floor = Duration::MAX
+    });
+    // cpud's kex list holds ext-info-s and kex-strict-s-v00@openssh.com; named first by a
+    // client they passed for the negotiated exchange (not modp) while russh, skipping them,
+    // ran group14 unchecked and outside the modp gate: e = 2 was answered.
+    for first in ["ext-info-s", "kex-strict-s-v00@openssh.com"] {
+        let kex = format!("{first},diffie-hellman-group14-sha256");
+        let exchange = |e: Vec<u8>| {
+            let k = kexinit(&kex);
+            async move {
+                match tokio::time::timeout(TIMEOUT, exchange_after(server.port, k, &e)).await {
+                    Ok(r) => matches!(r, Ok(true)),
+                    Err(_) => panic!("{first} first: the server neither answered nor closed"),
+                }
+            }
+        };
+        assert!(exchange(cheap_valid_e()).await, "{first} first: the control was not served");
+        assert!(!exchange(vec![2]).await, "{first} first: e = 2 was answered");
+    }
+}
+
 /// A group14 exchange with public value `e` after `kexinit`; Ok(true) when the server
 /// answers with KEXDH_REPLY.
 async fn exchange_after(port: u16, kexinit: Vec<u8>, e: &[u8]) -> std::io::Result<bool> {

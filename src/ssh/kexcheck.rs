@@ -145,7 +145,13 @@ impl ClearTextInspector {
                 // cookie (16 bytes), then the first name-list: kex_algorithms.
                 let names = payload.get(17..).and_then(|r| read_string(r)).map(|(s, _)| s);
                 let client_kex = names.map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
-                let chosen = client_kex.split(',').find(|n| self.offered.iter().any(|o| o == n));
+                // As russh chooses: the client's first real exchange that cpud offers. The
+                // pseudo-algorithms (ext-info-s, kex-strict-s-...) are in cpud's list but are no
+                // exchange: one named first must not pass for the negotiated one.
+                let chosen = client_kex
+                    .split(',')
+                    .filter(|n| !is_pseudo_kex(n))
+                    .find(|n| self.offered.iter().any(|o| o == n));
                 self.negotiated_modp = chosen.is_some_and(|c| self.modp.contains(&c));
             }
             Some(&MSG_KEXDH_INIT) if self.negotiated_modp => {
@@ -158,6 +164,11 @@ impl ClearTextInspector {
         }
         Ok(())
     }
+}
+
+/// Names in a kex list that signal extensions instead of naming an exchange.
+fn is_pseudo_kex(name: &str) -> bool {
+    name.starts_with("ext-info-") || name.starts_with("kex-strict-")
 }
 
 /// An SSH `string` (or `mpint`) at the start of `data`, and what follows it.
@@ -184,7 +195,8 @@ pub fn check_dh_public(mpint: &[u8]) -> Result<(), BadKex> {
 mod tests {
     use super::*;
 
-    const OFFERED: &[&str] = &["curve25519-sha256", "diffie-hellman-group14-sha256"];
+    const OFFERED: &[&str] =
+        &["curve25519-sha256", "diffie-hellman-group14-sha256", "ext-info-s", "kex-strict-s-v00@openssh.com"];
     const MODP: &[&str] = &["diffie-hellman-group14-sha256"];
 
     fn string(s: &[u8]) -> Vec<u8> {
@@ -258,6 +270,11 @@ mod tests {
         run(&stream("curve25519-sha256,diffie-hellman-group14-sha256", &[2]), 5).expect("not DH");
         // An exchange cpud does not offer is skipped when choosing.
         assert!(run(&stream("diffie-hellman-group18-sha512,diffie-hellman-group14-sha256", &[2]), 5).is_err());
+        // So are the pseudo-algorithms, which cpud's list holds but which name no exchange.
+        for first in ["ext-info-s", "kex-strict-s-v00@openssh.com", "ext-info-c"] {
+            let kex = format!("{first},diffie-hellman-group14-sha256");
+            assert!(run(&stream(&kex, &[2]), 5).is_err(), "{first} first");
+        }
     }
 
     #[test]
