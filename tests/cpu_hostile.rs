@@ -1,6 +1,8 @@
 //! The `cpu` client against a hostile server (an in-process russh server on loopback that
-//! accepts any key): channels the server opens are refused, and a 9P back-channel flooded by
-//! a remote that never reads the replies cannot keep cpu from ending when the server goes.
+//! accepts any key): channels the server opens are refused, a flood of forwarded connections
+//! to the 9P back-channel's port is refused past a few, and a 9P back-channel flooded by a
+//! remote that never reads the replies cannot keep cpu from ending when the server goes, nor
+//! can a request stuck in the client's file system (the open of a FIFO nobody writes).
 
 mod cpu_support;
 
@@ -21,13 +23,29 @@ enum Plan {
     OpenChannels,
     /// Floods the 9P back-channel with requests and reads none of the replies.
     Flood9p,
+    /// Opens forwarded connections to the client's forward that never send a nonce (as any
+    /// local user of the remote machine can, by connecting to the forwarded loopback port),
+    /// then exits 3.
+    ForwardFlood,
+    /// Opens a FIFO of the export for reading over 9P (the open blocks on the client machine
+    /// until a writer comes, and none does), then, once released, exits 3.
+    OpenFifo,
 }
+
+/// Forwarded connections the ForwardFlood plan opens.
+const FORWARD_FLOOD: usize = 300;
 
 #[derive(Default)]
 struct Record {
     /// (channel type, whether the client accepted it)
     opened: Vec<(&'static str, bool)>,
     flood_bytes: usize,
+    /// ForwardFlood: (accepted, refused) forwarded connections.
+    forwards: (usize, usize),
+    /// OpenFifo: the 9P replies received (version, attach, walk; the open never answers).
+    replies: Vec<String>,
+    /// OpenFifo: set by the test once the open is seen blocked; the session then ends.
+    release: bool,
 }
 
 struct Hostile {
@@ -108,6 +126,95 @@ impl Handler for Hostile {
                     let _ = handle.exit_status_request(channel, 3).await;
                     let _ = handle.eof(channel).await;
                     let _ = handle.close(channel).await;
+                });
+            }
+            Plan::ForwardFlood => {
+                let Some((address, port)) = self.forward.clone() else {
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    // Held open, silent: each waits for a nonce that never comes.
+                    let mut held = Vec::new();
+                    let mut refused = 0;
+                    for i in 0..FORWARD_FLOOD {
+                        let origin_port = 20_000 + i as u32;
+                        match handle
+                            .channel_open_forwarded_tcpip(address.clone(), port, "127.0.0.1", origin_port)
+                            .await
+                        {
+                            Ok(ch) => held.push(ch),
+                            Err(_) => refused += 1,
+                        }
+                    }
+                    record.lock().unwrap().forwards = (held.len(), refused);
+                    let _ = handle.exit_status_request(channel, 3).await;
+                    let _ = handle.eof(channel).await;
+                    let _ = handle.close(channel).await;
+                    // Until the client disconnects.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(held);
+                });
+            }
+            Plan::OpenFifo => {
+                let (Some(nonce), Some((address, port))) = (self.nonce.clone(), self.forward.clone()) else {
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    use cpu_all::ninep::wire::*;
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(ch) = handle.channel_open_forwarded_tcpip(address, port, "127.0.0.1", 5555).await
+                    else {
+                        return;
+                    };
+                    let mut stream = ch.into_stream();
+                    let mut out = nonce.into_bytes();
+                    let version = Version { msize: 8192, version: "9P2000.L".into() };
+                    out.extend(encode_tmessage(NOTAG, &Tmessage::Version(version)));
+                    let attach = Tattach {
+                        fid: 0,
+                        afid: NOFID,
+                        uname: "u".into(),
+                        aname: "".into(),
+                        n_uname: u32::MAX,
+                    };
+                    out.extend(encode_tmessage(1, &Tmessage::Attach(attach)));
+                    let walk = Twalk { fid: 0, newfid: 1, names: vec!["fifo".into()] };
+                    out.extend(encode_tmessage(2, &Tmessage::Walk(walk)));
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    let read_replies = async {
+                        for _ in 0..3 {
+                            let mut size = [0u8; 4];
+                            stream.read_exact(&mut size).await?;
+                            let mut frame = size.to_vec();
+                            frame.resize(u32::from_le_bytes(size) as usize, 0);
+                            stream.read_exact(&mut frame[4..]).await?;
+                            let reply = match decode_rmessage(&frame) {
+                                Ok((tag, r)) => format!("{tag} {r:?}"),
+                                Err(e) => format!("undecodable: {e:?}"),
+                            };
+                            record.lock().unwrap().replies.push(reply);
+                        }
+                        Ok::<(), std::io::Error>(())
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(30), read_replies).await;
+                    // Only now the open: requests in flight together run in parallel.
+                    let open = encode_tmessage(3, &Tmessage::Lopen(Tlopen { fid: 1, flags: 0 }));
+                    if stream.write_all(&open).await.is_err() {
+                        return;
+                    }
+                    // Until the test has seen the open blocked (bounded).
+                    let released = Instant::now();
+                    while !record.lock().unwrap().release && released.elapsed() < Duration::from_secs(60) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let _ = handle.exit_status_request(channel, 3).await;
+                    let _ = handle.eof(channel).await;
+                    let _ = handle.close(channel).await;
+                    // The 9P channel stays open: ending it is the client's job.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(stream);
                 });
             }
             Plan::Flood9p => {
@@ -205,6 +312,58 @@ fn server_opened_channels_are_refused() {
         "{stderr}"
     );
     assert_eq!(stderr.matches("refused a").count(), 4, "{stderr}");
+}
+
+#[test]
+fn a_flood_of_forwarded_connections_is_refused_past_sixteen() {
+    let home = Home::new();
+    let (port, record, _fd) = start_hostile(Plan::ForwardFlood);
+    let out = run_cpu(&home, &["-sp", &port.to_string(), "127.0.0.1", "true"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    // Each accepted one waits 30 s for its nonce; the flood takes far less, so none ended.
+    assert_eq!(record.lock().unwrap().forwards, (16, FORWARD_FLOOD - 16), "{stderr}");
+    assert_eq!(stderr.matches("16 already open").count(), 1, "one warning, not one per refusal: {stderr}");
+}
+
+/// Whether a thread of process `pid` waits in the open of a FIFO (for the other end).
+fn waits_in_a_fifo_open(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| {
+        let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+        wchan == "wait_for_partner" || wchan == "fifo_open"
+    })
+}
+
+#[test]
+fn a_9p_request_stuck_on_a_fifo_does_not_keep_cpu_alive_after_the_session() {
+    let home = Home::new();
+    let export = home.path().join("export");
+    std::fs::create_dir(&export).expect("export dir");
+    let fifo =
+        std::ffi::CString::new(export.join("fifo").into_os_string().into_encoded_bytes()).expect("path");
+    // SAFETY: mkfifo reads a NUL-terminated path that lives for the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    let (port, record, _fd) = start_hostile(Plan::OpenFifo);
+    let root = export.to_str().expect("utf-8 path");
+    let mut cmd = cpu_command(&home, &["-sp", &port.to_string(), "-root", root, "127.0.0.1", "true"]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn cpu");
+    // Bounded wait until one of cpu's threads is inside the FIFO's open.
+    let start = Instant::now();
+    let mut blocked = false;
+    while !blocked && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+        blocked = waits_in_a_fifo_open(child.id());
+    }
+    record.lock().unwrap().release = true;
+    let ended = Instant::now();
+    let out = wait_output(child, CHILD_TIMEOUT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let replies = record.lock().unwrap().replies.clone();
+    assert!(blocked, "no thread of cpu waited in the FIFO's open; 9P replies {replies:?}: {stderr}");
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert_eq!(out.status.code(), Some(3), "cpu after the session ended ({:?}): {stderr}", ended.elapsed());
 }
 
 #[test]

@@ -562,6 +562,131 @@ fn root_confinement() {
     h.finish().unwrap();
 }
 
+const EPERM: u32 = 1;
+const SET_MODE: u32 = 0x1;
+const SET_UID: u32 = 0x2;
+const SET_GID: u32 = 0x4;
+const SET_SIZE: u32 = 0x8;
+const SET_ATIME: u32 = 0x10;
+const SET_MTIME: u32 = 0x20;
+const SET_ATIME_SET: u32 = 0x80;
+const SET_MTIME_SET: u32 = 0x100;
+
+/// Where a file stands: its bytes and the metadata a stray chmod, chown, utimes, truncate or
+/// link would change.
+fn footprint(path: &std::path::Path) -> (Vec<u8>, u32, u32, u32, i64, u64) {
+    let m = fs::metadata(path).unwrap();
+    (fs::read(path).unwrap(), m.mode(), m.uid(), m.gid(), m.mtime(), m.nlink())
+}
+
+#[test]
+fn no_operation_on_a_symlink_reaches_its_target_outside_the_root() {
+    let outer = TempDir::new("symops");
+    let root = outer.join("root");
+    fs::create_dir(&root).unwrap();
+    let target = outer.join("target");
+    fs::write(&target, b"outside").unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o640)).unwrap();
+    let before = footprint(&target);
+    std::os::unix::fs::symlink(&target, root.join("s")).unwrap();
+    std::os::unix::fs::symlink(outer.join("made"), root.join("dangling")).unwrap();
+    let me = fs::symlink_metadata(root.join("s")).unwrap();
+    let mut h = start_attached(options(&root));
+    let c = &mut h.client;
+    c.walk(0, 1, &["s"]).unwrap();
+    let t = |valid| Tsetattr {
+        fid: 1,
+        valid,
+        mode: 0o4777,
+        uid: me.uid(),
+        gid: me.gid(),
+        size: 0,
+        atime_sec: 1000,
+        mtime_sec: 1000,
+        ..Default::default()
+    };
+    // chmod and truncate are refused; chown and times reach the link itself (lchown, lutimes).
+    assert_eq!(c.setattr(t(SET_MODE)).unwrap_err(), EOPNOTSUPP);
+    assert_eq!(c.setattr(t(SET_SIZE)).unwrap_err(), EINVAL);
+    c.setattr(t(SET_UID | SET_GID)).unwrap();
+    c.setattr(t(SET_ATIME | SET_MTIME | SET_ATIME_SET | SET_MTIME_SET)).unwrap();
+    assert_eq!(fs::symlink_metadata(root.join("s")).unwrap().mtime(), 1000);
+    // Extended attributes: none read, none written.
+    assert_eq!(c.xattrwalk(1, 2, "user.x").unwrap_err(), ENODATA);
+    c.walk(1, 2, &[]).unwrap();
+    c.xattrcreate(2, "user.x", 3, 0).unwrap();
+    c.write(2, 0, b"abc").unwrap();
+    assert_eq!(c.clunk(2).unwrap_err(), EPERM);
+    // Opening it, or creating over it or over a dangling one, with or without O_EXCL.
+    assert_eq!(c.lopen(1, O_RDWR | O_TRUNC).unwrap_err(), ELOOP);
+    c.walk(0, 3, &[]).unwrap();
+    assert_eq!(c.lcreate(3, "s", O_RDWR | O_CREAT | O_TRUNC, 0o666).unwrap_err(), ELOOP);
+    assert_eq!(c.lcreate(3, "dangling", O_RDWR | O_CREAT, 0o666).unwrap_err(), ELOOP);
+    assert_eq!(c.lcreate(3, "dangling", O_RDWR | O_CREAT | O_EXCL, 0o666).unwrap_err(), EEXIST);
+    assert_eq!(c.mkdir(0, "dangling", 0o755).unwrap_err(), EEXIST);
+    assert_eq!(c.symlink(0, "dangling", "x").unwrap_err(), EEXIST);
+    // A hard link of it is a second link, not a link of the target; rename and unlink move
+    // and remove links.
+    c.link(0, 1, "hard").unwrap();
+    assert!(fs::symlink_metadata(root.join("hard")).unwrap().file_type().is_symlink());
+    c.renameat(0, "hard", 0, "moved").unwrap();
+    c.unlinkat(0, "moved", 0).unwrap();
+    c.remove(1).unwrap();
+    assert!(fs::symlink_metadata(root.join("s")).is_err());
+    assert!(fs::symlink_metadata(outer.join("made")).is_err(), "created outside the root");
+    assert_eq!(footprint(&target), before);
+    h.finish().unwrap();
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_after_the_walk_is_not_followed() {
+    let outer = TempDir::new("swap");
+    let root = outer.join("root");
+    fs::create_dir_all(root.join("d")).unwrap();
+    fs::write(root.join("d/f"), b"inside").unwrap();
+    fs::create_dir(outer.join("elsewhere")).unwrap();
+    let victim = outer.join("elsewhere/f");
+    fs::write(&victim, b"outside").unwrap();
+    let before = footprint(&victim);
+    let mut h = start_attached(options(&root));
+    let c = &mut h.client;
+    c.walk(0, 1, &["d", "f"]).unwrap();
+    c.walk(0, 2, &["d", "f"]).unwrap();
+    c.walk(0, 3, &["d"]).unwrap();
+    // The host (or a race) swaps the directory for a symlink out of the export.
+    fs::rename(root.join("d"), root.join("d.orig")).unwrap();
+    std::os::unix::fs::symlink(outer.join("elsewhere"), root.join("d")).unwrap();
+    // Requests that go by the fid's name resolve "d" without following it (ENOTDIR: the
+    // symlink itself is no directory; ELOOP: a lookup refused to follow it).
+    let not_followed = |e: u32| e == ENOTDIR || e == ELOOP;
+    let e = c.remove(1).unwrap_err();
+    assert!(not_followed(e), "remove: {e}");
+    let e = c.rename(2, 0, "stolen").unwrap_err();
+    assert!(not_followed(e), "rename: {e}");
+    assert_eq!(c.walk(0, 4, &["d", "f"]).unwrap().len(), 1, "walked through the symlink");
+    // A fid holds its directory: what it creates and removes stays in that directory.
+    c.walk(3, 5, &[]).unwrap();
+    c.lcreate(5, "new", O_RDWR | O_CREAT, 0o644).unwrap();
+    c.write(5, 0, b"n").unwrap();
+    assert_eq!(fs::read(root.join("d.orig/new")).unwrap(), b"n");
+    c.unlinkat(3, "f", 0).unwrap();
+    assert!(!root.join("d.orig/f").exists());
+    c.walk(3, 6, &[]).unwrap();
+    c.lopen(6, O_RDONLY | O_DIRECTORY).unwrap();
+    let names: Vec<String> = c
+        .readdir_all(6, 4096)
+        .unwrap()
+        .0
+        .iter()
+        .map(|d| String::from_utf8_lossy(d.name.as_bytes()).into_owned())
+        .collect();
+    assert!(names.contains(&"new".to_string()) && !names.contains(&"f".to_string()), "{names:?}");
+    assert!(!outer.join("elsewhere/new").exists());
+    assert!(!outer.join("elsewhere/stolen").exists() && !root.join("stolen").exists());
+    assert_eq!(footprint(&victim), before);
+    h.finish().unwrap();
+}
+
 #[test]
 fn read_only_export_refuses_changes() {
     let dir = TempDir::new("ro");

@@ -245,3 +245,30 @@ fn a_blocked_request_does_not_stop_the_others_and_flush_waits_for_it() {
     drop(writer);
     h.finish().unwrap();
 }
+
+#[test]
+fn walks_past_sixteen_names_and_reused_or_clunked_fids_are_refused() {
+    const EBADF: u32 = 9;
+    let dir = TempDir::new("fidedges");
+    let deep: std::path::PathBuf = (0..16).map(|i| format!("d{i}")).collect();
+    fs::create_dir_all(dir.path().join(&deep)).unwrap();
+    let mut h = start_attached(options(dir.path()));
+    let c = &mut h.client;
+    let names: Vec<String> = (0..17).map(|i| format!("d{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Sixteen names (Plan 9's MAXWELEM) walk; seventeen are refused without a new fid.
+    assert_eq!(c.walk(0, 1, &names[..16]).unwrap().len(), 16);
+    assert_eq!(c.walk(0, 2, &names).unwrap_err(), EINVAL);
+    assert_eq!(c.getattr(2).unwrap_err(), EBADF);
+    // A new fid that is in use is refused and the old one keeps what it named.
+    let before = c.getattr(1).unwrap().qid;
+    assert!(c.walk(0, 1, &["d0"]).is_err());
+    assert_eq!(c.getattr(1).unwrap().qid, before);
+    // After a clunk the fid is gone, and its number may name something new.
+    c.clunk(1).unwrap();
+    assert_eq!(c.getattr(1).unwrap_err(), EBADF);
+    assert_eq!(c.clunk(1).unwrap_err(), EBADF);
+    c.walk(0, 1, &["d0"]).unwrap();
+    assert_eq!(c.getattr(1).unwrap().qid, c.walk(0, 3, &["d0"]).unwrap()[0]);
+    h.finish().unwrap();
+}

@@ -193,6 +193,49 @@ fn device_nodes_cannot_be_made() {
 }
 
 #[test]
+fn writing_or_truncating_a_set_id_file_clears_its_set_id_bits() {
+    // Only a writer with CAP_FSETID (root) keeps the bits: the kernel clears them for others
+    // itself, so without root this test could not fail.
+    if !is_root() {
+        skip::here("needs root: without CAP_FSETID the kernel clears the bits itself");
+        return;
+    }
+    let dir = TempDir::new("setidwrite");
+    // 02755: set-group-ID with group execute is a privilege; 02644 (no group execute) is
+    // not (the kernel leaves it, and so do we); 01755: sticky, no privilege.
+    let cases = [("u", 0o4755, 0o755), ("g", 0o2755, 0o755), ("ug", 0o6755, 0o755), ("g-x", 0o2644, 0o2644)];
+    for (name, mode, _) in cases {
+        fs::write(dir.join(name), b"#!/bin/sh\necho original\n").unwrap();
+        fs::set_permissions(dir.join(name), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    for name in ["trunc", "opentrunc"] {
+        fs::write(dir.join(name), b"x").unwrap();
+        fs::set_permissions(dir.join(name), fs::Permissions::from_mode(0o4755)).unwrap();
+    }
+    let mut h = start_attached(options(dir.path()));
+    let c = &mut h.client;
+    let mut fid = 1;
+    for (name, _, _) in cases {
+        c.walk(0, fid, &[name]).unwrap();
+        c.lopen(fid, O_RDWR).unwrap();
+        c.write(fid, 0, b"#!/bin/sh\nid -u\n").unwrap();
+        fid += 1;
+    }
+    // Truncating through Tsetattr, and opening with O_TRUNC.
+    c.walk(0, fid, &["trunc"]).unwrap();
+    c.setattr(Tsetattr { fid, valid: 0x8, size: 0, ..Default::default() }).unwrap();
+    c.walk(0, fid + 1, &["opentrunc"]).unwrap();
+    c.lopen(fid + 1, O_WRONLY | O_TRUNC).unwrap();
+    h.finish().unwrap();
+    let mode = |name: &str| fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o7777;
+    for (name, _, after) in cases {
+        assert_eq!(mode(name), after, "{name}");
+    }
+    assert_eq!(mode("trunc"), 0o755);
+    assert_eq!(mode("opentrunc"), 0o755);
+}
+
+#[test]
 fn protected_xattrs_cannot_be_written() {
     let dir = TempDir::new("secxattr");
     fs::write(dir.join("f"), b"").unwrap();

@@ -42,9 +42,14 @@ fn packet(payload: &[u8]) -> Vec<u8> {
 }
 
 fn kexinit(kex: &str) -> Vec<u8> {
+    kexinit_padded(kex, "")
+}
+
+/// A KEXINIT whose every name-list but the last two ends in `junk` (made-up names).
+fn kexinit_padded(kex: &str, junk: &str) -> Vec<u8> {
     let mut p = vec![MSG_KEXINIT];
     p.extend_from_slice(&[0x5a; 16]);
-    for list in [
+    for (i, list) in [
         kex,
         "ssh-ed25519,rsa-sha2-256,ecdsa-sha2-nistp256",
         "aes128-ctr,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
@@ -55,7 +60,11 @@ fn kexinit(kex: &str) -> Vec<u8> {
         "none",
         "",
         "",
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let list = if i < 8 { format!("{list}{junk}") } else { list.to_string() };
         p.extend(ssh_string(list.as_bytes()));
     }
     p.extend_from_slice(&[0, 0, 0, 0, 0]);
@@ -318,6 +327,23 @@ impl Cpud {
         self.status_kb("Threads:")
     }
 
+    /// CPU time cpud has used so far (user and system), in milliseconds.
+    fn cpu_ms(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // After the command name in parentheses: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+        let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+        // SAFETY: sysconf only reads a configuration value.
+        let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+        ticks * 1000 / per_second
+    }
+
+    /// The lines kept so far (the last few hundred).
+    fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn log_tail(&self) -> String {
         let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.iter().rev().take(15).rev().cloned().collect::<Vec<_>>().join("\n")
@@ -478,6 +504,30 @@ async fn figures() {
     let bin = std::env::var("CPU_ALL_BIN").unwrap_or_else(|_| BIN.to_string());
     flood_scenario(&bin, "figures").await;
     env_flood_scenario(&bin).await;
+    rekey_scenario(&bin).await;
+}
+
+/// The re-exchange figures alone, against CPU_ALL_BIN.
+#[tokio::test]
+#[ignore]
+async fn rekey_figures() {
+    let bin = std::env::var("CPU_ALL_BIN").unwrap_or_else(|_| BIN.to_string());
+    rekey_scenario(&bin).await;
+}
+
+/// One unauthenticated connection asking for group14 re-exchanges (at most 200): how many
+/// cpud serves, and the CPU it spends on them.
+async fn rekey_scenario(bin: &str) {
+    let dir = TempDir::new("rekeyfig");
+    let key = keygen(&dir, "id", "ed25519");
+    let cpud = Cpud::start(bin, &authorized(&dir, &public_line(&key)));
+    let before = cpud.cpu_ms();
+    let started = Instant::now();
+    let served = rekey_without_login(cpud.port, russh::kex::DH_G14_SHA256, 200).await;
+    let served = served.map_or_else(|| "200 (all)".to_string(), |n| n.to_string());
+    figure("sshd-preauth-group14-rekeys-served", served, "exchanges");
+    figure("sshd-preauth-group14-rekeys-wall-ms", started.elapsed().as_millis(), "ms");
+    figure("cpud-cpu-for-one-unauthenticated-connection-ms", cpud.cpu_ms().saturating_sub(before), "ms");
 }
 
 // ---- key exchange ----
@@ -542,6 +592,380 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     let mut ch = client.handle.channel_open_session().await.expect("session");
     ch.exec(true, "echo ok").await.expect("exec");
     assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+}
+
+#[tokio::test]
+async fn a_pseudo_algorithm_first_in_the_kex_list_cannot_switch_off_the_dh_check() {
+    let dir = TempDir::new("pseudokex");
+    let key = keygen(&dir, "id", "ed25519");
+    // Without the CPU limit before login (see the padded-KEXINIT test).
+    let server = TestServer::start_with(Some(authorized(&dir, &public_line(&key))), |c| {
+        c.preauth_cpu_floor = Duration::MAX
+    });
+    // cpud's kex list holds ext-info-s and kex-strict-s-v00@openssh.com; named first by a
+    // client they passed for the negotiated exchange (not modp) while russh, skipping them,
+    // ran group14 unchecked and outside the modp gate: e = 2 was answered.
+    for first in ["ext-info-s", "kex-strict-s-v00@openssh.com"] {
+        let kex = format!("{first},diffie-hellman-group14-sha256");
+        let exchange = |e: Vec<u8>| {
+            let k = kexinit(&kex);
+            async move {
+                match tokio::time::timeout(TIMEOUT, exchange_after(server.port, k, &e)).await {
+                    Ok(r) => matches!(r, Ok(true)),
+                    Err(_) => panic!("{first} first: the server neither answered nor closed"),
+                }
+            }
+        };
+        assert!(exchange(cheap_valid_e()).await, "{first} first: the control was not served");
+        assert!(!exchange(vec![2]).await, "{first} first: e = 2 was answered");
+    }
+}
+
+/// A group14 exchange with public value `e` after `kexinit`; Ok(true) when the server
+/// answers with KEXDH_REPLY.
+async fn exchange_after(port: u16, kexinit: Vec<u8>, e: &[u8]) -> std::io::Result<bool> {
+    let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), port).await?;
+    let mut hello = b"SSH-2.0-padded\r\n".to_vec();
+    hello.extend(kexinit);
+    peer.stream.write_all(&hello).await?;
+    if peer.wait_for(MSG_KEXINIT).await?.is_none() {
+        return Ok(false);
+    }
+    if peer.stream.write_all(&kexdh_init(e)).await.is_err() {
+        return Ok(false);
+    }
+    Ok(peer.wait_for(MSG_KEXDH_REPLY).await?.is_some())
+}
+
+#[tokio::test]
+async fn a_kexinit_padded_past_35000_bytes_cannot_switch_off_the_dh_check() {
+    let dir = TempDir::new("bigkexinit");
+    let key = keygen(&dir, "id", "ed25519");
+    // Without the CPU limit before login, which would hide the reply of an exchange computed
+    // unchecked (and ungated) behind a cut connection.
+    let server = TestServer::start_with(Some(authorized(&dir, &public_line(&key))), |c| {
+        c.preauth_cpu_floor = Duration::MAX
+    });
+    // The clear-text inspection (kexcheck: DH values, the modp gate) followed packets up to
+    // 35000 bytes (RFC 4253's minimum) and silently stopped at a longer one; russh takes up
+    // to 256 KiB, so a KEXINIT padded with made-up algorithm names switched both checks off
+    // (e = 2 was answered). (Spread over the name-lists: russh refuses one much over 16 KiB.)
+    let padded = |names: usize| {
+        let junk: String = (0..names).map(|i| format!(",x{i:05}@example.com")).collect();
+        kexinit_padded("diffie-hellman-group14-sha256", &junk)
+    };
+    let run = |kexinit: Vec<u8>, e: Vec<u8>| async move {
+        let len = kexinit.len();
+        match tokio::time::timeout(TIMEOUT, exchange_after(server.port, kexinit, &e)).await {
+            Ok(r) => (len, matches!(r, Ok(true))),
+            Err(_) => panic!("a {len}-byte KEXINIT: the server neither answered nor closed"),
+        }
+    };
+    // The control: padded, but under 35000 bytes, the exchange is served, and e = 2 is not.
+    let (len, served) = run(padded(180), cheap_valid_e()).await;
+    assert!(len < 35_000 && served, "the control, a {len}-byte KEXINIT, was not served");
+    let (len, served) = run(padded(180), vec![2]).await;
+    assert!(len < 35_000 && !served, "e = 2 was answered after a {len}-byte KEXINIT");
+    // Over 35000 bytes: refused, with either value.
+    for e in [vec![2], cheap_valid_e()] {
+        let (len, served) = run(padded(250), e.clone()).await;
+        assert!(len > 35_000 && !served, "a {len}-byte KEXINIT was served (e of {} bytes)", e.len());
+    }
+    // A real client still gets in.
+    let client = connect(server.port, &key).await.expect("login");
+    let mut ch = client.handle.channel_open_session().await.expect("session");
+    ch.exec(true, "echo ok").await.expect("exec");
+    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+}
+
+// ---- strict key exchange (Terrapin) ----
+
+/// Sends the identification line and `packets` as given, then a group14 KEXDH_INIT once the
+/// server's KEXINIT is in; Ok(true) when the server answers with KEXDH_REPLY.
+async fn exchange_with(port: u16, packets: &[Vec<u8>]) -> std::io::Result<bool> {
+    let mut peer = RawPeer::connect(Ipv4Addr::new(127, 0, 0, 2), port).await?;
+    let mut hello = b"SSH-2.0-terrapin\r\n".to_vec();
+    hello.extend(packets.concat());
+    peer.stream.write_all(&hello).await?;
+    if peer.wait_for(MSG_KEXINIT).await?.is_none() {
+        return Ok(false);
+    }
+    // The server may already have closed: a failed write is a refusal too.
+    if peer.stream.write_all(&kexdh_init(&cheap_valid_e())).await.is_err() {
+        return Ok(false);
+    }
+    Ok(peer.wait_for(MSG_KEXDH_REPLY).await?.is_some())
+}
+
+#[tokio::test]
+async fn with_strict_key_exchange_no_other_message_may_enter_the_first_exchange() {
+    let dir = TempDir::new("terrapin");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let ignore = packet(&[2, 0, 0, 0, 0]);
+    let plain = kexinit("diffie-hellman-group14-sha256");
+    let strict = kexinit("diffie-hellman-group14-sha256,kex-strict-c-v00@openssh.com");
+    let run = |packets: Vec<Vec<u8>>| async move {
+        match tokio::time::timeout(TIMEOUT, exchange_with(server.port, &packets)).await {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(_)) => false,
+            Err(_) => panic!("the server neither answered nor closed within {TIMEOUT:?}"),
+        }
+    };
+    // The control: without strict kex an SSH_MSG_IGNORE anywhere is fine (RFC 4253).
+    assert!(run(vec![ignore.clone(), plain.clone()]).await, "plain, IGNORE first");
+    assert!(run(vec![plain, ignore.clone()]).await, "plain, IGNORE after KEXINIT");
+    assert!(run(vec![strict.clone()]).await, "strict, nothing injected");
+    // Strict: the KEXINIT must be the first packet and nothing else may come before NEWKEYS,
+    // which is what defeats the sequence-number shift of Terrapin (CVE-2023-48795).
+    assert!(!run(vec![ignore.clone(), strict.clone()]).await, "strict KEXINIT after an IGNORE was served");
+    assert!(!run(vec![strict, ignore]).await, "an IGNORE inside a strict exchange was accepted");
+}
+
+// ---- key re-exchanges before authentication ----
+
+/// A client that counts finished key exchanges (the first included).
+struct KexCounter {
+    done: Arc<AtomicU64>,
+    finished: Arc<tokio::sync::Notify>,
+}
+
+impl russh::client::Handler for KexCounter {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+
+    async fn kex_done(
+        &mut self,
+        _shared_secret: Option<&[u8]>,
+        _names: &russh::Names,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        self.done.fetch_add(1, Ordering::SeqCst);
+        self.finished.notify_one();
+        Ok(())
+    }
+}
+
+/// Connects without authenticating and asks for key re-exchanges one after another, at most
+/// `rounds`; returns how many were served before the server closed the connection (None: all
+/// of them, the connection still open).
+async fn rekey_without_login(port: u16, kex: russh::kex::Name, rounds: u64) -> Option<u64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(tokio::sync::Notify::new());
+    let config = russh::client::Config {
+        preferred: russh::Preferred { kex: std::borrow::Cow::Owned(vec![kex]), ..russh::Preferred::DEFAULT },
+        ..Default::default()
+    };
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let handler = KexCounter { done: done.clone(), finished: finished.clone() };
+    let handle =
+        russh::client::connect_stream(Arc::new(config), stream, handler).await.expect("first exchange");
+    for round in 1..=rounds {
+        let before = done.load(Ordering::SeqCst);
+        if handle.is_closed() || handle.rekey_soon().await.is_err() {
+            return Some(round - 1);
+        }
+        let wait = async {
+            let mut asked = Instant::now();
+            while done.load(Ordering::SeqCst) == before && !handle.is_closed() {
+                // Bounded by the timeout below; the poll catches a close without a wake-up.
+                let _ = tokio::time::timeout(Duration::from_millis(100), finished.notified()).await;
+                // A request that met an exchange still finishing may be dropped: ask again.
+                if asked.elapsed() > Duration::from_secs(2) {
+                    let _ = handle.rekey_soon().await;
+                    asked = Instant::now();
+                }
+            }
+        };
+        if tokio::time::timeout(TIMEOUT, wait).await.is_err() {
+            panic!("re-exchange {round}: neither finished nor closed within {TIMEOUT:?}");
+        }
+        if handle.is_closed() {
+            return Some(round - 1);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn an_unauthenticated_client_that_keeps_re_exchanging_keys_is_cut() {
+    let dir = TempDir::new("rekey");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    // Each re-exchange costs cpud what the first did (a group14 one tens of milliseconds,
+    // the client nothing): before login only a few are served, then the connection is cut.
+    const ROUNDS: u64 = 200;
+    let served = rekey_without_login(server.port, russh::kex::CURVE25519, ROUNDS).await;
+    let served = served.unwrap_or_else(|| panic!("{ROUNDS} key re-exchanges served before authentication"));
+    eprintln!("FIGURE preauth_rekeys_served {served} count");
+    assert!(served < ROUNDS);
+    // A legitimate login is unaffected, and so is a re-exchange after it.
+    let client = connect(server.port, &key).await.expect("login");
+    client.handle.rekey_soon().await.expect("re-exchange after login");
+    let mut ch = client.handle.channel_open_session().await.expect("session");
+    ch.exec(true, "echo ok").await.expect("exec");
+    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+}
+
+// ---- per-connection limits ----
+
+#[tokio::test]
+async fn authentication_attempts_past_ten_end_the_connection() {
+    let dir = TempDir::new("authtries");
+    let key = keygen(&dir, "id", "ed25519");
+    let stranger = keygen(&dir, "stranger", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let stranger = russh::keys::load_secret_key(&stranger, None).expect("load key");
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect");
+    let config = Arc::new(russh::client::Config::default());
+    let mut handle = russh::client::connect_stream(config, stream, AnyHost).await.expect("key exchange");
+    let mut refused = 0;
+    let mut ended = None;
+    for attempt in 1..=30 {
+        let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(stranger.clone()), None);
+        match tokio::time::timeout(TIMEOUT, handle.authenticate_publickey("tester", key)).await {
+            Err(_) => panic!("attempt {attempt}: no answer within {TIMEOUT:?}"),
+            Ok(Ok(r)) if !r.success() => refused += 1,
+            Ok(Ok(_)) => panic!("attempt {attempt}: an unauthorized key was accepted"),
+            Ok(Err(e)) => {
+                ended = Some(format!("attempt {attempt}: {e}"));
+                break;
+            }
+        }
+        if handle.is_closed() {
+            ended = Some(format!("closed after attempt {attempt}"));
+            break;
+        }
+    }
+    let ended = ended.unwrap_or_else(|| panic!("30 refused attempts and the connection is still open"));
+    // Ten are answered; the 11th gets a disconnect, which russh's client reports as a refusal.
+    assert!(refused <= 11, "{refused} attempts refused before the end ({ended})");
+}
+
+#[tokio::test]
+async fn rejected_keys_from_many_connections_cannot_flood_cpuds_log() {
+    let dir = TempDir::new("logflood");
+    let key = keygen(&dir, "id", "ed25519");
+    let stranger = keygen(&dir, "stranger", "ed25519");
+    let cpud = Cpud::start(BIN, &authorized(&dir, &public_line(&key)));
+    let stranger = russh::keys::load_secret_key(&stranger, None).expect("load key");
+    // 2 sources x 8 connections (the per-source limit) x 10 attempts (the per-connection one):
+    // 16 handshakes at once, all admitted (MaxStartups starts dropping above 16).
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for source in 2..4u8 {
+        for _ in 0..8 {
+            let stranger = stranger.clone();
+            let port = cpud.port;
+            tasks.spawn(async move {
+                let Ok(peer) = RawPeer::connect(Ipv4Addr::new(127, 0, 0, source), port).await else {
+                    return 0;
+                };
+                let config = Arc::new(russh::client::Config::default());
+                let Ok(mut handle) = russh::client::connect_stream(config, peer.stream, AnyHost).await else {
+                    return 0;
+                };
+                let mut refused = 0;
+                for _ in 0..10 {
+                    let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(stranger.clone()), None);
+                    match tokio::time::timeout(TIMEOUT, handle.authenticate_publickey("x", key)).await {
+                        Ok(Ok(r)) if !r.success() => refused += 1,
+                        _ => break,
+                    }
+                }
+                refused
+            });
+        }
+    }
+    let mut refused = 0;
+    while let Some(r) = tasks.join_next().await {
+        refused += r.expect("attacker task");
+    }
+    let took = started.elapsed();
+    // Bounded wait for cpud's last lines to reach us.
+    let count = || cpud.log_lines().iter().filter(|l| l.contains("rejected")).count();
+    let settle = Instant::now();
+    let mut shown = count();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = count();
+        if now == shown || settle.elapsed() > TIMEOUT {
+            break;
+        }
+        shown = now;
+    }
+    // 20 lines per 10 s window: the bound only grows when the machine is slow.
+    let windows = took.as_secs() / 10 + 2;
+    eprintln!("FIGURE preauth-log-lines {shown} lines for {refused} rejected keys in {took:?}");
+    assert!(refused >= 100, "only {refused} keys were tried: {}", cpud.log_tail());
+    assert!(shown as u64 <= 20 * windows, "{shown} rejection lines for {refused} attempts in {took:?}");
+    // The owner still gets in, and says so in the log.
+    login(cpud.port, &key)
+        .await
+        .unwrap_or_else(|e| panic!("login after the flood: {e}\n{}", cpud.log_tail()));
+}
+
+#[tokio::test]
+async fn channels_and_forwards_per_connection_are_capped() {
+    let dir = TempDir::new("caps");
+    let key = keygen(&dir, "id", "ed25519");
+    let server = TestServer::start(Some(authorized(&dir, &public_line(&key))));
+    let client = connect(server.port, &key).await.expect("login");
+    // Sessions that never start a command: 64 at once, then ResourceShortage, one by one.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..80 {
+        match client.handle.channel_open_session().await {
+            Ok(ch) => open.push(ch),
+            Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ResourceShortage)) => {
+                refused += 1
+            }
+            Err(e) => panic!("after {} sessions: {e}", open.len()),
+        }
+    }
+    assert_eq!((open.len(), refused), (64, 16));
+    // A port in use is refused (and no forward is counted for it).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = u32::from(taken.local_addr().expect("addr").port());
+    assert!(client.handle.tcpip_forward("127.0.0.1", taken_port).await.is_err(), "port in use");
+    // Forwards: 16 at once, loopback only; a cancelled one makes room.
+    let mut ports = Vec::new();
+    for _ in 0..20 {
+        if let Ok(p) = client.handle.tcpip_forward("127.0.0.1", 0).await {
+            ports.push(p);
+        }
+    }
+    assert_eq!(ports.len(), 16, "forwards granted: {ports:?}");
+    client.handle.cancel_tcpip_forward("127.0.0.1", ports[0]).await.expect("cancel");
+    client.handle.tcpip_forward("127.0.0.1", 0).await.expect("a forward after a cancel");
+    // The connection still works: one of the sessions runs a command, and once the others
+    // are closed a new one opens.
+    let mut first = open.remove(0);
+    first.exec(true, "echo ok").await.expect("exec");
+    assert_eq!(text(&collect(&mut first).await.stdout), "ok\n");
+    for ch in open {
+        ch.close().await.expect("close");
+    }
+    let mut again = None;
+    for _ in 0..100 {
+        // The server forgets a closed session when its task ends: bounded retries.
+        match client.handle.channel_open_session().await {
+            Ok(ch) => {
+                again = Some(ch);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let mut again = again.expect("no session could be opened after closing the others");
+    again.exec(true, "echo again").await.expect("exec");
+    assert_eq!(text(&collect(&mut again).await.stdout), "again\n");
 }
 
 // ---- env requests ----

@@ -18,6 +18,9 @@
 //! attaching user and the requested group when this process may give files away (root), and
 //! otherwise by us with the requested group where chown(2) allows it. Set-user-ID and
 //! set-group-ID bits are never set on anything but a directory; device nodes are never made.
+//! A write to or truncation of a file clears its set-user-ID bit (and set-group-ID with group
+//! execute), as the kernel does for a writer without CAP_FSETID: as root we hold that
+//! capability, and the remote could otherwise rewrite a set-user-ID program of the export.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -322,6 +325,29 @@ fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     }
 }
 
+/// Clears set-user-ID, and set-group-ID with group execute, on a regular file about to be
+/// written or just truncated (the kernel's file_remove_privs for writers without
+/// CAP_FSETID; set-group-ID without group execute is no privilege and stays). EPERM (not
+/// our file) is fine: then we lack CAP_FSETID too and the kernel clears them itself.
+fn drop_set_id(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let st = retry(|| rfs::fstat(fd))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Ok(());
+    }
+    let mode = st.st_mode & 0o7777;
+    let mut clear = mode & 0o4000;
+    if mode & 0o2010 == 0o2010 {
+        clear |= 0o2000;
+    }
+    if clear == 0 {
+        return Ok(());
+    }
+    match chmod_fd(fd, mode & !clear) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        other => other,
+    }
+}
+
 /// Whether directory `dir` carries a default ACL (new entries inherit it instead of getting
 /// the umask). An error reading it counts as no.
 fn has_default_acl(dir: BorrowedFd<'_>) -> bool {
@@ -381,6 +407,9 @@ impl Backend for HostFs {
             }
             other => other?,
         };
+        if flags.truncate && flags.write {
+            drop_set_id(fd.as_fd())?;
+        }
         Ok(HostFile::new(fd))
     }
 
@@ -410,7 +439,13 @@ impl Backend for HostFs {
                     match retry(|| rfs::openat(&*dir.fd, name, o, Mode::empty())) {
                         // Removed in between: try creating again.
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                        other => return other.map(HostFile::new),
+                        Ok(fd) => {
+                            if flags.truncate && flags.write {
+                                drop_set_id(fd.as_fd())?;
+                            }
+                            return Ok(HostFile::new(fd));
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
                 Err(e) => return Err(e),
@@ -511,6 +546,7 @@ impl Backend for HostFs {
                 }
                 other => other?,
             }
+            drop_set_id(fd)?;
         }
         if attr.atime != SetTime::Omit || attr.mtime != SetTime::Omit {
             let times =
@@ -589,11 +625,13 @@ pub struct HostFile {
     fd: Arc<OwnedFd>,
     /// Serializes seek+getdents on a directory.
     dir_cursor: Mutex<()>,
+    /// Set-id bits were cleared before the first write through this file.
+    set_id_dropped: AtomicBool,
 }
 
 impl HostFile {
     fn new(fd: OwnedFd) -> Self {
-        HostFile { fd: Arc::new(fd), dir_cursor: Mutex::new(()) }
+        HostFile { fd: Arc::new(fd), dir_cursor: Mutex::new(()), set_id_dropped: AtomicBool::new(false) }
     }
 }
 
@@ -603,6 +641,10 @@ impl BackendFile for HostFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        if !self.set_id_dropped.load(Ordering::Relaxed) {
+            drop_set_id(self.fd.as_fd())?;
+            self.set_id_dropped.store(true, Ordering::Relaxed);
+        }
         retry(|| rustix::io::pwrite(&*self.fd, buf, offset))
     }
 

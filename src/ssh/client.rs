@@ -111,9 +111,46 @@ impl HostKeyCheck {
     }
 }
 
-/// The remote forward we asked for: the address string as sent, the allocated port, and where
-/// its forwarded connections go.
-type Forward = (String, u32, mpsc::UnboundedSender<Backchannel>);
+/// The remote forward we asked for: the address string as sent, the allocated port, where
+/// its forwarded connections go, and how many of them are alive.
+struct Forward {
+    address: String,
+    port: u32,
+    to: mpsc::UnboundedSender<Backchannel>,
+    live: Arc<LiveCount>,
+}
+
+/// Forwarded connections of one forward alive at once. A session uses two (the mount and the
+/// system-directory mount), each the moment it connects; any other (a wrong or missing nonce)
+/// lives at most until its nonce is refused or times out. Each costs three tasks and 64 KiB
+/// of buffers at once, so a remote (or any local user on the remote machine, who can connect
+/// to the forwarded loopback port) that opens thousands must be refused beyond a few.
+pub const MAX_LIVE_BACKCHANNELS: usize = 16;
+
+/// The live forwarded connections of one forward, and whether a refusal was reported.
+#[derive(Default)]
+struct LiveCount {
+    live: std::sync::atomic::AtomicUsize,
+    refusal_reported: std::sync::atomic::AtomicBool,
+}
+
+/// One live forwarded connection; it stops counting when dropped (its pump ended).
+struct LiveGuard(Arc<LiveCount>);
+
+impl LiveCount {
+    fn admit(self: &Arc<Self>) -> Option<LiveGuard> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let admitted =
+            self.live.fetch_update(SeqCst, SeqCst, |n| (n < MAX_LIVE_BACKCHANNELS).then_some(n + 1));
+        admitted.is_ok().then(|| LiveGuard(self.clone()))
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// A forwarded connection as the 9P server sees it: one end of an in-memory pipe, pumped to
 /// and from the SSH channel by [`pump_backchannel`].
@@ -128,7 +165,7 @@ const BACKCHANNEL_PIPE: usize = 256 << 10;
 /// carries replies back, waiting for the remote's window when it must (only it waits). Past
 /// what [`Backlog`] tolerates (the remote not reading its replies for a while, or a hard cap),
 /// the channel is closed.
-fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
+fn pump_backchannel(channel: Channel<Msg>, live: LiveGuard) -> Backchannel {
     let (ours, theirs) = tokio::io::duplex(BACKCHANNEL_PIPE);
     let (mut from_9p, mut to_9p) = tokio::io::split(ours);
     let (mut from_remote, to_remote) = channel.split();
@@ -166,6 +203,7 @@ fn pump_backchannel(channel: Channel<Msg>) -> Backchannel {
         let _ = writer.shutdown().await;
     });
     crate::task::spawn(async move {
+        let _live = live;
         let mut queue_tx = Some(queue_tx);
         loop {
             let msg = tokio::select! {
@@ -276,22 +314,40 @@ impl client::Handler for CpuHandler {
             let forward = self.shared.forward.lock().unwrap_or_else(|p| p.into_inner());
             forward
                 .iter()
-                .find(|(addr, port, _)| addr == connected_address && *port == connected_port)
-                .map(|(_, _, tx)| tx.clone())
+                .find(|f| f.address == connected_address && f.port == connected_port)
+                .map(|f| (f.to.clone(), f.live.clone()))
         };
+        let target = target.map(|(tx, live)| (tx, live.admit(), live));
         match target {
-            Some(tx) => {
+            Some((_, None, live)) => {
+                let first = !live.refusal_reported.swap(true, std::sync::atomic::Ordering::SeqCst);
+                let why = format!(
+                    "refused a forwarded connection for {}:{connected_port} from {}:{originator_port}: \
+                     {MAX_LIVE_BACKCHANNELS} already open",
+                    connected_address.escape_debug(),
+                    originator_address.escape_debug()
+                );
+                if first {
+                    log::warn!("{why} (further refusals are logged with -d)");
+                } else {
+                    log::debug!("{why}");
+                }
+                reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            }
+            Some((tx, Some(guard), _)) => {
                 log::debug!(
                     "forwarded connection to {connected_address}:{connected_port} from {originator_address}:{originator_port}"
                 );
                 reply.accept().await;
-                if tx.send(pump_backchannel(channel)).is_err() {
+                if tx.send(pump_backchannel(channel, guard)).is_err() {
                     log::debug!("the 9p back-channel is no longer accepted; connection dropped");
                 }
             }
             None => {
+                // The server's strings go to the user's terminal: no control characters.
                 log::warn!(
-                    "refused a forwarded connection for {connected_address}:{connected_port} (no such forward, or the session ended)"
+                    "refused a forwarded connection for {}:{connected_port} (no such forward, or the session ended)",
+                    connected_address.escape_debug()
                 );
                 reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             }
@@ -544,11 +600,12 @@ impl Connection {
             match self.handle.tcpip_forward(addr, 0).await {
                 Ok(port) if (1..=65535).contains(&port) => {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    self.shared.forward.lock().unwrap_or_else(|p| p.into_inner()).push((
-                        addr.to_string(),
+                    self.shared.forward.lock().unwrap_or_else(|p| p.into_inner()).push(Forward {
+                        address: addr.to_string(),
                         port,
-                        tx,
-                    ));
+                        to: tx,
+                        live: Arc::default(),
+                    });
                     log::debug!("the server listens on {addr} port {port} for the 9p back-channel");
                     return Ok((addr.to_string(), port as u16, rx));
                 }
@@ -568,7 +625,7 @@ impl Connection {
             .forward
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(a, p, _)| !(a == addr && *p == u32::from(port)));
+            .retain(|f| !(f.address == addr && f.port == u32::from(port)));
     }
 
     /// Asks the server to stop listening for the forward `addr`:`port` (a control master's

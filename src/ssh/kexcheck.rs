@@ -8,7 +8,10 @@
 //! learns the negotiated exchange from the client's KEXINIT (the client's first algorithm
 //! that cpud offers), checks SSH_MSG_KEXDH_INIT, and goes quiet after the client's NEWKEYS:
 //! everything after that is encrypted and russh's business. It does no I/O and never panics
-//! on input; a packet too long to be real ends the inspection (russh refuses it anyway).
+//! on input. What it cannot follow it refuses: a clear-text packet over 35000 bytes (RFC
+//! 4253's minimum; no client's key exchange comes near it, but russh takes up to 256 KiB, so
+//! a KEXINIT padded with made-up names would otherwise end the inspection and with it the DH
+//! check and the modp gate), a malformed one, or an identification line past 1024 bytes.
 
 use std::fmt;
 
@@ -96,6 +99,7 @@ impl ClearTextInspector {
                         };
                     } else if *line > MAX_LINE {
                         self.phase = Phase::Done;
+                        return Err(BadKex("identification line too long"));
                     }
                 }
                 Phase::Packet => {
@@ -107,7 +111,10 @@ impl ClearTextInspector {
                     self.buf.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     match self.packet_length() {
-                        Some(len) if !(2..=MAX_CLEAR_PACKET).contains(&len) => self.phase = Phase::Done,
+                        Some(len) if !(2..=MAX_CLEAR_PACKET).contains(&len) => {
+                            self.phase = Phase::Done;
+                            return Err(BadKex("clear-text packet length out of range (2 to 35000 bytes)"));
+                        }
                         Some(len) if self.buf.len() == 4 + len => {
                             let packet = std::mem::take(&mut self.buf);
                             self.packet(&packet)?;
@@ -131,14 +138,20 @@ impl ClearTextInspector {
         let Some(&pad) = packet.get(4) else { return Ok(()) };
         let Some(payload) = packet.len().checked_sub(pad as usize).and_then(|end| packet.get(5..end)) else {
             self.phase = Phase::Done;
-            return Ok(());
+            return Err(BadKex("clear-text packet with more padding than data"));
         };
         match payload.first() {
             Some(&MSG_KEXINIT) => {
                 // cookie (16 bytes), then the first name-list: kex_algorithms.
                 let names = payload.get(17..).and_then(|r| read_string(r)).map(|(s, _)| s);
                 let client_kex = names.map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
-                let chosen = client_kex.split(',').find(|n| self.offered.iter().any(|o| o == n));
+                // As russh chooses: the client's first real exchange that cpud offers. The
+                // pseudo-algorithms (ext-info-s, kex-strict-s-...) are in cpud's list but are no
+                // exchange: one named first must not pass for the negotiated one.
+                let chosen = client_kex
+                    .split(',')
+                    .filter(|n| !is_pseudo_kex(n))
+                    .find(|n| self.offered.iter().any(|o| o == n));
                 self.negotiated_modp = chosen.is_some_and(|c| self.modp.contains(&c));
             }
             Some(&MSG_KEXDH_INIT) if self.negotiated_modp => {
@@ -151,6 +164,11 @@ impl ClearTextInspector {
         }
         Ok(())
     }
+}
+
+/// Names in a kex list that signal extensions instead of naming an exchange.
+fn is_pseudo_kex(name: &str) -> bool {
+    name.starts_with("ext-info-") || name.starts_with("kex-strict-")
 }
 
 /// An SSH `string` (or `mpint`) at the start of `data`, and what follows it.
@@ -177,7 +195,8 @@ pub fn check_dh_public(mpint: &[u8]) -> Result<(), BadKex> {
 mod tests {
     use super::*;
 
-    const OFFERED: &[&str] = &["curve25519-sha256", "diffie-hellman-group14-sha256"];
+    const OFFERED: &[&str] =
+        &["curve25519-sha256", "diffie-hellman-group14-sha256", "ext-info-s", "kex-strict-s-v00@openssh.com"];
     const MODP: &[&str] = &["diffie-hellman-group14-sha256"];
 
     fn string(s: &[u8]) -> Vec<u8> {
@@ -251,19 +270,41 @@ mod tests {
         run(&stream("curve25519-sha256,diffie-hellman-group14-sha256", &[2]), 5).expect("not DH");
         // An exchange cpud does not offer is skipped when choosing.
         assert!(run(&stream("diffie-hellman-group18-sha512,diffie-hellman-group14-sha256", &[2]), 5).is_err());
+        // So are the pseudo-algorithms, which cpud's list holds but which name no exchange.
+        for first in ["ext-info-s", "kex-strict-s-v00@openssh.com", "ext-info-c"] {
+            let kex = format!("{first},diffie-hellman-group14-sha256");
+            assert!(run(&stream(&kex, &[2]), 5).is_err(), "{first} first");
+        }
     }
 
     #[test]
-    fn inspection_stops_at_newkeys_and_on_nonsense() {
+    fn inspection_stops_at_newkeys_and_refuses_what_it_cannot_follow() {
         let mut s = vec![b"SSH-2.0-x\r\n".to_vec(), kexinit("diffie-hellman-group14-sha256")];
         s.push(packet(&[MSG_NEWKEYS]));
         s.push(kexdh_init(&[2])); // encrypted in real life: not looked at
         run(&s, 4).expect("after NEWKEYS");
         let mut i = ClearTextInspector::new(OFFERED, MODP);
-        i.feed(b"SSH-2.0-x\r\n\xff\xff\xff\xff").expect("huge length");
+        assert!(i.feed(b"SSH-2.0-x\r\n\xff\xff\xff\xff").is_err(), "huge length");
         assert!(i.done());
         let mut i = ClearTextInspector::new(OFFERED, MODP);
-        i.feed(&[b'a'; 2000]).expect("endless line");
-        assert!(i.done());
+        assert!(i.feed(&[b'a'; 2000]).is_err(), "endless line");
+        // Just over RFC 4253's 35000 bytes: refused, whatever it holds.
+        let mut big = vec![0u8; 5];
+        big[..4].copy_from_slice(&35_001u32.to_be_bytes());
+        let mut i = ClearTextInspector::new(OFFERED, MODP);
+        assert!(i.feed(&[b"SSH-2.0-x\r\n".as_slice(), &big].concat()).is_err(), "35001 bytes");
+        // A packet whose padding claims more than it holds.
+        let mut i = ClearTextInspector::new(OFFERED, MODP);
+        let bad = [0, 0, 0, 8, 200, 20, 0, 0, 0, 0, 0, 0];
+        assert!(i.feed(&[b"SSH-2.0-x\r\n".as_slice(), &bad].concat()).is_err(), "padding");
+        // 35000 bytes is fine.
+        let payload = [&[MSG_KEXINIT][..], &vec![0u8; 35_000 - 1 - 8 - 1][..]].concat();
+        let mut p = 35_000u32.to_be_bytes().to_vec();
+        p.push(8);
+        p.extend_from_slice(&payload);
+        p.extend_from_slice(&[0; 8]);
+        let mut i = ClearTextInspector::new(OFFERED, MODP);
+        i.feed(&[b"SSH-2.0-x\r\n".as_slice(), &p].concat()).expect("35000 bytes");
+        assert!(!i.done());
     }
 }

@@ -16,8 +16,11 @@
 //! Robustness against unauthenticated peers: admission control on accept
 //! ([`crate::ssh::admission`]: MaxStartups random early drop, a per-source limit with a
 //! bounded waiting line, eviction of the busiest source's oldest handshake); a short grace for
-//! the client's identification line and a bounded time to authenticate (a connection past
-//! either is cut: its stream starts failing, which ends russh's loop); key exchange limited to
+//! the client's identification line, a bounded time to authenticate and a bounded amount of
+//! CPU spent on the connection before it authenticates beyond its first key exchange (a
+//! client may re-exchange keys at any time, and a group14 re-exchange costs cpud tens of
+//! milliseconds and the client nothing); a connection past any of these is cut: its stream
+//! starts failing, which ends russh's loop; key exchange limited to
 //! algorithms whose cost a peer cannot inflate ([`SERVER_KEX`]), DH values checked as OpenSSH
 //! does and one modp exponentiation at a time daemon-wide ([`crate::ssh::kexcheck`]); and each
 //! connection runs on a thread of its own with its own current-thread runtime, so one peer's
@@ -32,6 +35,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -85,6 +89,16 @@ const CONNECTION_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 const MAX_CHANNELS_PER_CONNECTION: usize = 64;
 /// Remote forwards at once on one connection (cpu uses one).
 const MAX_FORWARDS_PER_CONNECTION: usize = 16;
+/// CPU an unauthenticated connection may use after its first key exchange, beyond
+/// [`ServerConfig::preauth_cpu_floor`], in multiples of what that exchange cost: an
+/// elliptic-curve exchange is cheap (so ten signature checks on a slow board still fit),
+/// a group14 one is itself about a hundred of them (so one more at most).
+const PREAUTH_CPU_PER_EC_KEX: u32 = 16;
+const PREAUTH_CPU_PER_MODP_KEX: u32 = 1;
+/// Lines about peers that have not authenticated, at most this many per
+/// [`PREAUTH_LOG_WINDOW`] (the rest at debug level): see [`PreauthLog`].
+const PREAUTH_LOG_BURST: u32 = 20;
+const PREAUTH_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// While the daemon stops: how often a connection looks whether its last command has ended.
 const STOPPING_POLL: Duration = Duration::from_millis(100);
 
@@ -100,6 +114,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A connection must send its SSH identification line within this time.
     pub banner_grace: Duration,
+    /// CPU a connection may use before it authenticates, after its first key exchange, on
+    /// top of a multiple of that exchange's own cost (see [`preauth_cpu_budget`]).
+    pub preauth_cpu_floor: Duration,
     /// Limits on connections that have not authenticated yet.
     pub admission: AdmissionConfig,
     /// Between SIGHUP and SIGKILL for the command of a client that went away.
@@ -122,6 +139,7 @@ impl ServerConfig {
             authorized_keys,
             handshake_timeout: Duration::from_secs(30),
             banner_grace: Duration::from_secs(5),
+            preauth_cpu_floor: Duration::from_millis(20),
             admission: AdmissionConfig::default(),
             hangup_grace: Duration::from_secs(2),
             remote_program: PathBuf::from("/proc/self/exe"),
@@ -138,6 +156,7 @@ struct Shared {
     authorized_keys: Option<PathBuf>,
     handshake_timeout: Duration,
     banner_grace: Duration,
+    preauth_cpu_floor: Duration,
     hangup_grace: Duration,
     remote_program: PathBuf,
     tenants: Arc<Tenants>,
@@ -148,6 +167,53 @@ struct Shared {
     modp_gate: Arc<Semaphore>,
     /// True once the daemon stops: connections end when no command runs on them.
     stopping: tokio::sync::watch::Sender<bool>,
+    preauth_log: Arc<PreauthLog>,
+}
+
+/// How many log lines peers that have not authenticated may cause. A peer decides how many
+/// there are (ten rejected keys per connection, dropped handshakes), and a cpud on a board
+/// often logs to a serial console (about 11 KB/s at 115200 baud) whose writes block once it
+/// is full: every thread that logs then waits, the accept loop and legitimate logins
+/// included. So at most [`PREAUTH_LOG_BURST`] such lines per [`PREAUTH_LOG_WINDOW`] go out
+/// at their level, the rest at debug, counted in the next line that goes out.
+#[derive(Default)]
+pub struct PreauthLog {
+    window: Mutex<LogWindow>,
+}
+
+#[derive(Default)]
+struct LogWindow {
+    start: Option<std::time::Instant>,
+    shown: u32,
+    held_back: u64,
+}
+
+impl PreauthLog {
+    /// Whether a line may go out at its level at `now`, and how many were held back before
+    /// it (None: log it at debug level).
+    pub fn admit_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.start.is_none_or(|s| now.saturating_duration_since(s) >= PREAUTH_LOG_WINDOW) {
+            w.start = Some(now);
+            w.shown = 0;
+        }
+        if w.shown < PREAUTH_LOG_BURST {
+            w.shown += 1;
+            Some(std::mem::take(&mut w.held_back))
+        } else {
+            w.held_back += 1;
+            None
+        }
+    }
+
+    /// Logs `line` at `level`, or at debug level past the budget.
+    fn log(&self, level: log::Level, line: std::fmt::Arguments<'_>) {
+        match self.admit_at(std::time::Instant::now()) {
+            Some(0) => log::log!(level, "{line}"),
+            Some(n) => log::log!(level, "{line} ({n} more lines about unauthenticated peers not shown)"),
+            None => log::debug!("{line}"),
+        }
+    }
 }
 
 impl Shared {
@@ -204,12 +270,14 @@ pub async fn serve(
         authorized_keys: config.authorized_keys.clone(),
         handshake_timeout: config.handshake_timeout,
         banner_grace: config.banner_grace.min(config.handshake_timeout),
+        preauth_cpu_floor: config.preauth_cpu_floor,
         hangup_grace: config.hangup_grace,
         remote_program: config.remote_program.clone(),
         tenants: Tenants::new(config.on_tenants.clone()),
         admission: Admission::new(config.admission),
         modp_gate: Arc::new(Semaphore::new(1)),
         stopping: tokio::sync::watch::channel(false).0,
+        preauth_log: Arc::default(),
     });
     let mut connections = JoinSet::new();
     let mut drops = DropLog::default();
@@ -357,6 +425,7 @@ async fn connection(
     mut evicted: oneshot::Receiver<()>,
 ) {
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
+    let authenticated = Arc::new(AtomicBool::new(false));
     let inspector =
         ClearTextInspector::new(&SERVER_KEX.iter().map(|n| n.as_ref()).collect::<Vec<_>>(), MODP_KEX);
     let stream = Killable {
@@ -369,11 +438,14 @@ async fn connection(
         gated: None,
         held: None,
         unread: Vec::new(),
+        cpu: PreauthCpu::new(shared.preauth_cpu_floor, authenticated.clone()),
+        peer: peer.clone(),
+        log: shared.preauth_log.clone(),
     };
     let (auth_tx, auth_rx) = oneshot::channel::<()>();
     // Every session task holds a clone of the sender: recv() ends when the last one is done.
     let (tasks_tx, mut tasks_rx) = mpsc::channel::<()>(1);
-    let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx, tasks_tx);
+    let handler = ConnHandler::new(peer.clone(), shared.clone(), auth_tx, authenticated, tasks_tx);
     let channels = handler.channels.clone();
     let mut stopping = shared.stopping.subscribe();
     let deadline = tokio::time::sleep(shared.handshake_timeout);
@@ -389,11 +461,15 @@ async fn connection(
             }
         },
         () = banner_deadline => {
-            log::info!("{peer}: dropped, no SSH identification within {:?}", shared.banner_grace);
+            let grace = shared.banner_grace;
+            shared.preauth_log.log(log::Level::Info, format_args!("{peer}: dropped, no SSH identification within {grace:?}"));
             return;
         }
         Ok(()) = &mut evicted => {
-            log::info!("{peer}: dropped before its identification: a less busy source needed the slot");
+            shared.preauth_log.log(
+                log::Level::Info,
+                format_args!("{peer}: dropped before its identification: a less busy source needed the slot"),
+            );
             return;
         }
         () = stopped(&mut stopping) => {
@@ -419,14 +495,18 @@ async fn connection(
                 }
             }
             () = &mut deadline, if !ticket.is_released() => {
-                log::info!("{peer}: dropped, handshake not finished within {:?}", shared.handshake_timeout);
+                let limit = shared.handshake_timeout;
+                shared.preauth_log.log(log::Level::Info, format_args!("{peer}: dropped, handshake not finished within {limit:?}"));
                 if let Some(k) = kill_tx.take() {
                     let _ = k.send(());
                 }
                 ticket.release();
             }
             Ok(()) = &mut evicted, if !ticket.is_released() => {
-                log::info!("{peer}: dropped during its handshake: a less busy source needed the slot");
+                shared.preauth_log.log(
+                    log::Level::Info,
+                    format_args!("{peer}: dropped during its handshake: a less busy source needed the slot"),
+                );
                 if let Some(k) = kill_tx.take() {
                     let _ = k.send(());
                 }
@@ -485,6 +565,65 @@ struct Killable {
     held: Option<OwnedSemaphorePermit>,
     /// Bytes read but not yet handed to russh (held back for the permit).
     unread: Vec<u8>,
+    /// What the connection's thread has computed before authentication.
+    cpu: PreauthCpu,
+    peer: String,
+    log: Arc<PreauthLog>,
+}
+
+/// The CPU clock of the calling thread (each connection has a thread of its own).
+fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, exclusively borrowed timespec, which clock_gettime only writes.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u32::try_from(ts.tv_nsec).ok()?;
+    (r == 0).then(|| Duration::new(secs, nanos.min(999_999_999)))
+}
+
+/// What an unauthenticated connection may compute after its first key exchange that cost
+/// `first_kex`: the floor, plus a multiple of that cost (which also scales the budget to
+/// the machine and the build: a debug build or a slow board is slower at both).
+pub fn preauth_cpu_budget(floor: Duration, first_kex: Duration, modp: bool) -> Duration {
+    let per = if modp { PREAUTH_CPU_PER_MODP_KEX } else { PREAUTH_CPU_PER_EC_KEX };
+    floor.saturating_add(first_kex.saturating_mul(per))
+}
+
+/// The CPU bookkeeping of a connection before it authenticates. Measured on the
+/// connection's own thread, where russh does all of its work.
+struct PreauthCpu {
+    floor: Duration,
+    authenticated: Arc<AtomicBool>,
+    /// The thread's CPU clock when the connection started (None: no clock, no limit).
+    start: Option<Duration>,
+    /// Whether the first exchange was a modp one.
+    modp: bool,
+    /// Once the first exchange is over: the clock then and what may be spent after it.
+    limit: Option<(Duration, Duration)>,
+}
+
+impl PreauthCpu {
+    fn new(floor: Duration, authenticated: Arc<AtomicBool>) -> PreauthCpu {
+        PreauthCpu { floor, authenticated, start: thread_cpu_time(), modp: false, limit: None }
+    }
+
+    /// The client's first NEWKEYS went by: russh has done the exchange's work.
+    fn first_kex_done(&mut self) {
+        if let (Some(start), Some(now), None) = (self.start, thread_cpu_time(), self.limit) {
+            let cost = now.saturating_sub(start);
+            self.limit = Some((now, preauth_cpu_budget(self.floor, cost, self.modp)));
+        }
+    }
+
+    /// (spent, allowed) when the connection, still unauthenticated, has gone past its budget.
+    fn exceeded(&self) -> Option<(Duration, Duration)> {
+        let (since, allowed) = self.limit?;
+        if self.authenticated.load(Ordering::Relaxed) {
+            return None;
+        }
+        let spent = thread_cpu_time()?.saturating_sub(since);
+        (spent > allowed).then_some((spent, allowed))
+    }
 }
 
 impl Killable {
@@ -532,6 +671,23 @@ impl Killable {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         self.check(cx)?;
+        if let Some((spent, allowed)) = self.cpu.exceeded() {
+            self.log.log(
+                log::Level::Info,
+                format_args!(
+                    "{}: dropped: {} ms of CPU before authenticating, after its key exchange (allowed {} ms): \
+                     key re-exchanges before login are not served",
+                    self.peer,
+                    spent.as_millis(),
+                    allowed.as_millis()
+                ),
+            );
+            self.dead = true;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "too much CPU before authentication",
+            )));
+        }
         if let Some(gated) = self.gated.as_mut() {
             match gated.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -551,7 +707,7 @@ impl Killable {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let (Poll::Ready(Ok(())), Some(inspector)) = (&r, self.inspector.as_mut()) {
             if let Err(bad) = inspector.feed(&buf.filled()[before..]) {
-                log::info!("refused key exchange: {bad}");
+                self.log.log(log::Level::Info, format_args!("{}: refused key exchange: {bad}", self.peer));
                 self.dead = true;
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -559,8 +715,11 @@ impl Killable {
                 )));
             }
             let modp = inspector.take_modp_exchange();
-            if inspector.done() {
+            let first_kex_over = inspector.done();
+            self.cpu.modp |= modp;
+            if first_kex_over {
                 self.inspector = None;
+                self.cpu.first_kex_done();
             }
             if modp && self.held.is_none() {
                 // Hold the bytes back until this connection may exponentiate.
@@ -610,6 +769,8 @@ struct ConnHandler {
     peer: String,
     peer_ip: Option<IpAddr>,
     authenticated: Option<oneshot::Sender<()>>,
+    /// Set on success; ends the connection's pre-authentication CPU limit.
+    authenticated_flag: Arc<AtomicBool>,
     /// Cloned into every session task; see [`connection`].
     tasks: mpsc::Sender<()>,
     permissions: Permissions,
@@ -622,6 +783,7 @@ impl ConnHandler {
         peer: String,
         shared: Arc<Shared>,
         authenticated: oneshot::Sender<()>,
+        authenticated_flag: Arc<AtomicBool>,
         tasks: mpsc::Sender<()>,
     ) -> ConnHandler {
         let peer_ip = peer.parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical());
@@ -630,6 +792,7 @@ impl ConnHandler {
             peer,
             peer_ip,
             authenticated: Some(authenticated),
+            authenticated_flag,
             tasks,
             permissions: Permissions::default(),
             channels: Arc::new(Mutex::new(HashMap::new())),
@@ -643,7 +806,7 @@ impl ConnHandler {
         let keys = match AuthorizedKeys::load(path) {
             Ok(k) => k,
             Err(e) => {
-                log::error!("{e}; rejecting every key");
+                self.shared.preauth_log.log(log::Level::Error, format_args!("{e}; rejecting every key"));
                 return None;
             }
         };
@@ -656,13 +819,17 @@ impl ConnHandler {
             Verdict::Accepted { permissions, .. } => Some(permissions),
             Verdict::Unknown => {
                 if log_reject {
-                    log::info!("{}: rejected {}: not in {}", self.peer, describe(), path.display());
+                    let line =
+                        format_args!("{}: rejected {}: not in {}", self.peer, describe(), path.display());
+                    self.shared.preauth_log.log(log::Level::Info, line);
                 }
                 None
             }
             Verdict::Denied(why) => {
                 if log_reject {
-                    log::info!("{}: rejected {}: {}: {why}", self.peer, describe(), path.display());
+                    let line =
+                        format_args!("{}: rejected {}: {}: {why}", self.peer, describe(), path.display());
+                    self.shared.preauth_log.log(log::Level::Info, line);
                 }
                 None
             }
@@ -709,7 +876,9 @@ impl Handler for ConnHandler {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         if is_sha1_rsa(offer.algorithm) {
-            log::info!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            let line =
+                format_args!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            self.shared.preauth_log.log(log::Level::Info, line);
             return Ok(Auth::reject());
         }
         Ok(match self.judge(offer.public_key, true) {
@@ -720,7 +889,9 @@ impl Handler for ConnHandler {
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         if is_sha1_rsa(key.algorithm) {
-            log::info!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            let line =
+                format_args!("{}: refused an ssh-rsa (SHA-1) signature; rsa-sha2-256/512 work", self.peer);
+            self.shared.preauth_log.log(log::Level::Info, line);
             return Ok(Auth::reject());
         }
         match self.judge(key.public_key, false) {
@@ -739,6 +910,7 @@ impl Handler for ConnHandler {
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.authenticated_flag.store(true, Ordering::Relaxed);
         if let Some(tx) = self.authenticated.take() {
             let _ = tx.send(());
         }
@@ -1078,6 +1250,45 @@ async fn pump_forwarded(socket: tokio::net::TcpStream, channel: russh::Channel<r
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_preauth_budget_allows_signature_checks_but_not_repeated_modp_exchanges() {
+        let floor = Duration::from_millis(20);
+        let ec = Duration::from_micros(300);
+        assert_eq!(preauth_cpu_budget(floor, ec, false), Duration::from_micros(24_800));
+        // After a 25 ms group14 exchange, one more fits (with the floor), a second does not.
+        let modp = Duration::from_millis(25);
+        let budget = preauth_cpu_budget(floor, modp, true);
+        assert_eq!(budget, Duration::from_millis(45));
+        assert!(budget >= modp && budget < 2 * modp);
+        assert_eq!(preauth_cpu_budget(Duration::MAX, Duration::MAX, false), Duration::MAX);
+    }
+
+    #[test]
+    fn preauth_log_lines_are_limited_per_window_and_the_held_back_counted() {
+        let log = PreauthLog::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..PREAUTH_LOG_BURST {
+            assert_eq!(log.admit_at(t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(log.admit_at(t0 + Duration::from_secs(9)), None);
+        }
+        // A new window: the first line says how many were held back, once.
+        assert_eq!(log.admit_at(t0 + PREAUTH_LOG_WINDOW), Some(5));
+        assert_eq!(log.admit_at(t0 + PREAUTH_LOG_WINDOW), Some(0));
+    }
+
+    #[test]
+    fn the_thread_cpu_clock_moves_with_work() {
+        let before = thread_cpu_time().expect("CLOCK_THREAD_CPUTIME_ID");
+        let mut x = 1u64;
+        for i in 0..2_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+        std::hint::black_box(x);
+        assert!(thread_cpu_time().expect("clock") > before);
+    }
 
     #[test]
     fn only_loopback_binds() {
