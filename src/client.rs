@@ -603,12 +603,14 @@ impl SessionSpec {
                 )
             };
             // Bind sources with the client's symlinks resolved inside the export (/lib ->
-            // /usr/lib): the remote binds them without reading links over 9P.
-            Some(crate::namespace::client_fstab_resolved(
+            // /usr/lib): the remote binds them without reading links over 9P. Built even
+            // without 9P, so that a namespace syntax error never costs a connection.
+            let with_binds = crate::namespace::client_fstab_resolved(
                 &opts.namespace,
                 file.as_deref(),
                 std::path::Path::new(&root),
-            )?)
+            )?;
+            without_binds_unless_9p(opts.ninep, with_binds, file.as_deref())
         };
         let tty = terminal::window_size(std::io::stdin().as_fd()).map(|ws| {
             let term = std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "dumb".into());
@@ -626,6 +628,19 @@ impl SessionSpec {
             debug_9p: opts.debug_9p,
             fstab,
         })
+    }
+}
+
+/// The CPU_FSTAB to send. Without 9P nothing is mounted at /tmp/cpu, so the namespace's bind
+/// lines could only fail on the server (the Go cpud of 2025 prints "fstab mount failure" for
+/// each, spec P16; the Go client sends them anyway): only the -fstab file's lines go, if any.
+fn without_binds_unless_9p(ninep: bool, with_binds: String, fstab_file: Option<&str>) -> Option<String> {
+    match (ninep, fstab_file) {
+        (true, _) => Some(with_binds),
+        (false, Some(file)) if !file.trim_matches('\n').is_empty() => {
+            Some(format!("{}\n", file.trim_matches('\n')))
+        }
+        (false, _) => None,
     }
 }
 
@@ -1317,6 +1332,19 @@ mod tests {
         assert_eq!(env, vec![("HOME".into(), "/h".into()), ("TMPDIR".into(), "/tmp".into())]);
         let env = session_env(vec![], Some("n"), None, 8192, "cache=loose");
         assert_eq!(env.last().unwrap(), &("CPU_MOUNTOPTS".to_string(), "cache=loose".to_string()));
+    }
+
+    #[test]
+    fn no_bind_lines_without_9p() {
+        let binds = "\n/tmp/cpu/lib /lib none defaults,bind 0 0\n".to_string();
+        assert_eq!(without_binds_unless_9p(true, binds.clone(), None), Some(binds.clone()));
+        assert_eq!(without_binds_unless_9p(false, binds.clone(), None), None);
+        assert_eq!(without_binds_unless_9p(false, binds.clone(), Some("\n\n")), None);
+        let file = "\nnone /mnt tmpfs defaults 0 0\n\n";
+        assert_eq!(
+            without_binds_unless_9p(false, binds, Some(file)),
+            Some("none /mnt tmpfs defaults 0 0\n".into())
+        );
     }
 
     #[test]
