@@ -28,7 +28,7 @@ use russh::Sig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::error::{Error, Result, EXIT_CONNECTION};
+use crate::error::{Error, Result, EXIT_CONNECTION, EXIT_STDOUT_GONE};
 use crate::options::{CpuOptions, DEFAULT_PORT};
 use crate::protocol;
 use crate::ssh::client::{AuthMethods, Connection, HostKeyCheck, HostKeyPolicy};
@@ -434,6 +434,8 @@ enum Ending {
     Closed(Outcome),
     Escape,
     LocalSignal(i32),
+    /// Our stdout's reader went away (`cpu host yes | head -1`).
+    StdoutGone,
 }
 
 /// A request that starts the session. pty-req and exec want a reply (a refusal ends the
@@ -833,15 +835,20 @@ pub async fn local_session(
     // core on a busy host).
     let mut unstarted_output = Some(out_rx);
     let mut output: Option<OutputThread> = None;
+    // The output thread says when our stdout's reader is gone (EPIPE): then the session ends,
+    // as a local `yes | head -1` ends (ssh closes the channel; Go's cpu dies of SIGPIPE).
+    let (stdout_gone_tx, mut stdout_gone) = mpsc::channel::<()>(1);
+    let mut stdout_gone_tx = Some(stdout_gone_tx);
     let (mut interrupts, mut terminations) = (0u32, 0u32);
     let ending = loop {
         tokio::select! {
             r = &mut runner => break r.map(Ending::Closed),
             first = next_output(&mut unstarted_output), if unstarted_output.is_some() => {
-                if let (Some(chunk), Some(rx)) = (first, unstarted_output.take()) {
-                    output = Some(OutputThread::start(chunk, rx));
+                if let (Some(chunk), Some(rx), Some(gone)) = (first, unstarted_output.take(), stdout_gone_tx.take()) {
+                    output = Some(OutputThread::start(chunk, rx, gone));
                 }
             }
+            Some(()) = stdout_gone.recv() => break Ok(Ending::StdoutGone),
             Some(()) = escape_rx.recv() => break Ok(Ending::Escape),
             // Signals are forwarded (the session sends them once its command started); but a
             // server that ignores them must not make cpu unkillable.
@@ -874,7 +881,7 @@ pub async fn local_session(
         // Output that came with the end: the session is over, nothing else waits for this thread.
         (None, Some(mut rx)) => {
             while let Some((to_stderr, bytes)) = rx.recv().await {
-                write_chunk(to_stderr, &bytes);
+                let _ = write_chunk(to_stderr, &bytes);
             }
         }
         (None, None) => {}
@@ -884,6 +891,10 @@ pub async fn local_session(
         Ending::Escape => {
             eprintln!("cpu: connection to {host} closed (~.)");
             Ok(EXIT_CONNECTION)
+        }
+        Ending::StdoutGone => {
+            log::debug!("stdout's reader went away: session closed");
+            Ok(EXIT_STDOUT_GONE)
         }
         Ending::LocalSignal(n) => {
             eprintln!("cpu: stopped by signal {n}; the remote command may still run");
@@ -1165,13 +1176,19 @@ struct OutputThread {
 }
 
 impl OutputThread {
-    /// Writes `first`, then every chunk of `rx` until it closes.
-    fn start(first: (bool, Vec<u8>), mut rx: OutputReceiver) -> OutputThread {
+    /// Writes `first`, then every chunk of `rx` until it closes. When stdout's reader is gone
+    /// it says so on `stdout_gone` once and drops stdout's chunks from then on (stderr's are
+    /// still written), so that the session can end.
+    fn start(first: (bool, Vec<u8>), mut rx: OutputReceiver, stdout_gone: mpsc::Sender<()>) -> OutputThread {
         let (written_tx, written) = tokio::sync::oneshot::channel::<()>();
         let handle = crate::task::spawn_thread(move || {
-            write_chunk(first.0, &first.1);
-            while let Some((to_stderr, bytes)) = rx.blocking_recv() {
-                write_chunk(to_stderr, &bytes);
+            let mut stdout_open = true;
+            let mut chunk = Some(first);
+            while let Some((to_stderr, bytes)) = chunk.take().or_else(|| rx.blocking_recv()) {
+                if (to_stderr || stdout_open) && write_chunk(to_stderr, &bytes) == Written::ReaderGone {
+                    stdout_open = false;
+                    let _ = stdout_gone.try_send(());
+                }
             }
             let _ = written_tx.send(());
         });
@@ -1185,17 +1202,29 @@ impl OutputThread {
     }
 }
 
-/// Writes one chunk to fd 2 or fd 1. A closed stdout (e.g. `| head`) is ignored: the caller
-/// keeps draining so the session can finish.
-fn write_chunk(to_stderr: bool, bytes: &[u8]) {
+/// What became of a chunk written to stdout or stderr.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    /// Written, or lost to an error the session goes on after.
+    Done,
+    /// stdout's reader is gone (EPIPE: `| head` has read what it wanted).
+    ReaderGone,
+}
+
+/// Writes one chunk to fd 2 or fd 1 (Rust ignores SIGPIPE: a closed pipe is EPIPE here).
+fn write_chunk(to_stderr: bool, bytes: &[u8]) -> Written {
     use std::io::Write;
-    let _ = if to_stderr {
+    let result = if to_stderr {
         let mut err = std::io::stderr();
         err.write_all(bytes).and_then(|_| err.flush())
     } else {
         let mut out = std::io::stdout().lock();
         out.write_all(bytes).and_then(|_| out.flush())
     };
+    match result {
+        Err(e) if !to_stderr && e.kind() == std::io::ErrorKind::BrokenPipe => Written::ReaderGone,
+        _ => Written::Done,
+    }
 }
 
 /// The exit status for what the server reported.

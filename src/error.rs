@@ -14,6 +14,9 @@ use crate::flags::FlagError;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit status for connection, host-key and authentication failures (as ssh).
 pub const EXIT_CONNECTION: i32 = 255;
+/// Exit status when our stdout's reader went away and the session was ended for it: what a
+/// local program killed by SIGPIPE gives (128 + 13), as the Go `cpu` does.
+pub const EXIT_STDOUT_GONE: i32 = 141;
 /// Exit status of `cpud -remote` when setting up the session failed before the command ran.
 pub const EXIT_REMOTE_SETUP: i32 = 125;
 /// Command found but not executable (shell convention).

@@ -11,7 +11,7 @@ mod cpu_support;
 #[path = "common/skip.rs"]
 mod skip;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -303,6 +303,34 @@ fn a_mux_session_whose_reader_stalls_does_not_stop_the_others() {
     assert_eq!((a.status.code(), a.stdout.len()), (Some(0), SIZE), "{}", text(&a.stderr));
     assert!(a.stdout.iter().all(|&b| b == 0), "A's bytes are all zero");
     assert_eq!(w.cpud.connections(), 1, "{}", w.cpud.log());
+}
+
+/// `cpu host yes | head -1`: when our stdout's reader leaves, the session ends (status 141, as
+/// for a local program killed by SIGPIPE; cpud stops the remote command), directly and
+/// through a master. cpu used to drain the endless output forever.
+#[test]
+fn a_stdout_reader_that_leaves_ends_the_session() {
+    if !need_cpud_session() {
+        return;
+    }
+    const STOPPED: &str = "client went away; command stopped";
+    let w = World::new("stdout-gone");
+    for control in [&["-controlmaster=no"][..], AUTO] {
+        let stopped_before = w.cpud.log().matches(STOPPED).count();
+        let mut c = w.cpu(control, &["-9p=false", "127.0.0.1", "yes"]);
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 2];
+        out.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"y\n", "{control:?}");
+        drop(out);
+        let o = wait_output(child, CHILD_TIMEOUT);
+        assert_eq!(o.status.code(), Some(141), "{control:?}: {}", text(&o.stderr));
+        let stopped = wait_until(CHILD_TIMEOUT, || w.cpud.log().matches(STOPPED).count() > stopped_before);
+        assert!(stopped, "{control:?}: the remote yes was not stopped: {}", w.cpud.log());
+    }
+    assert_eq!(w.cpud.connections(), 2, "one direct connection, one master's: {}", w.cpud.log());
 }
 
 #[test]
