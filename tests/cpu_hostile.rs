@@ -34,6 +34,8 @@ enum Plan {
 
 /// Forwarded connections the ForwardFlood plan opens.
 const FORWARD_FLOOD: usize = 300;
+/// Then forwarded connections for a port of no forward of cpu's.
+const UNKNOWN_FORWARD_FLOOD: usize = 50;
 
 #[derive(Default)]
 struct Record {
@@ -42,6 +44,8 @@ struct Record {
     flood_bytes: usize,
     /// ForwardFlood: (accepted, refused) forwarded connections.
     forwards: (usize, usize),
+    /// ForwardFlood: forwarded connections for a port cpu never asked for that it refused.
+    unknown_refused: usize,
     /// OpenFifo: the 9P replies received (version, attach, walk; the open never answers).
     replies: Vec<String>,
     /// OpenFifo: set by the test once the open is seen blocked; the session then ends.
@@ -147,6 +151,20 @@ impl Handler for Hostile {
                         }
                     }
                     record.lock().unwrap().forwards = (held.len(), refused);
+                    // Then connections for a port cpu never asked for: each refused.
+                    let mut unknown_refused = 0;
+                    for i in 0..UNKNOWN_FORWARD_FLOOD {
+                        let origin_port = 30_000 + i as u32;
+                        let other = if port == 65535 { port - 1 } else { port + 1 };
+                        if handle
+                            .channel_open_forwarded_tcpip(address.clone(), other, "127.0.0.1", origin_port)
+                            .await
+                            .is_err()
+                        {
+                            unknown_refused += 1;
+                        }
+                    }
+                    record.lock().unwrap().unknown_refused = unknown_refused;
                     let _ = handle.exit_status_request(channel, 3).await;
                     let _ = handle.eof(channel).await;
                     let _ = handle.close(channel).await;
@@ -324,6 +342,9 @@ fn a_flood_of_forwarded_connections_is_refused_past_sixteen() {
     // Each accepted one waits 30 s for its nonce; the flood takes far less, so none ended.
     assert_eq!(record.lock().unwrap().forwards, (16, FORWARD_FLOOD - 16), "{stderr}");
     assert_eq!(stderr.matches("16 already open").count(), 1, "one warning, not one per refusal: {stderr}");
+    // For no forward of ours: all refused, and one warning on the user's terminal, not 50.
+    assert_eq!(record.lock().unwrap().unknown_refused, UNKNOWN_FORWARD_FLOOD, "{stderr}");
+    assert_eq!(stderr.matches("no such forward").count(), 1, "one warning, not one per refusal: {stderr}");
 }
 
 /// Whether a thread of process `pid` waits in the open of a FIFO (for the other end).

@@ -270,6 +270,9 @@ struct Shared {
     host_key_error: Mutex<Option<Error>>,
     /// One remote forward per running session (a control master runs several at once).
     forward: Mutex<Vec<Forward>>,
+    /// A forwarded connection for no forward of ours was refused with a warning already: the
+    /// server decides how many come, and the later ones are logged at debug level only.
+    unknown_forward_reported: std::sync::atomic::AtomicBool,
 }
 
 /// The russh event handler of `cpu`.
@@ -345,10 +348,15 @@ impl client::Handler for CpuHandler {
             }
             None => {
                 // The server's strings go to the user's terminal: no control characters.
-                log::warn!(
+                let why = format!(
                     "refused a forwarded connection for {}:{connected_port} (no such forward, or the session ended)",
                     connected_address.escape_debug()
                 );
+                if !self.shared.unknown_forward_reported.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    log::warn!("{why} (further ones are logged with -d)");
+                } else {
+                    log::debug!("{why}");
+                }
                 reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             }
         }
