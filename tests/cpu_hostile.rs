@@ -62,6 +62,13 @@ struct Hostile {
 
 const FAKE_FORWARD_PORT: u32 = 40_123;
 
+/// Ends the session as a server does: exit status 3, EOF, close.
+async fn end_session(handle: &russh::server::Handle, channel: ChannelId) {
+    let _ = handle.exit_status_request(channel, 3).await;
+    let _ = handle.eof(channel).await;
+    let _ = handle.close(channel).await;
+}
+
 impl Handler for Hostile {
     type Error = russh::Error;
 
@@ -127,9 +134,7 @@ impl Handler for Hostile {
                     opened.push(("direct-tcpip", direct.is_ok()));
                     opened.push(("x11", handle.channel_open_x11("127.0.0.1", 6010).await.is_ok()));
                     record.lock().unwrap().opened = opened;
-                    let _ = handle.exit_status_request(channel, 3).await;
-                    let _ = handle.eof(channel).await;
-                    let _ = handle.close(channel).await;
+                    end_session(&handle, channel).await;
                 });
             }
             Plan::ForwardFlood => {
@@ -165,9 +170,7 @@ impl Handler for Hostile {
                         }
                     }
                     record.lock().unwrap().unknown_refused = unknown_refused;
-                    let _ = handle.exit_status_request(channel, 3).await;
-                    let _ = handle.eof(channel).await;
-                    let _ = handle.close(channel).await;
+                    end_session(&handle, channel).await;
                     // Until the client disconnects.
                     tokio::time::sleep(Duration::from_secs(60)).await;
                     drop(held);
@@ -227,9 +230,7 @@ impl Handler for Hostile {
                     while !record.lock().unwrap().release && released.elapsed() < Duration::from_secs(60) {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    let _ = handle.exit_status_request(channel, 3).await;
-                    let _ = handle.eof(channel).await;
-                    let _ = handle.close(channel).await;
+                    end_session(&handle, channel).await;
                     // The 9P channel stays open: ending it is the client's job.
                     tokio::time::sleep(Duration::from_secs(60)).await;
                     drop(stream);

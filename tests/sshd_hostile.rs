@@ -492,6 +492,13 @@ async fn flood_scenario(bin: &str, tag: &str) {
         .unwrap_or_else(|e| panic!("login after the attack: {e}\n{}", cpud.log_tail()));
 }
 
+/// A session on `client` runs `echo ok`: the server still serves logged-in clients.
+async fn assert_a_command_runs(client: &TestClient) {
+    let mut ch = client.handle.channel_open_session().await.expect("session");
+    ch.exec(true, "echo ok").await.expect("exec");
+    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+}
+
 #[tokio::test]
 async fn a_legitimate_login_gets_through_idle_and_key_exchange_floods_from_other_sources() {
     flood_scenario(BIN, "flood").await;
@@ -589,9 +596,7 @@ async fn a_dh_public_value_with_one_bit_set_is_refused() {
     }
     // The server is fine afterwards.
     let client = connect(server.port, &key).await.expect("login after the bad exchanges");
-    let mut ch = client.handle.channel_open_session().await.expect("session");
-    ch.exec(true, "echo ok").await.expect("exec");
-    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+    assert_a_command_runs(&client).await;
 }
 
 #[tokio::test]
@@ -673,9 +678,7 @@ async fn a_kexinit_padded_past_35000_bytes_cannot_switch_off_the_dh_check() {
     }
     // A real client still gets in.
     let client = connect(server.port, &key).await.expect("login");
-    let mut ch = client.handle.channel_open_session().await.expect("session");
-    ch.exec(true, "echo ok").await.expect("exec");
-    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+    assert_a_command_runs(&client).await;
 }
 
 // ---- strict key exchange (Terrapin) ----
@@ -808,9 +811,7 @@ async fn an_unauthenticated_client_that_keeps_re_exchanging_keys_is_cut() {
     // A legitimate login is unaffected, and so is a re-exchange after it.
     let client = connect(server.port, &key).await.expect("login");
     client.handle.rekey_soon().await.expect("re-exchange after login");
-    let mut ch = client.handle.channel_open_session().await.expect("session");
-    ch.exec(true, "echo ok").await.expect("exec");
-    assert_eq!(text(&collect(&mut ch).await.stdout), "ok\n");
+    assert_a_command_runs(&client).await;
 }
 
 // ---- per-connection limits ----
